@@ -1,0 +1,200 @@
+"""Model architecture configuration: CLIP vision tower, projector, LLaMA decoder.
+
+Read from and written to Hugging Face `config.json` files (llava-hf `LlavaForConditionalGeneration`,
+`CLIPVisionModel`, `LlamaForCausalLM` and the original LLaVA `LlavaLlamaForCausalLM`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
+FEATURE_SELECTS = ("patch", "cls_patch")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"vision hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"vision hidden_act must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "VisionConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_hf(self) -> dict:
+        return {"model_type": "clip_vision_model", **asdict(self)}
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+            self.rope_scaling = {**self.rope_scaling, "rope_type": rope_type}
+            self.rope_scaling.pop("type", None)
+            if rope_type == "default":
+                self.rope_scaling = None
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "TextConfig":
+        d = dict(d)
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x keeps them apart.
+        rope = d.pop("rope_parameters", None)
+        if rope:
+            rope = dict(rope)
+            d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+            d.setdefault("rope_scaling", rope if rope.get("rope_type", "default") != "default" else None)
+        if "model_type" in d and d["model_type"] not in ("llama", "vicuna", "llava", "llava_llama"):
+            raise ValueError(f"unknown language model architecture {d['model_type']!r}: expected a LLaMA-family model")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_hf(self) -> dict:
+        d = asdict(self)
+        rope = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
+        if d["rope_scaling"]:
+            rope.update(d["rope_scaling"])
+        d.pop("rope_scaling")
+        return {"model_type": "llama", "hidden_act": "silu", "rope_parameters": rope, **d}
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select: str = "patch"  # "patch" drops CLS (LLaVA's default), "cls_patch" keeps it
+    image_token_id: int = 32000
+    pad_token_id: int | None = None
+    # Backends, each "auto" (Triton on CUDA, torch reference elsewhere) or an explicit op backend name.
+    attention_backend: str = "auto"
+    projector_backend: str = "auto"
+    merge_backend: str = "auto"
+    loss_backend: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if not PROJECTOR_PATTERN.match(self.projector_type) or self.projector_type == "mlp0x_gelu":
+            raise ValueError(f"projector_type must be 'linear' or 'mlpNx_gelu' (N >= 1), got {self.projector_type!r}")
+        if self.vision_feature_select not in FEATURE_SELECTS:
+            raise ValueError(f"vision_feature_select must be one of {FEATURE_SELECTS}, got {self.vision_feature_select!r}")
+        n = self.vision.num_hidden_layers
+        if not -(n + 1) <= self.vision_feature_layer <= n:
+            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for {n} vision layers")
+
+    @property
+    def num_vision_layers_run(self) -> int:
+        """Encoder layers that are actually run: hidden state k is the output of layer k (0 = embeddings)."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision.num_hidden_layers + 1 + layer
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches + (self.vision_feature_select == "cls_patch")
+
+    @property
+    def projector_depth(self) -> int:
+        m = PROJECTOR_PATTERN.match(self.projector_type)
+        return 1 if m.group(1) == "linear" else int(m.group(2))
+
+    # --- Hugging Face config.json ---------------------------------------------------------------
+
+    @classmethod
+    def from_hf_llava(cls, d: dict, **overrides: Any) -> "LlavaConfig":
+        """From a llava-hf `LlavaForConditionalGeneration` config.json dict."""
+        if d.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"projector_hidden_act {d['projector_hidden_act']!r} is not supported (expected 'gelu')")
+        layer = d.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise ValueError(f"vision_feature_layer must be one integer layer, got {layer!r}")
+        strategy = d.get("vision_feature_select_strategy", "default")
+        selects = {"default": "patch", "full": "cls_patch"}
+        if strategy not in selects:
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        text = TextConfig.from_hf(d["text_config"])
+        if "tie_word_embeddings" in d:
+            text.tie_word_embeddings = d["tie_word_embeddings"]
+        kwargs = dict(
+            vision=VisionConfig.from_hf(d["vision_config"]),
+            text=text,
+            projector_type="mlp2x_gelu",
+            vision_feature_layer=layer,
+            vision_feature_select=selects[strategy],
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+            pad_token_id=d.get("pad_token_id", d["text_config"].get("pad_token_id")),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_llava(self) -> dict:
+        if self.projector_type != "mlp2x_gelu":
+            raise ValueError(
+                f"the llava-hf layout only holds an mlp2x_gelu projector; this model has {self.projector_type!r}"
+            )
+        text = self.text.to_hf()
+        text["pad_token_id"] = self.pad_token_id
+        return {
+            "architectures": ["LlavaForConditionalGeneration"],
+            "model_type": "llava",
+            "vision_config": self.vision.to_hf(),
+            "text_config": text,
+            "image_token_index": self.image_token_id,
+            "image_seq_length": self.num_image_tokens,
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True,
+            "vision_feature_layer": self.vision_feature_layer,
+            "vision_feature_select_strategy": {"patch": "default", "cls_patch": "full"}[self.vision_feature_select],
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "pad_token_id": self.pad_token_id,
+        }

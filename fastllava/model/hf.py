@@ -1,0 +1,431 @@
+"""Hugging Face checkpoint interop: read llava-hf, original-LLaVA, CLIP and LLaMA directories; write llava-hf.
+
+Safetensors only. Loading streams: the model is built on the meta device and each tensor is read
+from its shard and placed into the model one at a time, so host memory peaks near the largest tensor
+(memory-mapped shards) instead of holding the model twice.
+
+Every checkpoint key is first rewritten to its *canonical* llava-hf name (the layout of
+llava-hf/llava-1.5-7b-hf, which transformers 4.x and 5.x both load), then mapped to our module names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import LlavaConfig, TextConfig, VisionConfig
+from .vision import CLIPEncoderLayer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_VISION = "vision_tower.vision_model."
+_LLM = "language_model.model."
+_LM_HEAD = "language_model.lm_head.weight"
+
+
+# --- reading files --------------------------------------------------------------------------------
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors shard files of a model directory, checked to exist."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    else:
+        found = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found {found}: convert them to safetensors first)" if found else ""
+        raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{f}: shard named in {INDEX_FILE} is missing")
+    return files
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """(key, file, tensor) for every tensor of a directory's shards, one tensor in memory at a time."""
+    seen: dict[str, Path] = {}
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as shard:
+            for key in shard.keys():
+                if key in seen:
+                    raise ValueError(f"{f}: key {key!r} appears again (first in {seen[key]})")
+                seen[key] = f
+                yield key, f, shard.get_tensor(key)
+
+
+# --- key names ------------------------------------------------------------------------------------
+
+
+def canonical_llava_key(key: str) -> str:
+    """Any llava-hf spelling (hub layout, transformers-5 in-memory layout) -> the hub layout."""
+    for prefix, repl in (
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", _LLM),
+    ):
+        if key.startswith(prefix):
+            key = repl + key[len(prefix) :]
+    if key == "lm_head.weight":
+        key = _LM_HEAD
+    if key.startswith("vision_tower.") and not key.startswith(_VISION):
+        key = _VISION + key[len("vision_tower.") :]
+    return key
+
+
+def original_llava_key(key: str, config: LlavaConfig) -> str | None:
+    """Original LLaVA (LlavaLlamaForCausalLM) name -> canonical llava-hf name (None: projector handled apart)."""
+    if key == "lm_head.weight":
+        return _LM_HEAD
+    if key.startswith("model.vision_tower.vision_tower."):
+        return _VISION + key[len("model.vision_tower.vision_tower.vision_model.") :]
+    m = re.match(r"^(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$", key)
+    if m:
+        index = int(m.group(1) or 0)
+        if config.projector_depth > 1 and index % 2:
+            raise ValueError(f"projector key {key!r}: odd Sequential indices are the GELUs and hold no weights")
+        return f"multi_modal_projector.linear_{index // 2 + 1}.{m.group(2)}"
+    if key.startswith("model."):
+        return _LLM + key[len("model.") :]
+    return key
+
+
+def to_module_name(key: str, config: LlavaConfig) -> str | None:
+    """Canonical llava-hf name -> our parameter name, or None for a tensor the forward does not use.
+
+    Raises ValueError for a key that is not part of a LLaVA checkpoint at all.
+    """
+    if key.startswith(_VISION):
+        rest = key[len(_VISION) :]
+        m = re.match(r"^encoder\.layers\.(\d+)\.(.+)$", rest)
+        if m:
+            layer = int(m.group(1))
+            if layer >= config.vision.num_hidden_layers:
+                raise ValueError(f"{key!r}: vision layer {layer} but the config has {config.vision.num_hidden_layers}")
+            return f"vision_tower.layers.{layer}.{m.group(2)}" if layer < config.num_vision_layers_run else None
+        if rest.startswith(("embeddings.", "pre_layrnorm.")):
+            return None if rest == "embeddings.position_ids" else "vision_tower." + rest
+        if rest.startswith("post_layernorm."):
+            return None
+    elif key.startswith("multi_modal_projector."):
+        m = re.match(r"^multi_modal_projector\.linear_(\d+)\.(weight|bias)$", key)
+        if m and 1 <= int(m.group(1)) <= config.projector_depth:
+            return f"projector.linears.{int(m.group(1)) - 1}.{m.group(2)}"
+    elif key.startswith(_LLM):
+        rest = key[len(_LLM) :]
+        if re.match(r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$", rest):
+            return None  # old LLaMA checkpoints store the RoPE table; we compute it
+        return "language_model." + rest
+    elif key == _LM_HEAD:
+        return None if config.text.tie_word_embeddings else "lm_head.weight"
+    raise ValueError(f"unexpected key {key!r}: not part of a LLaVA checkpoint with this config")
+
+
+def to_checkpoint_key(name: str) -> str:
+    """Our parameter name -> canonical llava-hf name (inverse of to_module_name)."""
+    if name.startswith("vision_tower.layers."):
+        return _VISION + "encoder.layers." + name[len("vision_tower.layers.") :]
+    if name.startswith("vision_tower."):
+        return _VISION + name[len("vision_tower.") :]
+    m = re.match(r"^projector\.linears\.(\d+)\.(weight|bias)$", name)
+    if m:
+        return f"multi_modal_projector.linear_{int(m.group(1)) + 1}.{m.group(2)}"
+    if name.startswith("language_model."):
+        return _LLM + name[len("language_model.") :]
+    if name == "lm_head.weight":
+        return _LM_HEAD
+    raise AssertionError(name)
+
+
+# --- placing tensors into a meta-built model ------------------------------------------------------
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype, device) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        current = model.get_submodule(module_name)._parameters.get(leaf)
+    except AttributeError:
+        current = None
+    if current is None:
+        raise ValueError(f"{source}: unexpected key, the model has no parameter {name!r}")
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise ValueError(f"{source}: shape {tuple(tensor.shape)} but the model expects {tuple(current.shape)}")
+    if not current.is_meta:
+        raise ValueError(f"{source}: {name!r} is given twice")
+    value = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
+
+
+def _check_complete(model: nn.Module, what: str) -> None:
+    missing = [to_checkpoint_key(n) for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"{what}: missing tensors {shown}; nothing is left randomly initialized")
+
+
+def _retie(model) -> None:
+    if model.config.text.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+
+
+def _load_into(model, tensors, key_map, dtype, device) -> None:
+    """Place every (key, file, tensor) into the model; keys the forward does not use are carried."""
+    for key, file, tensor in tensors:
+        canonical = key_map(key)
+        name = to_module_name(canonical, model.config)
+        if name is None:
+            model.carried[canonical] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        else:
+            _place(model, name, tensor, f"{file}: key {key!r}", dtype, device)
+    _retie(model)
+
+
+# --- public entry points --------------------------------------------------------------------------
+
+
+def load_llava(cls, path: Path, *, dtype=None, device="cpu", vision_tower=None, **overrides):
+    raw = read_config(path)
+    architecture = (raw.get("architectures") or [""])[0]
+    if architecture == "LlavaForConditionalGeneration" or raw.get("model_type") == "llava" and "text_config" in raw:
+        config = LlavaConfig.from_hf_llava(raw, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        _load_into(model, iter_tensors(path), canonical_llava_key, dtype, device)
+    elif architecture == "LlavaLlamaForCausalLM" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
+        model = _load_original(cls, path, raw, dtype, device, vision_tower, overrides)
+    else:
+        raise ValueError(
+            f"{path}/config.json: unknown architecture {architecture or raw.get('model_type')!r}; expected "
+            "LlavaForConditionalGeneration (llava-hf) or LlavaLlamaForCausalLM (original LLaVA)"
+        )
+    _check_complete(model, str(path))
+    return model
+
+
+def _load_original(cls, path, raw, dtype, device, vision_tower, overrides):
+    select = raw.get("mm_vision_select_feature", "patch")
+    vision_dir = Path(vision_tower or raw.get("mm_vision_tower") or "")
+    config_args = dict(
+        text=TextConfig.from_hf({k: v for k, v in raw.items() if k != "model_type"}),
+        projector_type=raw.get("mm_projector_type", "linear"),
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_select=select,
+        image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder outside the vocabulary
+        pad_token_id=raw.get("pad_token_id"),
+    )
+    weights = list(iter_tensors(path))
+    has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k, _, _ in weights)
+    if has_vision:
+        vision_cfg = VisionConfig.from_hf(_clip_vision_config(read_config(vision_dir)) if vision_dir.is_dir() else {})
+    else:
+        if not vision_dir.is_dir():
+            raise ValueError(
+                f"{path}: the checkpoint holds no vision tower and mm_vision_tower {str(vision_dir)!r} is not a local "
+                "directory; pass vision_tower=CLIP_DIR"
+            )
+        vision_cfg = VisionConfig.from_hf(_clip_vision_config(read_config(vision_dir)))
+    config = LlavaConfig(vision=vision_cfg, **{**config_args, **overrides})
+    with torch.device("meta"):
+        model = cls(config)
+    _load_into(model, weights, lambda k: original_llava_key(k, config), dtype, device)
+    if not has_vision:
+        _load_into(model, _clip_tensors(vision_dir), lambda k: k, dtype, device)
+    return model
+
+
+def _clip_vision_config(raw: dict) -> dict:
+    if raw.get("model_type") == "clip":
+        return raw["vision_config"]
+    if raw.get("model_type") != "clip_vision_model":
+        raise ValueError(f"expected a CLIP model directory, found model_type {raw.get('model_type')!r}")
+    return raw
+
+
+_CLIP_VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
+def _clip_tensors(path: Path):
+    """The vision-model tensors of a CLIPVisionModel or CLIPModel directory, under llava-hf names.
+    A full CLIPModel also holds the text tower and projections, which LLaVA never uses: they are skipped."""
+    for key, file, tensor in iter_tensors(path):
+        if key.startswith("vision_model."):
+            yield _VISION + key[len("vision_model.") :], file, tensor
+        elif key.startswith(_CLIP_VISION_PARTS):  # transformers 5 writes CLIPVisionModel without the prefix
+            yield _VISION + key, file, tensor
+        elif not key.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale")):
+            raise ValueError(f"{file}: unexpected key {key!r} in a CLIP checkpoint")
+
+
+def _llama_tensors(path: Path):
+    for key, file, tensor in iter_tensors(path):
+        if key == "lm_head.weight":
+            yield _LM_HEAD, file, tensor
+        elif key.startswith("model."):
+            yield _LLM + key[len("model.") :], file, tensor
+        else:
+            raise ValueError(f"{file}: unexpected key {key!r} in a LLaMA checkpoint")
+
+
+def load_components(cls, vision: Path, llm: Path, projector: str, projector_weights, *, dtype=None, device="cpu",
+                    seed: int = 0, **overrides):
+    llm_raw = read_config(llm)
+    if llm_raw.get("model_type") != "llama":
+        raise ValueError(f"{llm}/config.json: model_type {llm_raw.get('model_type')!r}, expected 'llama'")
+    text = TextConfig.from_hf(llm_raw)
+    config = LlavaConfig(
+        vision=VisionConfig.from_hf(_clip_vision_config(read_config(vision))),
+        text=text,
+        projector_type=projector,
+        image_token_id=overrides.pop("image_token_id", text.vocab_size),
+        pad_token_id=llm_raw.get("pad_token_id"),
+        **overrides,
+    )
+    with torch.device("meta"):
+        model = cls(config)
+    _load_into(model, _clip_tensors(vision), lambda k: k, dtype, device)
+    _load_into(model, _llama_tensors(llm), lambda k: k, dtype, device)
+    if projector_weights is not None:
+        load_projector(model, Path(projector_weights), dtype=dtype, device=device)
+    else:
+        _init_projector(model, seed, dtype or model.language_model.embed_tokens.weight.dtype, device)
+    _check_complete(model, f"{vision} + {llm}")
+    return model
+
+
+def _init_projector(model, seed, dtype, device) -> None:
+    """A fresh projector for stage 1: nn.Linear's own default initialization, seeded."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for i, linear in enumerate(model.projector.linears):
+        fresh = nn.Linear(linear.in_features, linear.out_features, dtype=torch.float32)
+        model.projector.linears[i] = fresh.to(device=device, dtype=dtype)
+    torch.random.set_rng_state(gen_state)
+
+
+def load_projector(model, path: Path, *, dtype=None, device=None) -> None:
+    """LLaVA's mm_projector.bin (a torch state dict) or a safetensors file from save_projector."""
+    if not path.is_file():
+        raise ValueError(f"{path}: projector file not found")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    device = device or model.lm_head.weight.device
+    dtype = dtype or model.lm_head.weight.dtype
+    with torch.device("meta"):
+        for i, linear in enumerate(model.projector.linears):
+            model.projector.linears[i] = nn.Linear(linear.in_features, linear.out_features)
+    for key, tensor in state.items():
+        canonical = original_llava_key(key, model.config) if "mm_projector" in key else canonical_llava_key(key)
+        name = to_module_name(canonical, model.config) if canonical.startswith("multi_modal_projector.") else None
+        if name is None:
+            raise ValueError(f"{path}: key {key!r} is not a projector weight")
+        _place(model, name, tensor, f"{path}: key {key!r}", dtype, device)
+    missing = [n for n, p in model.projector.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: missing projector tensors {missing} for a {model.config.projector_type} projector")
+
+
+def save_projector(model, path: Path) -> None:
+    """Keys as LLaVA names them (model.mm_projector.<Sequential index>.*), so its tools read it too."""
+    depth = model.config.projector_depth
+    state = {}
+    for i, linear in enumerate(model.projector.linears):
+        prefix = "model.mm_projector." + ("" if depth == 1 else f"{2 * i}.")
+        state[prefix + "weight"] = linear.weight.detach().cpu().contiguous()
+        state[prefix + "bias"] = linear.bias.detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt", "projector_type": model.config.projector_type})
+
+
+def unused_vision_tensors(config: LlavaConfig, gen: torch.Generator, *, dtype, device) -> dict[str, torch.Tensor]:
+    """Randomly initialized stand-ins for the checkpoint tensors the forward never uses (vision layers
+    after the selected one, post_layernorm), so a model trained from scratch still exports completely."""
+    v = config.vision
+    tensors = {
+        _VISION + "post_layernorm.weight": torch.ones(v.hidden_size, dtype=dtype, device=device),
+        _VISION + "post_layernorm.bias": torch.zeros(v.hidden_size, dtype=dtype, device=device),
+    }
+    with torch.device("meta"):
+        layer = CLIPEncoderLayer(v)
+    for i in range(config.num_vision_layers_run, v.num_hidden_layers):
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                t = torch.ones if name.endswith("weight") else torch.zeros
+                value = t(p.shape, dtype=dtype, device=device)
+            elif name.endswith("bias"):
+                value = torch.zeros(p.shape, dtype=dtype, device=device)
+            else:
+                value = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+            tensors[f"{_VISION}encoder.layers.{i}.{name}"] = value
+    return tensors
+
+
+def save_llava(model, path: Path, *, max_shard_bytes: int, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json and safetensors shards (+ index when more than one) in the llava-hf layout.
+
+    state: our-name -> tensor, e.g. a full state dict gathered from FSDP; default the model's own.
+    """
+    config = model.config.to_hf_llava()
+    if state is None:
+        state = {n: p for n, p in model.named_parameters()}
+    tensors = {to_checkpoint_key(n): t for n, t in state.items()}
+    if model.config.text.tie_word_embeddings:
+        tensors.pop(_LM_HEAD, None)
+    for key, t in model.carried.items():
+        tensors.setdefault(key, t)
+    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # Shards are written as they fill (peak memory: one shard), then renamed once their count is known.
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        tmp = path / f".shard-{len(written):05d}.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+
+    for key in sorted(tensors):
+        t = tensors[key].detach()
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key] = t.cpu().contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(path / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (tmp, keys) in enumerate(written):
+        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        tmp.rename(path / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

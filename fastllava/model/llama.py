@@ -1,0 +1,89 @@
+"""LLaMA-family decoder over a packed sequence: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+The forward takes embeddings (T, D) of samples back to back plus position_ids and cu_seqlens;
+attention is causal inside each sample and never crosses a boundary (fastllava.ops.varlen_attention).
+Shape legend: T tokens, D model width, Hq query heads, Hkv key/value heads, Dh head dim, F MLP width.
+Module names mirror Hugging Face's LlamaModel so checkpoints map key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import RMSNorm
+from ..ops import varlen_attention
+from .config import TextConfig
+from .rope import apply_rotary, rotary_cos_sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, backend: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.backend = backend
+
+    def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen):
+        t = x_TD.shape[0]
+        q_THD = apply_rotary(self.q_proj(x_TD).view(t, self.num_heads, self.head_dim), cos_TD, sin_TD)
+        k_THD = apply_rotary(self.k_proj(x_TD).view(t, self.num_kv_heads, self.head_dim), cos_TD, sin_TD)
+        v_THD = self.v_proj(x_TD).view(t, self.num_kv_heads, self.head_dim)
+        o_THD = varlen_attention(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+        return self.o_proj(o_THD.reshape(t, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x_TD):
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, attention_backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, attention_backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen):
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, cu_seqlens, max_seqlen)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+
+
+class LlamaDecoder(nn.Module):
+    """Embedding table, decoder blocks and final norm; the LM head belongs to Llava (it may be tied)."""
+
+    def __init__(self, cfg: TextConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attention_backend) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds_TD, position_ids, cu_seqlens, max_seqlen):
+        """(T, D) input embeddings of a packed sequence -> (T, D) final hidden states."""
+        cos_TD, sin_TD = rotary_cos_sin(self.cfg, position_ids, cu_seqlens, embeds_TD.dtype)
+        x_TD = embeds_TD
+        for layer in self.layers:
+            x_TD = layer(x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen)
+        return self.norm(x_TD)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)

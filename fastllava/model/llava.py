@@ -1,0 +1,175 @@
+"""Llava: CLIP vision tower -> projector -> LLaMA decoder, natively on a PackedBatch.
+
+Shape legend: T packed tokens, D LLM width, V vocabulary, N images, P image tokens per image, C vision width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..batch import IGNORE_INDEX, PackedBatch
+from ..layers import Projector
+from ..ops import fused_linear_cross_entropy, merge_visual_tokens
+from .config import LlavaConfig
+from .llama import LlamaDecoder
+from .vision import CLIPVisionTower
+
+
+@dataclass
+class LlavaOutput:
+    logits: torch.Tensor | None  # (T, V) fp32 over the expanded sequence, when asked for
+    loss_sum: torch.Tensor | None  # () fp32: SUM of next-token cross-entropies over label tokens
+    num_label_tokens: torch.Tensor  # () int64, on the batch's device (no host sync)
+
+
+class Llava(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionTower(config)
+        self.projector = Projector(
+            config.vision.hidden_size, config.text.hidden_size, config.projector_depth, backend=config.projector_backend
+        )
+        self.language_model = LlamaDecoder(config.text, config.attention_backend)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        # Checkpoint tensors the forward never uses (vision layers after the selected one, CLIP's
+        # post_layernorm), keyed by their llava-hf name: kept as they are so an export is complete.
+        self.carried: dict[str, torch.Tensor] = {}
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """(T, D) input embeddings: text rows of the table, projected image features at placeholders."""
+        embed_weight = self.language_model.embed_tokens.weight
+        if batch.num_images:
+            # Only images run through CLIP: text-only samples cost no vision compute.
+            feats_NPC = self.vision_tower(batch.pixel_values)
+            feats = self.projector(feats_NPC.reshape(-1, feats_NPC.shape[-1]))
+        else:
+            feats = embed_weight.new_zeros(0, embed_weight.shape[1])
+        return merge_visual_tokens(
+            batch.input_ids, embed_weight, feats, batch.image_token_id, backend=self.config.merge_backend
+        )
+
+    def forward(self, batch: PackedBatch, *, return_logits: bool = False, compute_loss: bool = True) -> LlavaOutput:
+        if batch.num_images and batch.num_image_tokens != self.num_image_tokens:
+            raise ValueError(
+                f"batch expands each image to {batch.num_image_tokens} tokens but the model makes {self.num_image_tokens}"
+            )
+        hidden_TD = self.language_model(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        targets = batch.shifted_labels()
+        num_label_tokens = (targets != IGNORE_INDEX).sum()
+        logits = loss_sum = None
+        if return_logits:
+            logits = self.lm_head(hidden_TD).float()
+            if compute_loss:
+                loss_sum = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        elif compute_loss:
+            loss_sum = fused_linear_cross_entropy(
+                hidden_TD, self.lm_head.weight, targets, reduction="sum", backend=self.config.loss_backend
+            )
+        return LlavaOutput(logits=logits, loss_sum=loss_sum, num_label_tokens=num_label_tokens)
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: LlavaConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> "Llava":
+        """A randomly initialized model (for training from scratch and tests)."""
+        model = cls(config).to(dtype)
+        model.init_weights(seed)
+        return model
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic initialization of every tensor, including the carried unused vision layers."""
+        from .hf import unused_vision_tensors  # the carried tensors are named in the checkpoint's terms
+
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.vision_tower.init_weights(self.config.vision, gen)
+        self.language_model.init_weights(gen)
+        for linear in self.projector.linears:
+            linear.weight.normal_(0.0, 0.02, generator=gen)
+            linear.bias.zero_()
+        if not self.config.text.tie_word_embeddings:
+            self.lm_head.weight.normal_(0.0, 0.02, generator=gen)
+        self.carried = unused_vision_tensors(self.config, gen, dtype=self.lm_head.weight.dtype, device=device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "Llava":
+        """Load a llava-hf `LlavaForConditionalGeneration` directory or an original-LLaVA directory.
+
+        kwargs: dtype (default: as stored), device, vision_tower (CLIP directory for the original
+        layout when config.json's path is not local), and LlavaConfig overrides such as attention_backend.
+        """
+        from .hf import load_llava
+
+        return load_llava(cls, Path(path), **kwargs)
+
+    @classmethod
+    def from_components(
+        cls,
+        vision: str | Path,
+        llm: str | Path,
+        projector: str = "mlp2x_gelu",
+        projector_weights: str | Path | None = None,
+        **kwargs,
+    ) -> "Llava":
+        """The stage-1 starting point: a CLIP directory, a LLaMA directory, a new (or loaded) projector."""
+        from .hf import load_components
+
+        return load_components(cls, Path(vision), Path(llm), projector, projector_weights, **kwargs)
+
+    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the llava-hf layout (config.json, safetensors shards + index) that transformers loads."""
+        from .hf import save_llava
+
+        save_llava(self, Path(path), max_shard_bytes=max_shard_bytes)
+
+    def save_projector(self, path: str | Path) -> None:
+        """The projector alone, as safetensors with LLaVA's `mm_projector.*` key names (stage-1 output)."""
+        from .hf import save_projector
+
+        save_projector(self, Path(path))
+
+    def load_projector(self, path: str | Path) -> None:
+        """Load a stage-1 projector: LLaVA's mm_projector.bin or our safetensors."""
+        from .hf import load_projector
+
+        load_projector(self, Path(path))
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, num_tokens: int, *, pad_to_multiple_of: int = 64) -> int:
+        """Grow the vocabulary to hold added tokens (`<image>`, a pad token); returns the new size.
+
+        The size is padded up to a multiple of 64 as the llava-hf conversion does (tensor-core friendly
+        shapes). New rows of the embedding and of the LM head are set to the mean of the existing rows,
+        as LLaVA's own training code does: the model starts out treating new tokens as an average token.
+        """
+        old = self.config.text.vocab_size
+        new = -(-num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new <= old:
+            return old
+        embed = self.language_model.embed_tokens
+        grown = torch.cat([embed.weight, embed.weight.mean(0, keepdim=True).expand(new - old, -1)])
+        embed.weight = nn.Parameter(grown, requires_grad=embed.weight.requires_grad)
+        embed.num_embeddings = new
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = embed.weight
+        else:
+            head = self.lm_head.weight
+            grown = torch.cat([head, head.mean(0, keepdim=True).expand(new - old, -1)])
+            self.lm_head.weight = nn.Parameter(grown, requires_grad=head.requires_grad)
+        self.lm_head.out_features = new
+        self.config.text.vocab_size = new
+        return new
