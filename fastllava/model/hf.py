@@ -63,6 +63,15 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a directory's shards, without reading any tensor."""
+    keys = []
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as shard:
+            keys.extend(shard.keys())
+    return keys
+
+
 def iter_tensors(path: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
     """(key, file, tensor) for every tensor of a directory's shards, one tensor in memory at a time."""
     seen: dict[str, Path] = {}
@@ -161,6 +170,13 @@ def to_checkpoint_key(name: str) -> str:
 # --- placing tensors into a meta-built model ------------------------------------------------------
 
 
+def _owned(tensor: torch.Tensor, dtype, device) -> torch.Tensor:
+    """A copy in its own memory: safetensors hands out views of the memory-mapped shard, which must not
+    outlive it (a shard rewritten in place under a running job would change or fault the weights)."""
+    value = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    return value.clone() if value.data_ptr() == tensor.data_ptr() else value
+
+
 def _place(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype, device) -> None:
     module_name, _, leaf = name.rpartition(".")
     try:
@@ -173,7 +189,7 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype
         raise ValueError(f"{source}: shape {tuple(tensor.shape)} but the model expects {tuple(current.shape)}")
     if not current.is_meta:
         raise ValueError(f"{source}: {name!r} is given twice")
-    value = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    value = _owned(tensor, dtype, device)
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
 
 
@@ -195,7 +211,7 @@ def _load_into(model, tensors, key_map, dtype, device) -> None:
         canonical = key_map(key)
         name = to_module_name(canonical, model.config)
         if name is None:
-            model.carried[canonical] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+            model.carried[canonical] = _owned(tensor, dtype, device)
         else:
             _place(model, name, tensor, f"{file}: key {key!r}", dtype, device)
     _retie(model)
@@ -234,8 +250,7 @@ def _load_original(cls, path, raw, dtype, device, vision_tower, overrides):
         image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder outside the vocabulary
         pad_token_id=raw.get("pad_token_id"),
     )
-    weights = list(iter_tensors(path))
-    has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k, _, _ in weights)
+    has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k in checkpoint_keys(path))
     if has_vision:
         vision_cfg = VisionConfig.from_hf(_clip_vision_config(read_config(vision_dir)) if vision_dir.is_dir() else {})
     else:
@@ -248,7 +263,7 @@ def _load_original(cls, path, raw, dtype, device, vision_tower, overrides):
     config = LlavaConfig(vision=vision_cfg, **{**config_args, **overrides})
     with torch.device("meta"):
         model = cls(config)
-    _load_into(model, weights, lambda k: original_llava_key(k, config), dtype, device)
+    _load_into(model, iter_tensors(path), lambda k: original_llava_key(k, config), dtype, device)
     if not has_vision:
         _load_into(model, _clip_tensors(vision_dir), lambda k: k, dtype, device)
     return model
