@@ -1,0 +1,227 @@
+"""LlavaDataset: one training sample per entry of LLaVA-format files, tokenized and masked on access.
+
+Reject policy (one policy for every way a sample can fail):
+  * structural problems are found when the files are read (files.py);
+  * template mismatches, over-long samples under overlong="reject", and samples left without label
+    tokens are found when the sample is tokenized (in lengths() or __getitem__);
+  * unreadable or missing images are found when the sample is loaded (__getitem__).
+Each reject is appended to the rejects file (JSONL: file, index, line, id, reason, detail) and counted in
+`dataset.rejects.counts`. With strict=True the first one raises ValueError naming the file, entry, id and
+(for images) the path. Otherwise __getitem__ returns None for a rejected sample; the collation
+(packing.collate_pack) skips None and counts it, so nothing disappears unnoticed.
+
+lengths() is what the packing planner plans with: tokens after image expansion and truncation, exactly
+the length __getitem__ produces. A sample rejected at tokenization keeps a placeholder length of 1 (the
+planner needs every index; __getitem__ returns None for it); `valid()` tells them apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .files import RejectLog, SampleError, default_rejects_path, image_list, load_records
+from .templates import get_template
+from .tokenize import (OVERLONG_POLICIES, batch_lengths, encode_sample, load_tokenizer, prepare_tokenizer,
+                       tokenizer_fingerprint)
+
+_LENGTHS_CACHE_VERSION = 1
+_LENGTH_CHUNK = 2048  # conversations per batched tokenizer call
+IMAGE_MODES = ("pad", "square")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FASTLLAVA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastllava"))
+
+
+class LlavaDataset(Dataset):
+    """Samples of LLaVA-format data files.
+
+    data_path: a JSON/JSONL file or a list of them. image_folder: root of the "image" paths (None for
+    text-only data). tokenizer: a fast tokenizer or a local directory; `<image>` and a pad token are
+    added to it in place (prepare_tokenizer). template: "plain" (stage 1), "vicuna_v1" (stage 2) or a
+    Template. image_mode: "pad" (LLaVA-1.5's pad-to-square) or "square" (resize).
+    num_image_tokens: positions one image occupies after expansion (576 for CLIP ViT-L/14 at 336 px).
+    overlong: "truncate" (cut at model_max_length, never inside an image) or "reject".
+    image_loader: callable(path, mode=, size=) -> (3, S, S) tensor; default fastllava.data.images.load_image.
+    cache_dir: where lengths() caches per-file results (default $FASTLLAVA_CACHE or ~/.cache/fastllava;
+    None disables).
+
+    dataset[i] -> {"input_ids": (L,) int64 with one image token per image, "labels": (L,) int64,
+                   "pixel_values": (n_images, 3, S, S) float or None, "id": str}  or None if rejected.
+    """
+
+    def __init__(self, data_path, image_folder, tokenizer, template, *, image_mode: str = "pad",
+                 image_size: int = 336, num_image_tokens: int = 576, model_max_length: int = 2048,
+                 overlong: str = "truncate", strict: bool = False, rejects_path=None,
+                 image_loader: Callable | None = None, check_images: bool = False,
+                 cache_dir: str | os.PathLike | None | bool = True, verbose: bool = True):
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        if num_image_tokens < 1 or model_max_length < 1 or image_size < 1:
+            raise ValueError(f"num_image_tokens, model_max_length and image_size must be >= 1, got "
+                             f"{num_image_tokens}, {model_max_length}, {image_size}")
+        single = isinstance(data_path, (str, os.PathLike))
+        paths = [os.fspath(data_path)] if single else [os.fspath(p) for p in data_path]
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.ids = prepare_tokenizer(tokenizer)
+        self.image_token_id = self.ids.image_token_id
+        self.template = get_template(template)
+        self.image_folder = None if image_folder is None else os.fspath(image_folder)
+        self.image_mode, self.image_size = image_mode, image_size
+        self.num_image_tokens, self.model_max_length, self.overlong = num_image_tokens, model_max_length, overlong
+        self.image_loader = image_loader
+        self.cache_dir = default_cache_dir() if cache_dir is True else (os.fspath(cache_dir) if cache_dir else None)
+        self.verbose = verbose
+        self.rejects = RejectLog(rejects_path if rejects_path is not None else default_rejects_path(paths),
+                                 strict=strict)
+        self.records = load_records(paths, rejects=self.rejects, image_folder=self.image_folder,
+                                    check_images=check_images, verbose=verbose)
+        self._lengths: np.ndarray | None = None
+        self._valid: np.ndarray | None = None
+        self.num_truncated = 0  # set by lengths(): samples cut to model_max_length
+
+    # ------------------------------------------------------------------------------------------ lengths
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def has_image(self) -> np.ndarray:
+        """(N,) bool: the sample has at least one image (the reference groups batches by this)."""
+        return self.records.has_image
+
+    def valid(self) -> np.ndarray:
+        """(N,) bool: not rejected at tokenization (computes lengths() if needed)."""
+        self.lengths()
+        return self._valid
+
+    def lengths(self) -> np.ndarray:
+        """(N,) int64 tokens per sample after image expansion and truncation; 1 for a rejected sample.
+        Computed once (batched tokenization, cached per file in cache_dir)."""
+        if self._lengths is None:
+            lengths = np.ones(len(self), dtype=np.int64)
+            valid = np.ones(len(self), dtype=bool)
+            truncated = 0
+            for f_i, path in enumerate(self.records.files):
+                rows = np.flatnonzero(self.records.file_ix == f_i)
+                per_entry, cut, errors = self._file_lengths(path, rows)
+                entries = self.records.entry_ix[rows]
+                lengths[rows] = np.maximum(per_entry[entries], 1)
+                truncated += int((cut[entries] & (per_entry[entries] > 0)).sum())
+                for row, entry in zip(rows.tolist(), entries.tolist()):
+                    if entry in errors:
+                        valid[row] = False
+                        reason, detail = errors[entry]
+                        self.rejects.add(self.records.reject(row, reason, detail))
+            self.num_truncated = truncated
+            if self.verbose and truncated:
+                print(f"data: {truncated} samples truncated to model_max_length={self.model_max_length}",
+                      file=sys.stderr)
+            self._lengths, self._valid = lengths, valid
+        return self._lengths
+
+    def _cache_path(self, path: str) -> str | None:
+        if self.cache_dir is None:
+            return None
+        st = os.stat(path)
+        key = json.dumps([_LENGTHS_CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
+                          tokenizer_fingerprint(self.tokenizer), self.template.name, self.num_image_tokens,
+                          self.model_max_length, self.overlong])
+        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
+        return os.path.join(self.cache_dir, "lengths", f"{os.path.basename(path)}.{digest}.npz")
+
+    def _file_lengths(self, path: str, rows: np.ndarray):
+        """(lengths, truncated) indexed by entry position in `path` (length 0 where not computed) and
+        {entry: (reason, detail)} for tokenization rejects.
+        A cached file covers every valid entry, so a different check_images setting still finds it whole."""
+        cache = self._cache_path(path)
+        entries = self.records.entry_ix[rows]
+        if cache is not None and os.path.exists(cache):
+            with np.load(cache) as z:
+                per_entry, cut = z["lengths"], z["truncated"]
+                errors = {int(k): tuple(v) for k, v in json.loads(str(z["errors"])).items()}
+            if len(entries) == 0 or (per_entry.size > entries.max() and
+                                     all(per_entry[e] > 0 or e in errors for e in entries.tolist())):
+                return per_entry, cut, errors
+        n_entries = int(entries.max()) + 1 if len(entries) else 0
+        per_entry = np.zeros(n_entries, dtype=np.int64)
+        cut = np.zeros(n_entries, dtype=bool)
+        errors: dict[int, tuple[str, str]] = {}
+        progress = None
+        if self.verbose and len(rows) > 20000:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(rows), desc=f"lengths of {os.path.basename(path)}", unit="sample",
+                            file=sys.stderr)
+        for lo in range(0, len(rows), _LENGTH_CHUNK):
+            chunk = rows[lo : lo + _LENGTH_CHUNK]
+            turns = [self.records[int(r)]["conversations"] for r in chunk]
+            lens, cuts, errs = batch_lengths(turns, self.tokenizer, self.template, img_id=self.image_token_id,
+                                       num_image_tokens=self.num_image_tokens,
+                                       model_max_length=self.model_max_length, overlong=self.overlong)
+            per_entry[self.records.entry_ix[chunk]] = lens
+            cut[self.records.entry_ix[chunk]] = cuts
+            for k, e in errs.items():
+                errors[int(self.records.entry_ix[chunk[k]])] = (e.reason, e.detail)
+            if progress is not None:
+                progress.update(len(chunk))
+        if progress is not None:
+            progress.close()
+        if cache is not None:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp.npz"
+            errors_json = json.dumps({str(k): v for k, v in errors.items()})
+            np.savez(tmp, lengths=per_entry, truncated=cut, errors=np.array(errors_json))
+            os.replace(tmp, cache)  # atomic: concurrent ranks never read a half-written cache
+        return per_entry, cut, errors
+
+    # ------------------------------------------------------------------------------------------ samples
+
+    def _reject(self, i: int, reason: str, detail: str) -> None:
+        self.rejects.add(self.records.reject(i, reason, detail))  # raises in strict mode
+
+    def _load_image(self, path: str) -> torch.Tensor:
+        if self.image_loader is None:
+            from .images import load_image  # lazy: Pillow/DALI only when images are read
+
+            self.image_loader = load_image
+        return self.image_loader(path, mode=self.image_mode, size=self.image_size)
+
+    def __getitem__(self, i: int) -> dict | None:
+        if self._valid is not None and not self._valid[i]:
+            return None  # rejected while computing lengths, already logged
+        record = self.records[i]
+        try:
+            enc = encode_sample(record["conversations"], self.tokenizer, self.template, img_id=self.image_token_id,
+                                num_image_tokens=self.num_image_tokens, model_max_length=self.model_max_length,
+                                overlong=self.overlong)
+        except SampleError as e:
+            self._reject(i, e.reason, e.detail)
+            return None
+        pixel_values = None
+        paths = image_list(record)[: enc.num_images]  # truncation may have cut trailing images
+        if paths:
+            if self.image_folder is None:
+                raise ValueError(f"sample {self.records.ids[i]!r} has images but the dataset has image_folder=None")
+            images = []
+            for p in paths:
+                full = os.path.join(self.image_folder, p)
+                try:
+                    images.append(self._load_image(full))
+                except Exception as e:  # any decode failure is this sample's problem, not the run's
+                    self._reject(i, "image", f"image {full!r}: {type(e).__name__}: {e}")
+                    return None
+            pixel_values = torch.stack(images)
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixel_values,
+                "id": self.records.ids[i]}

@@ -1,0 +1,111 @@
+"""Conversation templates: a conversation -> one prompt string plus the character spans that carry loss.
+
+A template renders the whole conversation to the exact text the model reads, and returns, next to it, the
+spans of that text whose tokens are trained on (each answer and the marker that ends it). Tokenization
+and label masking from those spans live in tokenize.py; nothing here knows about tokens.
+
+Registered templates (LLaVA's llava/conversation.py + llava/train/train.py, strings reproduced exactly):
+
+  plain      stage 1 (conv_llava_plain + preprocess_plain): the human turn is replaced by its image
+             tag(s) alone, then the caption, then "\n":  "<image>" + caption + "\n". Loss on caption + "\n".
+  vicuna_v1  stage 2 (conv_vicuna_v1, SeparatorStyle.TWO, sep " ", sep2 "</s>"):
+             SYSTEM + " " + "USER: " + q1 + " " + "ASSISTANT: " + a1 + "</s>" + "USER: " + q2 + ...
+             with the <image> tag moved to the front of its human turn followed by "\n"
+             (preprocess_multimodal). Loss on " " + each answer + its "</s>" (the space after
+             "ASSISTANT:" is in the loss span: the tokenizer merges it into the answer's first token).
+
+`Template.render(turns)` never adds BOS: the tokenizer does, as at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .files import IMAGE_TAG, SampleError
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str  # the prompt, with one IMAGE_TAG per image, in order
+    # [start, end) character ranges of `text` whose tokens carry loss: each answer with the marker that ends
+    # it, and for vicuna_v1 the separator space before it (see _render_vicuna_v1)
+    answer_spans: tuple[tuple[int, int], ...]
+    num_images: int
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    render: Callable[[Sequence[dict]], Rendered]  # turns: [{"from": "human"|"gpt", "value": str}, ...]
+    stop_str: str  # what ends an answer (generation stops on it)
+    required_tokens: tuple[str, ...] = ()  # strings the tokenizer must keep as one token (e.g. "</s>")
+
+
+def move_image_tags_to_front(value: str) -> str:
+    """LLaVA's preprocess_multimodal for one human turn: drop every <image> tag where it stands, strip,
+    and put one "<image>\n" per tag in front (LLaVA only ever has one; several keep their count)."""
+    n = value.count(IMAGE_TAG)
+    if n == 0:
+        return value
+    rest = value.replace(IMAGE_TAG, "").strip()
+    return ((IMAGE_TAG + "\n") * n + rest).strip()
+
+
+def _render_plain(turns: Sequence[dict]) -> Rendered:
+    if len(turns) != 2:
+        raise SampleError(
+            "template", f"plain (stage-1) template needs one human and one gpt turn, got {len(turns)} turns"
+        )
+    n = turns[0]["value"].count(IMAGE_TAG)
+    if n == 0:
+        raise SampleError("template", "plain (stage-1) template needs an image in the human turn")
+    prefix = IMAGE_TAG * n
+    text = prefix + turns[1]["value"] + "\n"
+    return Rendered(text, ((len(prefix), len(text)),), n)
+
+
+def _render_vicuna_v1(turns: Sequence[dict]) -> Rendered:
+    parts = [VICUNA_SYSTEM, " "]
+    pos = len(VICUNA_SYSTEM) + 1
+    spans = []
+    n_images = 0
+    for j in range(0, len(turns), 2):
+        question = move_image_tags_to_front(turns[j]["value"])
+        n_images += question.count(IMAGE_TAG)
+        # The space after "ASSISTANT:" opens the loss span: SentencePiece/byte-level BPE attach it to the
+        # answer's first token ("▁Yes"), and where it stands alone ("▁" "2") the reference trains on it.
+        head = "USER: " + question + " " + "ASSISTANT:"
+        answer = " " + turns[j + 1]["value"] + "</s>"
+        parts += [head, answer]
+        pos += len(head)
+        spans.append((pos, pos + len(answer)))
+        pos += len(answer)
+    text = "".join(parts)
+    assert pos == len(text)
+    return Rendered(text, tuple(spans), n_images)
+
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("plain", _render_plain, stop_str="\n"),
+    "vicuna_v1": Template("vicuna_v1", _render_vicuna_v1, stop_str="</s>", required_tokens=("</s>",)),
+}
+
+
+def register_template(template: Template) -> None:
+    """Add a template under template.name (replacing one of the same name)."""
+    TEMPLATES[template.name] = template
+
+
+def get_template(template: str | Template) -> Template:
+    if isinstance(template, Template):
+        return template
+    try:
+        return TEMPLATES[template]
+    except KeyError:
+        raise ValueError(f"unknown conversation template {template!r}; known: {sorted(TEMPLATES)}") from None
