@@ -1,0 +1,43 @@
+"""The wall-clock planner: FLOP counts against the real module's parameter count, and its inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastllava import Llava
+from fastllava.plan import STAGES, measured_mfu, plan, recipe_config
+from fastllava.train.metrics import FlopModel
+
+
+@pytest.mark.parametrize("recipe", ["llava-1.5-7b", "llava-1.5-13b"])
+def test_llm_flops_per_token_follow_the_parameter_count(recipe):
+    config = recipe_config(recipe)
+    with torch.device("meta"):
+        model = Llava(config)
+    # matmul weights only: the embedding is a lookup and norm scales are elementwise
+    llm = sum(p.numel() for n, p in model.language_model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    llm += model.lm_head.weight.numel()
+    assert 6.4e9 < llm < 13.5e9
+    assert FlopModel.build(config, "finetune").llm_per_token == 6 * llm
+    assert FlopModel.build(config, "align").llm_per_token == 4 * llm
+
+
+def test_stage_hours_scale_inversely_with_gpus_and_mfu():
+    eight = plan("llava-1.5-7b", 8, "A100-80G", {"align": 0.4, "finetune": 0.4})
+    sixteen = plan("llava-1.5-7b", 16, "A100-80G", {"align": 0.8, "finetune": 0.4})
+    assert [s.stage for s in eight] == [s for s, _ in STAGES]
+    assert sixteen[0].hours == pytest.approx(eight[0].hours / 4)
+    assert sixteen[1].hours == pytest.approx(eight[1].hours / 2)
+    assert eight[1].samples == 665_298 and eight[0].samples == 558_128
+
+
+def test_measured_file(tmp_path, capsys):
+    good = tmp_path / "e2e.json"
+    good.write_text(json.dumps({"stages": {"finetune": {"fastllava": {"mfu": 0.5}}}}))
+    assert measured_mfu(good) == {"finetune": 0.5}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="bad.json: not an e2e.py result"):
+        measured_mfu(bad)
