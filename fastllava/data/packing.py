@@ -1,0 +1,388 @@
+"""Sequence packing: which samples go into which pack, on which rank, in which optimizer step.
+
+Default semantics (docs/data.md, "Images and packing"): an optimizer step is a fixed number of
+samples (`global_batch`, the paper's 256 / 128), one epoch is every sample exactly once. Per epoch the
+sample order is shuffled from (seed, epoch); the order is cut into steps of `global_batch` samples; a
+step's samples are spread over R ranks x M micro-steps, M the smallest count for which every bin holds
+<= `max_tokens` tokens, by longest-processing-time so that ranks carry nearly equal tokens.
+
+`plan_packs` is the token-budget variant: the same assignment over shuffle windows of
+`shuffle_buffer` samples, giving packs that are as full as the window allows.
+
+The planner runs in C++ (`fastllava._packing`, csrc/packing.cpp). `_plan_epoch_py` below is its
+plain-Python reference, bit-identical (same splitmix64 + Fisher-Yates, same tie-breaks); the tests
+compare them. Without the extension the reference runs, with a warning.
+
+Legend: n samples; R ranks; M micro-steps of a step; a "bin" is one rank's pack in one micro-step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..batch import PackedBatch
+
+try:
+    from .. import _packing
+except ImportError:  # not built (e.g. a plain source checkout); the reference stands in
+    _packing = None
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_EPOCH_MUL = 0xD1B54A32D192ED03
+_warned_fallback = False
+
+
+# ----------------------------------------------------------------------------- Python reference
+
+
+def _shuffle_py(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's sample order: Fisher-Yates over splitmix64, as csrc/packing.cpp."""
+    state = (seed ^ (((epoch + 1) * _EPOCH_MUL) & _MASK)) & _MASK
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        state = (state + _GOLDEN) & _MASK
+        z = state
+        z = ((z ^ (z >> 30)) * _MIX1) & _MASK
+        z = ((z ^ (z >> 27)) * _MIX2) & _MASK
+        z ^= z >> 31
+        j = z % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def _assign_lpt_py(sorted_lengths: list[int], nbins: int, max_tokens: int):
+    """(bin_of, load) placing each sample into the least-loaded bin, or None if one does not fit."""
+    heap = [(0, b) for b in range(nbins)]  # (load, bin): already a heap
+    load = [0] * nbins
+    bin_of = []
+    for length in sorted_lengths:
+        cur, b = heap[0]
+        if cur + length > max_tokens:
+            return None
+        load[b] = cur + length
+        bin_of.append(b)
+        heapq.heapreplace(heap, (cur + length, b))
+    return bin_of, load
+
+
+def _smallest_micro_steps_py(sorted_lengths: list[int], total: int, num_ranks: int, max_tokens: int):
+    g = len(sorted_lengths)
+    capacity = num_ranks * max_tokens
+    upper = max(1, -(-g // num_ranks))
+    lo, hi, step = 0, min(upper, max(1, -(-total // capacity))), 1
+    while (fit := _assign_lpt_py(sorted_lengths, hi * num_ranks, max_tokens)) is None:
+        lo, hi, step = hi, min(upper, hi + step), step * 2
+    if hi - lo <= 1:
+        return hi, fit
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if _assign_lpt_py(sorted_lengths, mid * num_ranks, max_tokens) is not None:
+            hi = mid
+        else:
+            lo = mid
+    return hi, _assign_lpt_py(sorted_lengths, hi * num_ranks, max_tokens)
+
+
+def _plan_epoch_py(lengths: np.ndarray, group_size: int, num_ranks: int, max_tokens: int, seed: int, epoch: int):
+    """Reference of `_packing.plan_epoch`: (samples[n], bin_offsets[nbins + 1], group_bins[ngroups + 1])."""
+    lens = [int(x) for x in lengths]
+    n = len(lens)
+    order = _shuffle_py(n, seed, epoch)
+    samples: list[int] = []
+    bin_offsets = [0]
+    group_bins = [0]
+    for start in range(0, n, group_size):
+        members = order[start : start + group_size]
+        pos = sorted(range(len(members)), key=lambda p: (-lens[members[p]], p))
+        sorted_lengths = [lens[members[p]] for p in pos]
+        m, (bin_of, load) = _smallest_micro_steps_py(sorted_lengths, sum(sorted_lengths), num_ranks, max_tokens)
+        nbins = m * num_ranks
+        by_load = sorted(range(nbins), key=lambda b: (-load[b], b))
+        slot_of = [0] * nbins
+        for s, b in enumerate(by_load):
+            micro, k = divmod(s, num_ranks)
+            slot_of[b] = micro * num_ranks + (k if micro % 2 == 0 else num_ranks - 1 - k)
+        bins: list[list[int]] = [[] for _ in range(nbins)]
+        for k, p in enumerate(pos):
+            bins[slot_of[bin_of[k]]].append(members[p])
+        for b in bins:
+            samples.extend(b)
+            bin_offsets.append(len(samples))
+        group_bins.append(group_bins[-1] + nbins)
+    as_np = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return as_np(samples), as_np(bin_offsets), as_np(group_bins)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _check_lengths(lengths: Sequence[int] | np.ndarray, max_tokens: int) -> np.ndarray:
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be a 1-D sequence of integers, got shape {lengths.shape}, dtype {lengths.dtype}")
+    lengths = lengths.astype(np.int64)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    over = np.flatnonzero(lengths > max_tokens)
+    if over.size:
+        i = int(over[0])
+        raise ValueError(
+            f"sample {i} has {int(lengths[i])} tokens, more than max_tokens={max_tokens} "
+            f"({over.size} sample(s) too long); truncate in the dataset or raise max_tokens"
+        )
+    empty = np.flatnonzero(lengths < 1)
+    if empty.size:
+        i = int(empty[0])
+        raise ValueError(f"sample {i} has length {int(lengths[i])}; every sample needs at least one token")
+    return lengths
+
+
+def _plan_epoch(lengths: np.ndarray, group_size: int, num_ranks: int, max_tokens: int, seed: int, epoch: int,
+                backend: str):
+    if backend not in ("auto", "cpp", "python"):
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
+    if group_size < 1 or num_ranks < 1:
+        raise ValueError(f"group size and num_ranks must be >= 1, got {group_size} and {num_ranks}")
+    if not 0 <= seed <= _MASK or epoch < 0:
+        raise ValueError(f"seed must be in [0, 2**64) and epoch >= 0, got seed={seed}, epoch={epoch}")
+    if backend == "cpp" and _packing is None:
+        raise ValueError("backend='cpp' but fastllava._packing is not built; run `pip install -e .`")
+    if backend == "python" or _packing is None:
+        if backend == "auto":
+            global _warned_fallback
+            if not _warned_fallback:
+                warnings.warn(
+                    "fastllava._packing (C++) is not built; planning in Python, ~100x slower. "
+                    "Build it with `pip install -e .`",
+                    stacklevel=3,
+                )
+                _warned_fallback = True
+        return _plan_epoch_py(lengths, group_size, num_ranks, max_tokens, seed, epoch)
+    return _packing.plan_epoch(lengths, group_size, num_ranks, max_tokens, seed, epoch)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@dataclass
+class StepPlan:
+    """One optimizer step: micro_batches[m][r] are the sample indices rank r packs at micro-step m."""
+
+    epoch: int
+    index: int  # step within the epoch
+    micro_batches: list[list[list[int]]]  # [M][R] -> sample indices; a bin may be empty in a short last step
+    tokens: np.ndarray  # (M, R) int64 real tokens per bin
+    max_tokens: int
+
+    @property
+    def num_micro_steps(self) -> int:
+        return len(self.micro_batches)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(b) for micro in self.micro_batches for b in micro)
+
+    def rank(self, r: int) -> list[list[int]]:
+        """Rank r's packs, one per micro-step (every rank runs the same number)."""
+        return [micro[r] for micro in self.micro_batches]
+
+    @property
+    def balance(self) -> float:
+        """Mean rank tokens / max rank tokens over the step (1.0 = no rank waits)."""
+        per_rank = self.tokens.sum(axis=0)
+        return float(per_rank.mean() / per_rank.max()) if per_rank.max() > 0 else 1.0
+
+    @property
+    def micro_balance(self) -> float:
+        """Mean over micro-steps of mean bin tokens / max bin tokens: ranks sync at every micro-step."""
+        top = self.tokens.max(axis=1)
+        return float(np.mean(self.tokens.mean(axis=1) / np.maximum(top, 1)))
+
+    @property
+    def fill_ratio(self) -> float:
+        """Real tokens / (R * M * max_tokens): the waste if every pack were padded to the budget."""
+        return float(self.tokens.sum() / (self.tokens.size * self.max_tokens))
+
+
+def _bins_to_lists(samples: np.ndarray, bin_offsets: np.ndarray) -> list[list[int]]:
+    flat = samples.tolist()
+    offs = bin_offsets.tolist()
+    return [flat[offs[b] : offs[b + 1]] for b in range(len(offs) - 1)]
+
+
+def plan_packs(
+    lengths: Sequence[int] | np.ndarray,
+    max_tokens: int,
+    num_ranks: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 16384,
+    *,
+    epoch: int = 0,
+    backend: str = "auto",
+) -> list[list[int]]:
+    """Token-budget packing of one epoch.
+
+    lengths: (n,) int, tokens per sample (images counted as their placeholder tokens).
+    Returns packs (lists of sample indices, every sample exactly once, each pack <= max_tokens). Pack i
+    goes to rank i % num_ranks: each consecutive group of num_ranks packs is one micro-step across
+    ranks, so the count is a multiple of num_ranks (a pack can be empty when a window has fewer
+    samples than ranks). Packs are formed inside windows of `shuffle_buffer` shuffled samples; a
+    bigger window packs tighter but mixes samples over a longer stretch of the epoch.
+    """
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    lengths = _check_lengths(lengths, max_tokens)
+    samples, bin_offsets, _ = _plan_epoch(lengths, shuffle_buffer, num_ranks, max_tokens, seed, epoch, backend)
+    return _bins_to_lists(samples, bin_offsets)
+
+
+def plan_steps(
+    lengths: Sequence[int] | np.ndarray,
+    global_batch: int,
+    max_tokens: int,
+    num_ranks: int = 1,
+    seed: int = 0,
+    *,
+    epoch: int = 0,
+    backend: str = "auto",
+) -> list[StepPlan]:
+    """The epoch's optimizer steps, each of `global_batch` samples (the last may hold fewer)."""
+    lengths = _check_lengths(lengths, max_tokens)
+    samples, bin_offsets, group_bins = _plan_epoch(lengths, global_batch, num_ranks, max_tokens, seed, epoch, backend)
+    bins = _bins_to_lists(samples, bin_offsets)
+    return _group_steps(bins, _bin_tokens(lengths, samples, bin_offsets), group_bins.tolist(), num_ranks,
+                        max_tokens, epoch)
+
+
+def _bin_tokens(lengths: np.ndarray, samples: np.ndarray, bin_offsets: np.ndarray) -> np.ndarray:
+    cumulative = np.concatenate([[0], np.cumsum(lengths[samples])])
+    return cumulative[bin_offsets[1:]] - cumulative[bin_offsets[:-1]]
+
+
+def _group_steps(bins, bin_tokens, group_bins, num_ranks, max_tokens, epoch) -> list[StepPlan]:
+    steps = []
+    for s in range(len(group_bins) - 1):
+        lo, hi = group_bins[s], group_bins[s + 1]
+        micro = [bins[b : b + num_ranks] for b in range(lo, hi, num_ranks)]
+        tokens = np.asarray(bin_tokens[lo:hi], dtype=np.int64).reshape(-1, num_ranks)
+        steps.append(StepPlan(epoch, s, micro, tokens, max_tokens))
+    return steps
+
+
+class PackingPlanner:
+    """Steps of successive epochs, resumable mid-epoch.
+
+    Exactly one of:
+      global_batch: samples per optimizer step (default semantics, the paper's);
+      micro_steps:  micro-steps per optimizer step in token-budget mode (packs from shuffle windows
+                    of `shuffle_buffer`; a step is then ~ micro_steps * R * max_tokens tokens, which
+                    changes the optimization: retune the learning rate).
+    Iterating yields the remaining StepPlans of the current epoch and then moves to the next epoch.
+    state_dict() counts the steps yielded so far; save it after the optimizer applied that step.
+    """
+
+    def __init__(self, lengths, max_tokens: int, *, num_ranks: int = 1, seed: int = 0,
+                 global_batch: int | None = 128, micro_steps: int | None = None,
+                 shuffle_buffer: int = 16384, backend: str = "auto"):
+        if (global_batch is None) == (micro_steps is None):
+            raise ValueError("set exactly one of global_batch (samples per step) or micro_steps (token-budget steps)")
+        if global_batch is not None and global_batch < 1 or micro_steps is not None and micro_steps < 1:
+            raise ValueError(f"global_batch / micro_steps must be >= 1, got {global_batch} / {micro_steps}")
+        self.lengths = _check_lengths(lengths, max_tokens)
+        self.max_tokens, self.num_ranks, self.seed = max_tokens, num_ranks, seed
+        self.global_batch, self.micro_steps, self.shuffle_buffer = global_batch, micro_steps, shuffle_buffer
+        self.backend = backend
+        self.epoch, self.step = 0, 0
+        self._cache: tuple[int, list[StepPlan]] | None = None
+
+    def plan_epoch(self, epoch: int) -> list[StepPlan]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        if self.global_batch is not None:
+            steps = plan_steps(self.lengths, self.global_batch, self.max_tokens, self.num_ranks, self.seed,
+                               epoch=epoch, backend=self.backend)
+        else:
+            samples, offs, _ = _plan_epoch(self.lengths, self.shuffle_buffer, self.num_ranks, self.max_tokens,
+                                           self.seed, epoch, self.backend)
+            bins = _bins_to_lists(samples, offs)
+            tokens = _bin_tokens(self.lengths, samples, offs)
+            per_step = self.micro_steps * self.num_ranks
+            group_bins = list(range(0, len(bins), per_step)) + [len(bins)]
+            steps = _group_steps(bins, tokens, group_bins, self.num_ranks, self.max_tokens, epoch)
+        self._cache = (epoch, steps)
+        return steps
+
+    def __len__(self) -> int:
+        """Steps in the current epoch."""
+        return len(self.plan_epoch(self.epoch))
+
+    def __iter__(self) -> Iterator[StepPlan]:
+        steps = self.plan_epoch(self.epoch)
+        while self.step < len(steps):
+            plan = steps[self.step]
+            self.step += 1
+            yield plan
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def _config(self) -> dict:
+        return {
+            "num_samples": int(self.lengths.size),
+            "lengths_crc32": zlib.crc32(self.lengths.tobytes()),
+            "max_tokens": self.max_tokens,
+            "num_ranks": self.num_ranks,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "micro_steps": self.micro_steps,
+            "shuffle_buffer": self.shuffle_buffer if self.global_batch is None else None,
+        }
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, **self._config()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self._config().items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"PackingPlanner state was saved with {key}={state.get(key)!r}, this planner has {value!r}; "
+                    "resuming would change the plan"
+                )
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def collate_pack(
+    samples: Sequence[dict | None], image_token_id: int, num_image_tokens: int
+) -> tuple[PackedBatch | None, int]:
+    """Pack one bin's samples. None entries are samples the dataset rejected; they are skipped and
+    counted. Returns (batch, num_rejected); batch is None when nothing is left (the rank must still
+    join the micro-step's collectives)."""
+    kept = [s for s in samples if s is not None]
+    rejected = len(samples) - len(kept)
+    if not kept:
+        return None, rejected
+    return PackedBatch.from_samples(kept, image_token_id=image_token_id, num_image_tokens=num_image_tokens), rejected
+
+
+def plan_stats(steps: Sequence[StepPlan]) -> dict:
+    """Aggregates over steps. `effective_efficiency` = real tokens / tokens the slowest rank of each
+    micro-step makes every rank wait for (varlen compute, no padding)."""
+    real = sum(int(s.tokens.sum()) for s in steps)
+    waited = sum(int(s.tokens.max(axis=1).sum()) * s.tokens.shape[1] for s in steps)
+    budget = sum(s.tokens.size * s.max_tokens for s in steps)
+    return {
+        "steps": len(steps),
+        "micro_steps_mean": float(np.mean([s.num_micro_steps for s in steps])),
+        "balance_mean": float(np.mean([s.balance for s in steps])),
+        "balance_min": float(np.min([s.balance for s in steps])),
+        "micro_balance_mean": float(np.mean([s.micro_balance for s in steps])),
+        "fill_ratio": real / budget,
+        "effective_efficiency": real / waited,
+    }
