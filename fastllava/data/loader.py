@@ -1,0 +1,163 @@
+"""The training loader: this rank's PackedBatch for every micro-step of every optimizer step, resumable.
+
+The step planner (`packing.PackingPlanner`) splits each optimizer step's `global_batch` samples into
+R ranks x M micro-steps of <= `max_tokens` tokens. `StepLoader` walks the plans from a resume point;
+DataLoader workers read, tokenize and decode the samples of one bin each and collate them into a
+PackedBatch, so the main process only moves ready packs to the device.
+
+Every rank must take part in every micro-step's collectives (FSDP2 all-gathers, reduce-scatters), and
+with the same modules: a pack that would skip the vision tower (text-only samples) or be empty (a
+short last step, rejected samples) gets a filler sample: one zero image behind one image token (or one
+pad token), all labels ignored. It adds no loss and no label tokens, so the gradient is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..batch import IGNORE_INDEX, PackedBatch
+from .packing import PackingPlanner, collate_pack
+
+
+class SampleSource(Protocol):
+    """What StepLoader needs from a dataset (LlavaDataset has it)."""
+
+    def __len__(self) -> int: ...
+
+    def lengths(self) -> np.ndarray: ...  # (n,) tokens per sample after image expansion
+
+    def __getitem__(self, i: int) -> dict | None: ...  # input_ids, labels, pixel_values|None; None = rejected
+
+
+@dataclass
+class MicroBatch:
+    step: int  # global optimizer step (0-based, across epochs)
+    micro: int  # micro-step within the step
+    num_micro: int  # micro-steps of this step (the same on every rank)
+    batch: PackedBatch
+    rejected: int  # samples of this bin the dataset rejected
+    filler: bool  # a filler sample was added (see module docstring)
+
+    def pin_memory(self) -> "MicroBatch":
+        """Called by DataLoader(pin_memory=True): host-to-device copies can then overlap compute."""
+        return MicroBatch(self.step, self.micro, self.num_micro, self.batch.pin_memory(), self.rejected, self.filler)
+
+
+class _BinDataset(Dataset):
+    """Item k = the k-th bin of this rank, from the resume point on; returns a MicroBatch."""
+
+    def __init__(self, source, keys, image_token_id, num_image_tokens, filler_image, pad_token_id):
+        self.source, self.keys = source, keys
+        self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
+        self.filler_image, self.pad_token_id = filler_image, pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, k: int) -> MicroBatch:
+        step, micro, num_micro, indices = self.keys[k]
+        samples = [self.source[i] for i in indices]
+        batch, rejected = collate_pack(samples, self.image_token_id, self.num_image_tokens)
+        filler = False
+        if batch is None or (self.filler_image is not None and batch.num_images == 0):
+            kept = [s for s in samples if s is not None]
+            batch = PackedBatch.from_samples(kept + [self._filler()], image_token_id=self.image_token_id,
+                                             num_image_tokens=self.num_image_tokens)
+            filler = True
+        return MicroBatch(step, micro, num_micro, batch, rejected, filler)
+
+    def _filler(self) -> dict:
+        if self.filler_image is not None:
+            return {"input_ids": torch.tensor([self.image_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
+                    "pixel_values": self.filler_image.unsqueeze(0)}
+        return {"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
+                "pixel_values": None}
+
+
+def _identity(x):
+    return x
+
+
+class StepLoader:
+    """Iterate `for step, micro_batches in loader` -> this rank's list of MicroBatch for each step.
+
+    source: a SampleSource. global_batch: samples per optimizer step over all ranks (the paper's 256 /
+    128). max_tokens: token budget of one pack. filler_image: (3, H, W) zeros when the model has a
+    vision tower and more than one rank runs (see module docstring), else None.
+    """
+
+    def __init__(self, source: SampleSource, *, global_batch: int, max_tokens: int, rank: int, world_size: int,
+                 epochs: int, seed: int, image_token_id: int, num_image_tokens: int,
+                 filler_image: torch.Tensor | None = None, pad_token_id: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False, planner_backend: str = "auto"):
+        if global_batch < world_size:
+            raise ValueError(f"global batch {global_batch} is smaller than the {world_size} ranks; every rank needs samples")
+        self.source = source
+        lengths = np.asarray(source.lengths())
+        if lengths.shape != (len(source),):
+            raise ValueError(f"dataset.lengths() has shape {lengths.shape}, expected ({len(source)},)")
+        self.planner = PackingPlanner(lengths, max_tokens, num_ranks=world_size, seed=seed,
+                                      global_batch=global_batch, backend=planner_backend)
+        self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
+        self.filler_image, self.pad_token_id = filler_image, pad_token_id
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.steps_per_epoch = [len(self.planner.plan_epoch(e)) for e in range(epochs)]
+        self.next_step = 0  # global step the next iteration starts from
+        self.stop_step: int | None = None  # iteration ends before this step (default: the end of the last epoch)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps_per_epoch)
+
+    def _locate(self, step: int) -> tuple[int, int]:
+        """Global step -> (epoch, step within the epoch)."""
+        for epoch, n in enumerate(self.steps_per_epoch):
+            if step < n:
+                return epoch, step
+            step -= n
+        return self.epochs, 0
+
+    def plan(self, step: int):
+        epoch, idx = self._locate(step)
+        return self.planner.plan_epoch(epoch)[idx]
+
+    def state_dict(self) -> dict:
+        epoch, idx = self._locate(self.next_step)
+        self.planner.epoch, self.planner.step = epoch, idx
+        return {"next_step": self.next_step, "planner": self.planner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Raises a clear error when the data, batch size, rank count or seed changed since the save.
+        self.planner.load_state_dict(state["planner"])
+        self.next_step = int(state["next_step"])
+
+    def _keys(self, start: int, stop: int) -> list:
+        keys = []
+        for step in range(start, stop):
+            bins = self.plan(step).rank(self.rank)
+            keys.extend((step, m, len(bins), list(b)) for m, b in enumerate(bins))
+        return keys
+
+    def __iter__(self) -> Iterator[tuple[int, list[MicroBatch]]]:
+        start = self.next_step
+        stop = self.total_steps if self.stop_step is None else min(self.stop_step, self.total_steps)
+        data = _BinDataset(self.source, self._keys(start, stop), self.image_token_id,
+                           self.num_image_tokens, self.filler_image, self.pad_token_id)
+        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                            collate_fn=_identity, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.num_workers else None,
+                            persistent_workers=False)
+        pending: list[MicroBatch] = []
+        for mb in loader:
+            pending.append(mb)
+            if len(pending) == mb.num_micro:
+                assert all(p.step == mb.step for p in pending)
+                self.next_step = mb.step + 1
+                yield mb.step, pending
+                pending = []
