@@ -1,0 +1,295 @@
+"""End-to-end training throughput: fastllava against the reference LLaVA recipe, same device, same run.
+
+Both paths train the same model shape on the same synthetic samples (lengths drawn from the 665K mix
+or 558K caption profile, random tokens and pixels) for whole optimizer steps:
+
+- reference: transformers' LlavaForConditionalGeneration, SDPA attention, gradient checkpointing on,
+  per-device batches of 16 formed as LLaVA's modality-grouped length sampler forms them, right-padded
+  to the longest sample, AdamW;
+- fastllava: fastllava.Llava on packs planned by fastllava.data.packing.plan_steps, kernels chosen by
+  `auto` (Triton on CUDA), no activation checkpointing, AdamW.
+
+Frozen parts follow the stage: `align` trains the projector only, `finetune` the projector and LLM.
+Both paths keep parameters in the benchmark dtype (bf16 on GPU) with torch AdamW.
+Reported per stage: real (non-padding) tokens/s, samples/s, step time, MFU (the trainer's FLOP
+count on real tokens, so padding is never counted as useful work), peak memory, and the speedup.
+
+    python benchmarks/e2e.py                              # tiny shape on CPU (what CI runs)
+    python benchmarks/e2e.py --shape 7b --layers 8        # on a GPU: the 7B shape, 8 decoder layers
+    python benchmarks/e2e.py --json e2e.json              # also write JSON for `python -m fastllava.plan --measured`
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastllava import Llava, LlavaConfig, PackedBatch
+from fastllava.data.packing import plan_steps
+from fastllava.data.profile import sample_lengths
+from fastllava.data.stats import reference_batches
+from fastllava.model import TextConfig, VisionConfig
+from fastllava.train.metrics import FlopModel, device_peak_tflops
+
+IMAGE_TOKEN = 3
+PAD = 0
+REFERENCE_DEVICE_BATCH = 16
+
+
+@dataclass
+class Shape:
+    config: LlavaConfig
+    max_length: int
+    pack_tokens: int
+    global_batch: int
+
+
+def make_shape(name: str, layers: int | None) -> Shape:
+    if name == "tiny":
+        vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14)
+        text = TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers or 2,
+                          num_attention_heads=4, num_key_value_heads=4)
+        return Shape(LlavaConfig(vision=vision, text=text, image_token_id=IMAGE_TOKEN), 256, 1024, 32)
+    if name == "7b":
+        text = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 4,
+                          num_attention_heads=32, num_key_value_heads=32)
+        return Shape(LlavaConfig(vision=VisionConfig(), text=text, image_token_id=IMAGE_TOKEN), 2048, 16384, 128)
+    raise ValueError(f"unknown shape {name!r}: tiny or 7b")
+
+
+def make_samples(shape: Shape, profile: str, n: int, seed: int) -> list[dict]:
+    """Samples of modelled lengths: BOS, the image (one token, expanded when packed), random text;
+    the last 40% of each sample carries a loss, like an answer."""
+    cfg = shape.config
+    lengths, has_image = sample_lengths(profile, n=n, seed=seed, num_image_tokens=cfg.num_image_tokens,
+                                        model_max_length=shape.max_length)
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for length, image in zip(lengths.tolist(), has_image.tolist()):
+        text = length - 1 - (cfg.num_image_tokens if image else 0)
+        ids = torch.cat([torch.tensor([1] + ([IMAGE_TOKEN] if image else [])),
+                         torch.randint(4, cfg.text.vocab_size, (max(text, 1),), generator=g)])
+        labels = ids.clone()
+        labels[: int(len(ids) * 0.6)] = -100
+        labels[ids == IMAGE_TOKEN] = -100
+        pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) if image else None
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels,
+                        "length": len(ids) + (cfg.num_image_tokens - 1 if image else 0)})
+    return samples
+
+
+def expanded(sample: dict, n_img: int) -> PackedBatch:
+    return PackedBatch.from_samples([sample], image_token_id=IMAGE_TOKEN, num_image_tokens=n_img)
+
+
+def freeze_for_stage(named_params, stage: str, is_projector, is_llm) -> list[torch.nn.Parameter]:
+    trainable = []
+    for name, p in named_params:
+        train = is_projector(name) or (stage == "finetune" and is_llm(name))
+        p.requires_grad_(train)
+        if train:
+            trainable.append(p)
+    return trainable
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the two paths: each builds its model and optimizer once, then turns samples into step callables ----
+
+
+class ReferencePath:
+    name = "reference"
+
+    def __init__(self, shape: Shape, stage: str, device: torch.device, dtype: torch.dtype):
+        from transformers import LlavaConfig as HFLlavaConfig
+        from transformers import LlavaForConditionalGeneration
+
+        hf_config = HFLlavaConfig.from_dict(shape.config.to_hf_llava())
+        with torch.device(device):
+            self.model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        trainable = freeze_for_stage(self.model.named_parameters(), stage, lambda n: "multi_modal_projector" in n,
+                                     lambda n: "language_model" in n or n.startswith("lm_head"))
+        self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+        self.shape, self.device, self.dtype = shape, device, dtype
+
+    def _micro(self, samples, accum):
+        """One padded per-device batch; returns the tokens it computed (padding included)."""
+        seqs = [expanded(s, self.shape.config.num_image_tokens) for s in samples]
+        longest = max(s.num_tokens for s in seqs)
+        ids = torch.full((len(seqs), longest), PAD, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            ids[row, : s.num_tokens], labels[row, : s.num_tokens], mask[row, : s.num_tokens] = s.input_ids, s.labels, 1
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        kwargs = {"pixel_values": torch.cat(pixels).to(self.device, self.dtype)} if pixels else {}
+        d = self.device
+        loss = self.model(input_ids=ids.to(d), attention_mask=mask.to(d), labels=labels.to(d), **kwargs).loss
+        (loss / accum).backward()
+        return len(seqs) * longest
+
+    def steps(self, samples: list[dict]):
+        lengths = np.array([s["length"] for s in samples])
+        has_image = np.array([s["pixel_values"] is not None for s in samples])
+        batches = reference_batches(lengths, has_image, batch_size=REFERENCE_DEVICE_BATCH, world_size=1)
+        accum = self.shape.global_batch // REFERENCE_DEVICE_BATCH
+
+        def step(group):
+            def run():
+                computed = sum(self._micro([samples[i] for i in b], len(group)) for b in group)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                return computed
+            return run
+
+        return [step(batches[i : i + accum]) for i in range(0, len(batches), accum)]
+
+
+class FastllavaPath:
+    name = "fastllava"
+
+    def __init__(self, shape: Shape, stage: str, device: torch.device, dtype: torch.dtype):
+        self.model = Llava.from_config(shape.config, dtype=dtype).to(device)
+        self.model.train()
+        trainable = freeze_for_stage(self.model.named_parameters(), stage, lambda n: n.startswith("projector"),
+                                     lambda n: n.startswith(("language_model", "lm_head")))
+        self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+        self.shape, self.device = shape, device
+
+    def steps(self, samples: list[dict]):
+        n_img = self.shape.config.num_image_tokens
+        lengths = np.array([s["length"] for s in samples])
+
+        def step(plan):
+            packs = [PackedBatch.from_samples([samples[i] for i in b], image_token_id=IMAGE_TOKEN,
+                                              num_image_tokens=n_img) for b in plan.rank(0) if b]
+            # The step's loss is normalized by its label tokens across all packs (as the trainer does).
+            total_labels = sum(p.num_label_tokens() for p in packs)
+
+            def run():
+                for pack in packs:
+                    out = self.model(pack.to(self.device, non_blocking=True))
+                    (out.loss_sum / total_labels).backward()
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                return sum(p.num_tokens for p in packs)
+            return run
+
+        return [step(p) for p in plan_steps(lengths, self.shape.global_batch, self.shape.pack_tokens, seed=0)]
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+
+def measure(path_cls, shape, stage, samples, warmup, device, dtype, peak_tflops) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    path = path_cls(shape, stage, device, dtype)
+    for run in path.steps(warmup):
+        run()
+    steps = path.steps(samples)
+    sync(device)
+    start = time.perf_counter()
+    computed = sum(run() for run in steps)
+    sync(device)
+    seconds = time.perf_counter() - start
+    real = sum(s["length"] for s in samples)
+    lengths = np.array([s["length"] for s in samples], dtype=np.float64)
+    images = sum(s["pixel_values"] is not None for s in samples)
+    flops = FlopModel.build(shape.config, stage).flops(int(lengths.sum()), int((lengths**2).sum()), images)
+    result = {
+        "real_tokens_per_s": real / seconds,
+        "samples_per_s": len(samples) / seconds,
+        "step_seconds": seconds / len(steps),
+        "steps": len(steps),
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    del path
+    gc.collect()
+    return result
+
+
+def fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=("tiny", "7b"), default=None, help="default: 7b on CUDA, tiny on CPU")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (MFU is per layer; default 4 for 7b)")
+    parser.add_argument("--stages", nargs="+", default=["align", "finetune"], choices=("align", "finetune"))
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per path and stage")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device peak for MFU")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = make_shape(args.shape or ("7b" if device.type == "cuda" else "tiny"), args.layers)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = device_peak_tflops(device, args.peak_tflops)
+    torch.manual_seed(0)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": {"name": args.shape or ("7b" if device.type == "cuda" else "tiny"),
+                  "decoder_layers": shape.config.text.num_hidden_layers, "hidden": shape.config.text.hidden_size,
+                  "global_batch": shape.global_batch, "pack_tokens": shape.pack_tokens},
+        "stages": {},
+    }
+    for stage in args.stages:
+        profile = "pretrain558k" if stage == "align" else "mix665k"
+        samples = make_samples(shape, profile, args.steps * shape.global_batch, seed=1)
+        warmup = make_samples(shape, profile, shape.global_batch, seed=2)
+        results = {p.name: measure(p, shape, stage, samples, warmup, device, dtype, peak)
+                   for p in (ReferencePath, FastllavaPath)}
+        results["speedup"] = results["fastllava"]["real_tokens_per_s"] / results["reference"]["real_tokens_per_s"]
+        report["stages"][stage] = results
+
+    print(f"device {report['device']}, {report['dtype']}, shape {report['shape']}")
+    print("| stage | path | real tok/s | samples/s | step s | computed/real tokens | MFU | peak mem GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for stage, results in report["stages"].items():
+        for name in ("reference", "fastllava"):
+            r = results[name]
+            print(f"| {stage} | {name} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:.2f} | {r['step_seconds']:.3f} "
+                  f"| {r['computed_tokens'] / r['real_tokens']:.2f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% "
+                  f"| {fmt(r['peak_memory_gb'], '.1f')} |")
+        print(f"| {stage} | speedup | {results['speedup']:.2f}x | | | | | |")
+    if device.type == "cpu":
+        print("CPU run: MFU and memory are not applicable; the speedup at this tiny shape says little about GPUs.")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
