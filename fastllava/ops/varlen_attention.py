@@ -1,18 +1,538 @@
 """Sequence-packed (varlen) attention: causal inside each sample, never across samples.
 
+FlashAttention-2 over `cu_seqlens` in Triton (forward, backward, GQA/MQA), a torch reference, and the
+dispatch to the other backends (torch's `varlen_attn`, flash-attn). Algorithm, block sizes and the
+determinism choice are explained in docs/kernels-attention.md.
+
 Shapes: T packed tokens, B samples, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim.
+Suffixes: q_THD is (T, Hq, D), lse_HT is (Hq, T).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from ._aot import KernelSpec
 from ._backend import pick_backend
 
-BACKENDS = ("torch",)
+BACKENDS = ("triton", "torch", "torch_varlen", "flash_attn")
+TRITON_HEAD_DIMS = (64, 80, 96, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+# Tests set this to NaN-fill every buffer the launchers allocate, so an element a kernel forgets to
+# write shows up as NaN instead of as plausible leftover memory.
+_POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels. Every kernel locates its sample through CU_SEQLENS and works on sample-local rows
+# 0..seqlen-1; rows of a tile past seqlen are loaded as zeros and never stored.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, rows, seqlen, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; masks are emitted only where needed so full tiles stay vectorized."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=(rows < seqlen)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, seqlen, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=(rows < seqlen)[:, None])
+    else:
+        tl.store(ptrs, x, mask=(rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _fwd_kv_step(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, start_n, offs_m, offs_d, seqlen, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of one query tile with keys/values start_n .. start_n + BLOCK_N."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, seqlen, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, seqlen, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    if MASKED:
+        ok = offs_n[None, :] < seqlen
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(ok, s, float("-inf"))
+    # Every row sees key 0 in the first step, so m_new is finite and exp2(-inf - m_new) is a clean 0.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    Q, K, V, O,  # q (T, Hq, D), k and v (T, Hkv, D), o (T, Hq, D); unit stride along D
+    LSE,  # (Hq, T) fp32 out: natural-log log-sum-exp of each query row's scaled scores
+    CU_SEQLENS,  # (B + 1,) int32 sample boundaries
+    sm_scale,  # softmax scale (fp32)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,  # elements
+    T,  # packed tokens, the row stride of LSE
+    group,  # Hq // Hkv query heads per key/value head
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D = next_pow2(HEAD_DIM)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # BLOCK_M % BLOCK_N == 0
+    UPCAST: tl.constexpr,  # cast loads to fp32 (interpreter bf16 only)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (unused for 16-bit operands)
+):
+    """One program: output rows pid_m*BLOCK_M .. +BLOCK_M of query head pid_h in sample pid_b."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + pid_b)
+    seqlen = tl.load(CU_SEQLENS + pid_b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    tok0 = seq_start.to(tl.int64)
+    kv_h = pid_h // group
+    Q += tok0 * stride_qt + pid_h * stride_qh
+    K += tok0 * stride_kt + kv_h * stride_kh
+    V += tok0 * stride_vt + kv_h * stride_vh
+    O += tok0 * stride_ot + pid_h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d, True, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp: one multiply folded into the scale
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        full_end = start_m  # key tiles left of the diagonal need no mask
+        hi = tl.minimum(start_m + BLOCK_M, seqlen)  # tiles above the diagonal are skipped
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        hi = seqlen
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_kv_step(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, start_n, offs_m, offs_d, seqlen,
+                                     qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_kv_step(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, start_n, offs_m, offs_d, seqlen,
+                                     qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
+    acc = acc / l_i[:, None]
+    _store_tile(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), offs_m, seqlen, offs_d,
+                HEAD_DIM, BLOCK_D)
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    tl.store(LSE + pid_h * T + tok0 + offs_m, lse, mask=offs_m < seqlen)
+
+
+@triton.jit
+def _varlen_bwd_delta_kernel(
+    O, DO,  # (T, Hq, D) output and its gradient; unit stride along D
+    DELTA,  # (Hq, T) fp32 out: rowsum(dO * O)
+    stride_ot, stride_oh, stride_dot, stride_doh, T,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: delta for tokens pid_t*BLOCK_T .. +BLOCK_T of query head pid_h (samples do not matter)."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_t.to(tl.int64)
+    o = _load_tile(O + pid_h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], offs_t, T, offs_d, True,
+                   HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + pid_h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], offs_t, T, offs_d, True,
+                    HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_h * T + rows, delta, mask=offs_t < T)
+
+
+@triton.jit
+def _dq_kv_step(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, start_n, offs_m, offs_d, seqlen, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, seqlen, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, seqlen, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        ok = offs_n[None, :] < seqlen
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _varlen_bwd_dq_kernel(
+    Q, K, V, DO, DQ,  # q, do, dq (T, Hq, D); k, v (T, Hkv, D); unit stride along D
+    LSE, DELTA,  # (Hq, T) fp32 from the forward and the delta kernel
+    CU_SEQLENS,  # (B + 1,) int32
+    sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    T, group,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dq for rows pid_m*BLOCK_M .. +BLOCK_M of query head pid_h in sample pid_b (no atomics)."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + pid_b)
+    seqlen = tl.load(CU_SEQLENS + pid_b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    tok0 = seq_start.to(tl.int64)
+    kv_h = pid_h // group
+    Q += tok0 * stride_qt + pid_h * stride_qh
+    DO += tok0 * stride_dot + pid_h * stride_doh
+    DQ += tok0 * stride_dqt + pid_h * stride_dqh
+    K += tok0 * stride_kt + kv_h * stride_kh
+    V += tok0 * stride_vt + kv_h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d, True, HEAD_DIM,
+                    BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_ok = offs_m < seqlen
+    lse2 = tl.load(LSE + pid_h * T + tok0 + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_h * T + tok0 + offs_m, mask=row_ok, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        full_end = start_m
+        hi = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        hi = seqlen
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_kv_step(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, start_n, offs_m, offs_d, seqlen, qk_scale,
+                         False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        dq = _dq_kv_step(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, start_n, offs_m, offs_d, seqlen, qk_scale,
+                         True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
+    _store_tile(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), offs_m,
+                seqlen, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_q_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, start_m, offs_n, offs_d, seqlen, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the contribution of query rows start_m .. +BLOCK_M to one key/value tile (transposed scores)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d, MASKED, HEAD_DIM,
+                    BLOCK_D)
+    if MASKED:
+        lse2 = tl.load(LSE + offs_m, mask=offs_m < seqlen, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen, other=0.0)
+    else:
+        lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+    if MASKED:
+        ok = offs_m[None, :] < seqlen
+        if CAUSAL:
+            ok = ok & (offs_m[None, :] >= offs_n[:, None])
+        p_t = tl.where(ok, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _varlen_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV,  # q, do (T, Hq, D); k, v, dk, dv (T, Hkv, D); unit stride along D
+    LSE, DELTA,  # (Hq, T) fp32
+    CU_SEQLENS,  # (B + 1,) int32
+    sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    T, group,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dk, dv for keys pid_n*BLOCK_N .. +BLOCK_N of KV head pid_h in sample pid_b.
+
+    The `group` query heads sharing this KV head are summed in a fixed order inside the program, so
+    dk/dv are deterministic and need neither atomics nor a per-query-head buffer.
+    """
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + pid_b)
+    seqlen = tl.load(CU_SEQLENS + pid_b + 1) - seq_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen:
+        return
+    tok0 = seq_start.to(tl.int64)
+    K += tok0 * stride_kt + pid_h * stride_kh
+    V += tok0 * stride_vt + pid_h * stride_vh
+    DK += tok0 * stride_dkt + pid_h * stride_dkh
+    DV += tok0 * stride_dvt + pid_h * stride_dvh
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, seqlen, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, seqlen, offs_d, True, HEAD_DIM, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Query tiles: [lo, diag_hi) straddle the diagonal (masked), [diag_hi, body_end) are full,
+    # [body_end, seqlen) is the ragged last tile (masked). Tiles left of lo see none of these keys.
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, seqlen)
+    else:
+        lo = 0
+        diag_hi = 0
+    body_end = tl.maximum(diag_hi, (seqlen // BLOCK_M) * BLOCK_M)
+    for g in range(0, group):
+        q_h = pid_h * group + g
+        Qg = Q + tok0 * stride_qt + q_h * stride_qh
+        DOg = DO + tok0 * stride_dot + q_h * stride_doh
+        LSEg = LSE + q_h * T + tok0
+        DELTAg = DELTA + q_h * T + tok0
+        for start_m in range(lo, diag_hi, BLOCK_M):
+            dk, dv = _dkdv_q_step(dk, dv, k, v, Qg, DOg, LSEg, DELTAg, stride_qt, stride_dot, start_m, offs_n, offs_d,
+                                  seqlen, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, DOT_PRECISION)
+        for start_m in range(diag_hi, body_end, BLOCK_M):
+            dk, dv = _dkdv_q_step(dk, dv, k, v, Qg, DOg, LSEg, DELTAg, stride_qt, stride_dot, start_m, offs_n, offs_d,
+                                  seqlen, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, DOT_PRECISION)
+        for start_m in range(body_end, seqlen, BLOCK_M):
+            dk, dv = _dkdv_q_step(dk, dv, k, v, Qg, DOg, LSEg, DELTAg, stride_qt, stride_dot, start_m, offs_n, offs_d,
+                                  seqlen, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, DOT_PRECISION)
+    _store_tile(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), offs_n,
+                seqlen, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), offs_n, seqlen,
+                offs_d, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations: the only place block sizes live; aot_specs() enumerates exactly these.
+# ----------------------------------------------------------------------------------------------------
+
+def _kernel_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options for kernel `kind` ("fwd", "dq", "dkdv", "delta").
+
+    Chosen without a GPU from the compile check (no spills, shared memory within sm_80's limit); see
+    docs/kernels-attention.md for the table and the reasoning. fp32 exists for tests only and takes
+    small tiles because its IEEE dot runs on FMA units and holds operands in registers.
+    """
+    if kind == "delta":
+        return dict(BLOCK_T=64, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    wide = triton.next_power_of_2(head_dim) > 64
+    if kind == "fwd":
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
+    if kind == "dq":
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    if kind == "dkdv":
+        # k, v, dk, dv (BLOCK_N x 128) stay in registers for the whole loop: with D=128, BLOCK_M=32
+        # spilled 56 B (sm_90) and BLOCK_M=64 416 B; BLOCK_M=16 is the largest without spills.
+        return dict(BLOCK_M=16 if wide else 32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    raise AssertionError(kind)
+
+
+# Tests replace this with a function of the same signature to run other tile shapes in the interpreter.
+_config_hook = None
+
+
+def _config(kind, head_dim, dtype):
+    cfg = _kernel_config(kind, head_dim, dtype)
+    if _config_hook is not None:
+        cfg = {**cfg, **_config_hook(kind, head_dim, dtype)}
+    return cfg
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype the kernels write: the input's, except fp32 for bf16 in the interpreter, whose fp32 -> bf16
+    cast truncates instead of rounding to nearest (measured, Triton 3.9: 487 of 1024 random values off by
+    one ulp); torch rounds those buffers afterwards."""
+    return torch.float32 if (x.dtype == torch.bfloat16 and not x.is_cuda) else x.dtype
+
+
+def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or _out_dtype(like)
+    if _POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take token/head strides but assume unit stride along D."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _common_constexprs(q: torch.Tensor, causal: bool) -> dict:
+    D = q.shape[-1]
+    return dict(
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        # The 3.9 interpreter computes bf16 arithmetic wrongly (shared/design/GPU-LESS.md); on CPU tensors
+        # (interpreter only) bf16 tiles are widened right after loading. GPUs keep bf16 for tensor cores.
+        UPCAST=(q.dtype == torch.bfloat16 and not q.is_cuda),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _launch_forward(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal, sm_scale):
+    T, Hq, D = q_THD.shape
+    B = cu_seqlens.numel() - 1
+    o_THD = _alloc(q_THD.shape, q_THD)
+    lse_HT = _alloc((Hq, T), q_THD, torch.float32)
+    if T == 0 or B == 0 or max_seqlen == 0:
+        return o_THD.to(q_THD.dtype), lse_HT
+    cfg = _config("fwd", D, q_THD.dtype)
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), Hq, B)
+    _varlen_fwd_kernel[grid](
+        q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens, sm_scale,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
+        o_THD.stride(0), o_THD.stride(1), T, Hq // k_THD.shape[1],
+        **_common_constexprs(q_THD, causal), **cfg,
+    )
+    return o_THD.to(q_THD.dtype), lse_HT
+
+
+def _launch_backward(do_THD, q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens, max_seqlen, causal, sm_scale):
+    T, Hq, D = q_THD.shape
+    Hkv = k_THD.shape[1]
+    B = cu_seqlens.numel() - 1
+    dq_THD, dk_THD, dv_THD = _alloc(q_THD.shape, q_THD), _alloc(k_THD.shape, k_THD), _alloc(v_THD.shape, v_THD)
+    if T == 0 or B == 0 or max_seqlen == 0:
+        return dq_THD.to(q_THD.dtype), dk_THD.to(q_THD.dtype), dv_THD.to(q_THD.dtype)
+    common = _common_constexprs(q_THD, causal)
+    delta_HT = _alloc((Hq, T), q_THD, torch.float32)
+    # The interpreter's bf16 path writes gradients in fp32 (see _out_dtype); the kernels read the
+    # element type from the pointer, so nothing else changes.
+    cfg = _config("delta", D, q_THD.dtype)
+    _varlen_bwd_delta_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), Hq)](
+        o_THD, do_THD, delta_HT, o_THD.stride(0), o_THD.stride(1), do_THD.stride(0), do_THD.stride(1), T,
+        HEAD_DIM=D, BLOCK_D=common["BLOCK_D"], **cfg,
+    )
+    group = Hq // Hkv
+    cfg = _config("dq", D, q_THD.dtype)
+    _varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), Hq, B)](
+        q_THD, k_THD, v_THD, do_THD, dq_THD, lse_HT, delta_HT, cu_seqlens, sm_scale,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
+        do_THD.stride(0), do_THD.stride(1), dq_THD.stride(0), dq_THD.stride(1), T, group, **common, **cfg,
+    )
+    cfg = _config("dkdv", D, q_THD.dtype)
+    _varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), Hkv, B)](
+        q_THD, k_THD, v_THD, do_THD, dk_THD, dv_THD, lse_HT, delta_HT, cu_seqlens, sm_scale,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
+        do_THD.stride(0), do_THD.stride(1), dk_THD.stride(0), dk_THD.stride(1), dv_THD.stride(0), dv_THD.stride(1),
+        T, group, **common, **cfg,
+    )
+    return dq_THD.to(q_THD.dtype), dk_THD.to(q_THD.dtype), dv_THD.to(q_THD.dtype)
+
+
+class _VarlenAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal, sm_scale):
+        q_THD, k_THD, v_THD = _unit_last(q_THD), _unit_last(k_THD), _unit_last(v_THD)
+        o_THD, lse_HT = _launch_forward(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal, sm_scale)
+        ctx.save_for_backward(q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens)
+        ctx.max_seqlen, ctx.causal, ctx.sm_scale = max_seqlen, causal, sm_scale
+        return o_THD
+
+    @staticmethod
+    def backward(ctx, do_THD):
+        q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _launch_backward(_unit_last(do_THD), q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens,
+                                      ctx.max_seqlen, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks, reference, other backends, dispatch.
+# ----------------------------------------------------------------------------------------------------
+
+def _check_args(q, k, v, cu_seqlens, max_seqlen, backend):
+    where = f"varlen_attention(backend={backend!r})"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{where}: {name} must be a 3-D tensor (tokens, heads, head_dim), got "
+                             f"{getattr(x, 'shape', type(x))}")
+    allowed = _DTYPES if backend == "triton" else (*_DTYPES, torch.float64)  # the reference runs float64 too
+    if q.dtype not in allowed or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{where}: q, k, v must share one dtype of {allowed}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    T, Hq, D = q.shape
+    if k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"{where}: k/v {tuple(k.shape)} must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"{where}: query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError(f"{where}: q, k, v, cu_seqlens must be on one device; got {q.device}, {k.device}, "
+                         f"{v.device}, {cu_seqlens.device}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{where}: cu_seqlens must be a non-empty 1-D int32 tensor (B + 1,); got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"{where}: max_seqlen must be a non-negative Python int (the longest sample), got "
+                         f"{max_seqlen!r}")
+    if backend == "triton" and D not in TRITON_HEAD_DIMS:
+        raise ValueError(f"{where}: head_dim {D} is not compiled for the Triton kernel; supported: "
+                         f"{TRITON_HEAD_DIMS} (or use backend='torch')")
+    if cu_seqlens.is_cuda:
+        # Reading the values would synchronize the stream; the device-side assert keeps the launch
+        # asynchronous but turns a malformed cu_seqlens into a (fatal) CUDA error instead of silent garbage.
+        lens = cu_seqlens.diff()
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (lens >= 0).all() & (lens <= max_seqlen).all()
+        torch._assert_async(ok, "varlen_attention: cu_seqlens must start at 0, end at T, be non-decreasing "
+                                "and have no sample longer than max_seqlen")
+        return
+    bounds = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != T:
+        raise ValueError(f"{where}: cu_seqlens must start at 0 and end at T={T}; got {bounds[0]} .. {bounds[-1]}")
+    bad = next((i for i, n in enumerate(lens) if n < 0), None)
+    if bad is not None:
+        raise ValueError(f"{where}: cu_seqlens must be non-decreasing; sample {bad} has length {lens[bad]}")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{where}: max_seqlen={max_seqlen} is shorter than sample {lens.index(max(lens))} "
+                         f"of length {max(lens)}")
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_scale=None):
@@ -32,14 +552,109 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, *, causal=True, 
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_scale=None, backend="auto"):
-    """Attention over packed samples.
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+    """torch.nn.attention.varlen.varlen_attn across its API changes (2.10: is_causal; 2.11+: window_size)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise ValueError(f"varlen_attention: backend='torch_varlen' needs torch.nn.attention.varlen.varlen_attn, "
+                         f"absent from torch {torch.__version__}") from e
+    params = inspect.signature(varlen_attn).parameters
+    kw = {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw["is_causal"] = causal
+    if softmax_scale is not None:
+        if "scale" in params:
+            kw["scale"] = softmax_scale
+        else:  # older signature: fold the scale into q
+            q = q * (softmax_scale * math.sqrt(q.shape[-1]))
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
-    q: (T, Hq, D), k and v: (T, Hkv, D), same dtype and device; cu_seqlens: (B + 1,) int32,
-    cu_seqlens[0] = 0, cu_seqlens[-1] = T; max_seqlen: int, the longest sample.
-    Returns (T, Hq, D).
+
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise ValueError("varlen_attention: backend='flash_attn' needs the flash-attn package "
+                         "(pip install flash-attn; CUDA only)") from e
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  softmax_scale=softmax_scale, causal=causal)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_scale=None, backend="auto"):
+    """Attention over packed samples, differentiable in q, k, v.
+
+    q: (T, Hq, D); k and v: (T, Hkv, D) with Hq % Hkv == 0 (GQA/MQA); one dtype (fp16, bf16, fp32) and
+    device. cu_seqlens: (B + 1,) int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T, non-decreasing (empty
+    samples allowed). max_seqlen: int, >= the longest sample (it sizes the launch grid).
+    causal: mask future tokens inside each sample. softmax_scale: default 1/sqrt(D).
+    backend: "auto" (Triton on CUDA, torch elsewhere) or one of BACKENDS.
+    Returns (T, Hq, D) in q's dtype.
+    On CUDA, cu_seqlens values are checked by a device-side assert (no host sync); elsewhere by ValueError.
     """
     which = pick_backend(backend, q, BACKENDS, op="varlen_attention")
+    _check_args(q, k, v, cu_seqlens, max_seqlen, which)
+    if which in ("torch_varlen", "flash_attn") and not q.is_cuda:
+        raise ValueError(f"varlen_attention: backend={which!r} runs on CUDA tensors only; got {q.device} "
+                         f"(use backend='torch' or 'auto' on CPU)")
     if which == "torch":
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+    if which == "triton":
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        return _VarlenAttentionFn.apply(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale))
+    if which == "torch_varlen":
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if which == "flash_attn":
+        return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     raise AssertionError(which)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (python -m fastllava.ops.compile_check).
+# ----------------------------------------------------------------------------------------------------
+
+_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_CONSTEXPR_ARGS = {"CAUSAL", "HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "UPCAST", "DOT_PRECISION"}
+
+
+def aot_specs() -> list[KernelSpec]:
+    """Every kernel configuration the launchers above can choose on a GPU."""
+    specs = []
+    for D in TRITON_HEAD_DIMS:
+        for dtype in _DTYPES:
+            t = _TL_NAMES[dtype]
+            x, f, i = f"*{t}", "*fp32", "i32"
+            consts = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), UPCAST=False,
+                          DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+            cfg = _kernel_config("delta", D, dtype)
+            specs.append(KernelSpec(
+                name=f"varlen_attn_bwd_delta D={D} {t} BLOCK_T={cfg['BLOCK_T']}", fn=_varlen_bwd_delta_kernel,
+                signature=dict(O=x, DO=x, DELTA=f, stride_ot=i, stride_oh=i, stride_dot=i, stride_doh=i, T=i,
+                               HEAD_DIM="constexpr", BLOCK_D="constexpr", BLOCK_T="constexpr"),
+                constexprs=dict(HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"]),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            for causal in (True, False):
+                for kind, fn, ptrs in (
+                    ("fwd", _varlen_fwd_kernel, dict(Q=x, K=x, V=x, O=x, LSE=f)),
+                    ("dq", _varlen_bwd_dq_kernel, dict(Q=x, K=x, V=x, DO=x, DQ=x, LSE=f, DELTA=f)),
+                    ("dkdv", _varlen_bwd_dkdv_kernel, dict(Q=x, K=x, V=x, DO=x, DK=x, DV=x, LSE=f, DELTA=f)),
+                ):
+                    cfg = _kernel_config(kind, D, dtype)
+                    sig = {n: ptrs.get(n, "constexpr" if n in _CONSTEXPR_ARGS else i) for n in fn.arg_names}
+                    sig["CU_SEQLENS"], sig["sm_scale"] = "*i32", "fp32"
+                    const = {**consts, "CAUSAL": causal, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+                    assert set(const) == {n for n, s in sig.items() if s == "constexpr"}, (kind, sig)
+                    specs.append(KernelSpec(
+                        name=f"varlen_attn_{kind} D={D} {t} causal={causal} BLOCK_M={cfg['BLOCK_M']} "
+                             f"BLOCK_N={cfg['BLOCK_N']}",
+                        fn=fn, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
+                        num_stages=cfg["num_stages"]))
+    return specs
