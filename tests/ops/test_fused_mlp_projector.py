@@ -1,0 +1,126 @@
+"""fused_mlp_projector, Triton path (interpreter on CPU) against float64 torch.
+
+Tolerance rule (STYLE.md 4): our max error vs the float64 reference <= 2x the error of the torch
+reference run in the same dtype, plus a floor of one unit in the last place of the largest reference
+value, which only matters when both errors are at rounding level (e.g. the bias gradients in fp32).
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from fastllava.ops import fused_mlp_projector
+from fastllava.ops.fused_mlp_projector import fused_mlp_projector_reference
+
+proj_mod = importlib.import_module("fastllava.ops.fused_mlp_projector")
+# CPU: the interpreter (tests/conftest.py); with a GPU the same tests run the compiled kernels.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_within_rule(ours, torch_same_dtype, ref64, what):
+    err = (ours.double() - ref64).abs().max().item()
+    err_torch = (torch_same_dtype.double() - ref64).abs().max().item()
+    floor = torch.finfo(ours.dtype).eps * ref64.abs().max().item()
+    assert err <= 2 * err_torch + floor, f"{what}: error {err:.3g} > 2 x torch's {err_torch:.3g} + floor {floor:.3g}"
+
+
+def make_inputs(n, din, dh, dout, dtype, x_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, din, generator=g, dtype=torch.float64)
+    w1 = torch.randn(dh, din, generator=g, dtype=torch.float64) / din**0.5
+    b1 = torch.randn(dh, generator=g, dtype=torch.float64) * 0.5
+    w2 = torch.randn(dout, dh, generator=g, dtype=torch.float64) / dh**0.5
+    b2 = torch.randn(dout, generator=g, dtype=torch.float64) * 0.5
+    dy = torch.randn(n, dout, generator=g, dtype=torch.float64)
+    params = [t.to(DEVICE, dtype) for t in (x, w1, b1, w2, b2)]
+    for i, p in enumerate(params):
+        p.requires_grad_(i > 0 or x_grad)
+    return params, dy.to(DEVICE, dtype)
+
+
+def run(fn, params, dy):
+    leaves = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), [p.grad for p in leaves]
+
+
+# (N, Din, Dh, Dout): sizes off the block grid; the second has Din and Dout multiples of BLOCK_K
+# (EVEN_K main loops), the first does not.
+SHAPES = [(97, 80, 160, 72), (130, 64, 96, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_forward_and_gradients_match_float64(dtype, shape, x_grad):
+    params, dy = make_inputs(*shape, dtype, x_grad=x_grad)
+    ours_y, ours_g = run(lambda *p: fused_mlp_projector(*p, backend="triton"), params, dy)
+    torch_y, torch_g = run(fused_mlp_projector_reference, params, dy)
+    ref_y, ref_g = run(fused_mlp_projector_reference, [p.double() for p in params], dy.double())
+    assert_within_rule(ours_y, torch_y, ref_y, "output")
+    for name, o, t, r in zip(["x", "w1", "b1", "w2", "b2"], ours_g, torch_g, ref_g):
+        if name == "x" and not x_grad:
+            assert o is None
+            continue
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_within_rule(o, t, r, f"grad {name}")
+
+
+def test_poisoned_outputs_are_all_written(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: any element a kernel fails to write shows up."""
+    monkeypatch.setenv("FASTLLAVA_POISON_OUTPUTS", "1")
+    params, dy = make_inputs(97, 80, 160, 72, torch.float32, x_grad=True)
+    y, grads = run(lambda *p: fused_mlp_projector(*p, backend="triton"), params, dy)
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_no_grad_and_frozen_weights():
+    params, dy = make_inputs(97, 80, 160, 72, torch.float32)
+    ref = fused_mlp_projector_reference(*params)
+    with torch.no_grad():  # forward without storing the pre-activation
+        y = fused_mlp_projector(*params, backend="triton")
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-5, atol=1e-5)
+    # only the second layer trains: the first layer's grads stay None and w2's match the reference
+    x, w1, b1, w2, b2 = (p.detach() for p in params)
+    w2o, w2r = w2.clone().requires_grad_(), w2.clone().requires_grad_()
+    fused_mlp_projector(x, w1, b1, w2o, b2, backend="triton").backward(dy)
+    fused_mlp_projector_reference(x, w1, b1, w2r, b2).backward(dy)
+    torch.testing.assert_close(w2o.grad, w2r.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dims_are_kept():
+    params, _ = make_inputs(2 * 37, 80, 160, 72, torch.float32)
+    x = params[0].reshape(2, 37, 80)
+    y = fused_mlp_projector(x, *params[1:], backend="triton")
+    assert y.shape == (2, 37, 72)
+    torch.testing.assert_close(y.reshape(74, 72), fused_mlp_projector_reference(*params), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_value_errors():
+    params, _ = make_inputs(8, 16, 32, 24, torch.float32)
+    x, w1, b1, w2, b2 = params
+    with pytest.raises(ValueError, match=r"w1 must be \(Dh, Din=16\)"):
+        fused_mlp_projector(x, w1.t(), b1, w2, b2, backend="triton")
+    with pytest.raises(ValueError, match=r"w2 must be \(Dout, Dh=32\)"):
+        fused_mlp_projector(x, w1, b1, w2[:, :5], b2, backend="triton")
+    with pytest.raises(ValueError, match="share one dtype"):
+        fused_mlp_projector(x.half(), w1, b1, w2, b2, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_mlp_projector(x, w1, b1, w2, b2, backend="cuda")
+
+
+def test_aot_specs_cover_every_launch_config_and_match_kernel_arguments():
+    specs = proj_mod.aot_specs()
+    for spec in specs:
+        assert list(spec.signature) == spec.fn.arg_names, spec.name
+        assert set(spec.constexprs) <= {n for n, t in spec.signature.items() if t == "constexpr"}, spec.name
+    for kernel, table in ((proj_mod._linear_bias_gelu_fwd_kernel, proj_mod._FWD_CONFIGS),
+                          (proj_mod._gelu_grad_matmul_kernel, proj_mod._BWD_CONFIGS)):
+        for dtype, (bm, bn, bk, gm, warps, stages) in table.items():
+            mine = [s for s in specs if s.fn is kernel and s.signature["h_ptr"] == "*" + proj_mod._TL_DTYPE[dtype]]
+            assert len(mine) == 4  # STORE x EVEN_K
+            assert all((s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps,
+                        s.num_stages) == (bm, bn, bk, warps, stages) for s in mine)
