@@ -7,6 +7,8 @@ when TRITON_INTERPRET=1 was set before the op modules were imported.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -17,3 +19,11 @@ def pick_backend(name: str, x: torch.Tensor, choices: tuple[str, ...], *, op: st
     if name not in choices:
         raise ValueError(f"{op}: unknown backend {name!r}; choose one of {('auto',) + choices}")
     return name
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized kernel output; NaN-filled under FASTLLAVA_POISON_OUTPUTS=1 so tests catch
+    elements a kernel never writes."""
+    if os.environ.get("FASTLLAVA_POISON_OUTPUTS") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -15,7 +15,6 @@ by grad_output): no logits recompute, one (C, V) buffer alive at a time. See doc
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
-from ._backend import pick_backend
+from ._backend import new_output, pick_backend
 
 BACKENDS = ("torch", "triton")
 
@@ -113,13 +112,6 @@ def _chunk_rows(T, V, D):
     return max(8, min(T, c) // 8 * 8) if T > 8 else max(T, 1)
 
 
-def _new_output(shape, dtype, device):
-    """Uninitialized output; NaN-filled under FASTLLAVA_POISON_OUTPUTS=1 so tests catch unwritten elements."""
-    if os.environ.get("FASTLLAVA_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _loss_and_grads(hidden_TD, weight_VD, labels_T, ignore_index, need_dhidden, need_dweight):
     """Summed loss (fp32 scalar), dhidden_TD and dweight_VD of the summed loss (None when not needed)."""
     T, D = hidden_TD.shape
@@ -127,8 +119,8 @@ def _loss_and_grads(hidden_TD, weight_VD, labels_T, ignore_index, need_dhidden, 
     C = _chunk_rows(T, V, D)
     rows, block_v, warps = _config(V)
     compute_grad = need_dhidden or need_dweight
-    loss_T = _new_output((T,), torch.float32, hidden_TD.device)
-    dhidden_TD = _new_output((T, D), hidden_TD.dtype, hidden_TD.device) if need_dhidden else None
+    loss_T = new_output((T,), torch.float32, hidden_TD.device)
+    dhidden_TD = new_output((T, D), hidden_TD.dtype, hidden_TD.device) if need_dhidden else None
     dweight_VD = None  # fp32 accumulator, created by the first chunk
     for start in range(0, T, C):
         end = min(start + C, T)

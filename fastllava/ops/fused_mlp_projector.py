@@ -17,7 +17,6 @@ See docs/kernels.md for why these choices and what remains to be measured on a G
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
-from ._backend import pick_backend
+from ._backend import new_output, pick_backend
 
 BACKENDS = ("torch", "triton")
 
@@ -218,19 +217,12 @@ def _input_precision(dtype):
     return "tf32"  # ignored for 16-bit inputs
 
 
-def _new_output(shape, dtype, device):
-    """Uninitialized output; NaN-filled under FASTLLAVA_POISON_OUTPUTS=1 so tests catch unwritten elements."""
-    if os.environ.get("FASTLLAVA_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _launch_fwd(x_ND, w1, b1, store_pre):
     M, K = x_ND.shape
     N = w1.shape[0]
     bm, bn, bk, gm, warps, stages = _FWD_CONFIGS[x_ND.dtype]
-    a_NH = _new_output((M, N), x_ND.dtype, x_ND.device)
-    h_NH = _new_output((M, N), x_ND.dtype, x_ND.device) if store_pre else a_NH
+    a_NH = new_output((M, N), x_ND.dtype, x_ND.device)
+    h_NH = new_output((M, N), x_ND.dtype, x_ND.device) if store_pre else a_NH
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _linear_bias_gelu_fwd_kernel[grid](
         x_ND, w1, b1, h_NH, a_NH, M, N, K,
@@ -245,9 +237,9 @@ def _launch_bwd(dy_NO, w2, h_NH, store_act):
     M, K = dy_NO.shape
     N = w2.shape[1]
     bm, bn, bk, gm, warps, stages = _BWD_CONFIGS[h_NH.dtype]
-    dh_NH = _new_output((M, N), h_NH.dtype, h_NH.device)
-    a_NH = _new_output((M, N), h_NH.dtype, h_NH.device) if store_act else dh_NH
-    dbias_partial = _new_output((triton.cdiv(M, bm), N), torch.float32, h_NH.device)
+    dh_NH = new_output((M, N), h_NH.dtype, h_NH.device)
+    a_NH = new_output((M, N), h_NH.dtype, h_NH.device) if store_act else dh_NH
+    dbias_partial = new_output((triton.cdiv(M, bm), N), torch.float32, h_NH.device)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _gelu_grad_matmul_kernel[grid](
         dy_NO, w2, h_NH, dh_NH, a_NH, dbias_partial, M, N, K,

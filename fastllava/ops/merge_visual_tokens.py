@@ -15,7 +15,6 @@ Triton path (backend="triton"):
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
-from ._backend import pick_backend
+from ._backend import new_output, pick_backend
 
 BACKENDS = ("torch", "triton")
 
@@ -148,13 +147,6 @@ _EMBED_BLOCK_D, _EMBED_WARPS = 512, 4
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _new_output(shape, dtype, device):
-    """Uninitialized output; NaN-filled under FASTLLAVA_POISON_OUTPUTS=1 so tests catch unwritten elements."""
-    if os.environ.get("FASTLLAVA_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _tile_grid(T, D):
     return (triton.cdiv(T, _BLOCK_T), triton.cdiv(D, _BLOCK_D))
 
@@ -182,7 +174,7 @@ class _MergeVisualTokens(torch.autograd.Function):
     def forward(ctx, ids_T, embed_VD, feats_SD, image_token_id):
         T, D = ids_T.shape[0], embed_VD.shape[1]
         slot_T = torch.cumsum(ids_T == image_token_id, 0) - 1
-        out_TD = _new_output((T, D), embed_VD.dtype, embed_VD.device)
+        out_TD = new_output((T, D), embed_VD.dtype, embed_VD.device)
         if T > 0:
             _merge_fwd_kernel[_tile_grid(T, D)](
                 ids_T, slot_T, embed_VD, feats_SD, out_TD, T, D, image_token_id,
@@ -201,7 +193,7 @@ class _MergeVisualTokens(torch.autograd.Function):
         dout_TD = dout_TD if dout_TD.stride(1) == 1 else dout_TD.contiguous()
         dembed = dfeats = None
         if ctx.needs_input_grad[2]:
-            dfeats = _new_output((ctx.n_feats, D), dout_TD.dtype, dout_TD.device)
+            dfeats = new_output((ctx.n_feats, D), dout_TD.dtype, dout_TD.device)
             if T > 0:
                 _merge_bwd_feats_kernel[_tile_grid(T, D)](
                     ids_T, slot_T, dout_TD, dfeats, T, D, ctx.image_token_id, dout_TD.stride(0),
