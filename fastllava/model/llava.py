@@ -130,11 +130,15 @@ class Llava(nn.Module):
 
         return load_components(cls, Path(vision), Path(llm), projector, projector_weights, **kwargs)
 
-    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write the llava-hf layout (config.json, safetensors shards + index) that transformers loads."""
+    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the llava-hf layout (config.json, safetensors shards + index) that transformers loads.
+
+        state: parameter name -> full tensor, e.g. gathered from FSDP shards; default the module's own.
+        """
         from .hf import save_llava
 
-        save_llava(self, Path(path), max_shard_bytes=max_shard_bytes)
+        save_llava(self, Path(path), max_shard_bytes=max_shard_bytes, state=state)
 
     def save_projector(self, path: str | Path) -> None:
         """The projector alone, as safetensors with LLaVA's `mm_projector.*` key names (stage-1 output)."""

@@ -405,7 +405,7 @@ def _common_constexprs(q: torch.Tensor, causal: bool) -> dict:
     D = q.shape[-1]
     return dict(
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
-        # The 3.9 interpreter computes bf16 arithmetic wrongly (shared/design/GPU-LESS.md); on CPU tensors
+        # The 3.9 interpreter computes bf16 arithmetic wrongly (measured with Triton 3.9); on CPU tensors
         # (interpreter only) bf16 tiles are widened right after loading. GPUs keep bf16 for tensor cores.
         UPCAST=(q.dtype == torch.bfloat16 and not q.is_cuda),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -102,7 +102,6 @@ def export(model, cfg: Config, env: DistEnv, tokenizer=None) -> Path | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ..model import Llava
-    from ..model.hf import save_llava
 
     out = Path(cfg.train.output_dir)
     if cfg.train.stage == "align":
@@ -122,7 +121,7 @@ def export(model, cfg: Config, env: DistEnv, tokenizer=None) -> Path | None:
             shell.save_projector(path)
         else:
             path = out / "final"
-            save_llava(model, path, max_shard_bytes=5 * 2**30, state=state)
+            model.save_pretrained(path, state=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(path))
     barrier()

@@ -1,6 +1,6 @@
 """Throughput accounting (model FLOPs, MFU), the progress bar, optional TensorBoard / W&B, the summary.
 
-FLOPs follow /work/shared/design/THROUGHPUT.md ("Counting FLOPs for MFU"), per optimizer step:
+FLOPs follow the project's throughput accounting (docs/training.md, "What you see"), per optimizer step:
   LLM matmuls   6 N per token when the LLM trains (forward 2N + activation grads 2N + weight grads 2N),
                 4 N when it is frozen (stage 1: no weight-gradient GEMMs); N = non-embedding params
                 incl. the LM head.
