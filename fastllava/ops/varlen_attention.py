@@ -368,9 +368,10 @@ def _kernel_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
     if kind == "dq":
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
     if kind == "dkdv":
-        # k, v, dk, dv (BLOCK_N x 128) stay in registers for the whole loop: with D=128, BLOCK_M=32
-        # spilled 56 B (sm_90) and BLOCK_M=64 416 B; BLOCK_M=16 is the largest without spills.
-        return dict(BLOCK_M=16 if wide else 32, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+        # k, v, dk, dv (BLOCK_N x D) stay in registers for the whole loop: with D=128, BLOCK_M=32
+        # spilled 56 B (sm_90) and BLOCK_M=64 416 B; with D=64, BLOCK_M=32 still spilled 16 B on sm_90
+        # (causal). BLOCK_M=16 is the largest without spills for every head dim.
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
     raise AssertionError(kind)
 
 
