@@ -58,7 +58,7 @@ def make_shape(name: str, layers: int | None) -> Shape:
                               image_size=56, patch_size=14)
         text = TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers or 2,
                           num_attention_heads=4, num_key_value_heads=4)
-        return Shape(LlavaConfig(vision=vision, text=text, image_token_id=IMAGE_TOKEN), 256, 1024, 32)
+        return Shape(LlavaConfig(vision=vision, text=text, image_token_id=IMAGE_TOKEN), 256, 1024, 16)
     if name == "7b":
         text = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 4,
                           num_attention_heads=32, num_key_value_heads=32)
