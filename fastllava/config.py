@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .model.config import PROJECTOR_PATTERN
+
 Stage = Literal["align", "finetune"]
 Backend = Literal["auto", "torch", "triton"]
 
@@ -61,7 +63,7 @@ class ModelConfig:
         missing = [f"model.{k}" for k in needs if getattr(self, k) is None]
         if missing:
             raise ValueError(f"model.source={self.source!r} needs {', '.join(missing)} to be set")
-        if not (self.projector_type in ("linear",) or (self.projector_type.startswith("mlp") and self.projector_type.endswith("x_gelu"))):
+        if not PROJECTOR_PATTERN.match(self.projector_type):
             raise ValueError(f"model.projector_type: {self.projector_type!r} is not one of 'linear', 'mlp2x_gelu', 'mlpNx_gelu'")
 
 
