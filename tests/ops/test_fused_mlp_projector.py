@@ -9,20 +9,12 @@ import importlib
 
 import pytest
 import torch
+from tolerance import DEVICE, assert_within_rule
 
 from fastllava.ops import fused_mlp_projector
 from fastllava.ops.fused_mlp_projector import fused_mlp_projector_reference
 
 proj_mod = importlib.import_module("fastllava.ops.fused_mlp_projector")
-# CPU: the interpreter (tests/conftest.py); with a GPU the same tests run the compiled kernels.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def assert_within_rule(ours, torch_same_dtype, ref64, what):
-    err = (ours.double() - ref64).abs().max().item()
-    err_torch = (torch_same_dtype.double() - ref64).abs().max().item()
-    floor = torch.finfo(ours.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * err_torch + floor, f"{what}: error {err:.3g} > 2 x torch's {err_torch:.3g} + floor {floor:.3g}"
 
 
 def make_inputs(n, din, dh, dout, dtype, x_grad=False, seed=0):
