@@ -1,6 +1,6 @@
 """fused_linear_cross_entropy, Triton path (interpreter on CPU) against float64 torch.
 
-Tolerance rule (STYLE.md 4): our max error vs the float64 reference <= 2x the error of the torch
+Tolerance rule (tests/ops/tolerance.py): our max error vs the float64 reference <= 2x the error of the torch
 reference (fastllava's eager F.linear + F.cross_entropy) in the same dtype, plus a floor of one ulp
 of the largest reference value, which only matters when both errors are at rounding level.
 Shapes make several chunks (chunk rows follow T*D/V, at least 8), a chunk whose labels are all

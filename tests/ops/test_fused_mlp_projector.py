@@ -1,6 +1,6 @@
 """fused_mlp_projector, Triton path (interpreter on CPU) against float64 torch.
 
-Tolerance rule (STYLE.md 4): our max error vs the float64 reference <= 2x the error of the torch
+Tolerance rule (tests/ops/tolerance.py): our max error vs the float64 reference <= 2x the error of the torch
 reference run in the same dtype, plus a floor of one unit in the last place of the largest reference
 value, which only matters when both errors are at rounding level (e.g. the bias gradients in fp32).
 """

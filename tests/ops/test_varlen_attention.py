@@ -1,6 +1,6 @@
 """varlen_attention: Triton kernel (interpreter on CPU) against a float64 reference, forward and backward.
 
-Tolerance (STYLE.md #4): for every output (o, dq, dk, dv) the kernel's max error against the float64
+Tolerance (the rule of tests/ops/tolerance.py): for every output (o, dq, dk, dv) the kernel's max error against the float64
 reference must be <= 2x the error of the torch reference (per-sample SDPA) run in the same dtype on the
 same inputs, or a floor where 2x is below what the dtype can resolve:
 - fp32: 1e-5. Both errors are ~1e-6 (summation order over <= 130 terms of size <= ~10), so 2x of one
