@@ -1,0 +1,416 @@
+"""The embedded demo's data: a synthetic visual-question dataset of real JPEG files, and a tokenizer built
+from its corpus, generated once into a cache directory with no network access.
+
+Each image is a neutral background of one of several NON-square sizes (so `pad` and `square` preprocessing
+differ) with 1 to 4 coloured shapes, each in its own cell of a 2x2 grid ("top left", "top right",
+"bottom left", "bottom right"); no two shapes of an image share both colour and kind, so every question
+below has exactly one right answer. Question types, all answerable from the pixels alone:
+
+    count     "How many shapes are there?"                 -> "3"
+    color     "What color is the shape in the top left?"  -> "red"   (or "What color is the circle?")
+    shape     "What shape is in the bottom right?"         -> "triangle"
+    position  "Where is the blue square?"                   -> "top right"
+    describe  "Describe the image."                         -> "There are 2 shapes: a red circle in the ..."
+    text      "What is 3 plus 4?" (no image, 1 to 5 each)   -> "7"
+
+Short-answer questions carry LLaVA-1.5's response-format prompt ("Answer the question using a single word
+or phrase."). Files written under `root`:
+
+    images/{train,eval}/NNNNNN.jpg
+    train.json     LLaVA format, multi-turn (2-4 questions, then a description), ~10% text-only
+    eval.json      held-out images; every image asks each of count/color/shape/position once, plus text-only
+                   samples; each sample has "question_types" aligned with its gpt turns
+    pretrain.json  stage-1 captions: human "<image>", gpt the description sentence (the `plain` template)
+    tokenizer/     a fast BPE tokenizer trained on the corpus (AutoTokenizer.from_pretrained loads it)
+    COMPLETE.json  written last; its presence means the directory is whole
+
+Generation is deterministic for a seed: identical arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image, ImageDraw
+
+RESPONSE_FORMAT = "Answer the question using a single word or phrase."
+DESCRIBE_PROMPT = "Describe the image."
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 225),
+    "yellow": (240, 210, 30),
+    "purple": (150, 50, 190),
+}
+SHAPES = ("circle", "square", "triangle")
+# Neutral tones only, so the colour of a shape is never confused with its background.
+BACKGROUNDS = ((245, 245, 245), (200, 200, 200), (120, 120, 120))
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell index = 2 * row + col
+# (width, height): deliberately non-square, wide and tall, so padding to a square moves the content.
+DEFAULT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((96, 64), (64, 112), (80, 80), (112, 72), (72, 96))
+QUESTION_TYPES = ("count", "color", "shape", "position", "describe", "text")
+FORMAT_VERSION = 2  # bump when the content changes: caches of another version are rebuilt
+
+# Template words (LLaVA's vicuna_v1 system prompt, roles, and its v0 variant), in the tokenizer's corpus
+# so that no template ever meets <unk>.
+_TEMPLATE_TEXTS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions.\n### Human: ### Assistant:",
+)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    color: str  # key of COLORS
+    cell: int  # index into POSITIONS
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels of the original image, inclusive
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    @property
+    def probe(self) -> tuple[int, int]:
+        """A pixel well inside the drawn shape (for a triangle: below its centre, where it is widest)."""
+        x0, y0, x1, y1 = self.box
+        cy = (y0 + y1) // 2 if self.kind != "triangle" else y0 + (y1 - y0) * 2 // 3
+        return (x0 + x1) // 2, cy
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+    image_folder: Path  # the LLaVA `image_folder`; "image" keys are relative to it
+    train_json: Path
+    eval_json: Path
+    pretrain_json: Path
+    tokenizer_dir: Path
+
+
+def _paths(root: Path) -> DemoPaths:
+    return DemoPaths(
+        root=root,
+        image_folder=root / "images",
+        train_json=root / "train.json",
+        eval_json=root / "eval.json",
+        pretrain_json=root / "pretrain.json",
+        tokenizer_dir=root / "tokenizer",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def draw_scene(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, list[Shape]]:
+    """One image of `size` (W, H) with 1-4 shapes in distinct grid cells, distinct (colour, kind) pairs."""
+    width, height = size
+    background = rng.choice(BACKGROUNDS)
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    n = rng.randint(1, 4)
+    cells = sorted(rng.sample(range(4), n))
+    pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
+    shapes = []
+    for cell, (color, kind) in zip(cells, pairs):
+        row, col = divmod(cell, 2)
+        cx0, cy0 = col * width // 2, row * height // 2
+        cw, ch = width // 2, height // 2
+        side = int(min(cw, ch) * rng.uniform(0.6, 0.85))
+        x0 = cx0 + rng.randint(1, cw - side - 1)
+        y0 = cy0 + rng.randint(1, ch - side - 1)
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)
+        fill = COLORS[color]
+        if kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+        shapes.append(Shape(kind=kind, color=color, cell=cell, box=box))
+    return image, shapes
+
+
+def describe(shapes: Sequence[Shape]) -> str:
+    """The templated description (and stage-1 caption) of a scene, shapes in reading order."""
+    parts = [f"a {s.color} {s.kind} in the {s.position}" for s in sorted(shapes, key=lambda s: s.cell)]
+    if len(parts) == 1:
+        return f"There is 1 shape: {parts[0]}."
+    listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
+    return f"There are {len(parts)} shapes: {listed}."
+
+
+# -------------------------------------------------------------------------------------------- questions
+
+
+def _ask(question: str) -> str:
+    return f"{question}\n{RESPONSE_FORMAT}"
+
+
+def _question(rng: random.Random, qtype: str, shapes: Sequence[Shape]) -> tuple[str, str]:
+    """(human text, answer) of one question of `qtype` about the scene."""
+    if qtype == "count":
+        q = rng.choice(("How many shapes are there?", "How many shapes are in the image?"))
+        return _ask(q), str(len(shapes))
+    if qtype == "describe":
+        return DESCRIBE_PROMPT, describe(shapes)
+    s = rng.choice(shapes)
+    if qtype == "color":
+        unique_kind = sum(t.kind == s.kind for t in shapes) == 1
+        if unique_kind and rng.random() < 0.5:
+            return _ask(f"What color is the {s.kind}?"), s.color
+        return _ask(f"What color is the shape in the {s.position}?"), s.color
+    if qtype == "shape":
+        unique_color = sum(t.color == s.color for t in shapes) == 1
+        if unique_color and rng.random() < 0.5:
+            return _ask(f"What shape is {s.color}?"), s.kind
+        return _ask(f"What shape is in the {s.position}?"), s.kind
+    if qtype == "position":
+        return _ask(f"Where is the {s.color} {s.kind}?"), s.position
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+
+
+def _text_question(rng: random.Random) -> tuple[str, str]:
+    # 25 small sums: few enough facts for a tiny model to learn from ~10% text-only samples in minutes.
+    a, b = rng.randint(1, 5), rng.randint(1, 5)
+    return _ask(f"What is {a} plus {b}?"), str(a + b)
+
+
+def _conversation(turns: Sequence[tuple[str, str]], with_image: bool) -> list[dict]:
+    conv = []
+    for i, (human, gpt) in enumerate(turns):
+        if i == 0 and with_image:
+            human = f"<image>\n{human}"
+        conv += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+    return conv
+
+
+def _train_sample(rng: random.Random, shapes: Sequence[Shape], describe_fraction: float) -> tuple[list[dict], list[str]]:
+    n_turns = rng.randint(2, 4)
+    qtypes = [rng.choice(("count", "color", "shape", "position")) for _ in range(n_turns)]
+    # A description is the densest image-grounded supervision (a dozen answer tokens that depend on the
+    # pixels, against one or two per short answer). It comes last, so that no short answer can be copied
+    # from it instead of read from the image.
+    if rng.random() < describe_fraction:
+        qtypes.append("describe")
+    return _conversation([_question(rng, t, shapes) for t in qtypes], True), qtypes
+
+
+def _eval_sample(rng: random.Random, shapes: Sequence[Shape]) -> tuple[list[dict], list[str]]:
+    qtypes = ["count", "color", "shape", "position"]
+    rng.shuffle(qtypes)
+    return _conversation([_question(rng, t, shapes) for t in qtypes], True), qtypes
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _write_split(
+    root: Path,
+    split: str,
+    n: int,
+    rng: random.Random,
+    image_sizes: Sequence[tuple[int, int]],
+    text_fraction: float,
+    describe_fraction: float,
+) -> tuple[list[dict], list[dict]]:
+    """Returns (samples, captions) of one split, writing its JPEGs under root/images/<split>/."""
+    folder = root / "images" / split
+    folder.mkdir(parents=True)
+    samples, captions = [], []
+    for i in range(n):
+        sid = f"{split}-{i:06d}"
+        if rng.random() < text_fraction:
+            n_turns = 1 if split == "eval" else rng.randint(1, 2)
+            turns = [_text_question(rng) for _ in range(n_turns)]
+            samples.append({"id": sid, "conversations": _conversation(turns, False), "question_types": ["text"] * n_turns})
+            continue
+        image, shapes = draw_scene(rng, rng.choice(image_sizes))
+        rel = f"{split}/{i:06d}.jpg"
+        image.save(root / "images" / rel, format="JPEG", quality=90)
+        conv, qtypes = _eval_sample(rng, shapes) if split == "eval" else _train_sample(rng, shapes, describe_fraction)
+        samples.append({"id": sid, "image": rel, "conversations": conv, "question_types": qtypes})
+        captions.append(
+            {"id": sid, "image": rel, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": describe(shapes)}]}
+        )
+    return samples, captions
+
+
+def corpus_texts(samples: Iterable[dict]) -> Iterable[str]:
+    """Every text the tokenizer will see: the template words, then each turn without the <image> tag."""
+    from .templates import TEMPLATES, VICUNA_SYSTEM
+
+    yield from _TEMPLATE_TEXTS
+    yield VICUNA_SYSTEM
+    yield " ".join(t.stop_str for t in TEMPLATES.values())
+    for sample in samples:
+        for turn in sample["conversations"]:
+            value = turn["value"].replace("<image>", " ")
+            yield value
+            if turn["from"] == "gpt":
+                # The plain template puts a caption straight after "<image>": its first word then has no
+                # "▁" word prefix, and should still be one token.
+                yield "\n" + value
+
+
+def build_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 1000):
+    """Train a small BPE tokenizer on `texts` and save it to `out_dir` as a fast tokenizer.
+
+    LLaMA-like: SentencePiece-style "▁" word prefixes (so decoding restores spaces exactly), BOS "<s>"
+    prepended by the post-processor, "</s>", "<unk>", "<pad>" and "<image>" as single special ids.
+    With a small corpus, BPE stops merging once every corpus word is one token, so the vocabulary stays
+    at a few hundred even though `vocab_size` allows more. Returns the loaded PreTrainedTokenizerFast.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Newlines split words (the response-format prompt follows the question after "\n").
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.train_from_iterator(sorted(set(texts)), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+        padding_side="right",
+        model_max_length=2048,
+    )
+    wrapped.save_pretrained(str(out_dir))
+    return wrapped
+
+
+def _fingerprint(**params) -> dict:
+    params = {k: list(map(list, v)) if k == "image_sizes" else v for k, v in params.items()}
+    return {"format_version": FORMAT_VERSION, **params}
+
+
+def is_complete(root: str | os.PathLike, **params) -> bool:
+    marker = Path(root) / "COMPLETE.json"
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()) == _fingerprint(**params)
+
+
+def default_cache_dir(**params) -> Path:
+    """$FASTLLAVA_CACHE (default ~/.cache/fastllava)/demo-<hash of the generation parameters>."""
+    base = Path(os.environ.get("FASTLLAVA_CACHE", Path.home() / ".cache" / "fastllava"))
+    digest = hashlib.sha1(json.dumps(_fingerprint(**params), sort_keys=True).encode()).hexdigest()[:10]
+    return base / f"demo-{digest}"
+
+
+def _is_demo_dataset(root: Path) -> bool:
+    try:
+        return "format_version" in json.loads((root / "COMPLETE.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _move_into_place(tmp: Path, root: Path, stale: bool, params: dict) -> None:
+    try:
+        os.rename(tmp, root)  # replaces an empty directory; fails on a non-empty one
+        return
+    except OSError:
+        if is_complete(root, **params):  # another rank got there first
+            return
+        if not stale:
+            raise
+    trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    try:
+        os.rename(root, trash / "d")  # may lose a race against another rank doing the same
+    except OSError:
+        pass
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if not is_complete(root, **params):
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def make_demo_dataset(
+    root: str | os.PathLike | None = None,
+    *,
+    n_train: int = 4000,
+    n_eval: int = 200,
+    seed: int = 0,
+    image_sizes: Sequence[tuple[int, int]] = DEFAULT_IMAGE_SIZES,
+    text_fraction: float = 0.1,
+    describe_fraction: float = 1.0,
+) -> DemoPaths:
+    """Generate the demo dataset into `root` (default: `default_cache_dir(...)`) unless it is already there.
+
+    Safe to call from several processes at once (torchrun ranks): each builds in its own temporary sibling
+    directory and renames it into place; the loser of the race discards its copy. A directory without
+    COMPLETE.json (an interrupted run) is never used. A demo dataset made with other parameters or an older
+    FORMAT_VERSION (its COMPLETE.json says so) is replaced; any other non-empty directory is an error.
+    """
+    if n_train < 1 or n_eval < 1:
+        raise ValueError(f"make_demo_dataset: n_train and n_eval must be >= 1, got {n_train} and {n_eval}")
+    if not 0.0 <= text_fraction < 1.0:
+        raise ValueError(f"make_demo_dataset: text_fraction must be in [0, 1), got {text_fraction}")
+    image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+    for w, h in image_sizes:
+        if min(w, h) < 32:
+            raise ValueError(f"make_demo_dataset: image size {(w, h)} too small; each side must be >= 32 pixels")
+    if not 0.0 <= describe_fraction <= 1.0:
+        raise ValueError(f"make_demo_dataset: describe_fraction must be in [0, 1], got {describe_fraction}")
+    params = dict(
+        n_train=n_train,
+        n_eval=n_eval,
+        seed=seed,
+        image_sizes=image_sizes,
+        text_fraction=text_fraction,
+        describe_fraction=describe_fraction,
+    )
+    root = Path(root) if root is not None else default_cache_dir(**params)
+    if is_complete(root, **params):
+        return _paths(root)
+    # `root` only ever appears whole, by rename: a non-empty root without our marker is not ours to delete.
+    stale = _is_demo_dataset(root)
+    if not stale and root.exists() and any(root.iterdir()):
+        raise ValueError(f"make_demo_dataset: {root} exists and is not a demo dataset; give an empty or new directory")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        # One stream per split: the eval images do not change when n_train changes.
+        train, pretrain = _write_split(
+            tmp, "train", n_train, random.Random(f"{seed}-train"), image_sizes, text_fraction, describe_fraction
+        )
+        evals, _ = _write_split(
+            tmp, "eval", n_eval, random.Random(f"{seed}-eval"), image_sizes, text_fraction, describe_fraction
+        )
+        for name, data in (("train.json", train), ("eval.json", evals), ("pretrain.json", pretrain)):
+            (tmp / name).write_text(json.dumps(data))
+        build_tokenizer(corpus_texts(train + evals), tmp / "tokenizer")
+        (tmp / "COMPLETE.json").write_text(json.dumps(_fingerprint(**params)))
+        _move_into_place(tmp, root, stale, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _paths(root)

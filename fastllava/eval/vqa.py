@@ -1,0 +1,274 @@
+"""Held-out visual question answering: greedy decoding on a PackedBatch and exact-match scoring per
+question type.
+
+Every gpt turn of the evaluation file is one question. Its prompt is the conversation up to that turn,
+earlier answers taken from the file (teacher forcing), tokenized by the same `tokenize_conversation` that
+builds the training data, and cut where the labels of the question's own answer start: the model sees
+exactly the context it was trained to answer from. Many prompts decode together as one packed varlen
+batch; each step recomputes the whole prefix (no KV cache: the demo's model is tiny), so decoding is the
+model's ordinary training forward with `return_logits=True`.
+
+An answer is right when, normalized (lower case, articles and punctuation dropped, number words as
+digits), it equals the normalized reference. The question type of each turn comes from the sample's
+"question_types" list (one entry per gpt turn, as fastllava.data.synthetic writes); without it the type is
+"all".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..batch import IGNORE_INDEX, PackedBatch
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """The form answers are compared in: 'The Top-Left.' -> 'top left', 'Three' -> '3'."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+@dataclass
+class Question:
+    sample_id: str
+    qtype: str
+    turn: int  # index of the gpt turn within the sample
+    prompt_ids: list[int]  # BOS ... "ASSISTANT:" with ONE image token per image
+    pixel_values: torch.Tensor | None  # (n_images, 3, S, S)
+    truth: str
+
+
+def _last_label_run_start(labels: Sequence[int]) -> int:
+    """Index of the first token of the final contiguous run of labelled tokens (the last answer)."""
+    i = len(labels)
+    while i > 0 and labels[i - 1] == IGNORE_INDEX:
+        i -= 1
+    if i == 0:
+        raise ValueError("the tokenized conversation has no labelled answer tokens")
+    while i > 0 and labels[i - 1] != IGNORE_INDEX:
+        i -= 1
+    return i
+
+
+def build_questions(
+    samples: Sequence[dict],
+    encode: Callable[[list[dict]], tuple[Sequence[int], Sequence[int]]],
+    load_pixels: Callable[[str | list[str]], torch.Tensor],
+    *,
+    source: str = "eval file",
+) -> list[Question]:
+    """One Question per gpt turn. encode(turns) -> (input_ids, labels); load_pixels(image) -> (n, 3, S, S)."""
+    questions = []
+    for index, sample in enumerate(samples):
+        sid = str(sample.get("id", index))
+        turns = sample.get("conversations")
+        if not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2:
+            raise ValueError(f"{source}: sample {index} (id {sid!r}) needs human/gpt turn pairs in 'conversations'")
+        n_answers = len(turns) // 2
+        qtypes = sample.get("question_types", ["all"] * n_answers)
+        if len(qtypes) != n_answers:
+            raise ValueError(
+                f"{source}: sample {index} (id {sid!r}) has {len(qtypes)} question_types for {n_answers} answers"
+            )
+        pixels = load_pixels(sample["image"]) if sample.get("image") else None
+        for k in range(n_answers):
+            ids, labels = encode(turns[: 2 * k + 2])
+            start = _last_label_run_start(list(labels))
+            questions.append(
+                Question(sid, str(qtypes[k]), k, list(ids[:start]), pixels, turns[2 * k + 1]["value"])
+            )
+    return questions
+
+
+def _sync_any(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on any rank, so all ranks run the same number of (sharded) forwards."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def greedy_decode(
+    model,
+    questions: Sequence[Question],
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    stop_token_ids: set[int] | frozenset[int],
+    max_new_tokens: int = 32,
+    device: torch.device | str = "cpu",
+) -> list[list[int]]:
+    """Generated ids (stop token excluded) for a group of questions decoded as one packed batch: (T, V)
+    logits at each sample's last position pick its next token until a stop token or max_new_tokens."""
+    seqs = [list(q.prompt_ids) for q in questions]
+    out: list[list[int]] = [[] for _ in questions]
+    live = list(range(len(questions)))
+    for _ in range(max_new_tokens):
+        if not _sync_any(bool(live), torch.device(device)):
+            break
+        # Finished rows are dropped; with several ranks a rank with none left still joins each
+        # collective, re-running its first question and ignoring the result.
+        rows = live or [0]
+        batch = PackedBatch.from_samples(
+            [
+                {
+                    "input_ids": torch.tensor(seqs[i]),
+                    "labels": torch.full((len(seqs[i]),), IGNORE_INDEX),
+                    "pixel_values": questions[i].pixel_values,
+                }
+                for i in rows
+            ],
+            image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens,
+        ).to(device)
+        logits = model(batch, return_logits=True).logits  # (T, V)
+        next_ids = logits[batch.cu_seqlens[1:].long() - 1].argmax(-1).tolist()
+        if not live:
+            continue
+        still = []
+        for i, tok in zip(live, next_ids):
+            if tok not in stop_token_ids:
+                out[i].append(tok)
+                seqs[i].append(tok)
+                still.append(i)
+        live = still
+    return out
+
+
+def format_table(results: dict) -> str:
+    """Per-type accuracy as an aligned text table, overall last."""
+    rows = [(t, r["correct"], r["total"]) for t, r in results["per_type"].items()]
+    rows.append(("overall", results["correct"], results["num_questions"]))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'question type':<{max(width, 13)}}  correct  total  accuracy"]
+    for name, correct, total in rows:
+        acc = 100.0 * correct / total if total else 0.0
+        lines.append(f"{name:<{max(width, 13)}}  {correct:>7}  {total:>5}  {acc:7.1f}%")
+    return "\n".join(lines)
+
+
+def evaluate_vqa(
+    model,
+    eval_json: str | Path | Sequence[dict],
+    image_folder: str | Path,
+    tokenizer,
+    template="vicuna_v1",
+    *,
+    image_mode: str = "pad",
+    image_size: int | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    device: torch.device | str | None = None,
+    encode: Callable | None = None,
+    load_pixels: Callable | None = None,
+    num_examples: int = 5,
+) -> dict:
+    """Greedy-decode every held-out question and score it.
+
+    model: returns `.logits` (T, V) for `model(PackedBatch, return_logits=True)` and has `.config` with
+    `image_token_id`, `num_image_tokens`, `vision.image_size` (a fastllava Llava). Under FSDP call it on
+    every rank with the same arguments: ranks decode identical batches and agree on when to stop.
+    encode / load_pixels override tokenization (default: fastllava.data.tokenize.tokenize_conversation
+    with `template`) and image loading (default: fastllava.data.images.load_image, `image_mode`, the
+    model's image size) - for tests and other data.
+
+    Returns {"accuracy", "correct", "num_questions", "per_type": {type: {"correct", "total", "accuracy"}},
+    "table": str, "mistakes": [{"id", "type", "truth", "answer"}, ...] (up to num_examples)}.
+    """
+    config = model.config
+    if isinstance(eval_json, (str, Path)):
+        try:
+            samples = json.loads(Path(eval_json).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"evaluate_vqa: {eval_json} is not valid JSON: {e}") from None
+        source = str(eval_json)
+    else:
+        samples, source = list(eval_json), "eval samples"
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    if not samples:
+        raise ValueError(f"evaluate_vqa: {source} has no samples")
+    if encode is None:
+        from ..data.tokenize import tokenize_conversation
+
+        def encode(turns):
+            return tokenize_conversation(turns, tokenizer, template)
+
+    if load_pixels is None:
+        from ..data.images import load_image
+
+        size = image_size or config.vision.image_size
+        folder = Path(image_folder)
+
+        def load_pixels(image):
+            paths = image if isinstance(image, list) else [image]
+            return torch.stack([load_image(folder / p, mode=image_mode, size=size) for p in paths])
+
+    if device is None:
+        device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
+    # vicuna_v1 answers end with "</s>", plain captions with "\n": stop on the template's marker too.
+    stop_token_ids = {tokenizer.eos_token_id}
+    stop_str = getattr(template, "stop_str", None)
+    if stop_str is None and isinstance(template, str):
+        from ..data.templates import get_template
+
+        stop_str = get_template(template).stop_str
+    if stop_str is not None and tokenizer.convert_tokens_to_ids(stop_str) not in (None, tokenizer.unk_token_id):
+        stop_token_ids.add(tokenizer.convert_tokens_to_ids(stop_str))
+    questions = build_questions(samples, encode, load_pixels, source=source)
+
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        answers: list[list[int]] = []
+        for lo in range(0, len(questions), batch_size):
+            answers += greedy_decode(
+                model,
+                questions[lo : lo + batch_size],
+                image_token_id=config.image_token_id,
+                num_image_tokens=config.num_image_tokens,
+                stop_token_ids=stop_token_ids,
+                max_new_tokens=max_new_tokens,
+                device=device,
+            )
+    finally:
+        if was_training:
+            model.train()
+
+    per_type: dict[str, dict] = {}
+    mistakes = []
+    for q, ids in zip(questions, answers):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ok = normalize_answer(text) == normalize_answer(q.truth)
+        r = per_type.setdefault(q.qtype, {"correct": 0, "total": 0})
+        r["correct"] += ok
+        r["total"] += 1
+        if not ok and len(mistakes) < num_examples:
+            mistakes.append({"id": q.sample_id, "type": q.qtype, "truth": q.truth, "answer": text})
+    for r in per_type.values():
+        r["accuracy"] = r["correct"] / r["total"]
+    correct = sum(r["correct"] for r in per_type.values())
+    results = {
+        "accuracy": correct / len(questions),
+        "correct": correct,
+        "num_questions": len(questions),
+        "per_type": dict(sorted(per_type.items())),
+        "mistakes": mistakes,
+    }
+    results["table"] = format_table(results)
+    return results
