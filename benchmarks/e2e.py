@@ -227,8 +227,9 @@ def measure(path_cls, shape, stage, samples, warmup, device, dtype, peak_tflops)
     return result
 
 
-def fmt(value, spec):
-    return "n/a" if value is None else format(value, spec)
+def fmt(value, spec, unit=""):
+    """A number, or n/a where it means nothing (MFU and GPU memory on CPU)."""
+    return "n/a" if value is None else format(value, spec) + unit
 
 
 def main(argv=None) -> dict:
@@ -272,7 +273,7 @@ def main(argv=None) -> dict:
         for name in ("reference", "fastllava"):
             r = results[name]
             print(f"| {stage} | {name} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:.2f} | {r['step_seconds']:.3f} "
-                  f"| {r['computed_tokens'] / r['real_tokens']:.2f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% "
+                  f"| {r['computed_tokens'] / r['real_tokens']:.2f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')} "
                   f"| {fmt(r['peak_memory_gb'], '.1f')} |")
         print(f"| {stage} | speedup | {results['speedup']:.2f}x | | | | | |")
     if device.type == "cpu":
