@@ -2,15 +2,15 @@
 from its corpus, generated once into a cache directory with no network access.
 
 Each image is a neutral background of one of several NON-square sizes (so `pad` and `square` preprocessing
-differ) with 1 to 4 coloured shapes, each in its own cell of a 2x2 grid ("top left", "top right",
-"bottom left", "bottom right"); no two shapes of an image share both colour and kind, so every question
-below has exactly one right answer. Question types, all answerable from the pixels alone:
+differ) with 1 to 4 copies of ONE coloured shape, each centred in its own cell of a 2x2 grid ("top left",
+"top right", "bottom left", "bottom right"). Question types, all answerable from the pixels alone and
+worded so that neither the question nor an earlier turn gives an answer away:
 
-    count     "How many shapes are there?"                 -> "3"
-    color     "What color is the shape in the top left?"  -> "red"   (or "What color is the circle?")
-    shape     "What shape is in the bottom right?"         -> "triangle"
-    position  "Where is the blue square?"                   -> "top right"
-    describe  "Describe the image."                         -> "There are 2 shapes: a red circle in the ..."
+    count     "How many shapes are there?"   -> "3"
+    color     "What color are the shapes?"   -> "red"
+    shape     "What shape are they?"         -> "triangle"
+    position  "Where are the shapes?"        -> "top left and bottom right"
+    describe  "Describe the image."          -> "There are 2 red circles in the top left and bottom right."
     text      "What is 3 plus 4?" (no image, 1 to 5 each)   -> "7"
 
 Short-answer questions carry LLaVA-1.5's response-format prompt ("Answer the question using a single word
@@ -58,7 +58,7 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell ind
 # (width, height): deliberately non-square, wide and tall, so padding to a square moves the content.
 DEFAULT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((96, 64), (64, 112), (80, 80), (112, 72), (72, 96))
 QUESTION_TYPES = ("count", "color", "shape", "position", "describe", "text")
-FORMAT_VERSION = 2  # bump when the content changes: caches of another version are rebuilt
+FORMAT_VERSION = 3  # bump when the content changes: caches of another version are rebuilt
 
 # Template words (LLaVA's vicuna_v1 system prompt, roles, and its v0 variant), in the tokenizer's corpus
 # so that no template ever meets <unk>.
@@ -115,22 +115,20 @@ def _paths(root: Path) -> DemoPaths:
 
 
 def draw_scene(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, list[Shape]]:
-    """One image of `size` (W, H) with 1-4 shapes in distinct grid cells, distinct (colour, kind) pairs."""
+    """One image of `size` (W, H): 1-4 copies of one coloured shape, each centred in its own grid cell."""
     width, height = size
     background = rng.choice(BACKGROUNDS)
     image = Image.new("RGB", size, background)
     draw = ImageDraw.Draw(image)
-    n = rng.randint(1, 4)
-    cells = sorted(rng.sample(range(4), n))
-    pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
+    color, kind = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    cells = sorted(rng.sample(range(4), rng.randint(1, 4)))
+    cw, ch = width // 2, height // 2
+    side = int(min(cw, ch) * rng.uniform(0.7, 0.85))
     shapes = []
-    for cell, (color, kind) in zip(cells, pairs):
+    for cell in cells:
         row, col = divmod(cell, 2)
-        cx0, cy0 = col * width // 2, row * height // 2
-        cw, ch = width // 2, height // 2
-        side = int(min(cw, ch) * rng.uniform(0.6, 0.85))
-        x0 = cx0 + rng.randint(1, cw - side - 1)
-        y0 = cy0 + rng.randint(1, ch - side - 1)
+        x0 = col * cw + (cw - side) // 2
+        y0 = row * ch + (ch - side) // 2
         box = (x0, y0, x0 + side - 1, y0 + side - 1)
         fill = COLORS[color]
         if kind == "circle":
@@ -143,16 +141,33 @@ def draw_scene(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, 
     return image, shapes
 
 
+def _listing(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
+
+
+def positions(shapes: Sequence[Shape]) -> str:
+    """The occupied cells in reading order: "top left", "top left and bottom right", ..."""
+    return _listing([s.position for s in sorted(shapes, key=lambda s: s.cell)])
+
+
 def describe(shapes: Sequence[Shape]) -> str:
-    """The templated description (and stage-1 caption) of a scene, shapes in reading order."""
-    parts = [f"a {s.color} {s.kind} in the {s.position}" for s in sorted(shapes, key=lambda s: s.cell)]
-    if len(parts) == 1:
-        return f"There is 1 shape: {parts[0]}."
-    listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
-    return f"There are {len(parts)} shapes: {listed}."
+    """The templated description (and stage-1 caption) of a scene."""
+    n, s = len(shapes), shapes[0]
+    if n == 1:
+        return f"There is 1 {s.color} {s.kind} in the {positions(shapes)}."
+    return f"There are {n} {s.color} {s.kind}s in the {positions(shapes)}."
 
 
 # -------------------------------------------------------------------------------------------- questions
+
+# The questions name no attribute of the scene and read the same whatever the count, so no answer can be
+# taken from the wording of a question or from an earlier turn: each one has to be read from the pixels.
+QUESTIONS = {
+    "count": ("How many shapes are there?", "How many shapes are in the image?"),
+    "color": ("What color are the shapes?", "What is the color of the shapes?"),
+    "shape": ("What shape are they?", "Which shape is drawn?"),
+    "position": ("Where are the shapes?", "Which cells of the image hold a shape?"),
+}
 
 
 def _ask(question: str) -> str:
@@ -161,25 +176,13 @@ def _ask(question: str) -> str:
 
 def _question(rng: random.Random, qtype: str, shapes: Sequence[Shape]) -> tuple[str, str]:
     """(human text, answer) of one question of `qtype` about the scene."""
-    if qtype == "count":
-        q = rng.choice(("How many shapes are there?", "How many shapes are in the image?"))
-        return _ask(q), str(len(shapes))
     if qtype == "describe":
         return DESCRIBE_PROMPT, describe(shapes)
-    s = rng.choice(shapes)
-    if qtype == "color":
-        unique_kind = sum(t.kind == s.kind for t in shapes) == 1
-        if unique_kind and rng.random() < 0.5:
-            return _ask(f"What color is the {s.kind}?"), s.color
-        return _ask(f"What color is the shape in the {s.position}?"), s.color
-    if qtype == "shape":
-        unique_color = sum(t.color == s.color for t in shapes) == 1
-        if unique_color and rng.random() < 0.5:
-            return _ask(f"What shape is {s.color}?"), s.kind
-        return _ask(f"What shape is in the {s.position}?"), s.kind
-    if qtype == "position":
-        return _ask(f"Where is the {s.color} {s.kind}?"), s.position
-    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+    if qtype not in QUESTIONS:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+    answer = {"count": str(len(shapes)), "color": shapes[0].color, "shape": shapes[0].kind,
+              "position": positions(shapes)}[qtype]
+    return _ask(rng.choice(QUESTIONS[qtype])), answer
 
 
 def _text_question(rng: random.Random) -> tuple[str, str]:
@@ -198,8 +201,7 @@ def _conversation(turns: Sequence[tuple[str, str]], with_image: bool) -> list[di
 
 
 def _train_sample(rng: random.Random, shapes: Sequence[Shape], describe_fraction: float) -> tuple[list[dict], list[str]]:
-    n_turns = rng.randint(2, 4)
-    qtypes = [rng.choice(("count", "color", "shape", "position")) for _ in range(n_turns)]
+    qtypes = rng.sample(list(QUESTIONS), rng.randint(2, 4))
     # A description is the densest image-grounded supervision (a dozen answer tokens that depend on the
     # pixels, against one or two per short answer). It comes last, so that no short answer can be copied
     # from it instead of read from the image.
@@ -209,7 +211,7 @@ def _train_sample(rng: random.Random, shapes: Sequence[Shape], describe_fraction
 
 
 def _eval_sample(rng: random.Random, shapes: Sequence[Shape]) -> tuple[list[dict], list[str]]:
-    qtypes = ["count", "color", "shape", "position"]
+    qtypes = list(QUESTIONS)
     rng.shuffle(qtypes)
     return _conversation([_question(rng, t, shapes) for t in qtypes], True), qtypes
 
