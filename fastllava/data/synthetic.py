@@ -141,13 +141,10 @@ def draw_scene(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, 
     return image, shapes
 
 
-def _listing(words: Sequence[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
-
-
 def positions(shapes: Sequence[Shape]) -> str:
     """The occupied cells in reading order: "top left", "top left and bottom right", ..."""
-    return _listing([s.position for s in sorted(shapes, key=lambda s: s.cell)])
+    words = [s.position for s in sorted(shapes, key=lambda s: s.cell)]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
 
 
 def describe(shapes: Sequence[Shape]) -> str:
