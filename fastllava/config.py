@@ -47,6 +47,14 @@ class ModelConfig:
     projector_type: str = "mlp2x_gelu"
     projector_weights: Optional[str] = None
     vision_feature_layer: int = -2
+    # source=scratch only: CLIP-style contrastive pretraining of the new vision tower on image-caption pairs
+    # before LLaVA training (fastllava/train/contrastive.py), standing in for the pretrained CLIP that the
+    # paper starts from. 0 = off. Captions: vision_pretrain_data (LLaVA format), else the synthetic
+    # demo's own caption file.
+    vision_pretrain_steps: int = 0
+    vision_pretrain_batch: int = 128
+    vision_pretrain_lr: float = 2e-3
+    vision_pretrain_data: Optional[str] = None
     # Tokenizer directory; defaults to llm_path / pretrained_path. The scratch demo builds one in code.
     tokenizer_path: Optional[str] = None
     attention_backend: Backend = "auto"
@@ -63,6 +71,12 @@ class ModelConfig:
         missing = [f"model.{k}" for k in needs if getattr(self, k) is None]
         if missing:
             raise ValueError(f"model.source={self.source!r} needs {', '.join(missing)} to be set")
+        if self.vision_pretrain_steps < 0 or self.vision_pretrain_batch < 2 or self.vision_pretrain_lr <= 0:
+            raise ValueError(f"model.vision_pretrain_*: need steps >= 0, batch >= 2 and lr > 0; got steps="
+                             f"{self.vision_pretrain_steps}, batch={self.vision_pretrain_batch}, lr={self.vision_pretrain_lr}")
+        if self.vision_pretrain_steps and self.source != "scratch":
+            raise ValueError(f"model.vision_pretrain_steps={self.vision_pretrain_steps} pretrains a vision tower made "
+                             f"from scratch; model.source={self.source!r} already brings a trained one")
         if not PROJECTOR_PATTERN.match(self.projector_type):
             raise ValueError(f"model.projector_type: {self.projector_type!r} is not one of 'linear', 'mlp2x_gelu', 'mlpNx_gelu'")
 

@@ -1,7 +1,7 @@
 """Sequence-packed (varlen) attention: causal inside each sample, never across samples.
 
-FlashAttention-2 over `cu_seqlens` in Triton (forward, backward, GQA/MQA), a torch reference, and the
-dispatch to the other backends (torch's `varlen_attn`, flash-attn). Algorithm, block sizes and the
+FlashAttention-2 over `cu_seqlens` in Triton (forward, backward, GQA/MQA), a per-sample torch reference
+(the tests' oracle), a padded one-call torch path (the CPU backend), and the dispatch to the other backends (torch's `varlen_attn`, flash-attn). Algorithm, block sizes and the
 determinism choice are explained in docs/kernels-attention.md.
 
 Shapes: T packed tokens, B samples, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim.
@@ -550,6 +550,31 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, *, causal=True, 
     return out
 
 
+def _padded_sdpa(q, k, v, cu_seqlens, causal, softmax_scale):
+    """The `torch` backend: the samples padded into one (B, H, L, D) batch and ONE scaled_dot_product_attention
+    call (on CPU its flash kernel), instead of the reference's call per sample, whose per-call overhead
+    dominated the CPU demo's step. Padding sits at the end of each sample, so with `causal` a real query
+    never sees a padded key and is_causal alone is exact; without it a key mask hides the padding.
+    Padded query rows are computed and dropped."""
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    lens = lens[lens > 0]  # an empty sample has no token to place
+    if lens.numel() == 0:
+        return q.new_empty(q.shape)
+    B, L = lens.numel(), int(lens.max())
+    slot = torch.arange(L, device=q.device)
+    valid_BL = slot < lens[:, None]
+    rows = (torch.arange(B, device=q.device)[:, None] * L + slot)[valid_BL]  # padded row of each token, in order
+
+    def pad(x_THD):  # (T, H, D) -> (B, H, L, D), differentiable
+        x = x_THD.new_zeros(B * L, *x_THD.shape[1:]).index_copy(0, rows, x_THD)
+        return x.view(B, L, *x_THD.shape[1:]).transpose(1, 2)
+
+    mask = None if causal else valid_BL[:, None, None, :]
+    o_BHLD = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
+                                            scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+    return o_BHLD.transpose(1, 2).reshape(B * L, *q.shape[1:]).index_select(0, rows)
+
+
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     """torch.nn.attention.varlen.varlen_attn across its API changes (2.10: is_causal; 2.11+: window_size)."""
     try:
@@ -609,7 +634,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
         raise ValueError(f"varlen_attention: backend={which!r} runs on CUDA tensors only; got {q.device} "
                          f"(use backend='torch' or 'auto' on CPU)")
     if which == "torch":
-        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+        return _padded_sdpa(q, k, v, cu_seqlens, causal, softmax_scale)
     if which == "triton":
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         return _VarlenAttentionFn.apply(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale))

@@ -35,12 +35,16 @@ def resolve_data(cfg: Config, env: DistEnv) -> dict:
         paths = demo_paths(cfg, env)
         train_json = paths.pretrain_json if cfg.train.stage == "align" else paths.train_json
         return {"data_path": str(train_json), "image_folder": str(paths.image_folder),
-                "tokenizer": str(paths.tokenizer_dir), "eval_json": str(paths.eval_json)}
+                "tokenizer": str(paths.tokenizer_dir), "eval_json": str(paths.eval_json),
+                "captions": cfg.model.vision_pretrain_data or str(paths.pretrain_json)}
     tokenizer = cfg.model.tokenizer_path or cfg.model.llm_path or cfg.model.pretrained_path
     if tokenizer is None:
         raise ValueError("set model.tokenizer_path (no LLM or pretrained directory to take the tokenizer from)")
+    if cfg.model.vision_pretrain_steps and not cfg.model.vision_pretrain_data:
+        raise ValueError("model.vision_pretrain_steps > 0 needs model.vision_pretrain_data (a LLaVA-format caption "
+                         "file) unless data.kind is synthetic")
     return {"data_path": cfg.data.data_path, "image_folder": cfg.data.image_folder, "tokenizer": tokenizer,
-            "eval_json": None}
+            "eval_json": None, "captions": cfg.model.vision_pretrain_data}
 
 
 def build_tokenizer(cfg: Config, tokenizer_dir: str):

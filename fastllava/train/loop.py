@@ -89,6 +89,9 @@ def train(cfg: Config, *, model=None, dataset=None, tokenizer=None, env: DistEnv
             ids = prepare_tokenizer(tokenizer)
         if model is None:
             model = build.build_model(cfg, ids)
+            if cfg.model.vision_pretrain_steps:
+                from .contrastive import pretrained_tower
+                pretrained_tower(cfg, model, data, tokenizer, env)
         if dataset is None:
             dataset = build.build_dataset(cfg, data, tokenizer, model.config)
     mcfg = model.config

@@ -24,6 +24,8 @@ BASE = ["model.source=scratch", "model.architecture={}", "data.kind=synthetic"]
     (["train.stage=align", "train.unfreeze_vision=true"], "unfreeze_vision=true is a stage-2 option"),
     (["data.max_tokens_per_pack=100"], "must be >= data.model_max_length"),
     (["lr"], "expected section.key=value"),
+    (["model.vision_pretrain_steps=-1"], "model.vision_pretrain_*: need steps >= 0, batch >= 2 and lr > 0"),
+    (["model.vision_pretrain_batch=1"], "model.vision_pretrain_*: need steps >= 0, batch >= 2 and lr > 0"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ValueError) as e:
@@ -36,6 +38,12 @@ def test_missing_sources_are_named():
         load_config(None, ["data.kind=synthetic"])
     with pytest.raises(ValueError, match="data.kind='llava' needs data.data_path"):
         load_config(None, ["model.source=scratch", "model.architecture={}"])
+
+
+def test_vision_pretraining_is_for_scratch_towers():
+    with pytest.raises(ValueError, match="model.source='pretrained' already brings a trained one"):
+        load_config(None, ["model.source=pretrained", "model.pretrained_path=x", "data.kind=synthetic",
+                           "model.vision_pretrain_steps=10"])
 
 
 def test_overrides_are_typed():

@@ -1,6 +1,8 @@
 """The loop's semantics: stage 1 trains exactly the projector; the step's loss and gradient do not depend
 on how the samples are packed; the FLOP model matches torch's own FLOP counter."""
 
+import importlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,6 +13,8 @@ from fastllava.train.loop import train
 from fastllava.train.metrics import FlopModel, pack_stats
 
 from train_tiny import ToyDataset, tiny_config, tiny_model
+
+va = importlib.import_module("fastllava.ops.varlen_attention")
 
 
 def _full(t):
@@ -84,9 +88,13 @@ def test_step_independent_of_pack_budget(tmp_path):
 
 
 @pytest.mark.parametrize("stage, unfreeze", [("finetune", False), ("align", False), ("finetune", True)])
-def test_flop_model_matches_torch_counter(stage, unfreeze):
+def test_flop_model_matches_torch_counter(stage, unfreeze, monkeypatch):
     """torch's FlopCounterMode over one forward + backward: LLM matmuls 6 N per token with weight
     gradients, 4 N when frozen; the vision tower's forward only, unless it trains."""
+    # Attention through the per-sample reference, whose matmuls see exactly sum(len^2) scores (the CPU
+    # path pads samples to the longest, which the analytic count rightly ignores).
+    monkeypatch.setattr(va, "_padded_sdpa", lambda q, k, v, cu, causal, scale: va.varlen_attention_reference(
+        q, k, v, cu, 0, causal=causal, softmax_scale=scale))
     model = tiny_model()
     set_trainable(model, stage, unfreeze_vision=unfreeze)
     batch = PackedBatch.from_samples([ToyDataset(6)[i] for i in range(1, 5)], image_token_id=299, num_image_tokens=4)

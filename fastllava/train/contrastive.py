@@ -1,0 +1,174 @@
+"""CLIP-style contrastive pretraining of a vision tower that starts from random weights.
+
+LLaVA never trains its vision tower from nothing: it takes OpenAI's CLIP, trained contrastively to
+match images with their captions, and keeps it frozen. A from-scratch model (the embedded demo, where
+nothing can be downloaded) needs a stand-in, and the LLM's answer loss is a poor one: it shapes the
+tower only toward what the decoder already reads, so salient attributes (colour, count) crowd out
+subtler ones (shape), which stayed at chance for 700+ steps (docs/demo.md, "Tuning notes"). A few
+hundred contrastive steps on the captions give every attribute a caption names its own direction.
+
+The recipe is CLIP's, scaled down: the image side is the mean of the tower's selected-layer patch
+features (what LLaVA reads), linearly projected; the text side is a bag of token embeddings (mean),
+enough for captions whose words carry the content; both L2-normalized, a learnable temperature
+(initialized to 1/0.07, capped at 100) and the symmetric cross-entropy over the batch. Captions that
+repeat inside a batch are all positives of one another (a small synthetic set repeats captions).
+
+The images are decoded once and held in memory as fp16: this is for the small image sets of a demo
+or a test, not a CLIP trainer for LAION.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_IMAGE_BYTES = 8 << 30
+
+
+@dataclass
+class CaptionedImages:
+    pixels: torch.Tensor  # (N, 3, S, S) fp16, preprocessed as LLaVA's data pipeline does
+    token_ids: list[torch.Tensor]  # caption of image i, tokenized (no special tokens)
+    caption_ids: torch.Tensor  # (N,) int64: equal ids <=> identical captions
+    skipped_text_only: int
+
+
+def load_captioned_images(data_path: str, image_folder: str, tokenizer, *, image_mode: str,
+                          image_size: int) -> CaptionedImages:
+    """Image-caption pairs from a LLaVA-format file (LCS-558K style: the gpt turns are the caption)."""
+    from ..data.files import image_list, load_records
+    from ..data.images import load_images
+
+    records = load_records(data_path, verbose=False)
+    paths, captions, skipped = [], [], 0
+    for i in range(len(records)):
+        entry = records[i]
+        images = image_list(entry)
+        if not images:
+            skipped += 1
+            continue
+        if len(images) != 1:
+            raise ValueError(f"{data_path}: sample {records.ids[i]!r} has {len(images)} images; contrastive "
+                             f"pretraining pairs one image with one caption")
+        caption = " ".join(t["value"] for t in entry["conversations"] if t["from"] == "gpt").strip()
+        if not caption:
+            raise ValueError(f"{data_path}: sample {records.ids[i]!r} has an image but no gpt turn to use as caption")
+        paths.append(os.path.join(image_folder, images[0]))
+        captions.append(caption)
+    if not paths:
+        raise ValueError(f"{data_path}: no sample with an image, nothing to pretrain the vision tower on")
+    need = len(paths) * 3 * image_size * image_size * 2
+    if need > MAX_IMAGE_BYTES:
+        raise ValueError(f"{data_path}: {len(paths):,} images at {image_size}px need {need / 2**30:.1f} GiB in memory "
+                         f"(limit {MAX_IMAGE_BYTES / 2**30:.0f} GiB); contrastive pretraining is for small image sets")
+    pixels = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.float16)
+    chunk = 512
+    for start in range(0, len(paths), chunk):
+        pixels[start:start + chunk] = load_images(paths[start:start + chunk], mode=image_mode, size=image_size)
+    ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+    index: dict[str, int] = {}
+    caption_ids = torch.tensor([index.setdefault(c, len(index)) for c in captions])
+    return CaptionedImages(pixels, [torch.tensor(x, dtype=torch.long) for x in ids], caption_ids, skipped)
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     caption_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of L2-normalized (B, E) embeddings; same caption id = positive pair."""
+    logits = logit_scale.exp().clamp(max=100.0) * image_emb @ text_emb.T
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    target = same / same.sum(1, keepdim=True)  # symmetric, so it serves both directions
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def pretrain_vision_tower(tower: nn.Module, data: CaptionedImages, vocab_size: int, *, steps: int,
+                          batch_size: int, lr: float, seed: int, show_progress: bool = True) -> list[float]:
+    """Train `tower` in place; returns the loss of every step. Constant learning rate (AdamW, no decay)."""
+    width = tower.embeddings.patch_embedding.out_channels
+    g = torch.Generator().manual_seed(seed)
+    text = nn.EmbeddingBag(vocab_size, width, mode="mean")
+    head = nn.Linear(width, width, bias=False)
+    with torch.no_grad():
+        text.weight.normal_(0.0, 0.02, generator=g)
+        head.weight.normal_(0.0, width ** -0.5, generator=g)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*tower.parameters(), *text.parameters(), *head.parameters(), logit_scale]
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = len(data.caption_ids)
+    losses = []
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc="vision pretraining (contrastive)", unit="step", dynamic_ncols=True)
+    tower.train()
+    for _ in range(steps):
+        idx = torch.randint(n, (batch_size,), generator=g)
+        image_emb = F.normalize(head(tower(data.pixels[idx].float()).mean(1)), dim=-1)
+        toks = [data.token_ids[i] for i in idx.tolist()]
+        offsets = torch.tensor([0] + [len(t) for t in toks[:-1]]).cumsum(0)
+        text_emb = F.normalize(text(torch.cat(toks), offsets), dim=-1)
+        loss = contrastive_loss(image_emb, text_emb, logit_scale, data.caption_ids[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return losses
+
+
+def pretrained_tower(cfg, model, data: dict, tokenizer, env) -> None:
+    """Contrastively pretrain `model.vision_tower` as configured (model.vision_pretrain_*), once: rank 0
+    trains and writes output_dir/vision_tower_contrastive.safetensors, every rank loads it. A file left by
+    an earlier run with the same settings is reused (a resumed run, or a rerun, does not train it again)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .distributed import barrier
+
+    m = cfg.model
+    settings = {"steps": m.vision_pretrain_steps, "batch": m.vision_pretrain_batch, "lr": m.vision_pretrain_lr,
+                "seed": m.init_seed, "data": os.path.abspath(data["captions"]),
+                "data_stat": (os.path.getsize(data["captions"]), os.path.getmtime(data["captions"])),
+                "image_mode": cfg.data.image_mode,
+                "vision": repr(model.config.vision), "feature_layer": model.config.vision_feature_layer}
+    meta = {k: str(v) for k, v in settings.items()}
+    path = Path(cfg.train.output_dir) / "vision_tower_contrastive.safetensors"
+
+    def reusable() -> bool:
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() == meta
+
+    if env.is_main and not reusable():
+        t0 = time.perf_counter()
+        pairs = load_captioned_images(data["captions"], data["image_folder"], tokenizer,
+                                      image_mode=cfg.data.image_mode, image_size=model.config.vision.image_size)
+        losses = pretrain_vision_tower(model.vision_tower, pairs, len(tokenizer), steps=m.vision_pretrain_steps,
+                                       batch_size=m.vision_pretrain_batch, lr=m.vision_pretrain_lr,
+                                       seed=m.init_seed, show_progress=cfg.logging.progress)
+        print(f"vision pretraining: {len(pairs.caption_ids):,} captioned images ({pairs.skipped_text_only} text-only "
+              f"skipped), {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous() for k, v in model.vision_tower.state_dict().items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    barrier()
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model.vision_tower.load_state_dict(state)
+    if env.is_main:
+        print(f"vision tower: contrastively pretrained weights from {path}", flush=True)
