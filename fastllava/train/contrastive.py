@@ -128,7 +128,7 @@ def pretrain_vision_tower(tower: nn.Module, data: CaptionedImages, vocab_size: i
     return losses
 
 
-def pretrained_tower(cfg, model, data: dict, tokenizer, env) -> None:
+def load_or_pretrain_tower(cfg, model, data: dict, tokenizer, env) -> None:
     """Contrastively pretrain `model.vision_tower` as configured (model.vision_pretrain_*), once: rank 0
     trains and writes output_dir/vision_tower_contrastive.safetensors, every rank loads it. A file left by
     an earlier run with the same settings is reused (a resumed run, or a rerun, does not train it again)."""
@@ -156,9 +156,15 @@ def pretrained_tower(cfg, model, data: dict, tokenizer, env) -> None:
         t0 = time.perf_counter()
         pairs = load_captioned_images(data["captions"], data["image_folder"], tokenizer,
                                       image_mode=cfg.data.image_mode, image_size=model.config.vision.image_size)
-        losses = pretrain_vision_tower(model.vision_tower, pairs, len(tokenizer), steps=m.vision_pretrain_steps,
-                                       batch_size=m.vision_pretrain_batch, lr=m.vision_pretrain_lr,
-                                       seed=m.init_seed, show_progress=cfg.logging.progress)
+        # The other local ranks wait at the barrier below: their CPU threads are free meanwhile.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(os.cpu_count() or 1, threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        try:
+            losses = pretrain_vision_tower(model.vision_tower, pairs, len(tokenizer), steps=m.vision_pretrain_steps,
+                                           batch_size=m.vision_pretrain_batch, lr=m.vision_pretrain_lr,
+                                           seed=m.init_seed, show_progress=cfg.logging.progress)
+        finally:
+            torch.set_num_threads(threads)
         print(f"vision pretraining: {len(pairs.caption_ids):,} captioned images ({pairs.skipped_text_only} text-only "
               f"skipped), {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -90,8 +90,8 @@ def train(cfg: Config, *, model=None, dataset=None, tokenizer=None, env: DistEnv
         if model is None:
             model = build.build_model(cfg, ids)
             if cfg.model.vision_pretrain_steps:
-                from .contrastive import pretrained_tower
-                pretrained_tower(cfg, model, data, tokenizer, env)
+                from .contrastive import load_or_pretrain_tower
+                load_or_pretrain_tower(cfg, model, data, tokenizer, env)
         if dataset is None:
             dataset = build.build_dataset(cfg, data, tokenizer, model.config)
     mcfg = model.config

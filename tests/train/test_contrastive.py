@@ -101,18 +101,18 @@ def test_tower_is_trained_once_then_reused(demo, tmp_path, monkeypatch):
 
     first = tiny_llava(len(tok))
     init = {k: v.clone() for k, v in first.vision_tower.state_dict().items()}
-    contrastive.pretrained_tower(cfg, first, data, tok, env)
+    contrastive.load_or_pretrain_tower(cfg, first, data, tok, env)
     assert len(calls) == 1 and (tmp_path / "vision_tower_contrastive.safetensors").is_file()
     assert not torch.equal(first.vision_tower.embeddings.patch_embedding.weight, init["embeddings.patch_embedding.weight"])
 
     second = tiny_llava(len(tok))  # same settings: loaded from the file, bit for bit, no training
-    contrastive.pretrained_tower(cfg, second, data, tok, env)
+    contrastive.load_or_pretrain_tower(cfg, second, data, tok, env)
     assert len(calls) == 1
     for k, v in first.vision_tower.state_dict().items():
         assert torch.equal(v, second.vision_tower.state_dict()[k]), k
 
     cfg.model.vision_pretrain_steps = 4  # other settings: trained again
-    contrastive.pretrained_tower(cfg, tiny_llava(len(tok)), data, tok, env)
+    contrastive.load_or_pretrain_tower(cfg, tiny_llava(len(tok)), data, tok, env)
     assert len(calls) == 2
 
 
