@@ -1,8 +1,9 @@
 """Sequence-packed (varlen) attention: causal inside each sample, never across samples.
 
 FlashAttention-2 over `cu_seqlens` in Triton (forward, backward, GQA/MQA), a per-sample torch reference
-(the tests' oracle), a padded one-call torch path (the CPU backend), and the dispatch to the other backends (torch's `varlen_attn`, flash-attn). Algorithm, block sizes and the
-determinism choice are explained in docs/kernels-attention.md.
+(the tests' oracle), a padded one-call torch path (the CPU backend), and the dispatch to the other
+backends (torch's `varlen_attn`, flash-attn). Algorithm, block sizes and the determinism choice are
+explained in docs/kernels-attention.md.
 
 Shapes: T packed tokens, B samples, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim.
 Suffixes: q_THD is (T, Hq, D), lse_HT is (Hq, T).

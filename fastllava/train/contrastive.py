@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MAX_IMAGE_BYTES = 8 << 30
+MAX_IMAGE_BYTES = 8 << 30  # the decoded fp16 images held in memory; beyond this, this is the wrong tool
 
 
 @dataclass
@@ -46,6 +46,9 @@ def load_captioned_images(data_path: str, image_folder: str, tokenizer, *, image
     from ..data.files import image_list, load_records
     from ..data.images import load_images
 
+    if image_folder is None:
+        raise ValueError(f"contrastive pretraining on {data_path}: no image folder to read its images from "
+                         f"(set data.image_folder)")
     records = load_records(data_path, verbose=False)
     paths, captions, skipped = [], [], 0
     for i in range(len(records)):
