@@ -1,7 +1,8 @@
-"""Builds csrc/ through CMake into the extension module fastllava._packing.
+"""Builds csrc/ through the top-level CMakeLists.txt into the extension module fastllava._packing.
 
-Metadata lives in pyproject.toml; this file only adds the CMake-driven extension. cmake comes from
-the `cmake` PyPI package (a build requirement) or, failing that, from PATH.
+Metadata lives in pyproject.toml; this file only adds the CMake-driven extension. cmake and ninja come
+from their PyPI packages (build requirements) or, failing that, from PATH; without ninja CMake's default
+generator builds it.
 """
 
 import os
@@ -22,19 +23,16 @@ class CMakeExtension(Extension):
         self.source_dir = source_dir
 
 
-def _cmake_executable() -> str:
+def _tool(name: str) -> str | None:
+    """The binary of the PyPI package `name` (cmake and ninja ship their own), else one on PATH."""
     try:
-        import cmake  # the PyPI package ships its own binary
-
-        candidate = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        module = __import__(name)
+        candidate = Path(getattr(module, f"{name.upper()}_BIN_DIR", getattr(module, "BIN_DIR", ""))) / name
         if candidate.exists():
             return str(candidate)
     except ImportError:
         pass
-    found = shutil.which("cmake")
-    if found is None:
-        raise RuntimeError("building fastllava._packing needs cmake >= 3.18: pip install cmake")
-    return found
+    return shutil.which(name)
 
 
 class CMakeBuild(build_ext):
@@ -46,10 +44,15 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
-        cmake = _cmake_executable()
+        cmake = _tool("cmake")
+        if cmake is None:
+            raise RuntimeError("building fastllava._packing needs cmake >= 3.18: pip install cmake")
+        ninja = _tool("ninja")
+        generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
         configure = [
             cmake,
             str(ext.source_dir),
+            *generator,
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DFASTLLAVA_OUTPUT_DIR={out_dir}",
@@ -61,6 +64,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("fastllava._packing", ROOT / "csrc")],
+    ext_modules=[CMakeExtension("fastllava._packing", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastllava.data import images as I
+from fastllava.data import images
 
 
 def make_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
@@ -58,14 +58,14 @@ def main():
         paths = make_jpegs(Path(tmp), args.n, args.width, args.height)
         batches = [paths[i : i + args.batch] for i in range(0, len(paths), args.batch)]
         results = {}
-        results["pillow, 1 thread"] = rate(lambda: [I.load_image(p, "pad", args.size, backend="pil") for p in paths], len(paths))
-        if I.HAS_DALI:
+        results["pillow, 1 thread"] = rate(lambda: [images.load_image(p, "pad", args.size, backend="pil") for p in paths], len(paths))
+        if images.HAS_DALI:
             if cuda:
                 results["dali mixed (GPU decode)"] = rate(
-                    lambda: [I.load_images(b, "pad", args.size, backend="dali", num_threads=1) for b in batches], len(paths))
+                    lambda: [images.load_images(b, "pad", args.size, backend="dali", num_threads=1) for b in batches], len(paths))
             else:
                 results["dali cpu, 1 thread"] = rate(
-                    lambda: [I.load_images(b, "pad", args.size, backend="dali", num_threads=1) for b in batches], len(paths))
+                    lambda: [images.load_images(b, "pad", args.size, backend="dali", num_threads=1) for b in batches], len(paths))
         else:
             print("nvidia.dali not installed: DALI not measured (pip install nvidia-dali-cuda120)")
     print(f"\n{args.n} JPEGs {args.width}x{args.height} -> {args.size} px, mode pad, batch {args.batch}")

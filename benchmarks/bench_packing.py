@@ -20,55 +20,18 @@ import time
 import numpy as np
 import torch
 
-from fastllava.data import packing as P
+from fastllava.data import packing
 
-try:
-    from fastllava.data.profile import sample_lengths
-except ImportError as e:  # written by the dataset work; the benchmark needs its modelled profile
-    raise SystemExit(f"bench_packing needs fastllava.data.profile.sample_lengths ({e})")
+from fastllava.data.profile import sample_lengths
+from fastllava.data.reference_sampler import reference_batches
 
 
-def reference_batches(lengths: np.ndarray, has_image: np.ndarray, world: int, per_device: int, seed: int):
-    """LLaVA's modality-length-grouped order cut into per-device batches: list of steps, each a list
-    of `world` batches (sample index lists). Written from the reference's description."""
-    gen = torch.Generator().manual_seed(seed)
-    mega = world * per_device
-
-    def grouped(indices: np.ndarray) -> list[list[int]]:
-        perm = indices[torch.randperm(len(indices), generator=gen).numpy()]
-        megabatches = []
-        for start in range(0, len(perm), mega):
-            chunk = sorted(perm[start : start + mega].tolist(), key=lambda i: -lengths[i])
-            megabatches.append(_even_chunks(chunk, lengths, world))
-        return megabatches
-
-    mm, lang = grouped(np.flatnonzero(has_image)), grouped(np.flatnonzero(~has_image))
-    # the two partial last megabatches are merged and go last; the full ones are shuffled
-    tail = [i for b in mm[-1] + lang[-1] for i in b]
-    full = mm[:-1] + lang[:-1]
-    order = torch.randperm(len(full), generator=gen).tolist()
-    steps = [full[k] for k in order]
-    if tail:
-        tail = sorted(tail)
-        steps.append([tail[r * per_device : (r + 1) * per_device] for r in range(world)])
-    return steps
-
-
-def _even_chunks(indices: list[int], lengths: np.ndarray, n: int) -> list[list[int]]:
-    if len(indices) % n:
-        return [indices[r::n] for r in range(n)]
-    cap = len(indices) // n
-    chunks, totals = [[] for _ in range(n)], [0.0] * n
-    for i in indices:
-        r = totals.index(min(totals))
-        chunks[r].append(i)
-        totals[r] = float("inf") if len(chunks[r]) == cap else totals[r] + lengths[i]
-    return chunks
-
-
-def reference_efficiency(steps, lengths) -> dict:
+def reference_efficiency(lengths, has_image, world: int, per_device: int) -> dict:
+    """Padding and rank waiting of LLaVA's batching (fastllava.data.reference_sampler): the per-device batches
+    of one step are `world` consecutive ones."""
+    batches = [b.tolist() for b in reference_batches(lengths, has_image, batch_size=per_device, world_size=world)]
     real = padded = waited = 0
-    for step in steps:
+    for step in (batches[i : i + world] for i in range(0, len(batches), world)):
         per_rank = [len(b) * int(lengths[b].max()) if b else 0 for b in step]
         real += sum(int(lengths[b].sum()) for b in step if b)
         padded += sum(per_rank)
@@ -99,14 +62,14 @@ def main():
     print(f"profile {args.profile}: {len(lengths)} samples, {has_image.mean():.1%} with image, "
           f"mean {lengths.mean():.0f} / max {lengths.max()} tokens")
 
-    ref = reference_efficiency(reference_batches(lengths, has_image, args.world, args.per_device, 0), lengths)
+    ref = reference_efficiency(lengths, has_image, args.world, args.per_device)
     print(f"\nreference ({args.world} ranks x batch {args.per_device}, padded): real/computed "
           f"{ref['padding_efficiency']:.1%}, with rank waiting {ref['effective_efficiency']:.1%}")
 
     print(f"\nsteps of {args.global_batch} samples over {args.world} ranks (varlen, no padding):")
     print(f"{'max_tokens':>10} {'M mean':>7} {'balance':>8} {'min':>6} {'micro-bal':>9} {'effective':>9} {'fill':>6}")
     for max_tokens in (4096, 8192, 16384, 32768):
-        s = P.plan_stats(P.plan_steps(lengths, args.global_batch, max_tokens, args.world, seed=0))
+        s = packing.plan_stats(packing.plan_steps(lengths, args.global_batch, max_tokens, args.world, seed=0))
         print(f"{max_tokens:>10} {s['micro_steps_mean']:>7.2f} {s['balance_mean']:>8.4f} {s['balance_min']:>6.3f} "
               f"{s['micro_balance_mean']:>9.4f} {s['effective_efficiency']:>9.2%} {s['fill_ratio']:>6.1%}")
 
@@ -114,22 +77,22 @@ def main():
     print(f"{'max_tokens':>10} {'buffer':>8} {'packs':>7} {'fill':>7} {'micro-bal':>9}")
     for max_tokens in (4096, 16384):
         for buffer in (2048, 16384, len(lengths)):
-            packs = P.plan_packs(lengths, max_tokens, args.world, seed=0, shuffle_buffer=buffer)
+            packs = packing.plan_packs(lengths, max_tokens, args.world, seed=0, shuffle_buffer=buffer)
             loads = np.array([lengths[p].sum() for p in packs]).reshape(-1, args.world)
             bal = np.mean(loads.mean(1) / loads.max(1))
             print(f"{max_tokens:>10} {buffer:>8} {len(packs):>7} {loads.sum() / (loads.size * max_tokens):>7.2%} {bal:>9.4f}")
 
     print(f"\nplanner speed, {len(lengths)} samples, global batch {args.global_batch}, {args.world} ranks, 16384 tokens:")
-    if P._packing is not None:
-        t_core, _ = _time(lambda: P._packing.plan_epoch(lengths, args.global_batch, args.world, 16384, 0, 0))
-        t_steps, _ = _time(lambda: P.plan_steps(lengths, args.global_batch, 16384, args.world, backend="cpp"))
-        t_packs, _ = _time(lambda: P.plan_packs(lengths, 16384, args.world, shuffle_buffer=16384, backend="cpp"))
+    if packing._packing is not None:
+        t_core, _ = _time(lambda: packing._packing.plan_epoch(lengths, args.global_batch, args.world, 16384, 0, 0))
+        t_steps, _ = _time(lambda: packing.plan_steps(lengths, args.global_batch, 16384, args.world, backend="cpp"))
+        t_packs, _ = _time(lambda: packing.plan_packs(lengths, 16384, args.world, shuffle_buffer=16384, backend="cpp"))
         print(f"  C++ core {t_core * 1e3:.0f} ms; plan_steps (with StepPlan objects) {t_steps * 1e3:.0f} ms; "
               f"plan_packs {t_packs * 1e3:.0f} ms")
     else:
         print("  C++ extension not built (pip install -e .)")
     if not args.skip_python:
-        t_py, _ = _time(lambda: P._plan_epoch_py(lengths, args.global_batch, args.world, 16384, 0, 0), repeat=1)
+        t_py, _ = _time(lambda: packing._plan_epoch_py(lengths, args.global_batch, args.world, 16384, 0, 0), repeat=1)
         print(f"  Python reference core {t_py * 1e3:.0f} ms")
 
 

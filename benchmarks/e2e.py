@@ -26,7 +26,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,12 @@ import torch
 from fastllava import Llava, LlavaConfig, PackedBatch
 from fastllava.data.packing import plan_steps
 from fastllava.data.profile import sample_lengths
-from fastllava.data.stats import reference_batches
-from fastllava.model import TextConfig, VisionConfig
-from fastllava.train.metrics import FlopModel, device_peak_tflops
+from fastllava.data.reference_sampler import reference_batches
+from fastllava.flops import FlopModel
+from fastllava.hardware import peak_tflops
+from fastllava.plan import recipe_config
+from fastllava.testing import tiny_config
+from fastllava.train.freeze import set_trainable
 
 IMAGE_TOKEN = 3
 PAD = 0
@@ -54,15 +57,14 @@ class Shape:
 
 def make_shape(name: str, layers: int | None) -> Shape:
     if name == "tiny":
-        vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=56, patch_size=14)
-        text = TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers or 2,
-                          num_attention_heads=4, num_key_value_heads=4)
-        return Shape(LlavaConfig(vision=vision, text=text, image_token_id=IMAGE_TOKEN), 256, 1024, 16)
+        config = tiny_config(vision=dict(hidden_size=64, intermediate_size=128, image_size=56),
+                             text=dict(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                       num_hidden_layers=layers or 2), image_token_id=IMAGE_TOKEN)
+        return Shape(config, 256, 1024, 16)
     if name == "7b":
-        text = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 4,
-                          num_attention_heads=32, num_key_value_heads=32)
-        return Shape(LlavaConfig(vision=VisionConfig(), text=text, image_token_id=IMAGE_TOKEN), 2048, 16384, 128)
+        config = recipe_config("llava-1.5-7b")
+        text = replace(config.text, num_hidden_layers=layers or 4)
+        return Shape(replace(config, text=text, image_token_id=IMAGE_TOKEN), 2048, 16384, 128)
     raise ValueError(f"unknown shape {name!r}: tiny or 7b")
 
 
@@ -91,14 +93,9 @@ def expanded(sample: dict, n_img: int) -> PackedBatch:
     return PackedBatch.from_samples([sample], image_token_id=IMAGE_TOKEN, num_image_tokens=n_img)
 
 
-def freeze_for_stage(named_params, stage: str, is_projector, is_llm) -> list[torch.nn.Parameter]:
-    trainable = []
-    for name, p in named_params:
-        train = is_projector(name) or (stage == "finetune" and is_llm(name))
-        p.requires_grad_(train)
-        if train:
-            trainable.append(p)
-    return trainable
+# The parts of transformers' LlavaForConditionalGeneration, for fastllava's one freezing rule.
+HF_PARTS = {"projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head"),
+            "vision": ("model.vision_tower",)}
 
 
 def sync(device):
@@ -121,8 +118,8 @@ class ReferencePath:
             self.model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
-        trainable = freeze_for_stage(self.model.named_parameters(), stage, lambda n: "multi_modal_projector" in n,
-                                     lambda n: "language_model" in n or n.startswith("lm_head"))
+        set_trainable(self.model, stage, parts=HF_PARTS)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
         self.shape, self.device, self.dtype = shape, device, dtype
 
@@ -165,8 +162,8 @@ class FastllavaPath:
     def __init__(self, shape: Shape, stage: str, device: torch.device, dtype: torch.dtype):
         self.model = Llava.from_config(shape.config, dtype=dtype).to(device)
         self.model.train()
-        trainable = freeze_for_stage(self.model.named_parameters(), stage, lambda n: n.startswith("projector"),
-                                     lambda n: n.startswith(("language_model", "lm_head")))
+        set_trainable(self.model, stage)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
         self.shape, self.device = shape, device
 
@@ -245,7 +242,7 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = make_shape(args.shape or ("7b" if device.type == "cuda" else "tiny"), args.layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = device_peak_tflops(device, args.peak_tflops)
+    peak = peak_tflops(device, args.peak_tflops)
     torch.manual_seed(0)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -1,113 +1,110 @@
-"""Typed training configuration: dataclasses per component, YAML files, `key=value` overrides.
+"""Typed training configuration: dataclasses per section, YAML files, `section.key=value` overrides.
 
-A run is described by one `Config` (model source, data, optimizer, schedule, parallelism, checkpoints,
-logging). It is read from a YAML file whose top-level keys are the sections below, then patched by
-command-line overrides such as `optim.lr=2e-5 train.max_steps=10`. Every value is checked against its
-field's type; a wrong key or value raises ValueError naming the key, what was given and what is allowed.
+A run is one `Config`: where the model comes from, the data, the optimizer, the schedule, parallelism,
+checkpoints and logging. It is read from a YAML file whose top-level keys are the sections below (a file
+may start from another with `base: other.yaml`), then patched by command-line overrides such as
+`optim.lr=2e-5 train.max_steps=10`. OmegaConf checks every key and value against the dataclasses' types;
+each dataclass's `__post_init__` checks its values, and a section's `validate()` what only a complete
+configuration can show (`to_config` calls it). A wrong key or value raises ValueError naming the key,
+what was given and what is allowed.
 
-The MODEL architecture (hidden sizes, layers, backends' meaning) lives in fastllava/model/config.py;
-here `model.architecture` only carries its fields as a nested dict for from-scratch models.
+The model's own knobs (architecture, op backends) are defined once, in fastllava/model/config.py; the
+`model` section embeds those dataclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .model.config import PROJECTOR_PATTERN
+from .model.config import Backends, LlavaConfig
 
-Stage = Literal["align", "finetune"]
-Backend = Literal["auto", "torch", "triton"]
+# The LlavaConfig fields that neither a CLIP nor a LLaMA checkpoint holds: how the two connect.
+CONNECTOR_FIELDS = ("projector_type", "vision_feature_layer", "vision_feature_select")
 
 
 @dataclass
 class ModelConfig:
-    """Where the weights come from.
+    """Where the weights come from, and which op backends run them.
 
     source:
-      scratch     random init from `architecture` (LlavaConfig fields as a nested dict) and `init_seed`;
-      components  CLIP vision tower `vision_path` + LLaMA-family LLM `llm_path` + a new projector
-                  (stage 1), or the stage-1 projector `projector_weights` (stage 2);
-      pretrained  a llava-hf directory `pretrained_path` (e.g. to continue a finetune).
+      components  CLIP vision tower `vision_path` + LLaMA-family LLM `llm_path` + a new projector seeded by
+                  `init_seed` (stage 1) or the stage-1 projector `projector_weights` (stage 2). From
+                  `architecture` only the connector fields are read (projector_type, vision_feature_layer,
+                  vision_feature_select; default LLaVA-1.5's): vision and text come from the checkpoints.
+      pretrained  a llava-hf or original-LLaVA directory `pretrained_path` (e.g. to continue a finetune);
+                  the checkpoint fixes the architecture.
+      scratch     every weight random (model/init.py, `init_seed`) from the whole `architecture`.
+    The tokenizer is read from `tokenizer_path`, default `llm_path` / `pretrained_path`. image_token_id and
+    pad_token_id always come from the tokenizer.
     """
 
-    source: Literal["scratch", "components", "pretrained"] = "components"
-    architecture: Optional[dict] = None
-    init_seed: int = 0
+    source: Literal["components", "pretrained", "scratch"] = "components"
     vision_path: Optional[str] = None
     llm_path: Optional[str] = None
     pretrained_path: Optional[str] = None
-    projector_type: str = "mlp2x_gelu"
     projector_weights: Optional[str] = None
-    vision_feature_layer: int = -2
-    # source=scratch only: CLIP-style contrastive pretraining of the new vision tower on image-caption pairs
-    # before LLaVA training (fastllava/train/contrastive.py), standing in for the pretrained CLIP that the
-    # paper starts from. 0 = off. Captions: vision_pretrain_data (LLaVA format), else the synthetic
-    # demo's own caption file.
-    vision_pretrain_steps: int = 0
-    vision_pretrain_batch: int = 128
-    vision_pretrain_lr: float = 2e-3
-    vision_pretrain_data: Optional[str] = None
-    # Tokenizer directory; defaults to llm_path / pretrained_path. The scratch demo builds one in code.
     tokenizer_path: Optional[str] = None
-    attention_backend: Backend = "auto"
-    projector_backend: Backend = "auto"
-    merge_backend: Backend = "auto"
-    loss_backend: Backend = "auto"
+    init_seed: int = 0
+    architecture: Optional[LlavaConfig] = None
+    backends: Backends = field(default_factory=Backends)
 
-    def __post_init__(self):
-        needs = {
-            "scratch": ("architecture",),
-            "components": ("vision_path", "llm_path"),
-            "pretrained": ("pretrained_path",),
-        }[self.source]
+    def validate(self):
+        """What only a complete configuration can show (the defaults alone name no source)."""
+        needs = {"scratch": ("architecture",), "components": ("vision_path", "llm_path"),
+                 "pretrained": ("pretrained_path",)}[self.source]
         missing = [f"model.{k}" for k in needs if getattr(self, k) is None]
         if missing:
             raise ValueError(f"model.source={self.source!r} needs {', '.join(missing)} to be set")
-        if self.vision_pretrain_steps < 0 or self.vision_pretrain_batch < 2 or self.vision_pretrain_lr <= 0:
-            raise ValueError(f"model.vision_pretrain_*: need steps >= 0, batch >= 2 and lr > 0; got steps="
-                             f"{self.vision_pretrain_steps}, batch={self.vision_pretrain_batch}, lr={self.vision_pretrain_lr}")
-        if self.vision_pretrain_steps and self.source != "scratch":
-            raise ValueError(f"model.vision_pretrain_steps={self.vision_pretrain_steps} pretrains a vision tower made "
-                             f"from scratch; model.source={self.source!r} already brings a trained one")
-        if not PROJECTOR_PATTERN.match(self.projector_type):
-            raise ValueError(f"model.projector_type: {self.projector_type!r} is not one of 'linear', 'mlp2x_gelu', 'mlpNx_gelu'")
+        if self.source == "pretrained" and self.architecture is not None:
+            raise ValueError("model.architecture: the checkpoint at model.pretrained_path defines the architecture; "
+                             "remove model.architecture")
+        if self.source == "components" and self.architecture is not None:
+            default = LlavaConfig()
+            fixed = [f.name for f in dataclasses.fields(LlavaConfig)
+                     if f.name not in CONNECTOR_FIELDS and getattr(self.architecture, f.name) != getattr(default, f.name)]
+            if fixed:
+                raise ValueError(f"model.architecture.{fixed[0]}: with model.source='components' the vision tower and "
+                                 f"LLM come from their checkpoints and the token ids from the tokenizer; only "
+                                 f"{', '.join(CONNECTOR_FIELDS)} may be set")
+
+    def connector(self) -> dict:
+        """The connector fields for `Llava.from_components` (LLaVA-1.5's unless `architecture` sets them)."""
+        arch = self.architecture or LlavaConfig()
+        return {name: getattr(arch, name) for name in CONNECTOR_FIELDS}
 
 
 @dataclass
 class DataConfig:
-    """The dataset and how it is packed. `kind: synthetic` generates the demo dataset into `cache_dir`."""
+    """The dataset (LLaVA's JSON/JSONL files and image folder) and how it is packed."""
 
-    kind: Literal["llava", "synthetic"] = "llava"
-    data_path: Optional[str] = None  # LLaVA-format JSON
-    image_folder: Optional[str] = None
-    cache_dir: str = ".cache/fastllava"  # where `synthetic` writes its images, JSON and tokenizer
-    synthetic_size: int = 2000  # training samples of the synthetic set
-    template: Literal["plain", "vicuna_v1"] = "plain"
+    data_path: Optional[str] = None  # LLaVA-format JSON or JSONL
+    image_folder: Optional[str] = None  # root of the entries' "image" paths; None for text-only data
+    template: str = "plain"  # a conversation template of fastllava.data.templates: plain (stage 1), vicuna_v1
     image_mode: Literal["square", "pad"] = "square"
     model_max_length: int = 2048
     overlong: Literal["truncate", "reject"] = "truncate"  # samples over model_max_length
-    strict: bool = False
-    rejects_path: Optional[str] = None
+    strict: bool = False  # any rejected sample stops the run
+    rejects_path: Optional[str] = None  # default: next to the data file
     # Token budget of one micro-step pack on one rank (after image expansion). The global batch (in
     # samples) is split into ranks x micro-steps of at most this many tokens: gradient accumulation.
     max_tokens_per_pack: int = 8192
     num_workers: int = 2
-    image_backend: Literal["auto", "pil", "dali"] = "auto"
 
     def __post_init__(self):
-        if self.kind == "llava" and (self.data_path is None or self.image_folder is None):
-            raise ValueError("data.kind='llava' needs data.data_path (LLaVA JSON) and data.image_folder")
+        from .data.templates import get_template
+
+        try:
+            get_template(self.template)
+        except ValueError as e:
+            raise ValueError(f"data.template: {e}") from None
         _positive("data.model_max_length", self.model_max_length)
         _positive("data.max_tokens_per_pack", self.max_tokens_per_pack)
-        _positive("data.synthetic_size", self.synthetic_size)
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.max_tokens_per_pack < self.model_max_length:
@@ -119,17 +116,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW + schedule. No weight decay on biases and norms (the reference's parameter groups)."""
+    """AdamW and transformers' learning-rate schedules. No weight decay on biases and norms (the reference's
+    parameter groups)."""
 
     lr: float = 2e-5
     projector_lr: Optional[float] = None  # None: same as lr
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # each after a linear warmup
     warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
@@ -140,8 +137,6 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must both be in [0, 1), got {self.betas}")
 
@@ -150,13 +145,13 @@ class OptimConfig:
 class TrainConfig:
     """What is trained and for how long. One optimizer step = `global_batch_size` samples (the paper's)."""
 
-    stage: Stage = "finetune"
+    stage: Literal["align", "finetune"] = "finetune"
     unfreeze_vision: bool = False  # stage 2 only, as later LLaVA versions do
     global_batch_size: int = 128
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule then spans them)
     schedule_steps: Optional[int] = None  # schedule length if not the run's length (e.g. to stop mid-schedule)
-    seed: int = 0
+    seed: int = 0  # data order
     output_dir: str = "outputs/run"
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
@@ -201,25 +196,16 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    progress: bool = True  # tqdm bar on rank 0
-    log_every: int = 1  # steps between TensorBoard / W&B / plain-text records
+    progress: bool = True  # progress bar (a terminal) or a line every few seconds (a log file), on rank 0
+    log_every: int = 1  # steps between TensorBoard / W&B records
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "fastllava"
     run_name: Optional[str] = None
-    peak_tflops: Optional[float] = None  # override the device peak table (dense bf16 TFLOP/s)
+    peak_tflops: Optional[float] = None  # override the device's dense bf16 peak (fastllava/hardware.py)
 
     def __post_init__(self):
         _positive("logging.log_every", self.log_every)
-
-
-@dataclass
-class EvalConfig:
-    """Held-out evaluation after training (the synthetic demo's question-type accuracy)."""
-
-    enabled: bool = False
-    max_samples: Optional[int] = None
-    max_new_tokens: int = 16
 
 
 @dataclass
@@ -231,10 +217,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON-able data (lists for tuples), e.g. for checkpoints and experiment trackers."""
+        return OmegaConf.to_container(OmegaConf.structured(self))
 
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.output_dir) / "checkpoints"
@@ -246,162 +232,99 @@ def _positive(key: str, value) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building a Config from plain data, with type checks.
+# Reading: YAML + overrides -> a typed tree (merge_config) -> validated dataclasses (to_config).
 
 
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(repr(a) for a in allowed)}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        # YAML 1.1 reads "1e-3" (no dot) as a string; a float field takes it.
-        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    raise AssertionError(f"config field {key} has an unsupported annotation {tp}")
-
-
-def _build(cls, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"section '{prefix}'" if prefix else "the top level"
-        raise ValueError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; allowed: {', '.join(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key)
-        else:
-            kwargs[name] = _coerce(key, value, tp)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, patch: dict) -> dict:
-    out = dict(base)
-    for k, v in patch.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'optim.lr=2e-5' -> (['optim', 'lr'], 2e-05). The value is read as YAML (numbers, true/false, null, lists)."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r}: expected section.key=value, e.g. optim.lr=2e-5")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path):
-        raise ValueError(f"override {text!r}: empty key component")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ValueError(f"override {text!r}: cannot read the value: {e}") from None
-    return path, value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (optional), apply `key=value` overrides, validate everything."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
-        data = _resolve_base(data, path.parent)
-    for text in overrides:
-        keys, value = parse_override(text)
-        patch: dict = value
-        for k in reversed(keys):
-            patch = {k: patch}
-        data = _merge(data, patch)
-    try:
-        return _build(Config, data, "")
-    except ValueError as e:
-        where = f" (in {path}{' or the command-line overrides' if overrides else ''})" if path is not None else ""
-        raise ValueError(f"{e}{where}") from None
-
-
-def _resolve_base(data: dict, folder: Path) -> dict:
-    """A file may start from another: `base: other.yaml` (relative to the file), then patch it."""
+def _read_yaml(path: Path) -> DictConfig:
+    """A YAML file of sections; `base: other.yaml` (relative to the file) is read first and patched."""
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = OmegaConf.load(path)
+    if not isinstance(data, DictConfig):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level")
     base = data.pop("base", None)
-    if base is None:
-        return data
-    base_path = folder / base
-    if not base_path.is_file():
-        raise ValueError(f"base config {base_path} does not exist")
-    with open(base_path) as f:
-        parent = yaml.safe_load(f) or {}
-    return _merge(_resolve_base(parent, base_path.parent), data)
+    return data if base is None else OmegaConf.merge(_read_yaml(path.parent / base), data)
 
 
-def parse_args(argv: list[str], default_config: str | Path | None = None) -> Config:
-    """Command line of the recipes: `[--config FILE] [section.key=value ...]`."""
-    config_path = default_config
-    overrides = []
+def _overrides(texts) -> DictConfig:
+    for text in texts:
+        key = text.split("=", 1)[0]
+        if "=" not in text or not all(key.strip().split(".")):
+            raise ValueError(f"override {text!r}: expected section.key=value, e.g. optim.lr=2e-5")
+    return OmegaConf.from_dotlist(list(texts))
+
+
+def _explain(e: OmegaConfBaseException) -> ValueError:
+    """OmegaConf's error as one line that names the key and, for an unknown key, the allowed ones."""
+    key = getattr(e, "full_key", None)
+    if isinstance(e, ConfigKeyError) and getattr(e, "object_type", None) is not None:
+        allowed = ", ".join(f.name for f in dataclasses.fields(e.object_type))
+        section = key.rpartition(".")[0]
+        return ValueError(f"unknown key {key} in {f'section {section!r}' if section else 'the top level'}; "
+                          f"allowed: {allowed}")
+    return ValueError(f"{key}: {str(e).splitlines()[0]}" if key else str(e).splitlines()[0])
+
+
+def _where(path, overrides) -> str:
+    if path is None:
+        return ""
+    return f" (in {path}{' or the command-line overrides' if overrides else ''})"
+
+
+def merge_config(path: str | Path | None = None, overrides=(), schema: type = Config) -> DictConfig:
+    """The YAML file (optional) patched by `section.key=value` overrides, type-checked against `schema`
+    (a Config dataclass, or one that extends it) but not yet validated by its `__post_init__`s."""
+    try:
+        layers = [OmegaConf.structured(schema)]
+        if path is not None:
+            layers.append(_read_yaml(Path(path)))
+        return OmegaConf.merge(*layers, _overrides(overrides))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{_explain(e)}{_where(path, overrides)}") from None
+    except ValueError as e:
+        raise ValueError(f"{e}{_where(path, overrides)}") from None
+
+
+def to_config(tree: DictConfig):
+    """The validated dataclasses of a merged tree (ValueError with the key and what is allowed)."""
+    try:
+        config = OmegaConf.to_object(tree)
+    except OmegaConfBaseException as e:
+        raise _explain(e) from None
+    for section in dataclasses.fields(config):
+        check = getattr(getattr(config, section.name), "validate", None)
+        if check is not None:
+            check()
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides=(), schema: type = Config):
+    """Read a YAML file (optional), apply `section.key=value` overrides, validate everything."""
+    tree = merge_config(path, overrides, schema)
+    try:
+        return to_config(tree)
+    except ValueError as e:
+        raise ValueError(f"{e}{_where(path, overrides)}") from None
+
+
+def usage(schema: type = Config) -> str:
+    """The command line and every key with its default, for --help."""
+    return ("usage: [--config FILE.yaml] [section.key=value ...]\n\nkeys and defaults:\n"
+            + OmegaConf.to_yaml(OmegaConf.structured(schema)))
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`[--config FILE] [section.key=value ...]` -> (config file or None, overrides). --help exits."""
+    config_path, overrides = None, []
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            sections = ", ".join(f.name for f in dataclasses.fields(Config))
-            raise SystemExit(f"usage: [--config FILE.yaml] [section.key=value ...]; sections: {sections}")
+            raise SystemExit(usage())
         if arg == "--config":
             if i + 1 >= len(argv):
                 raise ValueError("--config needs a file name")
-            config_path = argv[i + 1]
-            i += 2
+            config_path, i = argv[i + 1], i + 2
             continue
         if arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
@@ -410,4 +333,4 @@ def parse_args(argv: list[str], default_config: str | Path | None = None) -> Con
         else:
             overrides.append(arg)
         i += 1
-    return load_config(config_path, overrides)
+    return config_path, overrides

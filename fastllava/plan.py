@@ -3,8 +3,8 @@ divided by what the GPUs deliver at a measured or assumed MFU, beside the paper'
 
     python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--mfu 0.45] [--measured e2e.json]
 
-FLOPs are counted exactly as the trainer counts them for MFU (fastllava.train.metrics.FlopModel), per
-sample of the modelled length profiles (fastllava.data.profile). With packing there is no padding, so
+FLOPs are counted exactly as the trainer counts them for MFU (fastllava/flops.py), per sample of the
+modelled length profiles (fastllava.data.profile); peaks come from fastllava/hardware.py. With packing there is no padding, so
 useful FLOPs are all the FLOPs; the reference path's padded batches add the overhead shown alongside.
 """
 
@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .data.profile import sample_lengths
-from .data.stats import padding_efficiency, reference_batches
+from .data.reference_sampler import padding_efficiency, reference_batches
+from .flops import FlopModel
+from .hardware import BY_NAME, gpu as gpu_spec
 from .model.config import LlavaConfig, TextConfig, VisionConfig
-from .train.metrics import PEAK_TFLOPS, FlopModel
-
-GPUS = {"A100-80G": PEAK_TFLOPS["A100"], "A100-40G": PEAK_TFLOPS["A100"], "H100": PEAK_TFLOPS["H100"],
-        "H200": PEAK_TFLOPS["H200"]}
 
 VICUNA = {
     "llava-1.5-7b": TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -57,15 +55,14 @@ class StagePlan:
 
 
 def plan(recipe: str, gpus: int, gpu: str, mfu: dict[str, float]) -> list[StagePlan]:
-    if gpu not in GPUS:
-        raise ValueError(f"unknown GPU {gpu!r}; choose one of {sorted(GPUS)}")
+    peak = gpu_spec(gpu).bf16_tflops
     config = recipe_config(recipe)
     out = []
     for (stage, profile), paper in zip(STAGES, PAPER_HOURS[recipe]):
         lengths, has_image = sample_lengths(profile, num_image_tokens=config.num_image_tokens)
         flop_model = FlopModel.build(config, stage)
         total = flop_model.flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()), int(has_image.sum()))
-        seconds = total / (gpus * GPUS[gpu] * 1e12 * mfu[stage])
+        seconds = total / (gpus * peak * 1e12 * mfu[stage])
         out.append(StagePlan(stage, len(lengths), int(lengths.sum()), total / 1e15,
                              1 - padding_efficiency(lengths, reference_batches(lengths, has_image, world_size=gpus)),
                              mfu[stage], seconds / 3600, paper))
@@ -97,7 +94,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastllava.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="llava-1.5-7b", choices=sorted(VICUNA))
     parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--gpu", default="A100-80G", choices=sorted(GPUS))
+    parser.add_argument("--gpu", default="A100-80G", choices=list(BY_NAME))
     parser.add_argument("--mfu", type=float, default=None, help=f"assumed MFU for both stages (default {DEFAULT_MFU})")
     parser.add_argument("--measured", type=Path, default=None, help="benchmarks/e2e.py JSON output")
     args = parser.parse_args(argv)

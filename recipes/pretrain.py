@@ -2,15 +2,16 @@
 
     torchrun [--nproc_per_node=N] recipes/pretrain.py [--config FILE] [section.key=value ...]
 
-With no --config: a tiny demo (recipes/configs/demo_pretrain.yaml) on the synthetic captions. The
-paper's recipes: recipes/configs/llava15_{7b,13b}_pretrain.yaml; their projector.safetensors is what
-stage 2 starts from (model.projector_weights).
+The paper's recipes: --config recipes/configs/llava15_{7b,13b}_pretrain.yaml; their projector.safetensors
+is what stage 2 starts from (model.projector_weights). Without --config: a tiny demo on the demo world's
+captions (fastllava/demo/).
 """
 
 import sys
-from pathlib import Path
 
+from fastllava import demo
 from fastllava.train import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:], default_config=Path(__file__).parent / "configs" / "demo_pretrain.yaml", stage="align")
+    main(sys.argv[1:], "align", description=__doc__, without_config=demo.prepare,
+         without_config_help=demo.help_text())

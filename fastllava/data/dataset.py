@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..cache import cache_dir as default_cache_dir
+from ..progress import progress
 from .files import RejectLog, SampleError, default_rejects_path, image_list, load_records
 from .templates import get_template
 from .tokenize import (OVERLONG_POLICIES, batch_lengths, encode_sample, load_tokenizer, prepare_tokenizer,
@@ -35,10 +37,6 @@ from .tokenize import (OVERLONG_POLICIES, batch_lengths, encode_sample, load_tok
 _LENGTHS_CACHE_VERSION = 1
 _LENGTH_CHUNK = 2048  # conversations per batched tokenizer call
 IMAGE_MODES = ("pad", "square")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("FASTLLAVA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastllava"))
 
 
 class LlavaDataset(Dataset):
@@ -51,8 +49,8 @@ class LlavaDataset(Dataset):
     num_image_tokens: positions one image occupies after expansion (576 for CLIP ViT-L/14 at 336 px).
     overlong: "truncate" (cut at model_max_length, never inside an image) or "reject".
     image_loader: callable(path, mode=, size=) -> (3, S, S) tensor; default fastllava.data.images.load_image.
-    cache_dir: where lengths() caches per-file results (default $FASTLLAVA_CACHE or ~/.cache/fastllava;
-    None disables).
+    cache_dir: where lengths() caches per-file results (default: fastllava.cache.cache_dir(), i.e.
+    $FASTLLAVA_CACHE or ~/.cache/fastllava; None disables).
 
     dataset[i] -> {"input_ids": (L,) int64 with one image token per image, "labels": (L,) int64,
                    "pixel_values": (n_images, 3, S, S) float or None, "id": str}  or None if rejected.
@@ -82,7 +80,7 @@ class LlavaDataset(Dataset):
         self.image_mode, self.image_size = image_mode, image_size
         self.num_image_tokens, self.model_max_length, self.overlong = num_image_tokens, model_max_length, overlong
         self.image_loader = image_loader
-        self.cache_dir = default_cache_dir() if cache_dir is True else (os.fspath(cache_dir) if cache_dir else None)
+        self.cache_dir = os.fspath(default_cache_dir()) if cache_dir is True else (os.fspath(cache_dir) if cache_dir else None)
         self.verbose = verbose
         self.rejects = RejectLog(rejects_path if rejects_path is not None else default_rejects_path(paths),
                                  strict=strict)
@@ -158,26 +156,20 @@ class LlavaDataset(Dataset):
         per_entry = np.zeros(n_entries, dtype=np.int64)
         cut = np.zeros(n_entries, dtype=bool)
         errors: dict[int, tuple[str, str]] = {}
-        progress = None
-        if self.verbose and len(rows) > 20000:
-            from tqdm import tqdm
-
-            progress = tqdm(total=len(rows), desc=f"lengths of {os.path.basename(path)}", unit="sample",
-                            file=sys.stderr)
+        bar = progress(len(rows), desc=f"lengths of {os.path.basename(path)}", unit="sample", file=sys.stderr,
+                       enabled=self.verbose and len(rows) > 20000)
         for lo in range(0, len(rows), _LENGTH_CHUNK):
             chunk = rows[lo : lo + _LENGTH_CHUNK]
             turns = [self.records[int(r)]["conversations"] for r in chunk]
             lens, cuts, errs = batch_lengths(turns, self.tokenizer, self.template, img_id=self.image_token_id,
-                                       num_image_tokens=self.num_image_tokens,
-                                       model_max_length=self.model_max_length, overlong=self.overlong)
+                                             num_image_tokens=self.num_image_tokens,
+                                             model_max_length=self.model_max_length, overlong=self.overlong)
             per_entry[self.records.entry_ix[chunk]] = lens
             cut[self.records.entry_ix[chunk]] = cuts
             for k, e in errs.items():
                 errors[int(self.records.entry_ix[chunk[k]])] = (e.reason, e.detail)
-            if progress is not None:
-                progress.update(len(chunk))
-        if progress is not None:
-            progress.close()
+            bar.update(len(chunk))
+        bar.close()
         if cache is not None:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             tmp = f"{cache}.{os.getpid()}.tmp.npz"

@@ -272,6 +272,17 @@ class Records:
         return Reject(file, index, self.ids[i], reason, detail, line)
 
 
+def _checked_images(entry: object, image_folder) -> list[str]:
+    """Validate an entry; its image paths. With an image_folder, each image file must exist."""
+    validate_entry(entry)
+    images = image_list(entry)
+    for p in images if image_folder is not None else ():
+        full = os.path.join(os.fspath(image_folder), p)
+        if not os.path.isfile(full):
+            raise SampleError("missing_image", f"image file {full!r} does not exist")
+    return images
+
+
 def load_records(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -299,20 +310,14 @@ def load_records(
     summary = DataSummary(files=files)
     chunks: list[bytes] = []
     offsets = [0]
-    file_ix, entry_ix, lines, num_images, ids = [], [], [], [], []
+    columns = file_ix, entry_ix, lines, num_images, ids = [], [], [], [], []
     for f_i, path in enumerate(files):
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} does not exist")
         for index, line, entry in _read_entries(path):
             summary.entries += 1
             try:
-                validate_entry(entry)
-                images = image_list(entry)
-                if check_images:
-                    for p in images:
-                        full = os.path.join(os.fspath(image_folder), p)
-                        if not os.path.isfile(full):
-                            raise SampleError("missing_image", f"image file {full!r} does not exist")
+                images = _checked_images(entry, image_folder if check_images else None)
             except SampleError as e:
                 rejects.add(Reject(path, index, _entry_id(entry), e.reason, e.detail, line))
                 summary.rejects[e.reason] += 1
@@ -320,11 +325,8 @@ def load_records(
             encoded = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             chunks.append(encoded)
             offsets.append(offsets[-1] + len(encoded))
-            file_ix.append(f_i)
-            entry_ix.append(index)
-            lines.append(line or 0)
-            num_images.append(len(images))
-            ids.append(_entry_id(entry))
+            for column, value in zip(columns, (f_i, index, line or 0, len(images), _entry_id(entry))):
+                column.append(value)
     n_img = np.asarray(num_images, dtype=np.int32)
     summary.samples = len(ids)
     summary.images = int(n_img.sum())

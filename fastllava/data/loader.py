@@ -94,21 +94,20 @@ class StepLoader:
     def __init__(self, source: SampleSource, *, global_batch: int, max_tokens: int, rank: int, world_size: int,
                  epochs: int, seed: int, image_token_id: int, num_image_tokens: int,
                  filler_image: torch.Tensor | None = None, pad_token_id: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, planner_backend: str = "auto"):
+                 pin_memory: bool = False):
         if global_batch < world_size:
             raise ValueError(f"global batch {global_batch} is smaller than the {world_size} ranks; every rank needs samples")
         self.source = source
         lengths = np.asarray(source.lengths())
         if lengths.shape != (len(source),):
             raise ValueError(f"dataset.lengths() has shape {lengths.shape}, expected ({len(source)},)")
-        self.planner = PackingPlanner(lengths, max_tokens, num_ranks=world_size, seed=seed,
-                                      global_batch=global_batch, backend=planner_backend)
+        self.planner = PackingPlanner(lengths, max_tokens, num_ranks=world_size, seed=seed, global_batch=global_batch)
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
         self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
         self.filler_image, self.pad_token_id = filler_image, pad_token_id
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.steps_per_epoch = [len(self.planner.plan_epoch(e)) for e in range(epochs)]
-        self.next_step = 0  # global step the next iteration starts from
+        self.next_step = 0  # global step the next iteration starts from: the run's one position
         self.stop_step: int | None = None  # iteration ends before this step (default: the end of the last epoch)
 
     @property
@@ -128,13 +127,12 @@ class StepLoader:
         return self.planner.plan_epoch(epoch)[idx]
 
     def state_dict(self) -> dict:
-        epoch, idx = self._locate(self.next_step)
-        self.planner.epoch, self.planner.step = epoch, idx
-        return {"next_step": self.next_step, "planner": self.planner.state_dict()}
+        """The position (JSON-able): the next step, and what the plan depends on."""
+        return {"next_step": self.next_step, "plan": self.planner.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         # Raises a clear error when the data, batch size, rank count or seed changed since the save.
-        self.planner.load_state_dict(state["planner"])
+        self.planner.check(state["plan"])
         self.next_step = int(state["next_step"])
 
     def _keys(self, start: int, stop: int) -> list:

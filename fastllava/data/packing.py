@@ -6,8 +6,8 @@ sample order is shuffled from (seed, epoch); the order is cut into steps of `glo
 step's samples are spread over R ranks x M micro-steps, M the smallest count for which every bin holds
 <= `max_tokens` tokens, by longest-processing-time so that ranks carry nearly equal tokens.
 
-`plan_packs` is the token-budget variant: the same assignment over shuffle windows of
-`shuffle_buffer` samples, giving packs that are as full as the window allows.
+`plan_packs` packs by token budget instead (the same assignment over shuffle windows of `shuffle_buffer`
+samples, packs as full as the window allows); the statistics tool and the packing benchmark report it.
 
 The planner runs in C++ (`fastllava._packing`, csrc/packing.cpp). `_plan_epoch_py` below is its
 plain-Python reference, bit-identical (same splitmix64 + Fisher-Yates, same tie-breaks); the tests
@@ -22,7 +22,7 @@ import heapq
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -279,61 +279,30 @@ def _group_steps(bins, bin_tokens, group_bins, num_ranks, max_tokens, epoch) -> 
 
 
 class PackingPlanner:
-    """Steps of successive epochs, resumable mid-epoch.
+    """The step plans of every epoch for one dataset, batch size and rank count: a pure function of them.
 
-    Exactly one of:
-      global_batch: samples per optimizer step (default semantics, the paper's);
-      micro_steps:  micro-steps per optimizer step in token-budget mode (packs from shuffle windows
-                    of `shuffle_buffer`; a step is then ~ micro_steps * R * max_tokens tokens, which
-                    changes the optimization: retune the learning rate).
-    Iterating yields the remaining StepPlans of the current epoch and then moves to the next epoch.
-    state_dict() counts the steps yielded so far; save it after the optimizer applied that step.
+    `plan_epoch(e)` is cached for the epoch last asked for. The planner holds no position: where a run is
+    lives in the loader (data/loader.py), which saves `fingerprint()` with it so that a resume refuses a
+    changed plan.
     """
 
-    def __init__(self, lengths, max_tokens: int, *, num_ranks: int = 1, seed: int = 0,
-                 global_batch: int | None = 128, micro_steps: int | None = None,
-                 shuffle_buffer: int = 16384, backend: str = "auto"):
-        if (global_batch is None) == (micro_steps is None):
-            raise ValueError("set exactly one of global_batch (samples per step) or micro_steps (token-budget steps)")
-        if global_batch is not None and global_batch < 1 or micro_steps is not None and micro_steps < 1:
-            raise ValueError(f"global_batch / micro_steps must be >= 1, got {global_batch} / {micro_steps}")
+    def __init__(self, lengths, max_tokens: int, *, global_batch: int, num_ranks: int = 1, seed: int = 0,
+                 backend: str = "auto"):
+        if global_batch < 1:
+            raise ValueError(f"global_batch must be >= 1, got {global_batch}")
         self.lengths = _check_lengths(lengths, max_tokens)
         self.max_tokens, self.num_ranks, self.seed = max_tokens, num_ranks, seed
-        self.global_batch, self.micro_steps, self.shuffle_buffer = global_batch, micro_steps, shuffle_buffer
-        self.backend = backend
-        self.epoch, self.step = 0, 0
+        self.global_batch, self.backend = global_batch, backend
         self._cache: tuple[int, list[StepPlan]] | None = None
 
     def plan_epoch(self, epoch: int) -> list[StepPlan]:
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        if self.global_batch is not None:
-            steps = plan_steps(self.lengths, self.global_batch, self.max_tokens, self.num_ranks, self.seed,
-                               epoch=epoch, backend=self.backend)
-        else:
-            samples, offs, _ = _plan_epoch(self.lengths, self.shuffle_buffer, self.num_ranks, self.max_tokens,
-                                           self.seed, epoch, self.backend)
-            bins = _bins_to_lists(samples, offs)
-            tokens = _bin_tokens(self.lengths, samples, offs)
-            per_step = self.micro_steps * self.num_ranks
-            group_bins = list(range(0, len(bins), per_step)) + [len(bins)]
-            steps = _group_steps(bins, tokens, group_bins, self.num_ranks, self.max_tokens, epoch)
-        self._cache = (epoch, steps)
-        return steps
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, plan_steps(self.lengths, self.global_batch, self.max_tokens, self.num_ranks,
+                                             self.seed, epoch=epoch, backend=self.backend))
+        return self._cache[1]
 
-    def __len__(self) -> int:
-        """Steps in the current epoch."""
-        return len(self.plan_epoch(self.epoch))
-
-    def __iter__(self) -> Iterator[StepPlan]:
-        steps = self.plan_epoch(self.epoch)
-        while self.step < len(steps):
-            plan = steps[self.step]
-            self.step += 1
-            yield plan
-        self.epoch, self.step = self.epoch + 1, 0
-
-    def _config(self) -> dict:
+    def fingerprint(self) -> dict:
+        """What the plans depend on (JSON-able)."""
         return {
             "num_samples": int(self.lengths.size),
             "lengths_crc32": zlib.crc32(self.lengths.tobytes()),
@@ -341,21 +310,14 @@ class PackingPlanner:
             "num_ranks": self.num_ranks,
             "seed": self.seed,
             "global_batch": self.global_batch,
-            "micro_steps": self.micro_steps,
-            "shuffle_buffer": self.shuffle_buffer if self.global_batch is None else None,
         }
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, **self._config()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in self._config().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"PackingPlanner state was saved with {key}={state.get(key)!r}, this planner has {value!r}; "
-                    "resuming would change the plan"
-                )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+    def check(self, saved: dict) -> None:
+        """Raise ValueError if `saved` (an earlier fingerprint()) would give other plans than this planner."""
+        for key, value in self.fingerprint().items():
+            if saved.get(key) != value:
+                raise ValueError(f"the data plan was saved with {key}={saved.get(key)!r}, this run has {value!r}; "
+                                 "resuming would change which samples the remaining steps see")
 
 
 def collate_pack(

@@ -5,13 +5,11 @@
     python -m fastllava.data.stats --profile mix665k [--n 100000]
 
 Prints percentiles and a text histogram of the lengths (after image expansion and truncation), then:
-  reference batching  LLaVA's LengthGroupedSampler with group_by_modality_length: megabatches of
-                      world_size x 16 samples of one modality, sorted longest first, dealt to the rank
-                      with the smallest total, each per-device batch of 16 right-padded to its longest;
+  reference batching  LLaVA's LengthGroupedSampler with group_by_modality_length (data/reference_sampler.py),
+                      each per-device batch of 16 right-padded to its longest;
                       efficiency = real tokens / padded tokens.
-  packing             fastllava.data.packing.plan_packs (token budget --max-tokens) when importable,
-                      else an inline first-fit-decreasing, labelled as such; efficiency = real tokens /
-                      (packs x max_tokens).
+  packing             fastllava.data.packing.plan_packs (token budget --max-tokens);
+                      efficiency = real tokens / (packs x max_tokens).
 """
 
 from __future__ import annotations
@@ -23,109 +21,16 @@ from typing import Sequence
 
 import numpy as np
 
+from .packing import plan_packs
 from .profile import PROFILES, sample_lengths
+from .reference_sampler import padding_efficiency, reference_batches
 
 
-# ------------------------------------------------------------------------------- reference batching
-
-
-def _even_chunks(order: list[int], weights: np.ndarray, num_chunks: int) -> list[list[int]]:
-    """LLaVA's split_to_even_chunks: longest-first into the chunk with the smallest total; a full chunk
-    takes no more. With a count not divisible by num_chunks it deals round-robin instead."""
-    if len(order) % num_chunks:
-        return [order[c::num_chunks] for c in range(num_chunks)]
-    per_chunk = len(order) // num_chunks
-    chunks: list[list[int]] = [[] for _ in range(num_chunks)]
-    totals = [0.0] * num_chunks
-    for i in order:
-        c = totals.index(min(totals))
-        chunks[c].append(i)
-        totals[c] += float(weights[i])
-        if len(chunks[c]) == per_chunk:
-            totals[c] = float("inf")
-    return chunks
-
-
-def _length_grouped(indices: np.ndarray, weights: np.ndarray, batch_size: int, world_size: int,
-                    rng: np.random.Generator) -> list[list[int]]:
-    """Megabatches (each a list of per-rank chunks) of one modality, like get_length_grouped_indices."""
-    perm = indices[rng.permutation(len(indices))].tolist()
-    mega = world_size * batch_size
-    out = []
-    for lo in range(0, len(perm), mega):
-        block = sorted(perm[lo : lo + mega], key=lambda i: -weights[i])  # stable, like Python's sorted
-        out.append(_even_chunks(block, weights, world_size))
-    return out
-
-
-def reference_batches(lengths: np.ndarray, has_image: np.ndarray, *, batch_size: int = 16, world_size: int = 1,
-                      seed: int = 0, group_lengths: np.ndarray | None = None) -> list[np.ndarray]:
-    """Per-device batches in the order LLaVA's modality-grouped length sampler yields them.
-
-    lengths (n,) true token lengths; has_image (n,) bool; group_lengths (n,): what the sampler sorts by
-    (LLaVA sorts by a word count of the conversation, not tokens; default: lengths).
-    Returns a list of (<= batch_size,) index arrays: consecutive batch_size slices of the sampler's order.
-    """
-    weights = np.asarray(lengths if group_lengths is None else group_lengths, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    mm, lang = np.flatnonzero(has_image), np.flatnonzero(~np.asarray(has_image, dtype=bool))
-    if len(mm) == 0 or len(lang) == 0:
-        order = [i for mb in _length_grouped(np.arange(len(weights)), weights, batch_size, world_size, rng)
-                 for chunk in mb for i in chunk]
-    else:
-        mm_mb = _length_grouped(mm, weights, batch_size, world_size, rng)
-        lang_mb = _length_grouped(lang, weights, batch_size, world_size, rng)
-        flat = lambda mb: [i for chunk in mb for i in chunk]  # noqa: E731
-        # The last (partial) megabatch of each modality goes together at the end, sorted by index.
-        tail = sorted(flat(mm_mb[-1]) + flat(lang_mb[-1]))
-        body = mm_mb[:-1] + lang_mb[:-1]
-        order = [i for k in rng.permutation(len(body)) for i in flat(body[k])] + tail
-    order_n = np.asarray(order, dtype=np.int64)
-    return [order_n[lo : lo + batch_size] for lo in range(0, len(order_n), batch_size)]
-
-
-def padding_efficiency(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
-    """Real tokens / tokens computed when each batch is right-padded to its longest sample."""
-    lengths = np.asarray(lengths)
-    real = sum(int(lengths[b].sum()) for b in batches)
-    padded = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
-    return real / padded
-
-
-# -------------------------------------------------------------------------------------------- packing
-
-
-def first_fit_decreasing(lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
-    """Bins of <= max_tokens, longest sample first into the first bin it fits (the inline fallback)."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
-        need = int(lengths[i])
-        for b, r in enumerate(room):
-            if r >= need:
-                bins[b].append(i)
-                room[b] -= need
-                break
-        else:
-            bins.append([i])
-            room.append(max_tokens - need)
-    return bins
-
-
-def packing_efficiency(lengths: np.ndarray, max_tokens: int, seed: int = 0) -> tuple[float, int, str]:
-    """(real tokens / (packs x max_tokens), number of packs, which planner)."""
+def packing_efficiency(lengths: np.ndarray, max_tokens: int, seed: int = 0) -> tuple[float, int]:
+    """(real tokens / (packs x max_tokens), number of packs) of token-budget packing (plan_packs)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    try:
-        from .packing import plan_packs
-    except ImportError:
-        plan_packs = None
-    if plan_packs is not None:
-        packs = [p for p in plan_packs(lengths, max_tokens, seed=seed) if p]
-        how = "fastllava.data.packing.plan_packs"
-    else:
-        packs = first_fit_decreasing(lengths, max_tokens)
-        how = "inline first-fit-decreasing (fastllava.data.packing not importable)"
-    return float(lengths.sum()) / (len(packs) * max_tokens), len(packs), how
+    packs = [p for p in plan_packs(lengths, max_tokens, seed=seed) if p]
+    return float(lengths.sum()) / (len(packs) * max_tokens), len(packs)
 
 
 # ------------------------------------------------------------------------------------------- printing
@@ -158,8 +63,8 @@ def report(lengths: np.ndarray, has_image: np.ndarray, *, max_tokens: int, batch
     out.append(f"reference batching (batch {batch_size}/device, {world_size} devices, grouped by {by}): "
                f"padding efficiency {ref:.1%} ({1 - ref:.1%} of computed tokens are padding)")
     if int(np.max(lengths)) <= max_tokens:
-        eff, n_packs, how = packing_efficiency(lengths, max_tokens, seed)
-        out.append(f"packing into {max_tokens}-token packs with {how}: {n_packs} packs, fill {eff:.1%}")
+        eff, n_packs = packing_efficiency(lengths, max_tokens, seed)
+        out.append(f"packing into {max_tokens}-token packs with plan_packs: {n_packs} packs, fill {eff:.1%}")
     else:
         out.append(f"packing: skipped, longest sample {int(np.max(lengths))} > --max-tokens {max_tokens}")
     return "\n".join(out)

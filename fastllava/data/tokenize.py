@@ -212,13 +212,10 @@ def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts. The tokenizers backend's encode_batch_fast skips offset tracking and
     transformers' per-encoding conversion: 1.7x faster than tokenizer(texts) on 3000 vicuna prompts
     (2-core CPU). It is used only where it gives the same ids as tokenizer() on the first texts."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = getattr(backend, "encode_batch_fast", None)
-    if fast is not None:
-        probe = texts[:4]
-        reference = tokenizer(probe, add_special_tokens=True)["input_ids"]
-        if [e.ids for e in fast(probe, add_special_tokens=True)] == reference:
-            return [e.ids for e in fast(texts, add_special_tokens=True)]
+    fast = tokenizer.backend_tokenizer.encode_batch_fast  # tokenizers >= 0.20, a fast tokenizer (load_tokenizer)
+    probe = texts[:4]
+    if [e.ids for e in fast(probe, add_special_tokens=True)] == tokenizer(probe, add_special_tokens=True)["input_ids"]:
+        return [e.ids for e in fast(texts, add_special_tokens=True)]
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 

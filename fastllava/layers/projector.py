@@ -14,6 +14,13 @@ from ..ops import fused_mlp_projector
 
 
 class Projector(nn.Module):
+    """Vision features (N, in_features) -> LLM embeddings (N, out_features), N visual tokens.
+
+    depth 1 is LLaVA's `linear`; depth k >= 2 is `mlpkx_gelu`: k Linear layers (in -> out, then out -> out)
+    with exact GELU between them. `linears[i]` are plain nn.Linear, so checkpoints load unchanged.
+    backend: fastllava.ops.fused_mlp_projector's, for the two-layer case.
+    """
+
     def __init__(self, in_features: int, out_features: int, depth: int, *, backend: str = "auto"):
         super().__init__()
         dims = [in_features] + [out_features] * depth
@@ -21,7 +28,7 @@ class Projector(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_features) -> (N, out_features)."""
+        """x (N, in_features) or (..., in_features) -> (N, out_features), in x's dtype."""
         if len(self.linears) == 2:
             first, second = self.linears
             return fused_mlp_projector(x, first.weight, first.bias, second.weight, second.bias, backend=self.backend)

@@ -1,18 +1,46 @@
-"""Model architecture configuration: CLIP vision tower, projector, LLaMA decoder.
+"""The model's knobs, each defined and validated once: architecture (`LlavaConfig` and its parts) and the
+op backends that run it (`Backends`).
 
-Read from and written to Hugging Face `config.json` files (llava-hf `LlavaForConditionalGeneration`,
-`CLIPVisionModel`, `LlamaForCausalLM` and the original LLaVA `LlavaLlamaForCausalLM`).
+The architecture is what a checkpoint's `config.json` holds (llava-hf `LlavaForConditionalGeneration`,
+`CLIPVisionModel`, `LlamaForCausalLM` and the original LLaVA `LlavaLlamaForCausalLM`) and is read from and
+written to those files here. Backends are how this process runs the ops; they never reach a checkpoint.
+The training configuration (fastllava/config.py) embeds these dataclasses rather than repeating them.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 FEATURE_SELECTS = ("patch", "cls_patch")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} {value!r} is not supported; choose one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class Backends:
+    """Which implementation runs each op: "auto" (Triton on CUDA, the torch reference elsewhere) or one of
+    the op's own backend names (fastllava.ops.<op>.BACKENDS)."""
+
+    attention: str = "auto"
+    projector: str = "auto"
+    merge: str = "auto"
+    loss: str = "auto"
+
+    def __post_init__(self):
+        from ..ops.fused_linear_cross_entropy import BACKENDS as LOSS
+        from ..ops.fused_mlp_projector import BACKENDS as PROJECTOR
+        from ..ops.merge_visual_tokens import BACKENDS as MERGE
+        from ..ops.varlen_attention import BACKENDS as ATTENTION
+
+        for name, allowed in (("attention", ATTENTION), ("projector", PROJECTOR), ("merge", MERGE), ("loss", LOSS)):
+            _choice(f"{name} backend", getattr(self, name), ("auto",) + allowed)
 
 
 @dataclass
@@ -34,8 +62,7 @@ class VisionConfig:
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"vision hidden_act must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
+        _choice("vision hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
 
     @property
     def num_patches(self) -> int:
@@ -57,18 +84,16 @@ class TextConfig:
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int = 32
-    head_dim: int | None = None
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads (see attention_head_dim)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...}
+    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "linear"|"dynamic"|"llama3", "factor": ...}
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
@@ -76,12 +101,17 @@ class TextConfig:
             )
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rope_type not in ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+            _choice("rope_scaling type", rope_type, ROPE_TYPES)
             self.rope_scaling = {**self.rope_scaling, "rope_type": rope_type}
             self.rope_scaling.pop("type", None)
             if rope_type == "default":
                 self.rope_scaling = None
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Width of one attention head. Derived here, never stored: a config built from defaults and then
+        patched (YAML, overrides) must not keep the head width of the defaults."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf(cls, d: dict) -> "TextConfig":
@@ -98,6 +128,7 @@ class TextConfig:
 
     def to_hf(self) -> dict:
         d = asdict(self)
+        d["head_dim"] = self.attention_head_dim
         rope = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
         if d["rope_scaling"]:
             rope.update(d["rope_scaling"])
@@ -107,18 +138,16 @@ class TextConfig:
 
 @dataclass
 class LlavaConfig:
+    """CLIP vision tower + projector + LLaMA decoder, and how they connect. The defaults are LLaVA-1.5-7B's
+    (CLIP ViT-L/14 at 336 px, features of the second-to-last layer without CLS, mlp2x_gelu, Vicuna-7B)."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    projector_type: str = "mlp2x_gelu"
-    vision_feature_layer: int = -2
+    projector_type: str = "mlp2x_gelu"  # "linear" (LLaVA) or "mlpNx_gelu", N >= 1
+    vision_feature_layer: int = -2  # hidden state k of the tower: 0 = embeddings, -1 = last layer
     vision_feature_select: str = "patch"  # "patch" drops CLS (LLaVA's default), "cls_patch" keeps it
     image_token_id: int = 32000
-    pad_token_id: int | None = None
-    # Backends, each "auto" (Triton on CUDA, torch reference elsewhere) or an explicit op backend name.
-    attention_backend: str = "auto"
-    projector_backend: str = "auto"
-    merge_backend: str = "auto"
-    loss_backend: str = "auto"
+    pad_token_id: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -127,8 +156,7 @@ class LlavaConfig:
             self.text = TextConfig(**self.text)
         if not PROJECTOR_PATTERN.match(self.projector_type) or self.projector_type == "mlp0x_gelu":
             raise ValueError(f"projector_type must be 'linear' or 'mlpNx_gelu' (N >= 1), got {self.projector_type!r}")
-        if self.vision_feature_select not in FEATURE_SELECTS:
-            raise ValueError(f"vision_feature_select must be one of {FEATURE_SELECTS}, got {self.vision_feature_select!r}")
+        _choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         n = self.vision.num_hidden_layers
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for {n} vision layers")

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import LlavaConfig, TextConfig, VisionConfig
+from .init import init_projector_, init_transformer_
 from .vision import CLIPEncoderLayer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -220,16 +221,16 @@ def _load_into(model, tensors, key_map, dtype, device) -> None:
 # --- public entry points --------------------------------------------------------------------------
 
 
-def load_llava(cls, path: Path, *, dtype=None, device="cpu", vision_tower=None, **overrides):
+def load_llava(cls, path: Path, *, dtype=None, device="cpu", backends=None, vision_tower=None, **overrides):
     raw = read_config(path)
     architecture = (raw.get("architectures") or [""])[0]
     if architecture == "LlavaForConditionalGeneration" or raw.get("model_type") == "llava" and "text_config" in raw:
         config = LlavaConfig.from_hf_llava(raw, **overrides)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, backends)
         _load_into(model, iter_tensors(path), canonical_llava_key, dtype, device)
     elif architecture == "LlavaLlamaForCausalLM" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
-        model = _load_original(cls, path, raw, dtype, device, vision_tower, overrides)
+        model = _load_original(cls, path, raw, dtype, device, backends, vision_tower, overrides)
     else:
         raise ValueError(
             f"{path}/config.json: unknown architecture {architecture or raw.get('model_type')!r}; expected "
@@ -239,7 +240,7 @@ def load_llava(cls, path: Path, *, dtype=None, device="cpu", vision_tower=None, 
     return model
 
 
-def _load_original(cls, path, raw, dtype, device, vision_tower, overrides):
+def _load_original(cls, path, raw, dtype, device, backends, vision_tower, overrides):
     select = raw.get("mm_vision_select_feature", "patch")
     vision_dir = Path(vision_tower or raw.get("mm_vision_tower") or "")
     config_args = dict(
@@ -262,7 +263,7 @@ def _load_original(cls, path, raw, dtype, device, vision_tower, overrides):
         vision_cfg = VisionConfig.from_hf(_clip_vision_config(read_config(vision_dir)))
     config = LlavaConfig(vision=vision_cfg, **{**config_args, **overrides})
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config, backends)
     _load_into(model, iter_tensors(path), lambda k: original_llava_key(k, config), dtype, device)
     if not has_vision:
         _load_into(model, _clip_tensors(vision_dir), lambda k: k, dtype, device)
@@ -302,8 +303,8 @@ def _llama_tensors(path: Path):
             raise ValueError(f"{file}: unexpected key {key!r} in a LLaMA checkpoint")
 
 
-def load_components(cls, vision: Path, llm: Path, projector: str, projector_weights, *, dtype=None, device="cpu",
-                    seed: int = 0, **overrides):
+def load_components(cls, vision: Path, llm: Path, projector_weights, *, dtype=None, device="cpu", seed: int = 0,
+                    backends=None, **overrides):
     llm_raw = read_config(llm)
     if llm_raw.get("model_type") != "llama":
         raise ValueError(f"{llm}/config.json: model_type {llm_raw.get('model_type')!r}, expected 'llama'")
@@ -311,31 +312,28 @@ def load_components(cls, vision: Path, llm: Path, projector: str, projector_weig
     config = LlavaConfig(
         vision=VisionConfig.from_hf(_clip_vision_config(read_config(vision))),
         text=text,
-        projector_type=projector,
         image_token_id=overrides.pop("image_token_id", text.vocab_size),
         pad_token_id=llm_raw.get("pad_token_id"),
         **overrides,
     )
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config, backends)
     _load_into(model, _clip_tensors(vision), lambda k: k, dtype, device)
     _load_into(model, _llama_tensors(llm), lambda k: k, dtype, device)
     if projector_weights is not None:
         load_projector(model, Path(projector_weights), dtype=dtype, device=device)
     else:
-        _init_projector(model, seed, dtype or model.language_model.embed_tokens.weight.dtype, device)
+        _new_projector(model, seed, dtype or model.language_model.embed_tokens.weight.dtype, device)
     _check_complete(model, f"{vision} + {llm}")
     return model
 
 
-def _init_projector(model, seed, dtype, device) -> None:
-    """A fresh projector for stage 1: nn.Linear's own default initialization, seeded."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    for i, linear in enumerate(model.projector.linears):
-        fresh = nn.Linear(linear.in_features, linear.out_features, dtype=torch.float32)
-        model.projector.linears[i] = fresh.to(device=device, dtype=dtype)
-    torch.random.set_rng_state(gen_state)
+def _new_projector(model, seed, dtype, device) -> None:
+    """A fresh projector for stage 1 (model/init.py's rule), drawn in fp32 on the host so a seed gives the
+    same weights for every dtype and device."""
+    model.projector.linears.to_empty(device="cpu").float()
+    init_projector_(model.projector.linears, torch.Generator().manual_seed(seed))
+    model.projector.linears.to(device=device, dtype=dtype)
 
 
 def load_projector(model, path: Path, *, dtype=None, device=None) -> None:
@@ -375,72 +373,68 @@ def save_projector(model, path: Path) -> None:
 
 
 def unused_vision_tensors(config: LlavaConfig, gen: torch.Generator, *, dtype, device) -> dict[str, torch.Tensor]:
-    """Randomly initialized stand-ins for the checkpoint tensors the forward never uses (vision layers
-    after the selected one, post_layernorm), so a model trained from scratch still exports completely."""
+    """Randomly initialized stand-ins (model/init.py's rules) for the checkpoint tensors the forward never
+    uses (vision layers after the selected one, post_layernorm), so a model made from scratch still exports
+    completely. Keys are llava-hf names."""
     v = config.vision
-    tensors = {
-        _VISION + "post_layernorm.weight": torch.ones(v.hidden_size, dtype=dtype, device=device),
-        _VISION + "post_layernorm.bias": torch.zeros(v.hidden_size, dtype=dtype, device=device),
-    }
-    with torch.device("meta"):
-        layer = CLIPEncoderLayer(v)
+    norm = nn.LayerNorm(v.hidden_size, device=device, dtype=dtype)  # its own init is the rule's: 1 and 0
+    tensors = {_VISION + f"post_layernorm.{name}": p.detach() for name, p in norm.named_parameters()}
     for i in range(config.num_vision_layers_run, v.num_hidden_layers):
-        for name, p in layer.named_parameters():
-            if "norm" in name:
-                t = torch.ones if name.endswith("weight") else torch.zeros
-                value = t(p.shape, dtype=dtype, device=device)
-            elif name.endswith("bias"):
-                value = torch.zeros(p.shape, dtype=dtype, device=device)
-            else:
-                value = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
-            tensors[f"{_VISION}encoder.layers.{i}.{name}"] = value
+        layer = CLIPEncoderLayer(v).to(device=device, dtype=dtype)
+        init_transformer_(layer, gen)
+        tensors.update({f"{_VISION}encoder.layers.{i}.{name}": p.detach() for name, p in layer.named_parameters()})
     return tensors
 
 
+def _write_checkpoint(path: Path, config: dict, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """config.json and safetensors shards (+ the index when more than one), written by huggingface_hub as
+    transformers writes them; shards of a former, larger checkpoint in `path` are removed."""
+    from huggingface_hub import save_torch_state_dict
+
+    path.mkdir(parents=True, exist_ok=True)
+    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_torch_state_dict({k: _alone(t) for k, t in tensors.items()}, path, max_shard_size=max_shard_bytes,
+                          metadata={"format": "pt"})
+
+
+def _alone(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in a storage of its own: tensors gathered from FSDP shards can be views into one larger
+    buffer, which safetensors refuses to write (it would store the whole buffer)."""
+    t = t.detach()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_llava(model, path: Path, *, max_shard_bytes: int, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write config.json and safetensors shards (+ index when more than one) in the llava-hf layout.
+    """Write the llava-hf layout: config.json and safetensors shards (+ index when more than one).
 
     state: our-name -> tensor, e.g. a full state dict gathered from FSDP; default the model's own.
     """
-    config = model.config.to_hf_llava()
     if state is None:
-        state = {n: p for n, p in model.named_parameters()}
+        state = dict(model.named_parameters())
     tensors = {to_checkpoint_key(n): t for n, t in state.items()}
     if model.config.text.tie_word_embeddings:
         tensors.pop(_LM_HEAD, None)
     for key, t in model.carried.items():
         tensors.setdefault(key, t)
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_checkpoint(path, model.config.to_hf_llava(), tensors, max_shard_bytes)
 
-    # Shards are written as they fill (peak memory: one shard), then renamed once their count is known.
-    written: list[tuple[Path, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
 
-    def flush():
-        tmp = path / f".shard-{len(written):05d}.tmp"
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        written.append((tmp, list(shard)))
-
-    for key in sorted(tensors):
-        t = tensors[key].detach()
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[key] = t.cpu().contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(written) == 1:
-        written[0][0].rename(path / SINGLE_FILE)
-        return
-    weight_map = {}
-    for i, (tmp, keys) in enumerate(written):
-        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-        tmp.rename(path / name)
-        weight_map.update(dict.fromkeys(keys, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+def save_components(model, vision_dir: Path, llm_dir: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """The vision tower as a CLIPVisionModel directory and the LLM as a LlamaForCausalLM directory: the
+    two inputs of `Llava.from_components` (e.g. a tower trained here, an LLM extracted from a finetune).
+    The projector is not part of either (save_projector writes it)."""
+    vision, llm = {}, {}
+    tensors = {to_checkpoint_key(n): t for n, t in model.named_parameters()} | model.carried
+    for key, t in tensors.items():
+        if key.startswith(_VISION):
+            vision["vision_model." + key[len(_VISION):]] = t
+        elif key == _LM_HEAD:
+            if not model.config.text.tie_word_embeddings:
+                llm["lm_head.weight"] = t
+        elif key.startswith(_LLM):
+            llm["model." + key[len(_LLM):]] = t
+    _write_checkpoint(vision_dir, {"architectures": ["CLIPVisionModel"], **model.config.vision.to_hf()}, vision,
+                      max_shard_bytes)
+    text = {"architectures": ["LlamaForCausalLM"], **model.config.text.to_hf(), "pad_token_id": model.config.pad_token_id}
+    _write_checkpoint(llm_dir, text, llm, max_shard_bytes)

@@ -21,7 +21,7 @@ from .rope import apply_rotary, rotary_cos_sin
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, backend: str):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
@@ -79,11 +79,3 @@ class LlamaDecoder(nn.Module):
         for layer in self.layers:
             x_TD = layer(x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen)
         return self.norm(x_TD)
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=generator)

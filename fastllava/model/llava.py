@@ -14,7 +14,8 @@ import torch.nn as nn
 from ..batch import IGNORE_INDEX, PackedBatch
 from ..layers import Projector
 from ..ops import fused_linear_cross_entropy, merge_visual_tokens
-from .config import LlavaConfig
+from .config import Backends, LlavaConfig
+from .init import init_projector_, init_transformer_
 from .llama import LlamaDecoder
 from .vision import CLIPVisionTower
 
@@ -27,14 +28,18 @@ class LlavaOutput:
 
 
 class Llava(nn.Module):
-    def __init__(self, config: LlavaConfig):
+    """LLaVA on packed sequences. `config` is the architecture (what a checkpoint's config.json holds);
+    `backends` picks the implementation of each op (default: Triton kernels on CUDA, torch elsewhere)."""
+
+    def __init__(self, config: LlavaConfig, backends: Backends | None = None):
         super().__init__()
         self.config = config
+        self.backends = backends or Backends()
         self.vision_tower = CLIPVisionTower(config)
         self.projector = Projector(
-            config.vision.hidden_size, config.text.hidden_size, config.projector_depth, backend=config.projector_backend
+            config.vision.hidden_size, config.text.hidden_size, config.projector_depth, backend=self.backends.projector
         )
-        self.language_model = LlamaDecoder(config.text, config.attention_backend)
+        self.language_model = LlamaDecoder(config.text, self.backends.attention)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
@@ -58,10 +63,24 @@ class Llava(nn.Module):
         else:
             feats = embed_weight.new_zeros(0, embed_weight.shape[1])
         return merge_visual_tokens(
-            batch.input_ids, embed_weight, feats, batch.image_token_id, backend=self.config.merge_backend
+            batch.input_ids, embed_weight, feats, batch.image_token_id, backend=self.backends.merge
         )
 
     def forward(self, batch: PackedBatch, *, return_logits: bool = False, compute_loss: bool = True) -> LlavaOutput:
+        """Run the model on a pack of T tokens holding B samples and N images.
+
+        batch: a PackedBatch (fastllava/batch.py) whose images are expanded to `self.num_image_tokens`
+          placeholders each; labels unshifted (the shift happens here, inside each sample).
+        return_logits: False (training): the loss comes from the fused LM head + cross-entropy, and the
+          (T, V) logits never exist. True (evaluation, generation, tests): the LM head runs on every
+          position and the (T, V) logits are returned in fp32; the loss, if asked for, is computed from
+          them.
+        compute_loss: False skips the loss (then `loss_sum` is None).
+
+        Returns LlavaOutput: logits (T, V) fp32 or None; loss_sum () fp32, the SUM of next-token
+        cross-entropies over label tokens (divide by a label count of your choosing: the trainer uses the
+        whole optimizer step's); num_label_tokens () int64 on the batch's device.
+        """
         if batch.num_images and batch.num_image_tokens != self.num_image_tokens:
             raise ValueError(
                 f"batch expands each image to {batch.num_image_tokens} tokens but the model makes {self.num_image_tokens}"
@@ -76,16 +95,17 @@ class Llava(nn.Module):
                 loss_sum = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         elif compute_loss:
             loss_sum = fused_linear_cross_entropy(
-                hidden_TD, self.lm_head.weight, targets, reduction="sum", backend=self.config.loss_backend
+                hidden_TD, self.lm_head.weight, targets, reduction="sum", backend=self.backends.loss
             )
         return LlavaOutput(logits=logits, loss_sum=loss_sum, num_label_tokens=num_label_tokens)
 
     # --- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: LlavaConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> "Llava":
-        """A randomly initialized model (for training from scratch and tests)."""
-        model = cls(config).to(dtype)
+    def from_config(cls, config: LlavaConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    backends: Backends | None = None) -> "Llava":
+        """A randomly initialized model (training from scratch, tests), by the rules of model/init.py."""
+        model = cls(config, backends).to(dtype)
         model.init_weights(seed)
         return model
 
@@ -96,39 +116,37 @@ class Llava(nn.Module):
 
         device = self.lm_head.weight.device
         gen = torch.Generator(device=device).manual_seed(seed)
-        self.vision_tower.init_weights(self.config.vision, gen)
-        self.language_model.init_weights(gen)
-        for linear in self.projector.linears:
-            linear.weight.normal_(0.0, 0.02, generator=gen)
-            linear.bias.zero_()
+        init_transformer_(self.vision_tower, gen)
+        init_transformer_(self.language_model, gen)
+        init_projector_(self.projector.linears, gen)
         if not self.config.text.tie_word_embeddings:
-            self.lm_head.weight.normal_(0.0, 0.02, generator=gen)
+            init_transformer_(self.lm_head, gen)
         self.carried = unused_vision_tensors(self.config, gen, dtype=self.lm_head.weight.dtype, device=device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "Llava":
         """Load a llava-hf `LlavaForConditionalGeneration` directory or an original-LLaVA directory.
 
-        kwargs: dtype (default: as stored), device, vision_tower (CLIP directory for the original
-        layout when config.json's path is not local), and LlavaConfig overrides such as attention_backend.
+        kwargs: dtype (default: as stored), device, backends (a Backends), vision_tower (CLIP directory for
+        the original layout when config.json's path is not local), and LlavaConfig field overrides.
         """
         from .hf import load_llava
 
         return load_llava(cls, Path(path), **kwargs)
 
     @classmethod
-    def from_components(
-        cls,
-        vision: str | Path,
-        llm: str | Path,
-        projector: str = "mlp2x_gelu",
-        projector_weights: str | Path | None = None,
-        **kwargs,
-    ) -> "Llava":
-        """The stage-1 starting point: a CLIP directory, a LLaMA directory, a new (or loaded) projector."""
+    def from_components(cls, vision: str | Path, llm: str | Path, projector_weights: str | Path | None = None,
+                        **kwargs) -> "Llava":
+        """The stage-1 starting point: a CLIP directory, a LLaMA directory, a new projector (seeded by `seed`,
+        nn.Linear's default initialization as LLaVA's) or the stage-1 one from `projector_weights`.
+
+        kwargs: dtype, device, seed, backends, and LlavaConfig fields the two checkpoints do not hold:
+        projector_type (default "mlp2x_gelu"), vision_feature_layer (-2), vision_feature_select ("patch"),
+        image_token_id (default: the first id after the LLM's vocabulary, for an added <image>).
+        """
         from .hf import load_components
 
-        return load_components(cls, Path(vision), Path(llm), projector, projector_weights, **kwargs)
+        return load_components(cls, Path(vision), Path(llm), projector_weights, **kwargs)
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
                         state: dict[str, torch.Tensor] | None = None) -> None:
@@ -139,6 +157,13 @@ class Llava(nn.Module):
         from .hf import save_llava
 
         save_llava(self, Path(path), max_shard_bytes=max_shard_bytes, state=state)
+
+    def save_components(self, vision_dir: str | Path, llm_dir: str | Path) -> None:
+        """The vision tower as a CLIPVisionModel directory and the LLM (decoder + LM head) as a
+        LlamaForCausalLM directory, which transformers and `Llava.from_components` load."""
+        from .hf import save_components
+
+        save_components(self, Path(vision_dir), Path(llm_dir))
 
     def save_projector(self, path: str | Path) -> None:
         """The projector alone, as safetensors with LLaVA's `mm_projector.*` key names (stage-1 output)."""

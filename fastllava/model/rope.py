@@ -15,7 +15,7 @@ from .config import TextConfig
 
 def inverse_frequencies(cfg: TextConfig, seq_len: int | None = None) -> torch.Tensor:
     """(D/2,) float32 inverse frequencies. `seq_len` matters only for dynamic scaling."""
-    dim = cfg.head_dim
+    dim = cfg.attention_head_dim
     base = cfg.rope_theta
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
@@ -57,6 +57,8 @@ def rotary_cos_sin(cfg: TextConfig, position_ids: torch.Tensor, cu_seqlens: torc
 
 
 def apply_rotary(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys x (T, H, D) by the tables cos, sin (T, D) of their positions (the same for
+    every head), LLaMA's half-split convention: x * cos + rotate_half(x) * sin. Returns (T, H, D)."""
     half = x_THD.shape[-1] // 2
     rotated = torch.cat([-x_THD[..., half:], x_THD[..., :half]], dim=-1)
     return x_THD * cos_TD[:, None, :] + rotated * sin_TD[:, None, :]

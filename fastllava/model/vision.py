@@ -14,6 +14,7 @@ from .config import LlavaConfig, VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's GELU approximation x * sigmoid(1.702 x), elementwise, any shape."""
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -95,15 +96,3 @@ class CLIPVisionTower(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x if self.keep_cls else x[:, 1:]
-
-    @torch.no_grad()
-    def init_weights(self, cfg: VisionConfig, generator: torch.Generator) -> None:
-        """CLIP-style initialization for training from scratch (checkpoints overwrite all of it)."""
-        std = 0.02
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=generator)

@@ -1,27 +1,55 @@
-"""Training: the loop, FSDP2 wiring, optimizer and schedule, checkpoints, metrics.
+"""Training: the loop, FSDP2 wiring, optimizer and schedule, checkpoints, export, metrics.
 
-`main(argv, default_config, stage)` is what recipes/pretrain.py and recipes/finetune.py call.
+`main(argv, stage)` is what recipes/pretrain.py and recipes/finetune.py call; `train(cfg)` runs a Config.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
-from .loop import TrainResult, train
+from ..config import Config, load_config, split_args, usage
+from .distributed import destroy_distributed
+from .trainer import Trainer, TrainResult, train
 
-__all__ = ["TrainResult", "main", "train"]
+__all__ = ["Trainer", "TrainResult", "check_stage", "main", "train"]
+
+RECIPES = {"align": "pretrain", "finetune": "finetune"}
 
 
-def main(argv: list[str], default_config: str | Path, stage: str) -> TrainResult:
-    """Parse `[--config FILE] [key=value ...]`, check the stage, train, tear the process group down."""
-    from ..config import parse_args
-    from .distributed import destroy_distributed
-
-    cfg = parse_args(argv, default_config=default_config)
+def check_stage(cfg: Config, stage: str) -> None:
+    """A recipe runs one stage; a configuration for the other is a mistake worth a clear word."""
     if cfg.train.stage != stage:
         raise ValueError(f"this recipe runs stage {stage!r} but the config says train.stage={cfg.train.stage!r}; "
-                         f"use recipes/{'pretrain' if cfg.train.stage == 'align' else 'finetune'}.py")
+                         f"use recipes/{RECIPES[cfg.train.stage]}.py")
+
+
+def main(argv: list[str], stage: str, *, description: str = "", without_config=None,
+         without_config_help: str = "") -> TrainResult:
+    """`[--config FILE] [section.key=value ...]`: load and check the configuration, train, tear the process
+    group down. Without --config, `without_config(overrides, stage)` supplies the configuration and what to
+    do with the result, `(cfg, after)` (the demo). A configuration mistake exits with its message (no
+    traceback) and status 2."""
+    if any(a in ("-h", "--help") for a in argv):
+        print("\n\n".join(t for t in (description.strip(), usage(), without_config_help) if t))
+        raise SystemExit(0)
+    after = None
     try:
-        return train(cfg)
+        config_path, overrides = split_args(argv)
+        if config_path is not None:
+            cfg = load_config(config_path, overrides)
+        elif without_config is not None:
+            cfg, after = without_config(overrides, stage)
+        else:
+            raise ValueError("no --config FILE given")
+        check_stage(cfg, stage)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        destroy_distributed()
+        raise SystemExit(2) from None
+    try:
+        result = train(cfg)
+        if after is not None:
+            after(result)
+        return result
     finally:
         destroy_distributed()

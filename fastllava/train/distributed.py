@@ -75,13 +75,6 @@ def _resolve_param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dty
     return getattr(torch, cfg.param_dtype)
 
 
-def _blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(vision encoder blocks, decoder blocks) of a Llava-shaped model."""
-    vision = list(getattr(model.vision_tower, "layers", [])) if hasattr(model, "vision_tower") else []
-    decoder = list(model.language_model.layers)
-    return vision, decoder
-
-
 def apply_activation_checkpointing(block: nn.Module, mode: str) -> nn.Module:
     """`full`: recompute the whole block in backward. `selective`: keep the outputs of matmuls that are
     expensive to recompute (mm, attention) and recompute the cheap pointwise ops (norms, activations)."""
@@ -135,15 +128,14 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, 
     ignored: set[nn.Parameter] = set()
     if replicate_llm:
         # Every rank keeps the whole frozen LLM, cast once to the compute dtype: no all-gathers for it.
-        llm_modules = [model.language_model, model.lm_head] if hasattr(model, "lm_head") else [model.language_model]
-        for m in llm_modules:
+        for m in (model.language_model, model.lm_head):
             m.to(param_dtype)
             ignored.update(m.parameters())
         assert not any(p.requires_grad for p in ignored), "replicate applies to the frozen LLM of stage 1"
 
-    vision_blocks, decoder_blocks = _blocks(model)
+    decoder_blocks = list(decoder_layers)
     kw = dict(mesh=mesh, mp_policy=mp)
-    for block in vision_blocks:
+    for block in model.vision_tower.layers:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kw)
     if not replicate_llm:
         for i, block in enumerate(decoder_blocks):

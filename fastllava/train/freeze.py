@@ -1,4 +1,4 @@
-"""Which weights train in each stage.
+"""Which weights train in each stage: the one rule, for our Llava and for any model laid out like it.
 
 align     (stage 1): the projector only. Vision tower and LLM are frozen with requires_grad=False,
           so autograd never computes their weight gradients; the activation gradient still flows back
@@ -14,22 +14,23 @@ from __future__ import annotations
 from torch import nn
 
 STAGES = ("align", "finetune")
+# Each part of a LLaVA model as module paths of fastllava's Llava. Other layouts pass their own, e.g.
+# benchmarks/e2e.py for transformers' LlavaForConditionalGeneration.
+LLAVA_PARTS = {"projector": ("projector",), "llm": ("language_model", "lm_head"), "vision": ("vision_tower",)}
 
 
-def set_trainable(model: nn.Module, stage: str, unfreeze_vision: bool = False) -> dict[str, int]:
+def set_trainable(model: nn.Module, stage: str, unfreeze_vision: bool = False,
+                  parts: dict[str, tuple[str, ...]] = LLAVA_PARTS) -> dict[str, int]:
     """Set requires_grad for `stage`; returns {"trainable": n, "frozen": n} parameter element counts."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    if stage == "finetune":
-        model.language_model.requires_grad_(True)
-        if hasattr(model, "lm_head"):
-            model.lm_head.requires_grad_(True)
-        if unfreeze_vision:
-            model.vision_tower.requires_grad_(True)
-    elif unfreeze_vision:
+    if unfreeze_vision and stage == "align":
         raise ValueError("unfreeze_vision is a stage-2 (finetune) option; stage 'align' trains only the projector")
+    trained = ["projector"] + (["llm"] if stage == "finetune" else []) + (["vision"] if unfreeze_vision else [])
+    model.requires_grad_(False)
+    for part in trained:
+        for path in parts[part]:
+            model.get_submodule(path).requires_grad_(True)
     counts = {"trainable": 0, "frozen": 0}
     for p in model.parameters():
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()

@@ -1,4 +1,4 @@
-"""AdamW with the reference's parameter groups, the learning-rate schedule, and gradient clipping.
+"""AdamW with the reference's parameter groups, transformers' learning-rate schedules, gradient clipping.
 
 Groups as in LLaVA / HF Trainer: weight decay on matrices only (no decay on biases and norm weights,
 i.e. any parameter with fewer than 2 dimensions), and an optional separate learning rate for the
@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import OptimConfig
 
@@ -28,11 +28,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig, projector_prefix: str = "pr
         groups.setdefault((is_projector, decay), []).append(p)
     out = []
     for (is_projector, decay), params in sorted(groups.items()):
-        lr = cfg.projector_lr if is_projector else cfg.lr
         out.append({
             "params": params,
-            "lr": lr,
-            "initial_lr": lr,
+            "lr": cfg.projector_lr if is_projector else cfg.lr,
             "weight_decay": cfg.weight_decay if decay else 0.0,
             "name": ("projector" if is_projector else "model") + ("" if decay else "_no_decay"),
         })
@@ -47,54 +45,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base lr for optimizer step `step` (0-based), as in HF's
-    get_cosine_schedule_with_warmup: linear warmup over ceil(warmup_ratio * total) steps, then decay."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """transformers' schedule (a torch LambdaLR): linear warmup over ceil(warmup_ratio * total_steps) steps
+    from lr 0 at step 0, as the reference's HF Trainer, then cosine / linear decay to 0, or constant."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    if step < warmup:
-        return step / warmup  # step 0 runs at lr 0, exactly as the reference's HF scheduler
     if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    progress = min(progress, 1.0)
-    if cfg.schedule == "linear":
-        decay = 1.0 - progress
-    else:
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, warmup, total_steps)
 
 
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Global L2 norm of the gradients of `params` (FSDP2 shards included), clipped to `max_norm` if > 0.
-
-    Each rank sums the squares of its local shards; one all-reduce gives the global sum. Written out
-    rather than torch.nn.utils.clip_grad_norm_ so the sharded and unsharded cases run the same code on
-    every torch version we support.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    # Sharded (DTensor) gradients: each rank holds a disjoint piece, so the squares are summed over
-    # ranks; plain gradients are whole on every rank and are counted once.
-    sq_sharded = torch.zeros((), device=device)
-    sq_plain = torch.zeros((), device=device)
-    locals_ = []
-    for g in grads:
-        if hasattr(g, "to_local"):
-            g = g.to_local()
-            sq_sharded += g.detach().float().pow(2).sum()
-        else:
-            sq_plain += g.detach().float().pow(2).sum()
-        locals_.append(g)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sq_sharded)
-    sq = sq_sharded + sq_plain
-    norm = float(sq.sqrt())
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        torch._foreach_mul_(locals_, scale)
-    return norm
+    """Global L2 norm of the gradients of `params`, clipped to `max_norm` if > 0 (torch's clip_grad_norm_,
+    which reduces FSDP2's sharded DTensor gradients over ranks); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+    if isinstance(norm, DTensor):  # under FSDP2: the reduction over ranks happens here
+        norm = norm.full_tensor()
+    return float(norm)

@@ -144,7 +144,6 @@ def test_bad_arguments(tmp_path, llama_tok_dir):
 
 
 def test_default_image_loader_reads_real_files(tmp_path, llama_tok_dir):
-    pytest.importorskip("fastllava.data.images")
     from PIL import Image
 
     (tmp_path / "images").mkdir()

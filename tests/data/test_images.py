@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fastllava.data import images as I
+from fastllava.data import images
 
-transformers = pytest.importorskip("transformers")
 try:
     from transformers import CLIPImageProcessorPil as _Processor
 except ImportError:  # older transformers: the classic processor is the PIL one
@@ -22,7 +21,7 @@ PIL_ATOL = 1e-5
 # mean <= 0.0031, max <= 0.057 (4 levels).
 DALI_MEAN_ATOL, DALI_MAX_ATOL = 0.005, 0.075
 
-needs_dali = pytest.mark.skipif(not I.HAS_DALI, reason="nvidia.dali not importable (pip install nvidia-dali-cuda120)")
+needs_dali = pytest.mark.skipif(not images.HAS_DALI, reason="nvidia.dali not importable (pip install nvidia-dali-cuda120)")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ SIZES = [(640, 480), (333, 517), (200, 180), (97, 1025), (336, 336), (1, 1), (2,
 def test_pil_matches_clip_processor(tmp_path, processor, wh, mode):
     path = tmp_path / "img.png"
     Image.fromarray(_photo(*wh)).save(path)
-    out = I.load_image(path, mode, SIZE, backend="pil")
+    out = images.load_image(path, mode, SIZE, backend="pil")
     assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.float32
     ref = _reference(processor, Image.open(path).convert("RGB"), mode)
     torch.testing.assert_close(out, ref, atol=PIL_ATOL, rtol=0)
@@ -65,9 +64,9 @@ def test_pil_matches_clip_processor(tmp_path, processor, wh, mode):
 
 def test_geometry_truncates_like_clip():
     # 336 * 517 / 333 = 521.6...: CLIP truncates to 521 (rounding would give 522); crop offset 92.
-    assert I.resize_geometry(333, 517, "square", 336)[1:] == ((336, 521), (0, 92))
+    assert images.resize_geometry(333, 517, "square", 336)[1:] == ((336, 521), (0, 92))
     # pad: 333 x 517 centred on 517 x 517 at x = (517 - 333) // 2 = 92
-    assert I.resize_geometry(333, 517, "pad", 336)[0] == (-92, 0, 517, 517)
+    assert images.resize_geometry(333, 517, "pad", 336)[0] == (-92, 0, 517, 517)
 
 
 def _odd_modes(tmp_path):
@@ -101,7 +100,7 @@ def _odd_modes(tmp_path):
 @pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
 def test_odd_modes(tmp_path, processor, backend):
     for name, (path, expected) in _odd_modes(tmp_path).items():
-        out = I.load_image(path, "pad", SIZE, backend=backend)
+        out = images.load_image(path, "pad", SIZE, backend=backend)
         ref = _reference(processor, expected, "pad")
         # these files are routed to Pillow except plain L; L goes through DALI
         err = (out - ref).abs()
@@ -113,8 +112,8 @@ def test_odd_modes(tmp_path, processor, backend):
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     wide = np.full((20, 30), 128 * 257, dtype=np.uint16)
     Image.fromarray(wide).save(p := tmp_path / "g16.png")
-    out = I.load_image(p, "square", 8, backend="pil")
-    expected = (128 / 255 - torch.tensor(I.CLIP_MEAN)) / torch.tensor(I.CLIP_STD)
+    out = images.load_image(p, "square", 8, backend="pil")
+    expected = (128 / 255 - torch.tensor(images.CLIP_MEAN)) / torch.tensor(images.CLIP_STD)
     torch.testing.assert_close(out[:, 0, 0], expected, atol=1e-5, rtol=0)
 
 
@@ -126,7 +125,7 @@ def test_exif_orientation_applied(tmp_path, processor, backend):
     base.save(p := tmp_path / "rotated.jpg", exif=exif, quality=95)
     upright = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
     assert upright.size == (120, 200)
-    out = I.load_image(p, "pad", SIZE, backend=backend)
+    out = images.load_image(p, "pad", SIZE, backend=backend)
     torch.testing.assert_close(out, _reference(processor, upright, "pad"), atol=PIL_ATOL, rtol=0)
     ignored = _reference(processor, Image.open(p).convert("RGB"), "pad")  # what LLaVA would feed
     assert (out - ignored).abs().mean() > 0.1
@@ -140,13 +139,13 @@ def test_dali_matches_clip_processor(tmp_path, processor, mode):
         Image.fromarray(_photo(*wh, seed=k)).save(p := tmp_path / f"{k}.jpg", quality=95)
         paths.append(p)
         refs.append(_reference(processor, Image.open(p).convert("RGB"), mode))
-    out = I.load_images(paths, mode, SIZE, backend="dali")
+    out = images.load_images(paths, mode, SIZE, backend="dali")
     assert out.shape == (len(paths), 3, SIZE, SIZE)
     for k, ref in enumerate(refs):
         err = (out[k] - ref).abs()
         assert err.mean() < DALI_MEAN_ATOL and err.max() < DALI_MAX_ATOL, (paths[k], float(err.mean()), float(err.max()))
     # the DALI path was taken: its resize is not bit-identical to Pillow's on these images
-    assert (out[0] - I.load_image(paths[0], mode, SIZE, backend="pil")).abs().max() > 0
+    assert (out[0] - images.load_image(paths[0], mode, SIZE, backend="pil")).abs().max() > 0
 
 
 def test_large_image_and_pixel_limit(tmp_path, monkeypatch):
@@ -154,11 +153,11 @@ def test_large_image_and_pixel_limit(tmp_path, monkeypatch):
     small = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
     big = Image.fromarray(small).resize((8000, 6000), Image.Resampling.NEAREST)
     big.save(p := tmp_path / "big.jpg", quality=80)
-    out = I.load_image(p, "pad", SIZE, backend="pil")
+    out = images.load_image(p, "pad", SIZE, backend="pil")
     assert out.shape == (3, SIZE, SIZE) and torch.isfinite(out).all()
-    monkeypatch.setattr(I, "MAX_IMAGE_PIXELS", 8000 * 6000 - 1)
-    with pytest.raises(I.ImageError, match="big.jpg.*MAX_IMAGE_PIXELS"):
-        I.load_image(p, backend="pil")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 8000 * 6000 - 1)
+    with pytest.raises(images.ImageError, match="big.jpg.*MAX_IMAGE_PIXELS"):
+        images.load_image(p, backend="pil")
 
 
 def _bad_files(tmp_path):
@@ -175,18 +174,18 @@ def _bad_files(tmp_path):
 @pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
 def test_bad_files_raise_image_error_naming_path(tmp_path, backend):
     for bad in _bad_files(tmp_path):
-        with pytest.raises(I.ImageError) as info:
-            I.load_image(bad, backend=backend)
+        with pytest.raises(images.ImageError) as info:
+            images.load_image(bad, backend=backend)
         assert str(bad) in str(info.value) and info.value.path == str(bad)
         assert isinstance(info.value, ValueError)
     # in a batch, the bad file is named even though its neighbours are fine
     paths = [tmp_path / "good.jpg", tmp_path / "truncated.jpg", tmp_path / "good.png"]
-    with pytest.raises(I.ImageError, match="truncated.jpg"):
-        I.load_images(paths, backend=backend)
+    with pytest.raises(images.ImageError, match="truncated.jpg"):
+        images.load_images(paths, backend=backend)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
-        I.load_image("x.jpg", mode="resize")
+        images.load_image("x.jpg", mode="resize")
     with pytest.raises(ValueError, match="backend"):
-        I.load_image("x.jpg", backend="cv2")
+        images.load_image("x.jpg", backend="cv2")

@@ -132,6 +132,44 @@ def test_from_components_new_projector_is_seeded(hf_llava_dir, tmp_path):
     assert a.config.image_token_id == 128  # the next id after the LLM's vocabulary, for the added <image>
 
 
+def test_save_components_load_in_transformers_and_back(hf_llava_dir, tmp_path):
+    """The tower as a CLIPVisionModel directory and the LLM as a LlamaForCausalLM directory: transformers loads
+    them completely and computes what the LLaVA they came from computes; from_components rebuilds it."""
+    path, hf = hf_llava_dir
+    model = Llava.from_pretrained(path)
+    model.save_components(tmp_path / "clip", tmp_path / "llama")
+    model.save_projector(tmp_path / "projector.safetensors")
+    clip, clip_info = CLIPVisionModel.from_pretrained(tmp_path / "clip", output_loading_info=True)
+    llama, llama_info = LlamaForCausalLM.from_pretrained(tmp_path / "llama", output_loading_info=True)
+    for info in (clip_info, llama_info):
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, IMAGE_TOKEN, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = clip.eval()(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        assert rel_err(features, model.vision_tower(pixels)) <= 1e-5
+        assert rel_err(llama.eval()(input_ids=ids).logits, hf(input_ids=ids).logits) <= 1e-5
+    rebuilt = Llava.from_components(tmp_path / "clip", tmp_path / "llama", tmp_path / "projector.safetensors",
+                                    image_token_id=IMAGE_TOKEN)
+    samples = make_samples(8)
+    assert torch.equal(logits(rebuilt, samples), logits(model, samples))
+
+
+def test_new_projectors_start_as_llavas_in_both_paths(hf_llava_dir, tmp_path):
+    """One rule for a new projector, from checkpoints or from scratch: nn.Linear's default (Kaiming-uniform,
+    bounds 1/sqrt(fan_in)), as LLaVA's stage 1 starts; not the 0.02-normal of the transformer weights."""
+    from fastllava.testing import tiny_config
+
+    Llava.from_pretrained(hf_llava_dir[0]).save_components(tmp_path / "clip", tmp_path / "llama")
+    scratch = Llava.from_config(tiny_config(), seed=2)
+    for model in (Llava.from_components(tmp_path / "clip", tmp_path / "llama", seed=2), scratch):
+        for linear in model.projector.linears:
+            bound = linear.in_features ** -0.5
+            for p in (linear.weight, linear.bias):
+                assert p.abs().max() <= bound and p.std() > 0.8 * bound / 3 ** 0.5
+    assert abs(scratch.lm_head.weight.std().item() - 0.02) < 0.005
+
+
 def test_resize_token_embeddings_pads_to_64_with_mean_rows(hf_llava_dir):
     model = Llava.from_pretrained(hf_llava_dir[0])
     old = model.language_model.embed_tokens.weight.clone()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_llava import IMAGE_TOKEN, hf_logits_per_sample, make_hf_llava, make_samples, pack, rel_err
+from tiny_llava import hf_logits_per_sample, make_hf_llava, make_samples, pack, rel_err
 from transformers import LlavaForConditionalGeneration
 
 from fastllava import Llava
@@ -94,16 +94,9 @@ def test_gradients_flow_to_every_trained_parameter(hf_llava_dir):
 
 
 def test_from_config_trains_from_scratch_and_exports(tmp_path):
-    from fastllava import LlavaConfig
-    from fastllava.model import TextConfig, VisionConfig
+    from fastllava.testing import tiny_config
 
-    cfg = LlavaConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=28, patch_size=14),
-        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2),
-        image_token_id=IMAGE_TOKEN,
-    )
+    cfg = tiny_config(text={"num_key_value_heads": 2})
     model = Llava.from_config(cfg, seed=3)
     again = Llava.from_config(cfg, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -1,46 +1,24 @@
-"""Tiny random transformers LLaVA models and packed batches shared by the model tests."""
+"""Tiny transformers LLaVA models (fastllava.testing's shape) and packed batches shared by the model tests."""
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from fastllava import PackedBatch
+from fastllava.testing import TINY_IMAGE_TOKEN as IMAGE_TOKEN
+from fastllava.testing import TINY_TEXT, tiny_config, tiny_hf_llava
 
-IMAGE_TOKEN = 120
-VOCAB = 128
+VOCAB = TINY_TEXT["vocab_size"]
 ROPES = {
-    "default": {"rope_type": "default", "rope_theta": 10000.0},
-    "llama3": {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    },
-    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "default": {},
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
 }
 
 
 def make_hf_llava(*, kv_heads=4, rope="default", tie=False, select="default", seed=0):
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=14
-    )
-    text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, rope_parameters=dict(ROPES[rope]), tie_word_embeddings=tie,
-        max_position_embeddings=64,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-        vision_feature_select_strategy=select, tie_word_embeddings=tie,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    # transformers' init leaves norms at 1 and biases at 0, which would hide mistakes in them.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if "norm" in name else 0.2) + ("norm" in name and name.endswith("weight")))
-    return model
+    config = tiny_config(text={"num_key_value_heads": kv_heads, "tie_word_embeddings": tie, **ROPES[rope]},
+                         vision_feature_select={"default": "patch", "full": "cls_patch"}[select])
+    return tiny_hf_llava(config, seed=seed)
 
 
 def make_samples(seed=0, image_size=28):

@@ -8,9 +8,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_tiny import ToyDataset, tiny_config, tiny_model  # noqa: E402
-
-from fastllava.train.loop import train  # noqa: E402
+from train_tiny import ToyDataset, run, tiny_config, tiny_model  # noqa: E402
 
 RUNS = {
     "finetune": ["train.max_steps=3", "checkpoint.every_steps=3"],
@@ -22,7 +20,7 @@ def run_all(out: Path) -> dict:
     results = {}
     for name, overrides in RUNS.items():
         cfg = tiny_config(out / name, "train.global_batch_size=8", *overrides)
-        r = train(cfg, model=tiny_model(), dataset=ToyDataset(40))
+        r = run(cfg, tiny_model(), ToyDataset(40))
         full = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         results[name] = {"losses": r.losses, "grad_norms": r.grad_norms, "params": {k: v.clone() for k, v in full.items()},
                          "export": str(r.export), "checkpoint": str(r.checkpoint)}

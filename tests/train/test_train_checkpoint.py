@@ -13,17 +13,16 @@ import pytest
 import torch
 
 from fastllava.train.checkpoint import COMPLETE, find_resume, list_complete
-from fastllava.train.loop import train
 
-from train_tiny import ToyDataset, tiny_config, tiny_model
+from train_tiny import ToyDataset, run, tiny_config, tiny_model
 
 HERE = Path(__file__).parent
 
 
 def test_resume_is_exact_and_skips_partial_checkpoints(tmp_path):
     common = ["train.max_steps=6", "data.max_tokens_per_pack=64", "optim.warmup_ratio=0.3"]
-    full = train(tiny_config(tmp_path / "a", *common, "checkpoint.every_steps=3", "checkpoint.keep_last=0"),
-                 model=tiny_model(), dataset=ToyDataset(48))
+    full = run(tiny_config(tmp_path / "a", *common, "checkpoint.every_steps=3", "checkpoint.keep_last=0"),
+               tiny_model(), ToyDataset(48))
     assert [p.name for _, p in list_complete(tmp_path / "a" / "checkpoints")] == ["step_00000003", "step_00000006"]
 
     # A fresh run directory holding the step-3 checkpoint and two broken newer ones.
@@ -42,7 +41,7 @@ def test_resume_is_exact_and_skips_partial_checkpoints(tmp_path):
     with torch.no_grad():
         for p in list(model.language_model.parameters()) + list(model.projector.parameters()):
             p.add_(0.5)
-    resumed = train(tiny_config(tmp_path / "b", *common), model=model, dataset=ToyDataset(48))
+    resumed = run(tiny_config(tmp_path / "b", *common), model, ToyDataset(48))
     assert sorted(resumed.losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-6), step
@@ -51,34 +50,32 @@ def test_resume_is_exact_and_skips_partial_checkpoints(tmp_path):
 
 
 def test_resume_refuses_a_changed_plan(tmp_path):
-    train(tiny_config(tmp_path, "train.max_steps=1", "checkpoint.every_steps=1"), model=tiny_model(),
-          dataset=ToyDataset(16))
+    run(tiny_config(tmp_path, "train.max_steps=1", "checkpoint.every_steps=1"), tiny_model(), ToyDataset(16))
     with pytest.raises(ValueError, match="global_batch"):
-        train(tiny_config(tmp_path, "train.max_steps=2", "train.global_batch_size=4"), model=tiny_model(),
-              dataset=ToyDataset(16))
+        run(tiny_config(tmp_path, "train.max_steps=2", "train.global_batch_size=4"), tiny_model(), ToyDataset(16))
 
 
 _SCRIPT = """
 import sys
 sys.path.insert(0, {here!r})
-from train_tiny import ToyDataset, tiny_config, tiny_model
-from fastllava.train.loop import train
-r = train(tiny_config({out!r}, "train.max_steps=400", "train.global_batch_size=4", "checkpoint.every_steps=0"),
-          model=tiny_model(), dataset=ToyDataset(2000))
+from train_tiny import ToyDataset, run, tiny_config, tiny_model
+cfg = tiny_config({out!r}, "train.max_steps=400", "train.global_batch_size=4", "logging.progress=true")
+r = run(cfg, tiny_model(), ToyDataset(2000))
 print("interrupted", r.interrupted, r.checkpoint, flush=True)
 """
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
+    # A progress line per step (stdout is a pipe, not a terminal): the test waits for step 2 in the log.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1]), "FASTLLAVA_PROGRESS_INTERVAL": "0"}
     proc = subprocess.Popen([sys.executable, "-c", _SCRIPT.format(here=str(HERE), out=str(out))], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step 2/"):
+        if line.startswith("train:") and " 2/400 " in line:
             proc.send_signal(signal.SIGTERM)
             break
         assert time.monotonic() < deadline, "".join(lines)
@@ -89,5 +86,5 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     done = list_complete(out / "checkpoints")
     assert len(done) == 1 and 2 <= done[0][0] < 400, text
     names = {p.name for p in done[0][1].iterdir()}
-    assert {COMPLETE, "trainer_state.pt", "rng_rank0.pt", ".metadata"} <= names
+    assert {COMPLETE, "trainer_state.json", "rng_rank0.json", "optimizer.json"} <= names
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]

@@ -9,10 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastllava import PackedBatch
 from fastllava.train.freeze import set_trainable
-from fastllava.train.loop import train
-from fastllava.train.metrics import FlopModel, pack_stats
+from fastllava.flops import FlopModel, pack_stats
 
-from train_tiny import ToyDataset, tiny_config, tiny_model
+from train_tiny import ToyDataset, run, tiny_config, tiny_model
 
 va = importlib.import_module("fastllava.ops.varlen_attention")
 
@@ -23,8 +22,7 @@ def _full(t):
 
 def test_align_trains_exactly_the_projector(tmp_path):
     init = {n: p.detach().clone() for n, p in tiny_model().named_parameters()}
-    r = train(tiny_config(tmp_path, "train.stage=align", "train.max_steps=2", "optim.lr=0.05"),
-              model=tiny_model(), dataset=ToyDataset(24))
+    r = run(tiny_config(tmp_path, "train.stage=align", "train.max_steps=2", "optim.lr=0.05"), tiny_model(), ToyDataset(24))
     model, opt = r.model, r.optimizer
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
@@ -73,8 +71,8 @@ def test_step_independent_of_pack_budget(tmp_path):
     same losses, gradient norms and parameters."""
     results = []
     for budget in (64, 1024):
-        r = train(tiny_config(tmp_path / str(budget), "train.max_steps=3", f"data.max_tokens_per_pack={budget}"),
-                  model=tiny_model(), dataset=ToyDataset(24))
+        r = run(tiny_config(tmp_path / str(budget), "train.max_steps=3", f"data.max_tokens_per_pack={budget}"),
+                tiny_model(), ToyDataset(24))
         results.append((r, {n: _full(p) for n, p in r.model.named_parameters()}))
     (a, pa), (b, pb) = results
     assert a.summary["steps"] == 3
@@ -118,13 +116,14 @@ def test_flop_model_matches_torch_counter(stage, unfreeze, monkeypatch):
 
 
 def test_mfu_peaks():
-    from fastllava.train.metrics import Meter, device_peak_tflops, format_summary
+    from fastllava.hardware import peak_tflops
+    from fastllava.train.metrics import Meter, format_summary
 
-    assert device_peak_tflops(torch.device("cpu")) is None  # CPU: MFU n/a
-    assert device_peak_tflops(torch.device("cpu"), override=100.0) == 100.0
-    meter = Meter(total_steps=1, start_step=0, world_size=2, peak_tflops=100.0, show_bar=False)
+    assert peak_tflops(torch.device("cpu")) is None  # CPU: MFU n/a
+    assert peak_tflops(torch.device("cpu"), override=100.0) == 100.0
+    meter = Meter(total_steps=1, start_step=0, world_size=2, peak_tflops=100.0, show_progress=False)
     assert meter.mfu(flops=100e12, seconds=2.0) == pytest.approx(0.25)  # 50 TFLOP/s of 2 x 100
-    assert Meter(total_steps=1, start_step=0, world_size=1, peak_tflops=None, show_bar=False).mfu(1.0, 1.0) is None
+    assert Meter(total_steps=1, start_step=0, world_size=1, peak_tflops=None, show_progress=False).mfu(1.0, 1.0) is None
     summary = {"steps": 2, "wall_clock_s": 61.0, "samples": 8, "tokens": 100, "tokens_per_s": 5.0, "mfu": None,
                "final_loss": 1.5, "peak_memory_gib": None}
     assert "n/a" in format_summary(summary) and "01:01" in format_summary(summary)
@@ -134,7 +133,7 @@ def test_activation_checkpointing_modes_agree(tmp_path):
     """Recomputation changes memory, not results: full and selective give the losses and gradients of none."""
     runs = {}
     for mode in ("none", "full", "selective"):
-        r = train(tiny_config(tmp_path / mode, "train.max_steps=2", f"parallel.activation_checkpointing={mode}"),
-                  model=tiny_model(), dataset=ToyDataset(16))
+        r = run(tiny_config(tmp_path / mode, "train.max_steps=2", f"parallel.activation_checkpointing={mode}"),
+                tiny_model(), ToyDataset(16))
         runs[mode] = (r.losses, r.grad_norms)
     assert runs["full"] == runs["none"] and runs["selective"] == runs["none"]

@@ -1,5 +1,6 @@
-"""Shared setup of the training tests: a tiny Llava and an in-memory dataset with the LlavaDataset
-interface (lengths() and __getitem__ -> input_ids / labels / pixel_values), deterministic per index."""
+"""Shared setup of the training tests: a tiny Llava (fastllava.testing) and an in-memory dataset with the
+LlavaDataset interface (lengths() and __getitem__ -> input_ids / labels / pixel_values), deterministic per
+index, and the Config of such runs."""
 
 from __future__ import annotations
 
@@ -7,28 +8,21 @@ import numpy as np
 import torch
 
 from fastllava.config import load_config
-from fastllava.model import Llava, LlavaConfig
+from fastllava.testing import tiny_config as tiny_architecture
+from fastllava.testing import tiny_model as _tiny_model
 
 IMAGE_TOKEN = 299
 PAD = 0
 VOCAB = 300
 IMAGE_SIZE = 28
 NUM_IMAGE_TOKENS = 4  # (28 / 14)^2
-
-ARCH = {
-    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "image_size": IMAGE_SIZE, "patch_size": 14},
-    "text": {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2},
-}
+ARCHITECTURE = tiny_architecture(vision={"num_hidden_layers": 2, "num_attention_heads": 2},
+                                 text={"vocab_size": VOCAB, "intermediate_size": 128, "num_key_value_heads": 2},
+                                 vision_feature_layer=-1, image_token_id=IMAGE_TOKEN, pad_token_id=PAD)
 
 
-def tiny_model(seed: int = 0) -> Llava:
-    config = LlavaConfig(vision=dict(ARCH["vision"]), text=dict(ARCH["text"]), projector_type="mlp2x_gelu",
-                         vision_feature_layer=-1, image_token_id=IMAGE_TOKEN, pad_token_id=PAD,
-                         attention_backend="torch", projector_backend="torch", merge_backend="torch",
-                         loss_backend="torch")
-    return Llava.from_config(config, seed=seed)
+def tiny_model(seed: int = 0):
+    return _tiny_model(ARCHITECTURE, seed=seed)
 
 
 class ToyDataset:
@@ -67,12 +61,19 @@ class ToyDataset:
 
 
 def tiny_config(out_dir, *overrides: str):
-    """A Config for the toy runs: fp32 on CPU, no progress bar, data passed in by the test."""
+    """A Config for the toy runs: fp32 on CPU, no progress display, model and data passed in by the test."""
     return load_config(None, [
-        "model.source=scratch", "model.architecture={}", "data.kind=synthetic",
+        "model.source=scratch", "model.architecture={}",
         "data.max_tokens_per_pack=64", "data.model_max_length=64", "data.num_workers=0",
         "train.global_batch_size=8", "train.device=cpu", f"train.output_dir={out_dir}",
         "optim.lr=1e-3", "optim.warmup_ratio=0.0", "optim.weight_decay=0.01",
         "parallel.activation_checkpointing=none", "logging.progress=false", "checkpoint.every_steps=0",
         *overrides,
     ])
+
+
+def run(cfg, model=None, dataset=None):
+    """Train `model` (default tiny_model()) on `dataset` as `cfg` says; returns the TrainResult."""
+    from fastllava.train import Trainer
+
+    return Trainer(cfg, model or tiny_model(), dataset).run()

@@ -10,8 +10,7 @@ model's ordinary training forward with `return_logits=True`.
 
 An answer is right when, normalized (lower case, articles and punctuation dropped, number words as
 digits), it equals the normalized reference. The question type of each turn comes from the sample's
-"question_types" list (one entry per gpt turn, as fastllava.data.synthetic writes); without it the type is
-"all".
+"question_types" list (one entry per gpt turn, as demo/world.py writes); without it the type is "all".
 """
 
 from __future__ import annotations
@@ -160,36 +159,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_vqa(
-    model,
-    eval_json: str | Path | Sequence[dict],
-    image_folder: str | Path,
-    tokenizer,
-    template="vicuna_v1",
-    *,
-    image_mode: str = "pad",
-    image_size: int | None = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 64,
-    max_samples: int | None = None,
-    device: torch.device | str | None = None,
-    encode: Callable | None = None,
-    load_pixels: Callable | None = None,
-    num_examples: int = 5,
-) -> dict:
-    """Greedy-decode every held-out question and score it.
-
-    model: returns `.logits` (T, V) for `model(PackedBatch, return_logits=True)` and has `.config` with
-    `image_token_id`, `num_image_tokens`, `vision.image_size` (a fastllava Llava). Under FSDP call it on
-    every rank with the same arguments: ranks decode identical batches and agree on when to stop.
-    encode / load_pixels override tokenization (default: fastllava.data.tokenize.tokenize_conversation
-    with `template`) and image loading (default: fastllava.data.images.load_image, `image_mode`, the
-    model's image size) - for tests and other data.
-
-    Returns {"accuracy", "correct", "num_questions", "per_type": {type: {"correct", "total", "accuracy"}},
-    "table": str, "mistakes": [{"id", "type", "truth", "answer"}, ...] (up to num_examples)}.
-    """
-    config = model.config
+def _read_samples(eval_json, max_samples: int | None) -> tuple[list[dict], str]:
     if isinstance(eval_json, (str, Path)):
         try:
             samples = json.loads(Path(eval_json).read_text())
@@ -198,58 +168,24 @@ def evaluate_vqa(
         source = str(eval_json)
     else:
         samples, source = list(eval_json), "eval samples"
-    if max_samples is not None:
-        samples = samples[:max_samples]
+    samples = samples[:max_samples] if max_samples is not None else samples
     if not samples:
         raise ValueError(f"evaluate_vqa: {source} has no samples")
-    if encode is None:
-        from ..data.tokenize import tokenize_conversation
+    return samples, source
 
-        def encode(turns):
-            return tokenize_conversation(turns, tokenizer, template)
 
-    if load_pixels is None:
-        from ..data.images import load_image
+def _stop_token_ids(tokenizer, template) -> set[int]:
+    """EOS, and the template's end-of-answer marker when it is one token (vicuna_v1 "</s>", plain "\n")."""
+    from ..data.templates import get_template
 
-        size = image_size or config.vision.image_size
-        folder = Path(image_folder)
+    stop = {tokenizer.eos_token_id}
+    marker = tokenizer.convert_tokens_to_ids(get_template(template).stop_str)
+    if marker not in (None, tokenizer.unk_token_id):
+        stop.add(marker)
+    return stop
 
-        def load_pixels(image):
-            paths = image if isinstance(image, list) else [image]
-            return torch.stack([load_image(folder / p, mode=image_mode, size=size) for p in paths])
 
-    if device is None:
-        device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
-    # vicuna_v1 answers end with "</s>", plain captions with "\n": stop on the template's marker too.
-    stop_token_ids = {tokenizer.eos_token_id}
-    stop_str = getattr(template, "stop_str", None)
-    if stop_str is None and isinstance(template, str):
-        from ..data.templates import get_template
-
-        stop_str = get_template(template).stop_str
-    if stop_str is not None and tokenizer.convert_tokens_to_ids(stop_str) not in (None, tokenizer.unk_token_id):
-        stop_token_ids.add(tokenizer.convert_tokens_to_ids(stop_str))
-    questions = build_questions(samples, encode, load_pixels, source=source)
-
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        answers: list[list[int]] = []
-        for lo in range(0, len(questions), batch_size):
-            answers += greedy_decode(
-                model,
-                questions[lo : lo + batch_size],
-                image_token_id=config.image_token_id,
-                num_image_tokens=config.num_image_tokens,
-                stop_token_ids=stop_token_ids,
-                max_new_tokens=max_new_tokens,
-                device=device,
-            )
-    finally:
-        if was_training:
-            model.train()
-
+def _score(questions: Sequence[Question], answers: Sequence[list[int]], tokenizer, num_examples: int) -> dict:
     per_type: dict[str, dict] = {}
     mistakes = []
     for q, ids in zip(questions, answers):
@@ -263,12 +199,59 @@ def evaluate_vqa(
     for r in per_type.values():
         r["accuracy"] = r["correct"] / r["total"]
     correct = sum(r["correct"] for r in per_type.values())
-    results = {
-        "accuracy": correct / len(questions),
-        "correct": correct,
-        "num_questions": len(questions),
-        "per_type": dict(sorted(per_type.items())),
-        "mistakes": mistakes,
-    }
+    results = {"accuracy": correct / len(questions), "correct": correct, "num_questions": len(questions),
+               "per_type": dict(sorted(per_type.items())), "mistakes": mistakes}
     results["table"] = format_table(results)
     return results
+
+
+def evaluate_vqa(
+    model,
+    eval_json: str | Path | Sequence[dict],
+    image_folder: str | Path,
+    tokenizer,
+    template="vicuna_v1",
+    *,
+    image_mode: str = "pad",
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    num_examples: int = 5,
+) -> dict:
+    """Greedy-decode every held-out question and score it.
+
+    model: returns `.logits` (T, V) for `model(PackedBatch, return_logits=True)` and has `.config` with
+    `image_token_id`, `num_image_tokens`, `vision.image_size` (a fastllava Llava). Under FSDP call it on
+    every rank with the same arguments: ranks decode identical batches and agree on when to stop.
+    Prompts are tokenized with `template` (tokenize_conversation, as the training data), images loaded with
+    `image_mode` at the model's image size.
+
+    Returns {"accuracy", "correct", "num_questions", "per_type": {type: {"correct", "total", "accuracy"}},
+    "table": str, "mistakes": [{"id", "type", "truth", "answer"}, ...] (up to num_examples)}.
+    """
+    from ..data.images import load_image
+    from ..data.tokenize import tokenize_conversation
+
+    config = model.config
+    samples, source = _read_samples(eval_json, max_samples)
+    folder, size = Path(image_folder), config.vision.image_size
+
+    def load_pixels(image):
+        paths = image if isinstance(image, list) else [image]
+        return torch.stack([load_image(folder / p, mode=image_mode, size=size) for p in paths])
+
+    questions = build_questions(samples, lambda turns: tokenize_conversation(turns, tokenizer, template), load_pixels,
+                                source=source)
+    device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    try:
+        answers: list[list[int]] = []
+        for lo in range(0, len(questions), batch_size):
+            answers += greedy_decode(model, questions[lo : lo + batch_size], image_token_id=config.image_token_id,
+                                     num_image_tokens=config.num_image_tokens,
+                                     stop_token_ids=_stop_token_ids(tokenizer, template),
+                                     max_new_tokens=max_new_tokens, device=device)
+    finally:
+        model.train(was_training)
+    return _score(questions, answers, tokenizer, num_examples)

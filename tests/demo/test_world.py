@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastllava.data import synthetic
-from fastllava.data.synthetic import COLORS, POSITIONS, RESPONSE_FORMAT, make_demo_dataset
+from fastllava.demo import world
+from fastllava.demo.world import COLORS, POSITIONS, RESPONSE_FORMAT, make_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,14 @@ def test_answers_match_pixels(demo):
         assert set(cells.values()) == {(a["color"], a["shape"])}, where  # copies of one coloured shape
         assert a["position"] == " and ".join(", ".join(p for p in POSITIONS if p in cells).rsplit(", ", 1)), where
         for qtype, question in q.items():
-            assert question in synthetic.QUESTIONS[qtype], where
+            assert question in world.QUESTIONS[qtype], where
         checked += 1
     assert checked >= 20
     # The stage-1 captions describe the same pictures.
     for c in json.loads(demo.pretrain_json.read_text())[:30]:
         cells = _read_cells(demo.image_folder / c["image"])
-        expected = synthetic.describe(
-            [synthetic.Shape(k, col, POSITIONS.index(pos), (0, 0, 0, 0)) for pos, (col, k) in cells.items()]
+        expected = world.describe(
+            [world.Shape(k, col, POSITIONS.index(pos), (0, 0, 0, 0)) for pos, (col, k) in cells.items()]
         )
         assert c["conversations"][1]["value"] == expected
 
@@ -102,8 +102,8 @@ def test_scene_shapes_are_where_they_are_said(demo):
 
     rng = random.Random(0)
     for _ in range(50):
-        size = rng.choice(synthetic.DEFAULT_IMAGE_SIZES)
-        image, shapes = synthetic.draw_scene(rng, size)
+        size = rng.choice(world.DEFAULT_IMAGE_SIZES)
+        image, shapes = world.draw_scene(rng, size)
         assert image.size == size
         cells = [s.cell for s in shapes]
         assert len(set(cells)) == len(cells) and len({(s.color, s.kind) for s in shapes}) == 1
@@ -125,7 +125,7 @@ def test_images_are_non_square_in_several_sizes(demo):
             with Image.open(demo.image_folder / s["image"]) as im:
                 assert im.format == "JPEG"
                 sizes.add(im.size)
-    assert sizes == set(synthetic.DEFAULT_IMAGE_SIZES)
+    assert sizes == set(world.DEFAULT_IMAGE_SIZES)
     assert sum(w != h for w, h in sizes) >= 3
 
 
@@ -151,7 +151,7 @@ def test_cache_replaces_stale_datasets_and_refuses_foreign_directories(tmp_path)
     paths = make_demo_dataset(root, n_train=9, n_eval=4)  # other parameters: rebuilt in place
     assert len(json.loads(paths.train_json.read_text())) == 9
     assert not (root / "images" / "train" / "extra.jpg").exists()
-    assert synthetic.is_complete(root, n_train=9, n_eval=4, seed=0, image_sizes=synthetic.DEFAULT_IMAGE_SIZES,
+    assert world.is_complete(root, n_train=9, n_eval=4, seed=0, image_sizes=world.DEFAULT_IMAGE_SIZES,
                                  text_fraction=0.1, describe_fraction=1.0)
     assert [p.name for p in tmp_path.iterdir()] == ["stale"]  # no temporary or old copies left
     foreign = tmp_path / "foreign"
@@ -167,9 +167,9 @@ def test_cache_replaces_stale_datasets_and_refuses_foreign_directories(tmp_path)
 def test_default_cache_dir_follows_env_and_params(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path))
     params = dict(n_train=5, n_eval=2, seed=0, image_sizes=[(64, 48)], text_fraction=0.1, describe_fraction=1.0)
-    a = synthetic.default_cache_dir(**params)
-    assert a.parent == tmp_path and a == synthetic.default_cache_dir(**params)
-    assert a != synthetic.default_cache_dir(**{**params, "seed": 1})
+    a = world.default_cache_dir(**params)
+    assert a.parent == tmp_path and a == world.default_cache_dir(**params)
+    assert a != world.default_cache_dir(**{**params, "seed": 1})
     paths = make_demo_dataset(n_train=5, n_eval=2, image_sizes=[(64, 48)])
     assert paths.root == a and (a / "COMPLETE.json").is_file()
 

@@ -1,5 +1,5 @@
 """Contrastive vision pretraining: the loss against a hand-written CLIP loss, that it teaches the tower
-what captions name (a shape probe on held-out images), the once-per-run file, and bad caption files."""
+what captions name (a shape probe on held-out images), and bad caption files."""
 
 import json
 import math
@@ -8,13 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastllava.data.synthetic import SHAPES, make_demo_dataset
 from fastllava.data.tokenize import load_tokenizer
-from fastllava.model import Llava, LlavaConfig
-from fastllava.train import contrastive
-from fastllava.train.distributed import DistEnv
-
-from train_tiny import tiny_config
+from fastllava.demo import tower as contrastive
+from fastllava.demo.world import SHAPES, make_demo_dataset
+from fastllava.testing import tiny_config, tiny_model
 
 IMAGE, PATCH = 56, 28
 
@@ -52,12 +49,11 @@ def demo(tmp_path_factory):
 
 
 def tiny_llava(vocab_size):
-    cfg = LlavaConfig(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=IMAGE, patch_size=PATCH),
-                      text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, vocab_size=vocab_size),
-                      vision_feature_layer=-1, image_token_id=4, pad_token_id=3)
-    return Llava.from_config(cfg, seed=0)
+    return tiny_model(tiny_config(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              image_size=IMAGE, patch_size=PATCH),
+                                  text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=vocab_size),
+                                  vision_feature_layer=-1, image_token_id=4, pad_token_id=3))
 
 
 def shape_probe(tower, pixels, labels, n_fit):
@@ -87,33 +83,6 @@ def test_pretraining_teaches_the_tower_what_captions_name(demo):
     assert sum(losses[-10:]) / 10 < 0.6 * losses[0]
     # Shape is what the LLM's loss alone never taught this tower (docs/demo.md): it must be learned here.
     assert after >= 0.75 and after > before + 0.2, (before, after)
-
-
-def test_tower_is_trained_once_then_reused(demo, tmp_path, monkeypatch):
-    tok = load_tokenizer(str(demo.tokenizer_dir))
-    cfg = tiny_config(tmp_path, "model.vision_pretrain_steps=3", "model.vision_pretrain_batch=8",
-                      "data.image_mode=pad")
-    data = {"captions": str(demo.pretrain_json), "image_folder": str(demo.image_folder)}
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    calls = []
-    real = contrastive.pretrain_vision_tower
-    monkeypatch.setattr(contrastive, "pretrain_vision_tower", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-
-    first = tiny_llava(len(tok))
-    init = {k: v.clone() for k, v in first.vision_tower.state_dict().items()}
-    contrastive.load_or_pretrain_tower(cfg, first, data, tok, env)
-    assert len(calls) == 1 and (tmp_path / "vision_tower_contrastive.safetensors").is_file()
-    assert not torch.equal(first.vision_tower.embeddings.patch_embedding.weight, init["embeddings.patch_embedding.weight"])
-
-    second = tiny_llava(len(tok))  # same settings: loaded from the file, bit for bit, no training
-    contrastive.load_or_pretrain_tower(cfg, second, data, tok, env)
-    assert len(calls) == 1
-    for k, v in first.vision_tower.state_dict().items():
-        assert torch.equal(v, second.vision_tower.state_dict()[k]), k
-
-    cfg.model.vision_pretrain_steps = 4  # other settings: trained again
-    contrastive.load_or_pretrain_tower(cfg, tiny_llava(len(tok)), data, tok, env)
-    assert len(calls) == 2
 
 
 def test_bad_caption_files_are_named(demo, tmp_path):

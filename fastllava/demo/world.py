@@ -1,5 +1,5 @@
-"""The embedded demo's data: a synthetic visual-question dataset of real JPEG files, and a tokenizer built
-from its corpus, generated once into a cache directory with no network access.
+"""The demo's world: a synthetic visual-question dataset of real JPEG files, and a tokenizer built from its
+corpus, generated once into the cache directory (fastllava/cache.py) with no network access.
 
 Each image is a neutral background of one of several NON-square sizes (so `pad` and `square` preprocessing
 differ) with 1 to 4 copies of ONE coloured shape, each centred in its own cell of a 2x2 grid ("top left",
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
+
+from ..cache import cache_dir
 
 RESPONSE_FORMAT = "Answer the question using a single word or phrase."
 DESCRIBE_PROMPT = "Describe the image."
@@ -249,7 +251,7 @@ def _write_split(
 
 def corpus_texts(samples: Iterable[dict]) -> Iterable[str]:
     """Every text the tokenizer will see: the template words, then each turn without the <image> tag."""
-    from .templates import TEMPLATES, VICUNA_SYSTEM
+    from ..data.templates import TEMPLATES, VICUNA_SYSTEM
 
     yield from _TEMPLATE_TEXTS
     yield VICUNA_SYSTEM
@@ -317,10 +319,9 @@ def is_complete(root: str | os.PathLike, **params) -> bool:
 
 
 def default_cache_dir(**params) -> Path:
-    """$FASTLLAVA_CACHE (default ~/.cache/fastllava)/demo-<hash of the generation parameters>."""
-    base = Path(os.environ.get("FASTLLAVA_CACHE", Path.home() / ".cache" / "fastllava"))
+    """cache_dir()/demo-<hash of the generation parameters>."""
     digest = hashlib.sha1(json.dumps(_fingerprint(**params), sort_keys=True).encode()).hexdigest()[:10]
-    return base / f"demo-{digest}"
+    return cache_dir(f"demo-{digest}")
 
 
 def _is_demo_dataset(root: Path) -> bool:

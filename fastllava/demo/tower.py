@@ -1,8 +1,8 @@
 """CLIP-style contrastive pretraining of a vision tower that starts from random weights.
 
 LLaVA never trains its vision tower from nothing: it takes OpenAI's CLIP, trained contrastively to
-match images with their captions, and keeps it frozen. A from-scratch model (the embedded demo, where
-nothing can be downloaded) needs a stand-in, and the LLM's answer loss is a poor one: it shapes the
+match images with their captions, and keeps it frozen. The demo, where nothing can be downloaded, needs a
+stand-in (demo/components.py writes it as a CLIP directory), and the LLM's answer loss is a poor one: it shapes the
 tower only toward what the decoder already reads, so salient attributes (colour, count) crowd out
 subtler ones (shape), which stayed at chance for 700+ steps (docs/demo.md, "Tuning notes"). A few
 hundred contrastive steps on the captions give every attribute a caption names its own direction.
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..progress import progress
 
 MAX_IMAGE_BYTES = 8 << 30  # the decoded fp16 images held in memory; beyond this, this is the wrong tool
 
@@ -107,10 +107,7 @@ def pretrain_vision_tower(tower: nn.Module, data: CaptionedImages, vocab_size: i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(data.caption_ids)
     losses = []
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, desc="vision pretraining (contrastive)", unit="step", dynamic_ncols=True)
+    bar = progress(steps, desc="vision pretraining (contrastive)", unit="step", enabled=show_progress)
     tower.train()
     for _ in range(steps):
         idx = torch.randint(n, (batch_size,), generator=g)
@@ -123,61 +120,7 @@ def pretrain_vision_tower(tower: nn.Module, data: CaptionedImages, vocab_size: i
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(f"loss {losses[-1]:.3f}")
+        bar.update(1)
+    bar.close()
     return losses
-
-
-def load_or_pretrain_tower(cfg, model, data: dict, tokenizer, env) -> None:
-    """Contrastively pretrain `model.vision_tower` as configured (model.vision_pretrain_*), once: rank 0
-    trains and writes output_dir/vision_tower_contrastive.safetensors, every rank loads it. A file left by
-    an earlier run with the same settings is reused (a resumed run, or a rerun, does not train it again)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from .distributed import barrier
-
-    m = cfg.model
-    settings = {"steps": m.vision_pretrain_steps, "batch": m.vision_pretrain_batch, "lr": m.vision_pretrain_lr,
-                "seed": m.init_seed, "data": os.path.abspath(data["captions"]),
-                "data_stat": (os.path.getsize(data["captions"]), os.path.getmtime(data["captions"])),
-                "image_mode": cfg.data.image_mode,
-                "vision": repr(model.config.vision), "feature_layer": model.config.vision_feature_layer}
-    meta = {k: str(v) for k, v in settings.items()}
-    path = Path(cfg.train.output_dir) / "vision_tower_contrastive.safetensors"
-
-    def reusable() -> bool:
-        if not path.is_file():
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() == meta
-
-    if env.is_main and not reusable():
-        t0 = time.perf_counter()
-        pairs = load_captioned_images(data["captions"], data["image_folder"], tokenizer,
-                                      image_mode=cfg.data.image_mode, image_size=model.config.vision.image_size)
-        # The other local ranks wait at the barrier below: their CPU threads are free meanwhile.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(os.cpu_count() or 1, threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        try:
-            losses = pretrain_vision_tower(model.vision_tower, pairs, len(tokenizer), steps=m.vision_pretrain_steps,
-                                           batch_size=m.vision_pretrain_batch, lr=m.vision_pretrain_lr,
-                                           seed=m.init_seed, show_progress=cfg.logging.progress)
-        finally:
-            torch.set_num_threads(threads)
-        print(f"vision pretraining: {len(pairs.caption_ids):,} captioned images ({pairs.skipped_text_only} text-only "
-              f"skipped), {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous() for k, v in model.vision_tower.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    barrier()
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model.vision_tower.load_state_dict(state)
-    if env.is_main:
-        print(f"vision tower: contrastively pretrained weights from {path}", flush=True)

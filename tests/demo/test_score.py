@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fastllava.data.images import load_image
-from fastllava.data.synthetic import make_demo_dataset
+from fastllava.demo.world import make_demo_dataset
 from fastllava.data.tokenize import load_tokenizer
-from fastllava.eval import evaluate_vqa, normalize_answer
+from fastllava.demo.score import evaluate_vqa, normalize_answer
 
 IMAGE_SIZE = 32
 NUM_IMAGE_TOKENS = 4

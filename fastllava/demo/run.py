@@ -1,0 +1,110 @@
+"""The demo's one entry: its settings, its world and components, then the trainer every real run uses.
+
+`prepare(overrides, stage)` is what `recipes/finetune.py` and `recipes/pretrain.py` hand to
+`fastllava.train.main` for a command line without --config: it reads demo/finetune.yaml (or pretrain.yaml)
+with the command line's `section.key=value` overrides, generates the world (demo/world.py) and the tower and
+LLM it starts from (demo/components.py), and points the ordinary configuration at them. `train.main` then
+calls the same `train()` as every real run, and after stage 2 the returned `after` scores the model on the
+held-out questions (demo/score.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..config import Config, merge_config, to_config
+from ..model.config import TextConfig, VisionConfig
+from ..train.distributed import DistEnv, barrier, init_distributed
+from .components import make_components
+from .score import evaluate_vqa
+from .world import DemoPaths, make_demo_dataset
+
+HERE = Path(__file__).parent
+CONFIGS = {"finetune": HERE / "finetune.yaml", "align": HERE / "pretrain.yaml"}
+# What the demo makes itself; an override of these is a user who meant to train on their own data.
+OWNED = ("model.source", "model.vision_path", "model.llm_path", "model.pretrained_path", "model.tokenizer_path",
+         "model.architecture.vision", "model.architecture.text", "data.data_path", "data.image_folder")
+
+
+@dataclass
+class DemoSettings:
+    seed: int = 0  # the world, and the tower's and the LLM's initialization
+    samples: int = 8000  # training conversations (the stage-1 captions are their images)
+    eval_samples: int = 200  # held-out images and text questions
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the tower (the demo's finetune.yaml: tiny)
+    text: TextConfig = field(default_factory=TextConfig)  # the LLM; vocab_size comes from the tokenizer
+    tower_steps: int = 500  # contrastive pretraining of the tower (0: a random tower)
+    tower_batch: int = 128
+    tower_lr: float = 2e-3
+    max_new_tokens: int = 16  # held-out answers
+    eval_limit: int | None = None  # score only the first N held-out samples
+
+    def __post_init__(self):
+        if self.samples < 1 or self.eval_samples < 1:
+            raise ValueError(f"demo.samples and demo.eval_samples must be >= 1, got {self.samples}, {self.eval_samples}")
+        if self.tower_steps < 0 or self.tower_batch < 2 or self.tower_lr <= 0:
+            raise ValueError(f"demo.tower_*: need steps >= 0, batch >= 2 and lr > 0; got {self.tower_steps}, "
+                             f"{self.tower_batch}, {self.tower_lr}")
+
+
+@dataclass
+class DemoConfig(Config):
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+
+def refuse_owned(overrides: list[str], stage: str) -> None:
+    """An override of what the demo makes itself is an error that says how to train on one's own data."""
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if any(key == k or key.startswith(k + ".") for k in OWNED):
+            recipe = "finetune" if stage == "finetune" else "pretrain"
+            raise ValueError(
+                f"{key}: without --config, recipes/{recipe}.py runs the embedded demo, which makes its own data and "
+                f"model and cannot take {key}. To train on your own data, give a configuration, e.g.\n"
+                f"  torchrun recipes/{recipe}.py --config recipes/configs/llava15_7b_{recipe}.yaml "
+                f"data.data_path=FILE.json data.image_folder=DIR\n"
+                f"(README, 'Training LLaVA-1.5 for real'). The demo's own knobs are its demo.* keys (--help).")
+
+
+def help_text() -> str:
+    """The demo's own keys for --help (the other sections are every run's)."""
+    return ("Without --config the embedded demo runs (fastllava/demo/finetune.yaml, pretrain.yaml); its own keys "
+            "and their defaults:\n" + OmegaConf.to_yaml({"demo": OmegaConf.structured(DemoSettings)}))
+
+
+def prepare(overrides: list[str], stage: str):
+    """The demo's configuration, its world and components made, and what to do after training:
+    (DemoConfig, after(result)). After stage 2, `after` scores the model on the held-out questions."""
+    refuse_owned(overrides, stage)
+    tree = merge_config(CONFIGS[stage], overrides, schema=DemoConfig)
+    env = init_distributed(tree.train.device)
+    settings: DemoSettings = OmegaConf.to_object(tree.demo)
+    world = _world(settings, env)
+    parts = make_components(settings, world, vision_feature_layer=tree.model.architecture.vision_feature_layer,
+                            image_mode=tree.data.image_mode, env=env, show_progress=tree.logging.progress)
+    tree.model.source, tree.model.vision_path, tree.model.llm_path = "components", str(parts.vision_dir), str(parts.llm_dir)
+    tree.data.data_path = str(world.train_json if stage == "finetune" else world.pretrain_json)
+    tree.data.image_folder = str(world.image_folder)
+    cfg = to_config(tree)
+
+    def after(result) -> None:
+        if stage != "finetune" or result.export is None:
+            return
+        result.eval = evaluate_vqa(result.model, world.eval_json, world.image_folder, result.tokenizer,
+                                   cfg.data.template, image_mode=cfg.data.image_mode,
+                                   max_new_tokens=settings.max_new_tokens, max_samples=settings.eval_limit)
+        if result.is_main:
+            print(result.eval["table"], flush=True)
+
+    return cfg, after
+
+
+def _world(settings: DemoSettings, env: DistEnv) -> DemoPaths:
+    """Rank 0 generates (or finds) the world; the other ranks then find it."""
+    if env.is_main:
+        make_demo_dataset(n_train=settings.samples, n_eval=settings.eval_samples, seed=settings.seed)
+    barrier()
+    return make_demo_dataset(n_train=settings.samples, n_eval=settings.eval_samples, seed=settings.seed)

@@ -1,0 +1,73 @@
+"""Useful model FLOPs of a LLaVA training step: what MFU divides, what the planner projects wall clock from.
+
+Per optimizer step, following docs/training.md ("What you see") and the design notes on throughput:
+  LLM matmuls   6 N per token when the LLM trains (forward 2N + activation grads 2N + weight grads 2N),
+                4 N when it is frozen (stage 1: no weight-gradient GEMMs); N = non-embedding params
+                incl. the LM head.
+  LLM attention causal forward 2 L d sum(l_i^2); backward twice the forward (both stages need dQ/dK/dV).
+  vision tower  forward only when frozen: 2 N_vit per token + non-causal attention 4 L C S^2 per image,
+                S = patches (+ CLS) per image, only the layers that run, + the patch embedding
+                (2 x 3 p^2 C per patch); x3 when it trains (x2 for the patch embedding: no pixel grads).
+  projector     6 N_proj per visual token (trained in both stages).
+Recomputation by activation checkpointing is not counted (it is not useful work). nanoGPT counts MFU the
+same way (PaLM appendix B). The coefficients are checked against torch's FlopCounterMode in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model.config import LlavaConfig
+
+
+@dataclass
+class FlopModel:
+    """Per-token / per-image FLOP coefficients of one model and stage."""
+
+    llm_per_token: float  # matmul FLOPs per LLM token, forward + backward
+    llm_attn_coeff: float  # x sum(l_i^2): causal attention FLOPs, forward + backward
+    vision_matmul_per_image: float  # patch embedding + encoder matmuls (x3 when the tower trains)
+    vision_attn_per_image: float
+    projector_per_image: float
+
+    @classmethod
+    def build(cls, config: LlavaConfig, stage: str, unfreeze_vision: bool = False) -> "FlopModel":
+        t, v = config.text, config.vision
+        q = t.num_attention_heads * t.attention_head_dim
+        kv = t.num_key_value_heads * t.attention_head_dim
+        per_layer = t.hidden_size * (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+        n_llm = t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size
+        llm_factor = 6 if stage == "finetune" else 4
+        attn = 3 * 2 * t.num_hidden_layers * q  # forward 2 L d l^2 (causal), backward 2x
+
+        c = v.hidden_size
+        vit_layers = config.num_vision_layers_run
+        n_vit = vit_layers * (4 * c * c + 2 * c * v.intermediate_size)
+        s = v.num_patches + 1  # CLIP runs on the CLS token too
+        patch_embed = 2 * v.num_channels * v.patch_size**2 * c * v.num_patches
+        vit_factor = 3 if unfreeze_vision else 1
+        depth = config.projector_depth
+        n_proj = c * t.hidden_size + (depth - 1) * t.hidden_size * t.hidden_size
+        return cls(
+            llm_per_token=llm_factor * n_llm,
+            llm_attn_coeff=attn,
+            # The patch embedding never needs an input gradient (pixels): x2, not x3, when it trains.
+            vision_matmul_per_image=vit_factor * 2 * n_vit * s + (2 if unfreeze_vision else 1) * patch_embed,
+            vision_attn_per_image=vit_factor * 4 * vit_layers * c * s * s,
+            projector_per_image=6 * n_proj * config.num_image_tokens,
+        )
+
+    @property
+    def per_image(self) -> float:
+        return self.vision_matmul_per_image + self.vision_attn_per_image + self.projector_per_image
+
+    def flops(self, tokens: int, sum_sq_seqlens: int, images: int) -> float:
+        """FLOPs of `tokens` LLM tokens in samples whose squared lengths sum to `sum_sq_seqlens`, with
+        `images` images."""
+        return self.llm_per_token * tokens + self.llm_attn_coeff * sum_sq_seqlens + self.per_image * images
+
+
+def pack_stats(batch) -> tuple[int, int, int]:
+    """(tokens, sum of squared sample lengths, images) of a PackedBatch: the arguments of FlopModel.flops."""
+    lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    return batch.num_tokens, int((lens * lens).sum()), batch.num_images

@@ -1,0 +1,225 @@
+"""The training loop of both LLaVA stages, in three parts: build (the constructor), step, finish.
+
+One optimizer step = `train.global_batch_size` samples, spread by the planner over R ranks x M
+micro-steps (packs of <= data.max_tokens_per_pack tokens). Its loss is
+
+    sum of token cross-entropies over every label token of the step (all ranks, all micro-steps)
+    / number of those label tokens,
+
+so packed multi-rank training computes the gradient of one unpadded full batch. Each rank knows its
+own M packs before the first forward, so one all-reduce of the label count precedes backward; each
+micro-step backpropagates loss_sum * R / count, because FSDP2 averages (divides by R) the gradients it
+reduce-scatters.
+
+`train(cfg)` builds tokenizer, model and dataset from the configuration; `Trainer(cfg, model, dataset)`
+takes them ready-made (tests, notebooks, other entry points).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.loader import MicroBatch, StepLoader
+from ..flops import FlopModel, pack_stats
+from ..hardware import peak_tflops
+from .build import build_dataset, build_model, build_tokenizer
+from .checkpoint import Checkpointer, find_resume
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize
+from .export import export
+from .freeze import set_trainable, trainable_parameters
+from .metrics import Meter, StepRecord, format_summary, make_writers
+from .optim import build_optimizer, build_scheduler, clip_grad_norm
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # optimizer step (1-based) -> loss
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT after saving a checkpoint
+    checkpoint: Path | None = None  # the last checkpoint written
+    export: Path | None = None  # projector file (stage 1) or llava-hf directory (stage 2)
+    plot: Path | None = None  # loss, learning rate and tokens/s over the steps (rank 0, with matplotlib)
+    eval: dict | None = None  # filled by callers that evaluate after training (the demo)
+    is_main: bool = True  # this process is rank 0
+    model: object = field(default=None, repr=False)  # the parallelized model, for callers that go on using it
+    optimizer: object = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag that the loop checks after each optimizer step (all ranks agree through
+    the step's all-reduce), then it saves and returns. A second signal interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:  # the user insists
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) training as configured."""
+    env = init_distributed(cfg.train.device)
+    tokenizer, special_ids = build_tokenizer(cfg)
+    model = build_model(cfg, special_ids)
+    dataset = build_dataset(cfg, tokenizer, model)
+    return Trainer(cfg, model, dataset, tokenizer=tokenizer, env=env).run()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model, dataset, *, tokenizer=None, env: DistEnv | None = None):
+        """Freeze for the stage, plan the data, shard the model, build optimizer and schedule, resume.
+        `model` is a Llava not yet parallelized; `dataset` has LlavaDataset's lengths() and __getitem__."""
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.env = env = env or init_distributed(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.counts = set_trainable(model, cfg.train.stage, cfg.train.unfreeze_vision)
+        self.loader = self._loader(model.config, dataset)
+        self.run_steps = min(self.loader.total_steps, cfg.train.max_steps or self.loader.total_steps)
+        self.loader.stop_step = self.run_steps
+        self.model = parallelize(model, cfg.parallel, env.device, stage=cfg.train.stage)
+        self.params = trainable_parameters(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.schedule_steps or self.run_steps)
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir(), keep_last=cfg.checkpoint.keep_last, rank=env.rank)
+        self.resumed_from, self.start_step = self._resume()
+        self.flop_model = FlopModel.build(model.config, cfg.train.stage, cfg.train.unfreeze_vision)
+
+    def _loader(self, config, dataset) -> StepLoader:
+        env, cfg = self.env, self.cfg
+        # Every rank must run the vision tower and projector at every micro-step (see data/loader.py).
+        filler = torch.zeros(3, config.vision.image_size, config.vision.image_size) if env.world_size > 1 else None
+        return StepLoader(dataset, global_batch=cfg.train.global_batch_size, max_tokens=cfg.data.max_tokens_per_pack,
+                          rank=env.rank, world_size=env.world_size, epochs=cfg.train.epochs, seed=cfg.train.seed,
+                          image_token_id=config.image_token_id, num_image_tokens=config.num_image_tokens,
+                          filler_image=filler, pad_token_id=config.pad_token_id or 0,
+                          num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+
+    def _resume(self) -> tuple[Path | None, int]:
+        """(the checkpoint resumed from, the step it ends) or (None, 0)."""
+        self.checkpointer.clean_partial()
+        barrier()
+        path = find_resume(self.cfg.checkpoint_dir(), self.cfg.checkpoint.resume)
+        if path is None:
+            return None, 0
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        return path, int(state["step"])
+
+    # --- step --------------------------------------------------------------------------------------
+
+    def train_step(self, step: int, micro: list[MicroBatch], stop_requested: bool) -> tuple[StepRecord, bool]:
+        """One optimizer step over this rank's micro-batches; returns its record (summed over ranks) and
+        whether any rank asked to stop."""
+        env, t0 = self.env, time.perf_counter()
+        # Global label-token count of the whole step, before any backward (one small collective).
+        (global_labels,) = all_reduce_sum([sum(mb.batch.num_label_tokens() for mb in micro)], env.device)
+        scale = env.world_size / max(global_labels, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        tokens = sum_sq = images = samples = 0
+        for mb in micro:
+            out = self.model(mb.batch.to(env.device, non_blocking=True))
+            (out.loss_sum * scale).backward()
+            loss_sum += out.loss_sum.detach().double()
+            t, s2, n_img = pack_stats(mb.batch)
+            tokens, sum_sq, images = tokens + t, sum_sq + s2, images + n_img
+            samples += mb.batch.num_samples - mb.filler
+        grad_norm = clip_grad_norm(self.params, self.cfg.optim.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # One collective for the step's statistics and the stop decision (signals may reach ranks at
+        # different moments; all ranks must stop at the same step to save together).
+        loss_total, tokens, sum_sq, images, samples, stop_votes = all_reduce_sum(
+            [float(loss_sum), tokens, sum_sq, images, samples, float(stop_requested)], env.device)
+        record = StepRecord(step + 1, loss_total / max(global_labels, 1.0), lr, grad_norm, int(tokens), int(samples),
+                            self.flop_model.flops(int(tokens), int(sum_sq), int(images)), time.perf_counter() - t0)
+        return record, stop_votes > 0
+
+    def save(self, step: int) -> Path:
+        state = {"step": step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "config": self.cfg.to_dict()}
+        return self.checkpointer.save(step, self.model, self.optimizer, state)
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        result = TrainResult(is_main=env.is_main, model=self.model, optimizer=self.optimizer, tokenizer=self.tokenizer)
+        meter = self._meter()
+        self.model.train()
+        with StopSignal() as stop:
+            for step, micro in self.loader:
+                record, stopping = self.train_step(step, micro, stop.requested)
+                meter.update(record, log=record.step % cfg.logging.log_every == 0)
+                result.losses[record.step], result.grad_norms[record.step] = record.loss, record.grad_norm
+                periodic = cfg.checkpoint.every_steps and record.step % cfg.checkpoint.every_steps == 0
+                final = record.step == self.run_steps and cfg.checkpoint.save_final
+                if stopping or periodic or final:
+                    result.checkpoint = self.save(record.step)
+                if stopping:
+                    result.interrupted = True
+                    meter.write(f"stop signal: saved {result.checkpoint} at step {record.step}; "
+                                "resume with checkpoint.resume=auto")
+                    break
+        meter.close()
+        return self.finish(result, meter)
+
+    def _meter(self) -> Meter:
+        env, cfg = self.env, self.cfg
+        if env.is_main:
+            where = f" (resumed from {self.resumed_from})" if self.resumed_from else ""
+            print(f"stage {cfg.train.stage}: {self.counts['trainable']:,} trainable / {self.counts['frozen']:,} frozen "
+                  f"parameters, {env.world_size} rank(s) on {env.device.type}, steps "
+                  f"{self.start_step}..{self.run_steps}{where}", flush=True)
+        meter = Meter(total_steps=self.run_steps, start_step=self.start_step, world_size=env.world_size,
+                      peak_tflops=peak_tflops(env.device, cfg.logging.peak_tflops),
+                      show_progress=env.is_main and cfg.logging.progress)
+        if env.is_main:
+            for writer in make_writers(cfg.logging, cfg.train.output_dir, cfg.to_dict()):
+                meter.add_writer(writer)
+        return meter
+
+    # --- finish ------------------------------------------------------------------------------------
+
+    def finish(self, result: TrainResult, meter: Meter) -> TrainResult:
+        """The summary table and the plot (rank 0), then the export of a run that reached its last step."""
+        env, cfg = self.env, self.cfg
+        result.summary = meter.summary(env.device)
+        if env.is_main:
+            plot = Path(cfg.train.output_dir) / "training.png"
+            line = meter.plot(plot)
+            result.plot = plot if line.startswith("plot:") else None
+            print(format_summary(result.summary), line, sep="\n", flush=True)
+        done = self.start_step + len(meter.records) >= self.run_steps
+        if not result.interrupted and done:
+            result.export = export(self.model, cfg.train.stage, cfg.train.output_dir, env, self.tokenizer)
+            if env.is_main:
+                print(f"exported {result.export}", flush=True)
+        barrier()
+        return result
