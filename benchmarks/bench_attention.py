@@ -1,62 +1,78 @@
-"""Varlen attention throughput at LLaVA shapes: our Triton kernel against torch's baselines.
+"""Varlen attention microbenchmarks (pytest-benchmark): our Triton kernel against torch's baselines.
 
-    python benchmarks/bench_attention.py [--tokens 16384] [--models 7b 13b] [--modes fwd bwd fwd+bwd]
+    python -m pytest benchmarks/bench_attention.py --benchmark-only [-k "7b and mix665k"]
 
-Packs of --tokens tokens (default 16K): uniform samples of 512, 2048 or 8192 tokens, and a mix drawn
-from fastllava.data.profile's modelled llava_v1_5_mix665k lengths (<= 2048 tokens each), filled
-in order until the next sample would overflow the pack.
+GPU: LLaVA-7B (32 heads, D=128) and 13B (40 heads, D=128), bf16, causal, packs of 16K tokens: uniform
+samples of 512, 2048 or 8192 tokens, and a pack of fastllava.data.profile's modelled
+llava_v1_5_mix665k lengths (<= 2048 each), filled in order until the next sample would overflow.
+CPU: a tiny model (4 heads, D=64) on packs of 512 tokens (mix665k lengths scaled by 512/16K), fp32.
 
-Backends: triton (ours), torch_varlen (torch.nn.attention.varlen.varlen_attn), sdpa_padded (the pack
-unpacked into a right-padded (B, H, Lmax, D) batch, SDPA restricted to its flash backend, the way a
-padded trainer runs), flex (FlexAttention, causal + same-document block mask, torch.compile'd).
-FLOP convention (causal, useful work only, so padded and packed runs are comparable):
-forward = 4 * sum(l^2) * H * D / 2, backward = 2.5 x forward, fwd+bwd = 3.5 x forward.
-Timing: triton.testing.do_bench (median ms) after its warm-up, on random bf16 data. Prints a markdown table.
-On a machine without CUDA it prints that there is no GPU and what it would compare, and exits 0.
+Providers: triton (ours, CUDA only: the CPU interpreter is not worth timing); torch (our CPU backend:
+samples padded into one SDPA call); reference (the per-sample SDPA loop the tests use as oracle);
+torch_varlen (torch.nn.attention.varlen.varlen_attn, CUDA); sdpa_padded (the pack unpacked into a
+right-padded (B, H, Lmax, D) batch outside the timing, SDPA restricted to its flash backend on CUDA,
+the way a padded trainer runs); flex (FlexAttention with a causal same-sample block mask,
+torch.compile'd, CUDA); flash_attn and xformers (if installed, CUDA). A provider that cannot run here is
+skipped with the reason.
+Modes: fwd, and fwd+bwd (forward then backward of a random output gradient).
+FLOPs (extra_info["flops"]): causal useful work, the same for every provider, so padded and packed runs
+compare: forward 2 * sum(l^2) * H * D (4 * sum(l^2) * H * D / 2), fwd+bwd 3.5x forward (backward 2.5x).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+import pytest
 import torch
 
-from fastllava.ops import varlen_attention
+from fastllava.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
-MODELS = {"7b": (32, 128), "13b": (40, 128)}  # query heads (= KV heads in LLaMA-1/2 7B/13B), head dim
-BACKENDS = ("triton", "torch_varlen", "sdpa_padded", "flex")
-MODES = ("fwd", "bwd", "fwd+bwd")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOKENS = 16384 if CUDA else 512
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+MODELS = {"7b": (32, 128), "13b": (40, 128)} if CUDA else {"tiny": (4, 64)}  # query (= KV) heads, head dim
+PACKS = ("uniform-512", "uniform-2048", "uniform-8192", "mix665k") if CUDA else ("uniform-128", "mix665k")
+PROVIDERS = ("triton", "torch", "reference", "torch_varlen", "sdpa_padded", "flex", "flash_attn", "xformers")
+CUDA_ONLY = {"triton", "torch_varlen", "flex", "flash_attn", "xformers"}
+MODES = ("fwd", "fwd+bwd")
 
 
-def pack_lengths(kind: str, tokens: int) -> list[int]:
+def pack_lengths(kind: str, tokens: int = TOKENS) -> list[int]:
+    """Sample lengths of one pack of at most `tokens` tokens."""
     if kind.startswith("uniform"):
         n = int(kind.split("-")[1])
         return [n] * max(1, tokens // n)
-    from fastllava.data.profile import sample_lengths  # the modelled 665K mix (data helper's module)
+    from fastllava.data.profile import sample_lengths  # the modelled 665K mix
 
+    scale = 16384 / tokens  # the CPU pack keeps the mix's shape at 1/32 of its lengths
     pack = []
-    for n in sample_lengths("mix665k", n=4 * tokens // 256, seed=0)[0].tolist():
+    for n in sample_lengths("mix665k", n=4 * 16384 // 256, seed=0)[0].tolist():
+        n = max(1, round(n / scale))
         if sum(pack) + n > tokens:
             break
         pack.append(n)
     return pack
 
 
-def setup(lengths: list[int], heads: int, dim: int, device="cuda", dtype=torch.bfloat16):
-    """The shared inputs of every backend: packed q, k, v (T, H, D), cu_seqlens, max_seqlen."""
+def setup(lengths: list[int], heads: int, dim: int, device=DEVICE, dtype=DTYPE):
+    """The inputs every provider shares: packed q, k, v (T, H, D) requiring grad, cu_seqlens, max_seqlen."""
+    g = torch.Generator(device).manual_seed(0)
     T = sum(lengths)
-    q, k, v = (torch.randn(T, heads, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(T, heads, dim, device=device, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
     return q, k, v, cu, max(lengths)
 
 
-def make_fn(backend: str, q, k, v, cu, max_len):
-    """A zero-argument forward for `backend` on the packed inputs (its own layout prepared outside)."""
-    if backend in ("triton", "torch_varlen"):
-        return lambda: varlen_attention(q, k, v, cu, max_len, causal=True, backend=backend)
+def provider_forward(provider: str, q, k, v, cu, max_len):
+    """(forward, leaves): a zero-argument forward of `provider` on the pack, its own layout prepared here
+    (outside the timing), and the leaf tensors its backward writes gradients to."""
+    if provider in ("triton", "torch", "torch_varlen", "flash_attn", "xformers"):
+        return (lambda: varlen_attention(q, k, v, cu, max_len, causal=True, backend=provider)), (q, k, v)
+    if provider == "reference":
+        return (lambda: varlen_attention_reference(q, k, v, cu, max_len, causal=True)), (q, k, v)
     lengths = cu.diff().tolist()
-    if backend == "sdpa_padded":
+    if provider == "sdpa_padded":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         B, H, D = len(lengths), q.shape[1], q.shape[2]
@@ -64,83 +80,74 @@ def make_fn(backend: str, q, k, v, cu, max_len):
         row = torch.repeat_interleave(torch.arange(B, device=q.device), torch.tensor(lengths, device=q.device))
         padded = []
         for x in (q, k, v):
-            p = x.new_zeros(B, max_len, H, D).detach()
+            p = x.new_zeros(B, max_len, H, D)
             p[row, pos] = x.detach()
             padded.append(p.transpose(1, 2).requires_grad_())
 
         def run():
+            if not CUDA:  # CPU: SDPA's own choice
+                return torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True)
-        return run
-    if backend == "flex":
+        return run, padded
+    if provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
                                       torch.tensor(lengths, device=q.device))
 
-        def mask(b, h, qi, ki):
+        def same_sample_causal(b, h, qi, ki):
             return (doc[qi] == doc[ki]) & (qi >= ki)
 
         T = q.shape[0]
-        block_mask = create_block_mask(mask, None, None, T, T, device=q.device)
-        flex = torch.compile(flex_attention)
+        block_mask = create_block_mask(same_sample_causal, None, None, T, T, device=q.device)
         q4, k4, v4 = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
-        return lambda: flex(q4, k4, v4, block_mask=block_mask)
-    raise ValueError(backend)
+        return (lambda: _compiled_flex()(q4, k4, v4, block_mask=block_mask)), (q4, k4, v4)
+    raise AssertionError(provider)
 
 
-def measure(backend, mode, q, k, v, cu, max_len) -> float:
-    from triton.testing import do_bench
+_FLEX = []
 
-    fwd = make_fn(backend, q, k, v, cu, max_len)
+
+def _compiled_flex():
+    """One torch.compile'd flex_attention for the whole session (FlexAttention is slow uncompiled)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention))
+    return _FLEX[0]
+
+
+def forward_flops(lengths: list[int], heads: int, dim: int) -> float:
+    """Causal attention forward: QK^T and PV over the lower triangle, 2 * 2 * sum(l^2) * H * D / 2."""
+    return 2.0 * sum(n * n for n in lengths) * heads * dim
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model, pack", [(m, p) for m in MODELS for p in PACKS], ids=lambda x: x)
+def test_attention(measure, model, pack, provider, mode):
+    if provider in CUDA_ONLY and not CUDA:
+        pytest.skip(f"{provider}: CUDA only")
+    heads, dim = MODELS[model]
+    lengths = pack_lengths(pack)
+    q, k, v, cu, max_len = setup(lengths, heads, dim)
+    forward, leaves = provider_forward(provider, q, k, v, cu, max_len)
+    try:
+        out = forward()
+    except ValueError as e:
+        if provider in ("flash_attn", "xformers") and "pip install" in str(e):
+            pytest.skip(str(e))  # an optional package that is not installed here
+        raise
+    flops = forward_flops(lengths, heads, dim)
     if mode == "fwd":
-        return do_bench(fwd)
-    do = torch.randn_like(fwd())
-    if mode == "bwd":
-        out = fwd()
-        return do_bench(lambda: out.backward(do, retain_graph=True), grad_to_none=[q, k, v])
-    return do_bench(lambda: fwd().backward(do), grad_to_none=[q, k, v])
+        fn = forward
+    else:
+        flops *= 3.5
+        grad = torch.randn_like(out)
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--packs", nargs="+", default=["uniform-512", "uniform-2048", "uniform-8192", "mix665k"])
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("No GPU: nothing measured. On a CUDA device this compares, in TFLOP/s (bf16, causal):")
-        print(f"  backends {', '.join(args.backends)}; modes {', '.join(args.modes)}")
-        print(f"  models {', '.join(f'{m} (H={MODELS[m][0]}, D={MODELS[m][1]})' for m in args.models)}; "
-              f"packs of {args.tokens} tokens: {', '.join(args.packs)}")
-        return 0
-    rows = ["| model | pack | samples | mode | " + " | ".join(args.backends) + " |",
-            "|---|---|---|---|" + "---|" * len(args.backends)]
-    for model in args.models:
-        H, D = MODELS[model]
-        for pack in args.packs:
-            lengths = pack_lengths(pack, args.tokens)
-            fwd_flops = 4 * sum(n * n for n in lengths) * H * D / 2
-            q, k, v, cu, max_len = setup(lengths, H, D)
-            for mode in args.modes:
-                flops = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-                cells = []
-                for backend in args.backends:
-                    try:
-                        ms = measure(backend, mode, q, k, v, cu, max_len)
-                        cells.append(f"{flops / ms / 1e9:.0f}")
-                    except Exception as e:  # a missing baseline should not hide the others
-                        cells.append(f"n/a ({type(e).__name__})")
-                        print(f"{backend} {model} {pack} {mode}: {e}", file=sys.stderr)
-                rows.append(f"| {model} | {pack} | {len(lengths)} | {mode} | " + " | ".join(cells) + " |")
-                print(rows[-1], flush=True)
-    print(f"\nTFLOP/s, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal; "
-          "forward FLOPs = 2 * sum(l^2) * H * D, backward 2.5x\n")
-    print("\n".join(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        def fn():
+            torch.autograd.backward(forward(), grad)
+    del out
+    measure(fn, group=f"attention {model} {pack} {mode}", flops=flops, grads_of=leaves, tokens=sum(lengths),
+            samples=len(lengths), max_seqlen=max_len, heads=heads, head_dim=dim, dtype=str(DTYPE).split(".")[-1])

@@ -1,55 +1,61 @@
-"""Fused linear cross-entropy vs eager PyTorch and torch.compile: speed, TFLOP/s, peak extra memory.
+"""Fused linear cross-entropy microbenchmarks (pytest-benchmark): ours against eager PyTorch and torch.compile.
 
-    python benchmarks/bench_flce.py
+    python -m pytest benchmarks/bench_flce.py --benchmark-only
 
-Shape: T=16384 tokens, V=32000 (LLaMA vocabulary), D=4096, bf16, hidden and LM head both trained.
-FLOPs: logits 2*T*V*D forward; the two gradient GEMMs 4*T*V*D. The Triton path computes the gradients
-inside its forward, so its "fwd" time holds the whole work and "bwd" only scales the stored grads.
-Peak memory is the extra over inputs; eager keeps bf16 + fp32 (T, V) logits and their gradients.
+GPU: T=16384 tokens, V=32000 (LLaMA vocabulary), D=4096, bf16. CPU: T=256, V=1000, D=64, fp32, eager
+only (triton and compile are timed on CUDA). Hidden states and LM head both trained, 30% of the labels
+ignored (prompt and image tokens), reduction "sum".
+Providers: triton (ours), eager (fused_linear_cross_entropy_reference), compile (torch.compile of it).
+Modes: fwd, fwd+bwd. Our Triton path computes the gradients inside its forward when they are needed,
+so its "fwd" time holds all the work and its backward only scales the stored gradients.
+FLOPs (extra_info["flops"]): the logits GEMM 2 T V D forward; fwd+bwd adds the two gradient GEMMs,
+6 T V D in all. On CUDA, extra_info["peak_extra_bytes"] shows what the op is for: eager keeps the
+(T, V) logits in bf16 and fp32 and their gradient.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
+import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import compiled, forward_and_full, measure, print_table, require_gpu  # noqa: E402
+from fastllava.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SHAPES = {"16k-32000-4096": (16384, 32000, 4096)} if CUDA else {"tiny": (256, 1000, 64)}  # T, V, D
+PROVIDERS = ("triton", "eager", "compile")
+MODES = ("fwd", "fwd+bwd")
 
 
-def setup(T=16384, V=32000, D=4096, dtype=torch.bfloat16, device="cuda", ignored=0.3):
+def setup(T, V, D, dtype=DTYPE, device=DEVICE, ignored=0.3):
+    """hidden (T, D) and weight (V, D) trained, labels (T,) with a fraction `ignored` set to -100."""
     g = torch.Generator(device).manual_seed(0)
     hidden = torch.randn(T, D, device=device, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(V, D, device=device, generator=g) / D**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, V, (T,), device=device, generator=g)
-    labels[torch.rand(T, device=device, generator=g) < ignored] = -100  # prompts and image tokens
+    labels[torch.rand(T, device=device, generator=g) < ignored] = -100
     return hidden, weight, labels
 
 
-def main():
-    require_gpu("bench_flce")
-    from fastllava.ops.fused_linear_cross_entropy import (
-        fused_linear_cross_entropy,
-        fused_linear_cross_entropy_reference,
-    )
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_flce(measure, shape, provider, mode):
+    if provider in ("triton", "compile") and not CUDA:
+        pytest.skip(f"{provider}: timed on CUDA only")
+    T, V, D = SHAPES[shape]
+    hidden, weight, labels = setup(T, V, D)
+    if provider == "triton":
+        def forward():
+            return fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
+    else:
+        ref = (fused_linear_cross_entropy_reference if provider == "eager"
+               else torch.compile(fused_linear_cross_entropy_reference, dynamic=False))
 
-    hidden, weight, labels = setup()
-    T, D = hidden.shape
-    V = weight.shape[0]
-    eager_compiled = compiled(fused_linear_cross_entropy_reference)
-    providers = {
-        "eager": lambda: fused_linear_cross_entropy_reference(hidden, weight, labels),
-        "torch.compile": lambda: eager_compiled(hidden, weight, labels),
-        "triton": lambda: fused_linear_cross_entropy(hidden, weight, labels, backend="triton"),
-    }
-    rows = []
-    for name, fwd in providers.items():
-        fwd_fn, full_fn = forward_and_full(fwd, lambda loss: loss, [hidden, weight])
-        rows.append(measure(name, fwd_fn, full_fn, flops_fwd=2 * T * V * D, flops_full=6 * T * V * D))
-    print_table(f"fused linear cross-entropy T={T} V={V} D={D} bf16, reduction=sum", rows)
-
-
-if __name__ == "__main__":
-    main()
+        def forward():
+            return ref(hidden, weight, labels)
+    fn = forward if mode == "fwd" else (lambda: forward().backward())
+    flops = 2.0 * T * V * D * (1 if mode == "fwd" else 3)
+    measure(fn, group=f"flce {shape} {mode}", flops=flops, grads_of=(hidden, weight), tokens=T, vocab=V, dim=D,
+            dtype=str(DTYPE).split(".")[-1])

@@ -1,25 +1,35 @@
-"""Fused MLP projector vs eager PyTorch and torch.compile: speed, TFLOP/s and peak memory.
+"""Fused MLP projector microbenchmarks (pytest-benchmark): ours against eager PyTorch and torch.compile.
 
-    python benchmarks/bench_projector.py
+    python -m pytest benchmarks/bench_projector.py --benchmark-only
 
-Shapes: 16 and 64 images x 576 tokens, CLIP-L features (Din=1024) -> 4096 -> 4096 (7B) and
--> 5120 -> 5120 (13B), bf16, frozen features (no dx), trained weights: the stage-1 and stage-2 case.
-FLOPs: forward 2*N*(Din*Dh + Dh*Dout); backward 2x that without dx (dh, dW2, dW1).
+GPU: 16 and 64 images x 576 tokens, CLIP-L features (Din=1024) -> 4096 -> 4096 (7B) and -> 5120 -> 5120
+(13B), bf16. CPU: 32 tokens, 64 -> 128 -> 128, fp32, eager only (triton and compile are timed on CUDA).
+Features frozen (no dx), weights trained: the stage-1 and stage-2 case.
+Providers: triton (ours), eager (fused_mlp_projector_reference), compile (torch.compile of that
+reference, static shapes). Modes: fwd, fwd+bwd.
+FLOPs (extra_info["flops"]): forward 2 N (Din Dh + Dh Dout); the backward without dx adds dA = dy w2,
+dW2 = dy^T a and dW1 = dh^T x: 2 N (2 Dh Dout + Din Dh).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
+import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import compiled, forward_and_full, measure, print_table, require_gpu  # noqa: E402
+from fastllava.ops.fused_mlp_projector import fused_mlp_projector, fused_mlp_projector_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+# name -> (N tokens, Din, Dh = Dout)
+SHAPES = ({f"{i}img-{dh}": (i * 576, 1024, dh) for i in (16, 64) for dh in (4096, 5120)} if CUDA
+          else {"tiny": (32, 64, 128)})
+PROVIDERS = ("triton", "eager", "compile")
+MODES = ("fwd", "fwd+bwd")
 
 
-def setup(n_tokens, din, dh, dtype=torch.bfloat16, device="cuda"):
-    """x (N, Din) frozen; w1 (Dh, Din), b1, w2 (Dh, Dh), b2 trained; dy (N, Dh) random."""
+def setup(n_tokens: int, din: int, dh: int, dtype=DTYPE, device=DEVICE):
+    """x (N, Din) frozen; w1 (Dh, Din), b1 (Dh,), w2 (Dh, Dh), b2 (Dh,) trained; dy (N, Dh) random."""
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(n_tokens, din, device=device, generator=g).to(dtype)
     w1 = (torch.randn(dh, din, device=device, generator=g) / din**0.5).to(dtype).requires_grad_()
@@ -30,27 +40,28 @@ def setup(n_tokens, din, dh, dtype=torch.bfloat16, device="cuda"):
     return x, [w1, b1, w2, b2], dy
 
 
-def main():
-    require_gpu("bench_projector")
-    from fastllava.ops.fused_mlp_projector import fused_mlp_projector, fused_mlp_projector_reference
-
-    eager_compiled = compiled(fused_mlp_projector_reference)
-    for images in (16, 64):
-        for dh in (4096, 5120):
-            n, din = images * 576, 1024
-            x, params, dy = setup(n, din, dh)
-            flops_fwd = 2 * n * (din * dh + dh * dh)
-            providers = {
-                "eager": lambda: fused_mlp_projector_reference(x, *params),
-                "torch.compile": lambda: eager_compiled(x, *params),
-                "triton": lambda: fused_mlp_projector(x, *params, backend="triton"),
-            }
-            rows = []
-            for name, fwd in providers.items():
-                fwd_fn, full_fn = forward_and_full(fwd, lambda y: (y * dy).sum(), params)
-                rows.append(measure(name, fwd_fn, full_fn, flops_fwd=flops_fwd, flops_full=3 * flops_fwd))
-            print_table(f"projector N={images}x576 {din}->{dh}->{dh} bf16", rows)
+def projector_flops(n: int, din: int, dh: int, dout: int, mode: str) -> float:
+    fwd = 2.0 * n * (din * dh + dh * dout)
+    return fwd if mode == "fwd" else fwd + 2.0 * n * (2 * dh * dout + din * dh)
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_projector(measure, shape, provider, mode):
+    if provider in ("triton", "compile") and not CUDA:
+        pytest.skip(f"{provider}: timed on CUDA only")
+    n, din, dh = SHAPES[shape]
+    x, params, dy = setup(n, din, dh)
+    if provider == "triton":
+        def forward():
+            return fused_mlp_projector(x, *params, backend="triton")
+    else:
+        ref = fused_mlp_projector_reference if provider == "eager" else torch.compile(fused_mlp_projector_reference,
+                                                                                       dynamic=False)
+
+        def forward():
+            return ref(x, *params)
+    fn = forward if mode == "fwd" else (lambda: torch.autograd.backward(forward(), dy))
+    measure(fn, group=f"projector {shape} {mode}", flops=projector_flops(n, din, dh, dh, mode), grads_of=params,
+            tokens=n, din=din, dh=dh, dout=dh, dtype=str(DTYPE).split(".")[-1])

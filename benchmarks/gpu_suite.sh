@@ -53,10 +53,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, keep the log, put its tail in t
 }
 
 step tests 240 python -m pytest -q -x tests/ops tests/model -m "not slow" -p no:cacheprovider
-step bench_attention 120 python benchmarks/bench_attention.py
-step bench_projector 45 python benchmarks/bench_projector.py
-step bench_merge 30 python benchmarks/bench_merge.py
-step bench_flce 45 python benchmarks/bench_flce.py
+step bench_attention 120 python -m pytest benchmarks/bench_attention.py --benchmark-only -q -k 7b --benchmark-json "$OUT/bench_attention.json"
+step bench_projector 45 python -m pytest benchmarks/bench_projector.py --benchmark-only -q -k "not compile or 16img-4096" --benchmark-json "$OUT/bench_projector.json"
+step bench_merge 30 python -m pytest benchmarks/bench_merge.py --benchmark-only -q -k "not compile" --benchmark-json "$OUT/bench_merge.json"
+step bench_flce 45 python -m pytest benchmarks/bench_flce.py --benchmark-only -q --benchmark-json "$OUT/bench_flce.json"
 step e2e 150 python benchmarks/e2e.py --shape 7b --layers "${E2E_LAYERS:-4}" --json "$OUT/e2e.json"
 [ -f "$OUT/e2e.json" ] && step plan 30 python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G --measured "$OUT/e2e.json"
 

@@ -21,6 +21,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PackedBatch:
+    """Samples back to back in one sequence of T tokens (see the module docstring for the layout)."""
+
     input_ids: torch.Tensor  # (T,) int64; images expanded to num_image_tokens placeholders each
     labels: torch.Tensor  # (T,) int64; IGNORE_INDEX where no loss; not shifted
     position_ids: torch.Tensor  # (T,) int64; restart at 0 for every sample
@@ -32,14 +34,17 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
+        """T, every sample's tokens with images expanded."""
         return self.input_ids.numel()
 
     @property
     def num_samples(self) -> int:
+        """B, the samples of the pack."""
         return self.cu_seqlens.numel() - 1
 
     @property
     def num_images(self) -> int:
+        """Images of the pack (rows of pixel_values)."""
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
     def image_mask(self) -> torch.Tensor:
@@ -60,6 +65,7 @@ class PackedBatch:
         return int((self.shifted_labels() != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """The same pack with every tensor on `device`."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -1,4 +1,4 @@
-"""Where fastllava keeps what it can recompute: dataset length tables, the demo's generated world.
+"""Where fastllava keeps what it can recompute: dataset length tables, generated datasets.
 
 One directory, `$FASTLLAVA_CACHE` (default `~/.cache/fastllava`). Everything in it is keyed by what it
 was computed from, so deleting it only costs time.

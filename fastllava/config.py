@@ -183,6 +183,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When to write resumable checkpoints, where, how many to keep, and what to resume from."""
+
     dir: Optional[str] = None  # default: <train.output_dir>/checkpoints
     every_steps: int = 500  # 0: only on a stop signal (SIGTERM/SIGINT) and never periodically
     resume: str = "auto"  # "auto": newest complete checkpoint if any; "none"; or a checkpoint path
@@ -196,6 +198,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """What a run shows and records besides its final summary and plot."""
+
     progress: bool = True  # progress bar (a terminal) or a line every few seconds (a log file), on rank 0
     log_every: int = 1  # steps between TensorBoard / W&B records
     tensorboard: bool = False
@@ -210,6 +214,8 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    """One run: every section, each with its defaults (the paper's stage-2 settings where it has one)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -223,6 +229,7 @@ class Config:
         return OmegaConf.to_container(OmegaConf.structured(self))
 
     def checkpoint_dir(self) -> Path:
+        """checkpoint.dir, or <train.output_dir>/checkpoints."""
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.output_dir) / "checkpoints"
 
 

@@ -32,6 +32,7 @@ class FlopModel:
 
     @classmethod
     def build(cls, config: LlavaConfig, stage: str, unfreeze_vision: bool = False) -> "FlopModel":
+        """The coefficients of `config` trained in `stage` ("align" or "finetune")."""
         t, v = config.text, config.vision
         q = t.num_attention_heads * t.attention_head_dim
         kv = t.num_key_value_heads * t.attention_head_dim
@@ -59,6 +60,7 @@ class FlopModel:
 
     @property
     def per_image(self) -> float:
+        """Vision tower + projector FLOPs of one image."""
         return self.vision_matmul_per_image + self.vision_attn_per_image + self.projector_per_image
 
     def flops(self, tokens: int, sum_sq_seqlens: int, images: int) -> float:

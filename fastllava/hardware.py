@@ -14,6 +14,8 @@ import torch
 
 @dataclass(frozen=True)
 class GPU:
+    """One GPU's datasheet figures."""
+
     name: str  # the name the planner's --gpu flag takes
     device_names: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that mean this GPU
     bf16_tflops: float  # dense bf16 peak, TFLOP/s

@@ -37,6 +37,7 @@ DEFAULT_MFU = 0.40
 
 
 def recipe_config(recipe: str) -> LlavaConfig:
+    """The architecture of a LLaVA-1.5 recipe (CLIP ViT-L/14-336, mlp2x_gelu, Vicuna-1.5 with <image> and pad)."""
     if recipe not in VICUNA:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(VICUNA)}")
     return LlavaConfig(vision=VisionConfig(), text=VICUNA[recipe], projector_type="mlp2x_gelu")
@@ -44,6 +45,8 @@ def recipe_config(recipe: str) -> LlavaConfig:
 
 @dataclass
 class StagePlan:
+    """One stage of a recipe, projected."""
+
     stage: str
     samples: int
     tokens: int
@@ -55,6 +58,7 @@ class StagePlan:
 
 
 def plan(recipe: str, gpus: int, gpu: str, mfu: dict[str, float]) -> list[StagePlan]:
+    """Both stages of `recipe` on `gpus` x `gpu` at the given MFU per stage ("align", "finetune")."""
     peak = gpu_spec(gpu).bf16_tflops
     config = recipe_config(recipe)
     out = []
@@ -79,6 +83,7 @@ def measured_mfu(path: Path) -> dict[str, float]:
 
 
 def format_table(recipe: str, gpus: int, gpu: str, stages: list[StagePlan], source: str) -> str:
+    """The plan as a markdown table with the paper's hours beside it."""
     rows = [f"{recipe} on {gpus}x {gpu} (MFU {source})", "",
             "| stage | samples | tokens | model PFLOPs | MFU | projected | paper (8x A100) | reference padding |",
             "|---|---|---|---|---|---|---|---|"]
@@ -91,6 +96,7 @@ def format_table(recipe: str, gpus: int, gpu: str, stages: list[StagePlan], sour
 
 
 def main(argv=None) -> None:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m fastllava.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="llava-1.5-7b", choices=sorted(VICUNA))
     parser.add_argument("--gpus", type=int, default=8)
@@ -100,8 +106,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     mfu = {stage: args.mfu or DEFAULT_MFU for stage, _ in STAGES}
     source = f"assumed {100 * (args.mfu or DEFAULT_MFU):.0f}%"
+    if args.gpus < 1 or args.mfu is not None and not 0 < args.mfu <= 1:
+        parser.error(f"--gpus must be >= 1 and --mfu in (0, 1]; got {args.gpus} and {args.mfu}")
     if args.measured:
-        mfu.update(measured_mfu(args.measured))
+        try:
+            mfu.update(measured_mfu(args.measured))
+        except ValueError as e:
+            parser.error(str(e))
         source = f"measured in {args.measured}"
     print(format_table(args.recipe, args.gpus, args.gpu, plan(args.recipe, args.gpus, args.gpu, mfu), source))
 

@@ -31,7 +31,7 @@ from ..cache import cache_dir as default_cache_dir
 from ..progress import progress
 from .files import RejectLog, SampleError, default_rejects_path, image_list, load_records
 from .templates import get_template
-from .tokenize import (OVERLONG_POLICIES, batch_lengths, encode_sample, load_tokenizer, prepare_tokenizer,
+from .tokenize import (OVERLONG_POLICIES, Fit, batch_lengths, encode_sample, load_tokenizer, prepare_tokenizer,
                        tokenizer_fingerprint)
 
 _LENGTHS_CACHE_VERSION = 1
@@ -79,8 +79,10 @@ class LlavaDataset(Dataset):
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
         self.image_mode, self.image_size = image_mode, image_size
         self.num_image_tokens, self.model_max_length, self.overlong = num_image_tokens, model_max_length, overlong
+        self.fit = Fit(self.image_token_id, num_image_tokens, model_max_length, overlong)
         self.image_loader = image_loader
-        self.cache_dir = os.fspath(default_cache_dir()) if cache_dir is True else (os.fspath(cache_dir) if cache_dir else None)
+        self.cache_dir = (os.fspath(default_cache_dir()) if cache_dir is True
+                          else os.fspath(cache_dir) if cache_dir else None)
         self.verbose = verbose
         self.rejects = RejectLog(rejects_path if rejects_path is not None else default_rejects_path(paths),
                                  strict=strict)
@@ -161,9 +163,7 @@ class LlavaDataset(Dataset):
         for lo in range(0, len(rows), _LENGTH_CHUNK):
             chunk = rows[lo : lo + _LENGTH_CHUNK]
             turns = [self.records[int(r)]["conversations"] for r in chunk]
-            lens, cuts, errs = batch_lengths(turns, self.tokenizer, self.template, img_id=self.image_token_id,
-                                             num_image_tokens=self.num_image_tokens,
-                                             model_max_length=self.model_max_length, overlong=self.overlong)
+            lens, cuts, errs = batch_lengths(turns, self.tokenizer, self.template, self.fit)
             per_entry[self.records.entry_ix[chunk]] = lens
             cut[self.records.entry_ix[chunk]] = cuts
             for k, e in errs.items():
@@ -195,9 +195,7 @@ class LlavaDataset(Dataset):
             return None  # rejected while computing lengths, already logged
         record = self.records[i]
         try:
-            enc = encode_sample(record["conversations"], self.tokenizer, self.template, img_id=self.image_token_id,
-                                num_image_tokens=self.num_image_tokens, model_max_length=self.model_max_length,
-                                overlong=self.overlong)
+            enc = encode_sample(record["conversations"], self.tokenizer, self.template, self.fit)
         except SampleError as e:
             self._reject(i, e.reason, e.detail)
             return None

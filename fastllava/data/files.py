@@ -38,6 +38,8 @@ ROLES = ("human", "gpt")
 
 @dataclass(frozen=True)
 class Reject:
+    """One sample that cannot be used: where it is, and why."""
+
     file: str
     index: int  # position of the entry in its file (0-based), -1 when unknown
     id: str | None
@@ -46,10 +48,12 @@ class Reject:
     line: int | None = None  # 1-based line for JSONL files
 
     def describe(self) -> str:
+        """One line for a person: file, entry, line, id, reason and detail."""
         where = f"{self.file} entry {self.index}" + (f" (line {self.line})" if self.line else "")
         return f"{where}, id {self.id!r}: {self.reason}: {self.detail}"
 
     def to_json(self) -> str:
+        """One line of the rejects file (JSONL)."""
         return json.dumps(
             {"file": self.file, "index": self.index, "line": self.line, "id": self.id,
              "reason": self.reason, "detail": self.detail},
@@ -87,6 +91,7 @@ class RejectLog:
             os.remove(self.path)
 
     def add(self, reject: Reject) -> None:
+        """Count and record `reject` (raise it, in strict mode); a sample already recorded is skipped."""
         if self.strict:
             raise ValueError(f"reject (strict mode): {reject.describe()}")
         key = (reject.file, reject.index)
@@ -103,6 +108,7 @@ class RejectLog:
 
     @property
     def total(self) -> int:
+        """Rejects counted so far."""
         return sum(self.counts.values())
 
 
@@ -219,6 +225,8 @@ def _read_entries(path: str) -> Iterable[tuple[int, int | None, object]]:
 
 @dataclass
 class DataSummary:
+    """What the data files held: entries read, samples kept, images, text-only samples, rejects by reason."""
+
     files: list[str]
     entries: int = 0  # everything read
     samples: int = 0  # valid
@@ -264,10 +272,12 @@ class Records:
         return json.loads(self._blob[self._offsets[i] : self._offsets[i + 1]])
 
     def source(self, i: int) -> tuple[str, int, int | None]:
+        """(file, index in the file, line or None) of sample i."""
         line = int(self.lines[i])
         return self.files[int(self.file_ix[i])], int(self.entry_ix[i]), line or None
 
     def reject(self, i: int, reason: str, detail: str) -> Reject:
+        """A Reject for sample i."""
         file, index, line = self.source(i)
         return Reject(file, index, self.ids[i], reason, detail, line)
 

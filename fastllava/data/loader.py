@@ -36,6 +36,8 @@ class SampleSource(Protocol):
 
 @dataclass
 class MicroBatch:
+    """One rank's pack at one micro-step of one optimizer step."""
+
     step: int  # global optimizer step (0-based, across epochs)
     micro: int  # micro-step within the step
     num_micro: int  # micro-steps of this step (the same on every rank)
@@ -112,6 +114,7 @@ class StepLoader:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps over all epochs."""
         return sum(self.steps_per_epoch)
 
     def _locate(self, step: int) -> tuple[int, int]:
@@ -123,6 +126,7 @@ class StepLoader:
         return self.epochs, 0
 
     def plan(self, step: int):
+        """The StepPlan of global optimizer step `step` (0-based, across epochs)."""
         epoch, idx = self._locate(step)
         return self.planner.plan_epoch(epoch)[idx]
 
@@ -131,6 +135,7 @@ class StepLoader:
         return {"next_step": self.next_step, "plan": self.planner.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(); ValueError when the data, batch, ranks or seed changed since."""
         # Raises a clear error when the data, batch size, rank count or seed changed since the save.
         self.planner.check(state["plan"])
         self.next_step = int(state["next_step"])

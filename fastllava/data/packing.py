@@ -185,10 +185,12 @@ class StepPlan:
 
     @property
     def num_micro_steps(self) -> int:
+        """M, the same on every rank."""
         return len(self.micro_batches)
 
     @property
     def num_samples(self) -> int:
+        """Samples of the step over all ranks and micro-steps."""
         return sum(len(b) for micro in self.micro_batches for b in micro)
 
     def rank(self, r: int) -> list[list[int]]:
@@ -296,6 +298,7 @@ class PackingPlanner:
         self._cache: tuple[int, list[StepPlan]] | None = None
 
     def plan_epoch(self, epoch: int) -> list[StepPlan]:
+        """The optimizer steps of `epoch`, in order."""
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (epoch, plan_steps(self.lengths, self.global_batch, self.max_tokens, self.num_ranks,
                                              self.seed, epoch=epoch, backend=self.backend))

@@ -28,6 +28,8 @@ MC_PROMPT = 14  # "\nAnswer with the option's letter from the given choices dire
 
 @dataclass(frozen=True)
 class Source:
+    """One source of a training mix and the assumptions that model its lengths."""
+
     name: str
     count: int
     has_image: bool

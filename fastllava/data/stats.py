@@ -54,6 +54,7 @@ def describe(lengths: np.ndarray, name: str = "all", width: int = 50) -> str:
 
 def report(lengths: np.ndarray, has_image: np.ndarray, *, max_tokens: int, batch_size: int, world_size: int,
            seed: int = 0, group_lengths: np.ndarray | None = None) -> str:
+    """The tool's report: length statistics, the reference's padding efficiency and packing's fill."""
     has_image = np.asarray(has_image, dtype=bool)
     out = [describe(lengths), describe(lengths[has_image], "with image"), describe(lengths[~has_image], "text-only")]
     batches = reference_batches(lengths, has_image, batch_size=batch_size, world_size=world_size, seed=seed,
@@ -70,7 +71,25 @@ def report(lengths: np.ndarray, has_image: np.ndarray, *, max_tokens: int, batch
     return "\n".join(out)
 
 
+def _dataset_lengths(args):
+    """(lengths, has_image, word counts) of the usable samples of --data."""
+    from .dataset import LlavaDataset
+
+    # its own rejects file in the working directory: a training run's file next to the data stays intact
+    rejects = os.path.basename(args.data[0]) + ".stats.rejects.jsonl"
+    ds = LlavaDataset(args.data, None, args.tokenizer, args.template, num_image_tokens=args.num_image_tokens,
+                      model_max_length=args.model_max_length, rejects_path=rejects)
+    valid = ds.valid()
+    # LLaVA's sampler groups by whitespace words of the conversation (+ nothing for the image).
+    words = np.array([sum(len(t["value"].split()) for t in ds.records[int(i)]["conversations"])
+                      for i in np.flatnonzero(valid)], dtype=np.int64)
+    print(f"{int(valid.sum())} usable samples ({ds.rejects.total} rejected, {ds.num_truncated} truncated "
+          f"to {args.model_max_length})")
+    return ds.lengths()[valid], ds.has_image()[valid], np.maximum(words, 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m fastllava.data.stats", description=__doc__.split("\n")[0])
     p.add_argument("--data", action="append", help="dataset file (JSON list or JSONL); repeat for several")
     p.add_argument("--tokenizer", help="local tokenizer directory (with --data)")
@@ -91,23 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lengths, has_image = sample_lengths(args.profile, args.n, args.seed, args.num_image_tokens,
                                             args.model_max_length)
         print(f"profile {args.profile}: {len(lengths)} modelled samples")
+    elif not args.tokenizer:
+        p.error("--data needs --tokenizer DIR")
     else:
-        if not args.tokenizer:
-            p.error("--data needs --tokenizer DIR")
-        from .dataset import LlavaDataset
-
-        # its own rejects file in the working directory: a training run's file next to the data stays intact
-        rejects = os.path.basename(args.data[0]) + ".stats.rejects.jsonl"
-        ds = LlavaDataset(args.data, None, args.tokenizer, args.template, num_image_tokens=args.num_image_tokens,
-                          model_max_length=args.model_max_length, rejects_path=rejects)
-        valid = ds.valid()
-        lengths, has_image = ds.lengths()[valid], ds.has_image()[valid]
-        # LLaVA's sampler groups by whitespace words of the conversation (+ nothing for the image).
-        words = np.array([sum(len(t["value"].split()) for t in ds.records[int(i)]["conversations"])
-                          for i in np.flatnonzero(valid)], dtype=np.int64)
-        group_lengths = np.maximum(words, 1)
-        print(f"{len(lengths)} usable samples ({ds.rejects.total} rejected, {ds.num_truncated} truncated "
-              f"to {args.model_max_length})")
+        try:
+            lengths, has_image, group_lengths = _dataset_lengths(args)
+        except ValueError as e:  # a missing file or tokenizer, malformed JSON: say which, no traceback
+            p.error(str(e))
     if len(lengths) == 0:
         print("no samples", file=sys.stderr)
         return 1

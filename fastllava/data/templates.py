@@ -32,6 +32,8 @@ VICUNA_SYSTEM = (
 
 @dataclass(frozen=True)
 class Rendered:
+    """A conversation as the exact prompt text, with the spans that carry loss."""
+
     text: str  # the prompt, with one IMAGE_TAG per image, in order
     # [start, end) character ranges of `text` whose tokens carry loss: each answer with the marker that ends
     # it, and for vicuna_v1 the separator space before it (see _render_vicuna_v1)
@@ -41,6 +43,8 @@ class Rendered:
 
 @dataclass(frozen=True)
 class Template:
+    """A named conversation format (see the module docstring)."""
+
     name: str
     render: Callable[[Sequence[dict]], Rendered]  # turns: [{"from": "human"|"gpt", "value": str}, ...]
     stop_str: str  # what ends an answer (generation stops on it)
@@ -103,6 +107,7 @@ def register_template(template: Template) -> None:
 
 
 def get_template(template: str | Template) -> Template:
+    """The registered template called `template` (a Template passes through); ValueError naming the known ones."""
     if isinstance(template, Template):
         return template
     try:

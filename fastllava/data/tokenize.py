@@ -63,6 +63,8 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = No
 
 @dataclass(frozen=True)
 class TokenizerIds:
+    """The token ids a model needs from its tokenizer."""
+
     image_token_id: int
     pad_token_id: int
     vocab_size: int  # len(tokenizer) after additions: the model's embedding table must be at least this
@@ -90,6 +92,7 @@ def prepare_tokenizer(tokenizer) -> TokenizerIds:
 
 
 def image_token_id(tokenizer) -> int:
+    """The id of `<image>`; ValueError if the tokenizer splits it (call prepare_tokenizer first)."""
     ids = tokenizer(IMAGE_TAG, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"{IMAGE_TAG} is not a single token of this tokenizer (got {ids}); "
@@ -124,6 +127,8 @@ def _labels_from_spans(ids_L: np.ndarray, offsets_L2: np.ndarray, spans, special
 
 
 def tokenize_rendered(rendered: Rendered, tokenizer, img_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids (L,) int64 and labels (L,) int64 of a rendered prompt: tokens inside its answer spans keep
+    their id as label, the others get IGNORE_INDEX (so do image tokens and the tokenizer's inserted specials)."""
     enc = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
     ids_L = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets_L2 = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -168,6 +173,8 @@ def truncation_point(ids_L: np.ndarray, img_id: int, num_image_tokens: int, max_
 
 @dataclass
 class Encoded:
+    """One sample ready for packing."""
+
     input_ids: torch.Tensor  # (L,) int64, one image token per kept image
     labels: torch.Tensor  # (L,) int64, IGNORE_INDEX where no loss
     num_images: int  # images kept (truncation drops those after the cut)
@@ -175,27 +182,30 @@ class Encoded:
     truncated: bool
 
 
-def encode_sample(
-    turns: Sequence[dict],
-    tokenizer,
-    template: Template,
-    *,
-    img_id: int,
-    num_image_tokens: int,
-    model_max_length: int,
-    overlong: str = "truncate",
-) -> Encoded:
-    """Render, tokenize, mask and fit one (validated) conversation into model_max_length.
+@dataclass(frozen=True)
+class Fit:
+    """How a sample is fitted to the model: the image token, the positions one image occupies, the
+    longest sample (after image expansion), and what to do with a longer one ("truncate" or "reject")."""
+
+    img_id: int
+    num_image_tokens: int
+    model_max_length: int
+    overlong: str = "truncate"
+
+
+def encode_sample(turns: Sequence[dict], tokenizer, template: Template, fit: Fit) -> Encoded:
+    """Render, tokenize, mask and fit one (validated) conversation into fit.model_max_length.
 
     Raises SampleError: "template" (cannot render), "overlong" (too long and overlong="reject"),
     "no_labels" (nothing left to train on after truncation).
     """
+    img_id, num_image_tokens, model_max_length = fit.img_id, fit.num_image_tokens, fit.model_max_length
     rendered = template.render(turns)
     ids_L, labels_L = tokenize_rendered(rendered, tokenizer, img_id)
     length = expanded_length(ids_L, img_id, num_image_tokens)
     truncated = length > model_max_length
     if truncated:
-        if overlong == "reject":
+        if fit.overlong == "reject":
             raise SampleError("overlong", f"{length} tokens after image expansion > model_max_length "
                                           f"{model_max_length}")
         cut = truncation_point(ids_L, img_id, num_image_tokens, model_max_length)
@@ -219,16 +229,8 @@ def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
-def batch_lengths(
-    turns_list: Sequence[Sequence[dict]],
-    tokenizer,
-    template: Template,
-    *,
-    img_id: int,
-    num_image_tokens: int,
-    model_max_length: int,
-    overlong: str = "truncate",
-) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
+def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Template,
+                  fit: Fit) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
     """Lengths after image expansion and truncation of many conversations, as encode_sample would give,
     with one batched tokenizer call (no offsets) for the common case; only over-long samples take the
     full path. Returns lengths (N,) int64 (0 where rejected), truncated (N,) bool and
@@ -247,15 +249,13 @@ def batch_lengths(
         encoded = _encode_ids(tokenizer, texts)
         for i, ids in zip(where, encoded):
             ids_L = np.asarray(ids, dtype=np.int64)
-            length = expanded_length(ids_L, img_id, num_image_tokens)
-            if length <= model_max_length:
+            length = expanded_length(ids_L, fit.img_id, fit.num_image_tokens)
+            if length <= fit.model_max_length:
                 lengths[i] = length
                 continue
             truncated[i] = True
             try:
-                lengths[i] = encode_sample(turns_list[i], tokenizer, template, img_id=img_id,
-                                           num_image_tokens=num_image_tokens,
-                                           model_max_length=model_max_length, overlong=overlong).length
+                lengths[i] = encode_sample(turns_list[i], tokenizer, template, fit).length
             except SampleError as e:
                 errors[i] = e
     return lengths, truncated, errors

@@ -35,6 +35,8 @@ FORMAT_VERSION = 1  # bump when what is written changes
 
 @dataclass(frozen=True)
 class Components:
+    """The two directories the trainer loads as `model.source=components`."""
+
     vision_dir: Path  # a CLIPVisionModel directory
     llm_dir: Path  # a LlamaForCausalLM directory with the world's tokenizer
 

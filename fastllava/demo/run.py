@@ -31,6 +31,8 @@ OWNED = ("model.source", "model.vision_path", "model.llm_path", "model.pretraine
 
 @dataclass
 class DemoSettings:
+    """The demo's own knobs: the `demo` section of its YAML files and of its overrides."""
+
     seed: int = 0  # the world, and the tower's and the LLM's initialization
     samples: int = 8000  # training conversations (the stage-1 captions are their images)
     eval_samples: int = 200  # held-out images and text questions
@@ -52,6 +54,8 @@ class DemoSettings:
 
 @dataclass
 class DemoConfig(Config):
+    """A run's configuration plus the demo's section."""
+
     demo: DemoSettings = field(default_factory=DemoSettings)
 
 
@@ -85,19 +89,22 @@ def prepare(overrides: list[str], stage: str):
     world = _world(settings, env)
     parts = make_components(settings, world, vision_feature_layer=tree.model.architecture.vision_feature_layer,
                             image_mode=tree.data.image_mode, env=env, show_progress=tree.logging.progress)
-    tree.model.source, tree.model.vision_path, tree.model.llm_path = "components", str(parts.vision_dir), str(parts.llm_dir)
+    tree.model.source = "components"
+    tree.model.vision_path, tree.model.llm_path = str(parts.vision_dir), str(parts.llm_dir)
     tree.data.data_path = str(world.train_json if stage == "finetune" else world.pretrain_json)
     tree.data.image_folder = str(world.image_folder)
     cfg = to_config(tree)
 
-    def after(result) -> None:
+    def after(result) -> dict | None:
+        """The held-out scores (printed on rank 0) of a finished stage-2 run."""
         if stage != "finetune" or result.export is None:
-            return
-        result.eval = evaluate_vqa(result.model, world.eval_json, world.image_folder, result.tokenizer,
-                                   cfg.data.template, image_mode=cfg.data.image_mode,
-                                   max_new_tokens=settings.max_new_tokens, max_samples=settings.eval_limit)
+            return None
+        scores = evaluate_vqa(result.model, world.eval_json, world.image_folder, result.tokenizer,
+                              cfg.data.template, image_mode=cfg.data.image_mode,
+                              max_new_tokens=settings.max_new_tokens, max_samples=settings.eval_limit)
         if result.is_main:
-            print(result.eval["table"], flush=True)
+            print(scores["table"], flush=True)
+        return scores
 
     return cfg, after
 

@@ -38,6 +38,8 @@ def normalize_answer(text: str) -> str:
 
 @dataclass
 class Question:
+    """One held-out answer to generate: the prompt that precedes it and the reference answer."""
+
     sample_id: str
     qtype: str
     turn: int  # index of the gpt turn within the sample

@@ -34,6 +34,8 @@ MAX_IMAGE_BYTES = 8 << 30  # the decoded fp16 images held in memory; beyond this
 
 @dataclass
 class CaptionedImages:
+    """Decoded images and their tokenized captions, held in memory for contrastive pretraining."""
+
     pixels: torch.Tensor  # (N, 3, S, S) fp16, preprocessed as LLaVA's data pipeline does
     token_ids: list[torch.Tensor]  # caption of image i, tokenized (no special tokens)
     caption_ids: torch.Tensor  # (N,) int64: equal ids <=> identical captions

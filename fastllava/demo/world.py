@@ -75,6 +75,8 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 @dataclass(frozen=True)
 class Shape:
+    """One drawn shape: kind, colour, grid cell and pixel box."""
+
     kind: str  # one of SHAPES
     color: str  # key of COLORS
     cell: int  # index into POSITIONS
@@ -82,6 +84,7 @@ class Shape:
 
     @property
     def position(self) -> str:
+        """The cell's name, e.g. "top left"."""
         return POSITIONS[self.cell]
 
     @property
@@ -94,6 +97,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class DemoPaths:
+    """Where a generated world's files are."""
+
     root: Path
     image_folder: Path  # the LLaVA `image_folder`; "image" keys are relative to it
     train_json: Path
@@ -312,6 +317,7 @@ def _fingerprint(**params) -> dict:
 
 
 def is_complete(root: str | os.PathLike, **params) -> bool:
+    """`root` holds a whole world generated with `params` (its COMPLETE.json says so)."""
     marker = Path(root) / "COMPLETE.json"
     if not marker.is_file():
         return False

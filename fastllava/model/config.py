@@ -45,6 +45,8 @@ class Backends:
 
 @dataclass
 class VisionConfig:
+    """The CLIP vision transformer (defaults: ViT-L/14 at 336 px), as CLIPVisionConfig names its fields."""
+
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -66,18 +68,23 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per image (CLS not counted)."""
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
     def from_hf(cls, d: dict) -> "VisionConfig":
+        """From a CLIPVisionConfig dict (unknown keys ignored)."""
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def to_hf(self) -> dict:
+        """A CLIPVisionConfig dict."""
         return {"model_type": "clip_vision_model", **asdict(self)}
 
 
 @dataclass
 class TextConfig:
+    """The LLaMA-family decoder (defaults: LLaMA-2 / Vicuna 7B), as LlamaConfig names its fields."""
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -115,6 +122,7 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "TextConfig":
+        """From a LlamaConfig dict of transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)."""
         d = dict(d)
         # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x keeps them apart.
         rope = d.pop("rope_parameters", None)
@@ -127,6 +135,7 @@ class TextConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def to_hf(self) -> dict:
+        """A LlamaConfig dict in transformers 5's form (rope_parameters)."""
         d = asdict(self)
         d["head_dim"] = self.attention_head_dim
         rope = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
@@ -169,10 +178,12 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        """Positions one image occupies in the LLM's sequence (576 for ViT-L/14 at 336 px)."""
         return self.vision.num_patches + (self.vision_feature_select == "cls_patch")
 
     @property
     def projector_depth(self) -> int:
+        """Linear layers of the projector: 1 for linear, N for mlpNx_gelu."""
         m = PROJECTOR_PATTERN.match(self.projector_type)
         return 1 if m.group(1) == "linear" else int(m.group(2))
 
@@ -206,6 +217,7 @@ class LlavaConfig:
         return cls(**kwargs)
 
     def to_hf_llava(self) -> dict:
+        """A llava-hf LlavaForConditionalGeneration config.json dict (mlp2x_gelu projectors only)."""
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(
                 f"the llava-hf layout only holds an mlp2x_gelu projector; this model has {self.projector_type!r}"

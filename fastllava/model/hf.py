@@ -35,6 +35,7 @@ _LM_HEAD = "language_model.lm_head.weight"
 
 
 def read_config(path: Path) -> dict:
+    """A model directory's config.json as a dict; ValueError naming the directory when absent or invalid."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -222,6 +223,7 @@ def _load_into(model, tensors, key_map, dtype, device) -> None:
 
 
 def load_llava(cls, path: Path, *, dtype=None, device="cpu", backends=None, vision_tower=None, **overrides):
+    """`cls` (Llava) from a llava-hf or an original-LLaVA directory: see Llava.from_pretrained."""
     raw = read_config(path)
     architecture = (raw.get("architectures") or [""])[0]
     if architecture == "LlavaForConditionalGeneration" or raw.get("model_type") == "llava" and "text_config" in raw:
@@ -305,6 +307,7 @@ def _llama_tensors(path: Path):
 
 def load_components(cls, vision: Path, llm: Path, projector_weights, *, dtype=None, device="cpu", seed: int = 0,
                     backends=None, **overrides):
+    """`cls` (Llava) from a CLIP and a LLaMA directory: see Llava.from_components."""
     llm_raw = read_config(llm)
     if llm_raw.get("model_type") != "llama":
         raise ValueError(f"{llm}/config.json: model_type {llm_raw.get('model_type')!r}, expected 'llama'")

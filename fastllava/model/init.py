@@ -1,7 +1,7 @@
 """Weight initialization for models trained from scratch: the one set of rules every module follows.
 
-Checkpoints overwrite all of it; it matters for `Llava.from_config` (tests, tiny models, the demo's tower
-and LLM) and for the new projector of stage 1.
+Checkpoints overwrite all of it; it matters for `Llava.from_config` (tests, tiny models trained from scratch)
+and for the new projector of stage 1.
 
 - Transformer weights (vision tower, decoder, LM head, vision layers a checkpoint would carry): normal with
   std 0.02 (CLIP's and LLaMA's `initializer_range`), norm scales 1, biases and norm shifts 0.

@@ -19,6 +19,8 @@ from .rope import apply_rotary, rotary_cos_sin
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, causal inside each packed sample (ops.varlen_attention)."""
+
     def __init__(self, cfg: TextConfig, backend: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
@@ -30,6 +32,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen):
+        """x (T, D); rotary tables cos, sin (T, Dh); cu_seqlens (B + 1,) int32; max_seqlen int -> (T, D)."""
         t = x_TD.shape[0]
         q_THD = apply_rotary(self.q_proj(x_TD).view(t, self.num_heads, self.head_dim), cos_TD, sin_TD)
         k_THD = apply_rotary(self.k_proj(x_TD).view(t, self.num_kv_heads, self.head_dim), cos_TD, sin_TD)
@@ -39,6 +42,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """LLaMA's MLP: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -46,10 +51,13 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x_TD):
+        """(T, D) -> (T, D)."""
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: TextConfig, attention_backend: str):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -58,6 +66,7 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen):
+        """(T, D) -> (T, D); the other arguments as in Attention.forward."""
         x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, cu_seqlens, max_seqlen)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 

@@ -22,6 +22,8 @@ from .vision import CLIPVisionTower
 
 @dataclass
 class LlavaOutput:
+    """What Llava.forward returns (see its docstring)."""
+
     logits: torch.Tensor | None  # (T, V) fp32 over the expanded sequence, when asked for
     loss_sum: torch.Tensor | None  # () fp32: SUM of next-token cross-entropies over label tokens
     num_label_tokens: torch.Tensor  # () int64, on the batch's device (no host sync)
@@ -49,6 +51,7 @@ class Llava(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
+        """Positions one image occupies in the LLM's sequence."""
         return self.config.num_image_tokens
 
     # --- forward -------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class CLIPEmbeddings(nn.Module):
+    """CLIP's patch embedding (a stride-p convolution, no bias), the CLS token and learned positions."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
@@ -28,6 +30,7 @@ class CLIPEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
 
     def forward(self, pixels_N3HW: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels -> (N, P + 1, C): CLS first, then the patches in raster order."""
         patches_NCP = self.patch_embedding(pixels_N3HW.to(self.patch_embedding.weight.dtype)).flatten(2)
         patches_NPC = patches_NCP.transpose(1, 2)
         cls_N1C = self.class_embedding.expand(patches_NPC.shape[0], 1, -1)
@@ -35,6 +38,8 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
+    """Multi-head self-attention over each image's tokens (no mask), with biases as in CLIP."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -42,6 +47,7 @@ class CLIPAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
 
     def forward(self, x_NPC: torch.Tensor) -> torch.Tensor:
+        """(N, P, C) -> (N, P, C)."""
         n, p, c = x_NPC.shape
 
         def heads(t):
@@ -52,6 +58,8 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
+    """fc1 -> quick-GELU (or GELU) -> fc2."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -59,10 +67,13 @@ class CLIPMLP(nn.Module):
         self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C)."""
         return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -71,6 +82,7 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, P, C) -> (N, P, C)."""
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 

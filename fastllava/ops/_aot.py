@@ -2,12 +2,19 @@
 
 Each op module exposes `aot_specs() -> list[KernelSpec]`; the compile check (fastllava.ops.compile_check)
 compiles every spec for sm_80 and sm_90 without a GPU and reports registers, spills and shared memory.
+`TL_DTYPE_NAMES` is the one map from the torch dtypes the kernels take to Triton's type names, used to
+write the specs' signatures ("*bf16") and by the ops' dtype checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+# torch dtype -> Triton type name, for every dtype a Triton kernel of fastllava.ops accepts.
+TL_DTYPE_NAMES: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -18,3 +25,7 @@ class KernelSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    # Arguments the compile check marks 16-divisible, as the JIT does at a real launch for aligned
+    # pointers and integers that are multiples of 16. None: every pointer and every integer named
+    # stride* (see compile_check._divisible_args).
+    divisible_by_16: tuple[str, ...] | None = None

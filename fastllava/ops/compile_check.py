@@ -97,9 +97,8 @@ def _divisible_args(spec) -> set[str]:
     every pointer and every integer whose name starts with "stride" is assumed marked, which holds
     for contiguous 16-bit tensors whose inner sizes are multiples of 8.
     """
-    names = getattr(spec, "divisible_by_16", None)
-    if names is not None:
-        return set(names)
+    if spec.divisible_by_16 is not None:
+        return set(spec.divisible_by_16)
     return {n for n, t in spec.signature.items() if t.startswith("*") or (n.startswith("stride") and t[0] in "iu")}
 
 

@@ -15,13 +15,12 @@ by grad_output): no logits recompute, one (C, V) buffer alive at a time. See doc
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._aot import KernelSpec
+from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 
 BACKENDS = ("torch", "triton")
@@ -90,7 +89,6 @@ def _ce_loss_grad_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launcher
 
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (ROWS, BLOCK_V, num_warps): a row of the LLaMA vocabulary (32000) is 8 blocks of 4096, one row per
 # program (Liger-style); small vocabularies (tests, tiny models) take 8 rows x 1024 so a program still
 # moves 8K elements per step (and the interpreter runs 8x fewer programs: ~30 ms each on CPU).
@@ -164,11 +162,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.grad_scale = grad_scale
         ctx.weight_dtype = weight_VD.dtype
         ctx.dhidden_TD, ctx.dweight_VD = dhidden_TD, dweight_VD
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if getattr(ctx, "consumed", False):
+        if ctx.consumed:
             raise RuntimeError("fused_linear_cross_entropy: the gradients were computed in the forward and "
                                "already handed out; a second backward (retain_graph=True) is not supported")
         ctx.consumed = True
@@ -188,7 +187,7 @@ def _check_inputs(hidden, weight, labels, ignore_index):
                          f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"fused_linear_cross_entropy: labels must be (T={hidden.shape[0]},), got {tuple(labels.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in _TL_DTYPE:
+    if hidden.dtype != weight.dtype or hidden.dtype not in TL_DTYPE_NAMES:
         raise ValueError(f"fused_linear_cross_entropy (triton): hidden and weight must share one dtype among "
                          f"fp16/bf16/fp32, got {hidden.dtype} and {weight.dtype}")
     V = weight.shape[0]
@@ -225,7 +224,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
 def aot_specs() -> list[KernelSpec]:
     """Every (dtype, ROWS x BLOCK_V, COMPUTE_GRAD) the launcher can choose."""
     specs = []
-    for t in _TL_DTYPE.values():
+    for t in TL_DTYPE_NAMES.values():
         sig = {"logits_ptr": f"*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "C": "i32", "V": "i32",
                "stride_row": "i32", "ignore_index": "i32", "ROWS": "constexpr", "BLOCK_V": "constexpr",
                "COMPUTE_GRAD": "constexpr"}

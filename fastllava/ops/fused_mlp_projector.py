@@ -17,13 +17,12 @@ See docs/kernels.md for why these choices and what remains to be measured on a G
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._aot import KernelSpec
+from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 
 BACKENDS = ("torch", "triton")
@@ -208,7 +207,6 @@ _BWD_CONFIGS = {
     torch.bfloat16: (128, 64, 64, 8, 8, 3),
     torch.float32: (64, 64, 32, 8, 4, 2),
 }
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _input_precision(dtype):
@@ -325,7 +323,7 @@ def aot_specs() -> list[KernelSpec]:
     specs = []
     ints = {n: "i32" for n in ("M", "N", "K")}
     flags = [(store, even_k) for store in (True, False) for even_k in (True, False)]
-    for dtype, t in _TL_DTYPE.items():
+    for dtype, t in TL_DTYPE_NAMES.items():
         prec = "ieee" if dtype == torch.float32 else "tf32"
         # Inner strides are 1 at every launch (the launchers make inputs contiguous) and the JIT turns an
         # integer argument equal to 1 into a constant, so the specs do the same.

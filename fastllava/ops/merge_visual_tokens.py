@@ -15,13 +15,12 @@ Triton path (backend="triton"):
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._aot import KernelSpec
+from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 
 BACKENDS = ("torch", "triton")
@@ -144,7 +143,6 @@ def _embed_grad_kernel(
 _BLOCK_T, _BLOCK_D, _WARPS = 16, 256, 4
 # The embedding gradient: one run of equal ids per program, 512 columns each (8 programs per row at D=4096).
 _EMBED_BLOCK_D, _EMBED_WARPS = 512, 4
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _tile_grid(T, D):
@@ -208,7 +206,7 @@ def _check_inputs(input_ids, embed_weight, image_features, image_token_id):
     if input_ids.dim() != 1 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"merge_visual_tokens: input_ids must be (T,) int64, got {tuple(input_ids.shape)} "
                          f"{input_ids.dtype}")
-    if embed_weight.dim() != 2 or embed_weight.dtype not in _TL_DTYPE:
+    if embed_weight.dim() != 2 or embed_weight.dtype not in TL_DTYPE_NAMES:
         raise ValueError(f"merge_visual_tokens (triton): embed_weight must be (V, D) fp16/bf16/fp32, got "
                          f"{tuple(embed_weight.shape)} {embed_weight.dtype}")
     if image_features.dim() != 2 or image_features.shape[1] != embed_weight.shape[1]:
@@ -249,7 +247,7 @@ def aot_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, config) the launchers above can choose."""
     specs = []
     tile = {"BLOCK_T": _BLOCK_T, "BLOCK_D": _BLOCK_D}
-    for t in _TL_DTYPE.values():
+    for t in TL_DTYPE_NAMES.values():
         fwd_sig = {"ids_ptr": "*i64", "slot_ptr": "*i64", "embed_ptr": f"*{t}", "feats_ptr": f"*{t}",
                    "out_ptr": f"*{t}", "T": "i32", "D": "i32", "image_token_id": "i32", "stride_embed": "i32",
                    "stride_feats": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}

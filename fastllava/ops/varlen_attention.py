@@ -2,8 +2,8 @@
 
 FlashAttention-2 over `cu_seqlens` in Triton (forward, backward, GQA/MQA), a per-sample torch reference
 (the tests' oracle), a padded one-call torch path (the CPU backend), and the dispatch to the other
-backends (torch's `varlen_attn`, flash-attn). Algorithm, block sizes and the determinism choice are
-explained in docs/kernels-attention.md.
+backends (torch's `varlen_attn`, flash-attn, xformers). Algorithm, block sizes and the determinism
+choice are explained in docs/kernels-attention.md.
 
 Shapes: T packed tokens, B samples, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim.
 Suffixes: q_THD is (T, Hq, D), lse_HT is (Hq, T).
@@ -20,17 +20,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._aot import KernelSpec
+from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 
-BACKENDS = ("triton", "torch", "torch_varlen", "flash_attn")
+BACKENDS = ("triton", "torch", "torch_varlen", "flash_attn", "xformers")
 TRITON_HEAD_DIMS = (64, 80, 96, 128)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = tuple(TL_DTYPE_NAMES)  # fp16, bf16, fp32
 # On a GPU the kernels run in fp16/bf16; fp32 exists for the interpreter tests (its IEEE dot holds
 # operands in registers: the dk/dv kernel spills at D=128), so fp32 CUDA inputs go to the reference.
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
-LOG2E = 1.4426950408889634
-
+# log2(e): the kernels work in base 2 (exp2/log2) with this factor folded into the scale. A module global
+# read inside @triton.jit code must be a constexpr object: `LOG2E: tl.constexpr = ...` runs in the
+# interpreter, but Triton 3.9's compiler rejects it (NameError "cannot access global variable"; checked
+# with triton.compile for sm_90), while `tl.constexpr(...)` works in both and in older Tritons.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def _varlen_fwd_kernel(
     q = _load_tile(Q + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d, True, HEAD_DIM, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp: one multiply folded into the scale
+    qk_scale = sm_scale * LOG2E  # exp2 instead of exp: one multiply folded into the scale
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -143,7 +146,7 @@ def _varlen_fwd_kernel(
     acc = acc / l_i[:, None]
     _store_tile(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), offs_m, seqlen, offs_d,
                 HEAD_DIM, BLOCK_D)
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    lse = (m_i + tl.log2(l_i)) / LOG2E
     tl.store(LSE + pid_h * T + tok0 + offs_m, lse, mask=offs_m < seqlen)
 
 
@@ -226,9 +229,9 @@ def _varlen_bwd_dq_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     row_ok = offs_m < seqlen
-    lse2 = tl.load(LSE + pid_h * T + tok0 + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + pid_h * T + tok0 + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + pid_h * T + tok0 + offs_m, mask=row_ok, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
         full_end = start_m
@@ -256,10 +259,10 @@ def _dkdv_q_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, start_m
     do = _load_tile(DO + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d, MASKED, HEAD_DIM,
                     BLOCK_D)
     if MASKED:
-        lse2 = tl.load(LSE + offs_m, mask=offs_m < seqlen, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + offs_m, mask=offs_m < seqlen, other=0.0) * LOG2E
         delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen, other=0.0)
     else:
-        lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+        lse2 = tl.load(LSE + offs_m) * LOG2E
         delta = tl.load(DELTA + offs_m)
     if UPCAST:
         q = q.to(tl.float32)
@@ -315,7 +318,7 @@ def _varlen_bwd_dkdv_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Query tiles: [lo, diag_hi) straddle the diagonal (masked), [diag_hi, body_end) are full,
@@ -358,6 +361,7 @@ def _kernel_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
     Chosen without a GPU from the compile check (no spills, shared memory within sm_80's limit); see
     docs/kernels-attention.md for the table and the reasoning. fp32 exists for tests only and takes
     small tiles because its IEEE dot runs on FMA units and holds operands in registers.
+    The launchers call this at every launch, so a test can monkeypatch it to run other tiles.
     """
     if kind == "delta":
         return dict(BLOCK_T=64, num_warps=4, num_stages=1)
@@ -374,17 +378,6 @@ def _kernel_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
         # (causal). BLOCK_M=16 is the largest without spills for every head dim.
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
     raise AssertionError(kind)
-
-
-# Tests replace this with a function of the same signature to run other tile shapes in the interpreter.
-_config_hook = None
-
-
-def _config(kind, head_dim, dtype):
-    cfg = _kernel_config(kind, head_dim, dtype)
-    if _config_hook is not None:
-        cfg = {**cfg, **_config_hook(kind, head_dim, dtype)}
-    return cfg
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -421,7 +414,7 @@ def _launch_forward(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal, sm_scal
     lse_HT = _alloc((Hq, T), q_THD, torch.float32)
     if T == 0 or B == 0 or max_seqlen == 0:
         return o_THD.to(q_THD.dtype), lse_HT
-    cfg = _config("fwd", D, q_THD.dtype)
+    cfg = _kernel_config("fwd", D, q_THD.dtype)
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), Hq, B)
     _varlen_fwd_kernel[grid](
         q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens, sm_scale,
@@ -443,19 +436,19 @@ def _launch_backward(do_THD, q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens, max
     delta_HT = _alloc((Hq, T), q_THD, torch.float32)
     # The interpreter's bf16 path writes gradients in fp32 (see _out_dtype); the kernels read the
     # element type from the pointer, so nothing else changes.
-    cfg = _config("delta", D, q_THD.dtype)
+    cfg = _kernel_config("delta", D, q_THD.dtype)
     _varlen_bwd_delta_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), Hq)](
         o_THD, do_THD, delta_HT, o_THD.stride(0), o_THD.stride(1), do_THD.stride(0), do_THD.stride(1), T,
         HEAD_DIM=D, BLOCK_D=common["BLOCK_D"], **cfg,
     )
     group = Hq // Hkv
-    cfg = _config("dq", D, q_THD.dtype)
+    cfg = _kernel_config("dq", D, q_THD.dtype)
     _varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), Hq, B)](
         q_THD, k_THD, v_THD, do_THD, dq_THD, lse_HT, delta_HT, cu_seqlens, sm_scale,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
         do_THD.stride(0), do_THD.stride(1), dq_THD.stride(0), dq_THD.stride(1), T, group, **common, **cfg,
     )
-    cfg = _config("dkdv", D, q_THD.dtype)
+    cfg = _kernel_config("dkdv", D, q_THD.dtype)
     _varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), Hkv, B)](
         q_THD, k_THD, v_THD, do_THD, dk_THD, dv_THD, lse_HT, delta_HT, cu_seqlens, sm_scale,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
@@ -577,27 +570,17 @@ def _padded_sdpa(q, k, v, cu_seqlens, causal, softmax_scale):
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
-    """torch.nn.attention.varlen.varlen_attn across its API changes (2.10: is_causal; 2.11+: window_size)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError as e:
-        raise ValueError(f"varlen_attention: backend='torch_varlen' needs torch.nn.attention.varlen.varlen_attn, "
-                         f"absent from torch {torch.__version__}") from e
-    params = inspect.signature(varlen_attn).parameters
-    kw = {}
-    if "window_size" in params:
-        kw["window_size"] = (-1, 0) if causal else (-1, -1)
-    else:
-        kw["is_causal"] = causal
-    if softmax_scale is not None:
-        if "scale" in params:
-            kw["scale"] = softmax_scale
-        else:  # older signature: fold the scale into q
-            q = q * (softmax_scale * math.sqrt(q.shape[-1]))
+    """torch.nn.attention.varlen.varlen_attn: `scale=` and `window_size=(-1, 0)` for causal (torch >= 2.11;
+    2.10's `is_causal` is gone). GQA: `enable_gqa` is in torch 2.12 and 2.13 (2.13's signature read here);
+    it came with pytorch PR #179468 (April 2026), after the 2.11 branch was cut, so torch 2.11 most likely
+    lacks it: not checked against a 2.11 install. Without it, K/V heads are repeated."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw = dict(scale=softmax_scale, window_size=(-1, 0) if causal else (-1, -1))
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
             kw["enable_gqa"] = True
-        else:
+        else:  # torch 2.11
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
@@ -613,6 +596,31 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
                                   softmax_scale=softmax_scale, causal=causal)
 
 
+def _xformers(q, k, v, cu_seqlens, causal, softmax_scale):
+    """xformers' memory_efficient_attention on the pack as one (1, T, H, D) batch with a block-diagonal
+    mask (causal inside each block when `causal`). GQA: K/V heads repeated to Hq (the autograd of the
+    repeat sums their gradients back), which costs (group - 1) extra copies of K and V."""
+    try:
+        from xformers.ops import memory_efficient_attention
+        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask, BlockDiagonalMask
+    except ImportError as e:
+        raise ValueError("varlen_attention: backend='xformers' needs the xformers package "
+                         "(pip install xformers; CUDA only)") from e
+    # Host sync: the mask is built from the sample lengths as Python ints, so cu_seqlens is read back
+    # from the GPU on every call (the triton and torch_varlen backends never do this).
+    bounds = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]  # an empty sample holds no token
+    if not lens:
+        return q.clone()  # T == 0: an empty output that still belongs to the graph
+    mask_cls = BlockDiagonalCausalMask if causal else BlockDiagonalMask
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    o_1THD = memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                        attn_bias=mask_cls.from_seqlens(lens), scale=softmax_scale)
+    return o_1THD.squeeze(0)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_scale=None, backend="auto"):
     """Attention over packed samples, differentiable in q, k, v.
 
@@ -620,7 +628,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
     device. cu_seqlens: (B + 1,) int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T, non-decreasing (empty
     samples allowed). max_seqlen: int, >= the longest sample (it sizes the launch grid).
     causal: mask future tokens inside each sample. softmax_scale: default 1/sqrt(D).
-    backend: "auto" (Triton on CUDA, torch elsewhere) or one of BACKENDS.
+    backend: "auto" (Triton on CUDA, torch elsewhere) or one of BACKENDS:
+      "triton"        our FlashAttention-2 kernels (CUDA; CPU through Triton's interpreter, for tests);
+      "torch"         the samples padded into one batch, one scaled_dot_product_attention call;
+      "torch_varlen"  torch.nn.attention.varlen.varlen_attn (CUDA only);
+      "flash_attn"    flash_attn_varlen_func, if the flash-attn package is installed (CUDA only);
+      "xformers"      xformers' memory_efficient_attention with a block-diagonal mask, if xformers is
+                      installed (CUDA only; reads cu_seqlens on the host: one sync per call).
     Returns (T, Hq, D) in q's dtype.
     On CUDA, cu_seqlens values are checked by a device-side assert (no host sync); elsewhere by ValueError.
     """
@@ -631,7 +645,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
                              f"{q.dtype}; use backend='torch' (or 'auto') for other dtypes")
         which = "torch"
     _check_args(q, k, v, cu_seqlens, max_seqlen, which)
-    if which in ("torch_varlen", "flash_attn") and not q.is_cuda:
+    if which in ("torch_varlen", "flash_attn", "xformers") and not q.is_cuda:
         raise ValueError(f"varlen_attention: backend={which!r} runs on CUDA tensors only; got {q.device} "
                          f"(use backend='torch' or 'auto' on CPU)")
     if which == "torch":
@@ -643,6 +657,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
         return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if which == "flash_attn":
         return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if which == "xformers":
+        return _xformers(q, k, v, cu_seqlens, causal, softmax_scale)
     raise AssertionError(which)
 
 
@@ -650,7 +666,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
 # Ahead-of-time compile check (python -m fastllava.ops.compile_check).
 # ----------------------------------------------------------------------------------------------------
 
-_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _CONSTEXPR_ARGS = {"CAUSAL", "HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "UPCAST", "DOT_PRECISION"}
 
 
@@ -659,7 +674,7 @@ def aot_specs() -> list[KernelSpec]:
     specs = []
     for D in TRITON_HEAD_DIMS:
         for dtype in _GPU_DTYPES:
-            t = _TL_NAMES[dtype]
+            t = TL_DTYPE_NAMES[dtype]
             x, f, i = f"*{t}", "*fp32", "i32"
             consts = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), UPCAST=False,
                           DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")

@@ -27,8 +27,8 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
          without_config_help: str = "") -> TrainResult:
     """`[--config FILE] [section.key=value ...]`: load and check the configuration, train, tear the process
     group down. Without --config, `without_config(overrides, stage)` supplies the configuration and what to
-    do with the result, `(cfg, after)` (the demo). A configuration mistake exits with its message (no
-    traceback) and status 2."""
+    do with the result, `(cfg, after)` (the recipes' default without a file). A configuration mistake exits
+    with its message (no traceback) and status 2."""
     if any(a in ("-h", "--help") for a in argv):
         print("\n\n".join(t for t in (description.strip(), usage(), without_config_help) if t))
         raise SystemExit(0)

@@ -50,6 +50,7 @@ def build_model(cfg: Config, special_ids: TokenizerIds) -> Llava:
 
 
 def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:
+    """The LlavaDataset of data.*, with the model's image size and tokens per image."""
     d = cfg.data
     if d.data_path is None:
         raise ValueError("data.data_path is not set: give a LLaVA-format JSON/JSONL file (and data.image_folder)")

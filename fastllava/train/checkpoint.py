@@ -127,6 +127,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore this process's RNG states from rng_state()'s dict."""
     torch.set_rng_state(_b64_to_bytes(state["torch"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -283,6 +284,8 @@ def find_resume(root: Path, resume: str) -> Path | None:
 
 
 class Checkpointer:
+    """Writes, prunes and loads the checkpoints under `root` for rank `rank` (see the module docstring)."""
+
     def __init__(self, root: Path, *, keep_last: int = 2, rank: int = 0):
         self.root = Path(root)
         self.keep_last = keep_last

@@ -21,6 +21,8 @@ from ..config import ParallelConfig
 
 @dataclass
 class DistEnv:
+    """This process's place in the run: rank, world size, local rank and device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -28,6 +30,7 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the one that prints and writes shared files."""
         return self.rank == 0
 
 
@@ -64,13 +67,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def destroy_distributed() -> None:
+    """Tear the process group down, if any."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def _resolve_param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
     if cfg.param_dtype == "auto":
-        # bf16 compute is what tensor cores are for; on CPU fp32 keeps the demo exact and fast enough.
+        # bf16 compute is what tensor cores are for; on CPU fp32 keeps runs exact and fast enough.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, cfg.param_dtype)
 
@@ -155,5 +159,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a world of one)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

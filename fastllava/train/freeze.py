@@ -38,4 +38,5 @@ def set_trainable(model: nn.Module, stage: str, unfreeze_vision: bool = False,
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (requires_grad), in module order."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -17,6 +17,8 @@ from ..progress import Progress, progress
 
 @dataclass
 class StepRecord:
+    """One optimizer step as the run reports it."""
+
     step: int
     loss: float
     lr: float
@@ -28,6 +30,7 @@ class StepRecord:
 
     @property
     def tokens_per_s(self) -> float:
+        """Tokens of all ranks per second of the step."""
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
@@ -58,14 +61,17 @@ class Meter:
                              enabled=self.show_progress)
 
     def mfu(self, flops: float, seconds: float) -> float | None:
+        """Model FLOPs utilization of all ranks, or None without a known peak."""
         if self.peak_tflops is None or seconds <= 0:
             return None
         return flops / seconds / (self.peak_tflops * 1e12 * self.world_size)
 
     def add_writer(self, writer) -> None:
+        """Also send each logged step to `writer(step, {name: value})`."""
         self._writers.append(writer)
 
     def update(self, rec: StepRecord, log: bool = True) -> None:
+        """Record a step, advance the progress display, and (if `log`) send it to the writers."""
         self.records.append(rec)
         mfu = self.mfu(rec.flops, rec.seconds)
         self._bar.set_postfix(f"loss {rec.loss:.4f} lr {rec.lr:.2e} gnorm {rec.grad_norm:.3f} "
@@ -79,12 +85,15 @@ class Meter:
                 w(rec.step, scalars)
 
     def write(self, text: str) -> None:
+        """Print a line without breaking the progress display."""
         self._bar.write(text)
 
     def close(self) -> None:
+        """End the progress display."""
         self._bar.close()
 
     def summary(self, device: torch.device) -> dict:
+        """The run's totals and means (the numbers of format_summary)."""
         train_s = sum(r.seconds for r in self.records)
         tokens = sum(r.tokens for r in self.records)
         return {
@@ -112,6 +121,7 @@ class Meter:
 
 
 def format_summary(s: dict) -> str:
+    """The summary as an aligned two-column table."""
     rows = [
         ("optimizer steps", f"{s['steps']}"),
         ("wall clock", _fmt_time(s["wall_clock_s"])),

@@ -40,6 +40,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig, projector_prefix: str = "pr
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters in param_groups(model, cfg)."""
     groups = param_groups(model, cfg)
     # foreach is the fast path that also handles DTensor (FSDP2) parameters; fused needs CUDA.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True)

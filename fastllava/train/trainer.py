@@ -39,6 +39,8 @@ from .optim import build_optimizer, build_scheduler, clip_grad_norm
 
 @dataclass
 class TrainResult:
+    """What a run returns: per-step losses and gradient norms, the summary, and where it wrote things."""
+
     losses: dict[int, float] = field(default_factory=dict)  # optimizer step (1-based) -> loss
     grad_norms: dict[int, float] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
@@ -46,7 +48,6 @@ class TrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
     export: Path | None = None  # projector file (stage 1) or llava-hf directory (stage 2)
     plot: Path | None = None  # loss, learning rate and tokens/s over the steps (rank 0, with matplotlib)
-    eval: dict | None = None  # filled by callers that evaluate after training (the demo)
     is_main: bool = True  # this process is rank 0
     model: object = field(default=None, repr=False)  # the parallelized model, for callers that go on using it
     optimizer: object = field(default=None, repr=False)
@@ -90,6 +91,8 @@ def train(cfg: Config) -> TrainResult:
 
 
 class Trainer:
+    """A run from ready-made parts; `run()` trains (see the module docstring)."""
+
     def __init__(self, cfg: Config, model, dataset, *, tokenizer=None, env: DistEnv | None = None):
         """Freeze for the stage, plan the data, shard the model, build optimizer and schedule, resume.
         `model` is a Llava not yet parallelized; `dataset` has LlavaDataset's lengths() and __getitem__."""
@@ -132,16 +135,16 @@ class Trainer:
 
     # --- step --------------------------------------------------------------------------------------
 
-    def train_step(self, step: int, micro: list[MicroBatch], stop_requested: bool) -> tuple[StepRecord, bool]:
+    def train_step(self, step: int, micro_batches: list[MicroBatch], stop_requested: bool) -> tuple[StepRecord, bool]:
         """One optimizer step over this rank's micro-batches; returns its record (summed over ranks) and
         whether any rank asked to stop."""
         env, t0 = self.env, time.perf_counter()
         # Global label-token count of the whole step, before any backward (one small collective).
-        (global_labels,) = all_reduce_sum([sum(mb.batch.num_label_tokens() for mb in micro)], env.device)
+        (global_labels,) = all_reduce_sum([sum(mb.batch.num_label_tokens() for mb in micro_batches)], env.device)
         scale = env.world_size / max(global_labels, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         tokens = sum_sq = images = samples = 0
-        for mb in micro:
+        for mb in micro_batches:
             out = self.model(mb.batch.to(env.device, non_blocking=True))
             (out.loss_sum * scale).backward()
             loss_sum += out.loss_sum.detach().double()
@@ -162,6 +165,7 @@ class Trainer:
         return record, stop_votes > 0
 
     def save(self, step: int) -> Path:
+        """A resumable checkpoint of `step` (collective); returns its directory."""
         state = {"step": step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "config": self.cfg.to_dict()}
         return self.checkpointer.save(step, self.model, self.optimizer, state)
@@ -169,13 +173,14 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train from the resume point to the last step, or until a stop signal; then finish()."""
         cfg, env = self.cfg, self.env
         result = TrainResult(is_main=env.is_main, model=self.model, optimizer=self.optimizer, tokenizer=self.tokenizer)
         meter = self._meter()
         self.model.train()
         with StopSignal() as stop:
-            for step, micro in self.loader:
-                record, stopping = self.train_step(step, micro, stop.requested)
+            for step, micro_batches in self.loader:
+                record, stopping = self.train_step(step, micro_batches, stop.requested)
                 meter.update(record, log=record.step % cfg.logging.log_every == 0)
                 result.losses[record.step], result.grad_norms[record.step] = record.loss, record.grad_norm
                 periodic = cfg.checkpoint.every_steps and record.step % cfg.checkpoint.every_steps == 0

@@ -8,7 +8,7 @@ import torch
 from fastllava.batch import IGNORE_INDEX
 from fastllava.data.files import SampleError
 from fastllava.data.templates import VICUNA_SYSTEM, get_template
-from fastllava.data.tokenize import (batch_lengths, encode_sample, expanded_length, prepare_tokenizer,
+from fastllava.data.tokenize import (Fit, batch_lengths, encode_sample, expanded_length, prepare_tokenizer,
                                      tokenize_conversation)
 
 TOKENIZERS = ["llama_tok", "bpe_tok"]
@@ -161,11 +161,11 @@ def test_truncation_never_cuts_an_image(request, tok_name):
     tok = request.getfixturevalue(tok_name)
     t = get_template("vicuna_v1")
     img, K = tok.convert_tokens_to_ids("<image>"), 50
-    full = encode_sample(multi_image_turns(), tok, t, img_id=img, num_image_tokens=K, model_max_length=10**6)
+    full = encode_sample(multi_image_turns(), tok, t, Fit(img, K, 10**6))
     assert full.num_images == 2 and not full.truncated
     first_label = int(np.flatnonzero(full.labels.numpy() != IGNORE_INDEX)[0])
     for max_len in range(first_label + K, full.length + 3):
-        enc = encode_sample(multi_image_turns(), tok, t, img_id=img, num_image_tokens=K, model_max_length=max_len)
+        enc = encode_sample(multi_image_turns(), tok, t, Fit(img, K, max_len))
         cut = len(enc.input_ids)
         assert torch.equal(enc.input_ids, full.input_ids[:cut]) and torch.equal(enc.labels, full.labels[:cut])
         assert enc.length == expanded_length(enc.input_ids.numpy(), img, K) <= max_len
@@ -177,10 +177,9 @@ def test_truncation_never_cuts_an_image(request, tok_name):
             assert enc.length + nxt > max_len
             assert enc.length == max_len or int(full.input_ids[cut]) == img
     with pytest.raises(SampleError, match="overlong"):
-        encode_sample(multi_image_turns(), tok, t, img_id=img, num_image_tokens=K,
-                      model_max_length=full.length - 1, overlong="reject")
+        encode_sample(multi_image_turns(), tok, t, Fit(img, K, full.length - 1, "reject"))
     with pytest.raises(SampleError, match="no_labels"):
-        encode_sample(multi_image_turns(), tok, t, img_id=img, num_image_tokens=K, model_max_length=first_label + 1)
+        encode_sample(multi_image_turns(), tok, t, Fit(img, K, first_label + 1))
 
 
 @pytest.mark.parametrize("tok_name", TOKENIZERS)
@@ -190,12 +189,10 @@ def test_batch_lengths_match_encode_sample(request, tok_name):
     img, K = llama_tok.convert_tokens_to_ids("<image>"), 30
     samples = [multi_image_turns(), conv("Hi", "Hello."), conv("<image>\nq", "a " * 40), multi_image_turns()]
     for max_len, overlong in [(10**4, "truncate"), (90, "truncate"), (90, "reject")]:
-        lengths, truncated, errors = batch_lengths(samples, llama_tok, t, img_id=img, num_image_tokens=K,
-                                                   model_max_length=max_len, overlong=overlong)
+        lengths, truncated, errors = batch_lengths(samples, llama_tok, t, Fit(img, K, max_len, overlong))
         for i, turns in enumerate(samples):
             try:
-                enc = encode_sample(turns, llama_tok, t, img_id=img, num_image_tokens=K, model_max_length=max_len,
-                                    overlong=overlong)
+                enc = encode_sample(turns, llama_tok, t, Fit(img, K, max_len, overlong))
                 assert lengths[i] == enc.length and truncated[i] == enc.truncated and i not in errors
             except SampleError as e:
                 assert lengths[i] == 0 and errors[i].reason == e.reason

@@ -59,9 +59,9 @@ def test_demo_trains_through_the_ordinary_trainer_and_scores(tmp_path, monkeypat
     assert cfg.model.source == "components" and Path(cfg.model.vision_path, "config.json").is_file()
     assert Path(cfg.data.data_path).name == "train.json"
     result = train(cfg)
-    after(result)
+    scores = after(result)
     assert (result.export / "config.json").is_file()
-    assert set(result.eval["per_type"]) == {"color", "count", "position", "shape", "text"}
+    assert set(scores["per_type"]) == {"color", "count", "position", "shape", "text"}
     assert "overall" in capsys.readouterr().out
 
 
