@@ -20,6 +20,9 @@ python - <<'EOF' || { echo "no CUDA device: this suite needs a GPU" >&2; exit 2;
 import torch, sys
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
+# fastllava's configuration needs omegaconf (pure Python, needs only PyYAML), which the lent GPU machine
+# lacks: carry its wheel (pip download --no-deps omegaconf==2.4.0 -d .whl) and pip install it first.
+python -c "import omegaconf" || { echo "omegaconf is not installed: pip install 'omegaconf>=2.4' (or carry its wheel)" >&2; exit 2; }
 
 # The packing planner's C++ core; without network, so no build isolation. The Python reference is
 # the fallback if this fails (plans are identical, only slower).

@@ -345,14 +345,5 @@ def load_records(
         print(summary, file=sys.stderr)
         if rejects.path and rejects.total:
             print(f"  rejects written to {rejects.path}", file=sys.stderr)
-    return Records(
-        b"".join(chunks),
-        np.asarray(offsets, dtype=np.int64),
-        files,
-        np.asarray(file_ix, dtype=np.int32),
-        np.asarray(entry_ix, dtype=np.int64),
-        np.asarray(lines, dtype=np.int64),
-        n_img,
-        ids,
-        summary,
-    )
+    return Records(b"".join(chunks), np.asarray(offsets, dtype=np.int64), files, np.asarray(file_ix, dtype=np.int32),
+                   np.asarray(entry_ix, dtype=np.int64), np.asarray(lines, dtype=np.int64), n_img, ids, summary)

@@ -136,7 +136,6 @@ class StepLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(); ValueError when the data, batch, ranks or seed changed since."""
-        # Raises a clear error when the data, batch size, rank count or seed changed since the save.
         self.planner.check(state["plan"])
         self.next_step = int(state["next_step"])
 

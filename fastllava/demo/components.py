@@ -30,7 +30,7 @@ from ..train.distributed import DistEnv, barrier
 from .tower import load_captioned_images, pretrain_vision_tower
 from .world import DemoPaths
 
-FORMAT_VERSION = 1  # bump when what is written changes
+FORMAT_VERSION = 2  # bump when what is written changes (2: bigrams in the tower's text side)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class DemoSettings:
     seed: int = 0  # the world, and the tower's and the LLM's initialization
     samples: int = 8000  # training conversations (the stage-1 captions are their images)
     eval_samples: int = 200  # held-out images and text questions
+    text_fraction: float = 0.1  # of the conversations, text-only (sums of two numbers, no image)
     vision: VisionConfig = field(default_factory=VisionConfig)  # the tower (the demo's finetune.yaml: tiny)
     text: TextConfig = field(default_factory=TextConfig)  # the LLM; vocab_size comes from the tokenizer
     tower_steps: int = 500  # contrastive pretraining of the tower (0: a random tower)
@@ -111,7 +112,9 @@ def prepare(overrides: list[str], stage: str):
 
 def _world(settings: DemoSettings, env: DistEnv) -> DemoPaths:
     """Rank 0 generates (or finds) the world; the other ranks then find it."""
+    kwargs = dict(n_train=settings.samples, n_eval=settings.eval_samples, seed=settings.seed,
+                  text_fraction=settings.text_fraction)
     if env.is_main:
-        make_demo_dataset(n_train=settings.samples, n_eval=settings.eval_samples, seed=settings.seed)
+        make_demo_dataset(**kwargs)
     barrier()
-    return make_demo_dataset(n_train=settings.samples, n_eval=settings.eval_samples, seed=settings.seed)
+    return make_demo_dataset(**kwargs)

@@ -8,8 +8,10 @@ subtler ones (shape), which stayed at chance for 700+ steps (docs/demo.md, "Tuni
 hundred contrastive steps on the captions give every attribute a caption names its own direction.
 
 The recipe is CLIP's, scaled down: the image side is the mean of the tower's selected-layer patch
-features (what LLaVA reads), linearly projected; the text side is a bag of token embeddings (mean),
-enough for captions whose words carry the content; both L2-normalized, a learnable temperature
+features (what LLaVA reads), linearly projected; the text side is the mean of the caption's token
+embeddings plus the mean of its bigram embeddings (a bag of words alone cannot tell "top left and bottom
+right" from "top right and bottom left", and a tower trained on it confused left and right: position
+85.9% held-out, every error a left/right swap); both L2-normalized, a learnable temperature
 (initialized to 1/0.07, capped at 100) and the symmetric cross-entropy over the batch. Captions that
 repeat inside a batch are all positives of one another (a small synthetic set repeats captions).
 
@@ -92,18 +94,36 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+BIGRAM_BUCKETS = 8192  # hashed token pairs; a demo caption set has a few hundred distinct ones
+
+
+def _bigrams(ids: torch.Tensor) -> torch.Tensor:
+    """(L,) token ids -> (max(L - 1, 1),) hashed ids of adjacent pairs (a one-token caption: the token)."""
+    if len(ids) < 2:
+        return ids % BIGRAM_BUCKETS
+    return (ids[:-1] * 1_000_003 + ids[1:]) % BIGRAM_BUCKETS
+
+
+def _bag(table: nn.EmbeddingBag, rows: list[torch.Tensor]) -> torch.Tensor:
+    """(B, E): the mean of `table`'s rows for each of the B id lists."""
+    offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
+    return table(torch.cat(rows), offsets)
+
+
 def pretrain_vision_tower(tower: nn.Module, data: CaptionedImages, vocab_size: int, *, steps: int,
                           batch_size: int, lr: float, seed: int, show_progress: bool = True) -> list[float]:
     """Train `tower` in place; returns the loss of every step. Constant learning rate (AdamW, no decay)."""
     width = tower.embeddings.patch_embedding.out_channels
     g = torch.Generator().manual_seed(seed)
-    text = nn.EmbeddingBag(vocab_size, width, mode="mean")
+    words = nn.EmbeddingBag(vocab_size, width, mode="mean")
+    pairs = nn.EmbeddingBag(BIGRAM_BUCKETS, width, mode="mean")
     head = nn.Linear(width, width, bias=False)
     with torch.no_grad():
-        text.weight.normal_(0.0, 0.02, generator=g)
+        words.weight.normal_(0.0, 0.02, generator=g)
+        pairs.weight.normal_(0.0, 0.02, generator=g)
         head.weight.normal_(0.0, width ** -0.5, generator=g)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*tower.parameters(), *text.parameters(), *head.parameters(), logit_scale]
+    params = [*tower.parameters(), *words.parameters(), *pairs.parameters(), *head.parameters(), logit_scale]
     for p in tower.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -115,8 +135,7 @@ def pretrain_vision_tower(tower: nn.Module, data: CaptionedImages, vocab_size: i
         idx = torch.randint(n, (batch_size,), generator=g)
         image_emb = F.normalize(head(tower(data.pixels[idx].float()).mean(1)), dim=-1)
         toks = [data.token_ids[i] for i in idx.tolist()]
-        offsets = torch.tensor([0] + [len(t) for t in toks[:-1]]).cumsum(0)
-        text_emb = F.normalize(text(torch.cat(toks), offsets), dim=-1)
+        text_emb = F.normalize(_bag(words, toks) + _bag(pairs, [_bigrams(t) for t in toks]), dim=-1)
         loss = contrastive_loss(image_emb, text_emb, logit_scale, data.caption_ids[idx])
         loss.backward()
         opt.step()

@@ -17,7 +17,7 @@ Short-answer questions carry LLaVA-1.5's response-format prompt ("Answer the que
 or phrase."). Files written under `root`:
 
     images/{train,eval}/NNNNNN.jpg
-    train.json     LLaVA format, multi-turn (2-4 questions, then a description), ~10% text-only
+    train.json     LLaVA format, multi-turn (2-4 questions, then a description), `text_fraction` text-only
     eval.json      held-out images; every image asks each of count/color/shape/position once, plus text-only
                    samples; each sample has "question_types" aligned with its gpt turns
     pretrain.json  stage-1 captions: human "<image>", gpt the description sentence (the `plain` template)
@@ -190,7 +190,7 @@ def _question(rng: random.Random, qtype: str, shapes: Sequence[Shape]) -> tuple[
 
 
 def _text_question(rng: random.Random) -> tuple[str, str]:
-    # 25 small sums: few enough facts for a tiny model to learn from ~10% text-only samples in minutes.
+    # 25 small sums: few enough facts for a tiny model to learn from a fifth of the samples in minutes.
     a, b = rng.randint(1, 5), rng.randint(1, 5)
     return _ask(f"What is {a} plus {b}?"), str(a + b)
 

@@ -150,26 +150,7 @@ def scenario(out: Path) -> None:
         assert resumed == full, (resumed, full)
         assert_same(snapshot(model2, opt2), full_end, "after 3 more steps")
 
-        # The files: JSON and safetensors only; no frozen weights; every trainable tensor is there.
-        files = sorted(p.name for p in path.iterdir())
-        world = env.world_size
-        assert all(n == COMPLETE or n.endswith((".json", ".safetensors")) for n in files), files
-        assert {"trainer_state.json", "optimizer.json", COMPLETE} | {f"rng_rank{r}.json" for r in range(world)} <= set(files)
-        shards = [path / n for n in files if n.endswith(".safetensors")]
-        keys: dict[str, list] = {}
-        for f in shards:
-            sharding = json.loads(header(f)["__metadata__"]["DCP_SHARDING_INFO"])
-            for k, v in sharding.items():
-                keys.setdefault(k, []).append(v["saved_offsets"])
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        expected = {f"model.{n}" for n in trainable}
-        expected |= {f"optim.{n}.{k}" for n in trainable for k in ("exp_avg", "exp_avg_sq", "step")}
-        assert set(keys) == expected, set(keys) ^ expected
-        assert not any("tower" in k for k in keys)
-        # Shards: one per rank for the sharded tensors, one copy of each replicated scalar step.
-        assert all(len(keys[k]) == (1 if k.endswith(".step") else world) for k in keys), keys
-        if world == 2:
-            assert len(shards) == 2 and keys["model.embed.weight"] == [[0, 0], [6, 0]]
+        check_files(path, model, env.world_size)
         groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
         assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and groups[0]["betas"] == [0.9, 0.95]
         assert isinstance(opt2.param_groups[0]["betas"], tuple)
@@ -178,10 +159,32 @@ def scenario(out: Path) -> None:
         ckpt.save(6, model2, opt2, {"step": 6})
         assert [s for s, _ in list_complete(out / "checkpoints")] == [6]
         if env.rank == 0:
-            (out / f"ok_world{world}").write_text("ok\n")
+            (out / f"ok_world{env.world_size}").write_text("ok\n")
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def check_files(path: Path, model, world: int) -> None:
+    """JSON and safetensors only; no frozen weights; every trainable tensor there, sharded over the ranks."""
+    files = sorted(p.name for p in path.iterdir())
+    assert all(n == COMPLETE or n.endswith((".json", ".safetensors")) for n in files), files
+    assert {"trainer_state.json", "optimizer.json", COMPLETE} | {f"rng_rank{r}.json" for r in range(world)} <= set(files)
+    shards = [path / n for n in files if n.endswith(".safetensors")]
+    keys: dict[str, list] = {}
+    for f in shards:
+        sharding = json.loads(header(f)["__metadata__"]["DCP_SHARDING_INFO"])
+        for k, v in sharding.items():
+            keys.setdefault(k, []).append(v["saved_offsets"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    expected = {f"model.{n}" for n in trainable}
+    expected |= {f"optim.{n}.{k}" for n in trainable for k in ("exp_avg", "exp_avg_sq", "step")}
+    assert set(keys) == expected, set(keys) ^ expected
+    assert not any("tower" in k for k in keys)
+    # Shards: one per rank for the sharded tensors, one copy of each replicated scalar step.
+    assert all(len(keys[k]) == (1 if k.endswith(".step") else world) for k in keys), keys
+    if world == 2:
+        assert len(shards) == 2 and keys["model.embed.weight"] == [[0, 0], [6, 0]]
 
 
 def test_save_load_exact_one_process(tmp_path, monkeypatch):
