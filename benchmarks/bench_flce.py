@@ -41,20 +41,13 @@ def setup(T, V, D, dtype=DTYPE, device=DEVICE, ignored=0.3):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_flce(measure, shape, provider, mode):
-    if provider in ("triton", "compile") and not CUDA:
-        pytest.skip(f"{provider}: timed on CUDA only")
+def test_flce(measure, provider_fn, shape, provider, mode):
+    op = provider_fn(provider, fused_linear_cross_entropy, fused_linear_cross_entropy_reference)
     T, V, D = SHAPES[shape]
     hidden, weight, labels = setup(T, V, D)
-    if provider == "triton":
-        def forward():
-            return fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
-    else:
-        ref = (fused_linear_cross_entropy_reference if provider == "eager"
-               else torch.compile(fused_linear_cross_entropy_reference, dynamic=False))
 
-        def forward():
-            return ref(hidden, weight, labels)
+    def forward():
+        return op(hidden, weight, labels)
     fn = forward if mode == "fwd" else (lambda: forward().backward())
     flops = 2.0 * T * V * D * (1 if mode == "fwd" else 3)
     measure(fn, group=f"flce {shape} {mode}", flops=flops, grads_of=(hidden, weight), tokens=T, vocab=V, dim=D,

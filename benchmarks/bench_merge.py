@@ -53,21 +53,14 @@ def merge_bytes(T, V, D, S, element_size, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_merge(measure, shape, provider, mode):
-    if provider in ("triton", "compile") and not CUDA:
-        pytest.skip(f"{provider}: timed on CUDA only")
+def test_merge(measure, provider_fn, shape, provider, mode):
+    op = provider_fn(provider, merge_visual_tokens, merge_visual_tokens_reference)
     T, V, D, n_images, per_image = SHAPES[shape]
     ids, embed, feats, dout, img = setup(T, V, D, n_images, per_image)
     assert int((ids == img).sum()) == feats.shape[0]  # the image runs do not overlap
-    if provider == "triton":
-        def forward():
-            return merge_visual_tokens(ids, embed, feats, img, backend="triton")
-    else:
-        ref = merge_visual_tokens_reference if provider == "eager" else torch.compile(merge_visual_tokens_reference,
-                                                                                       dynamic=False)
 
-        def forward():
-            return ref(ids, embed, feats, img)
+    def forward():
+        return op(ids, embed, feats, img)
     fn = forward if mode == "fwd" else (lambda: torch.autograd.backward(forward(), dout))
     S = feats.shape[0]
     measure(fn, group=f"merge {shape} {mode}", bytes_moved=merge_bytes(T, V, D, S, embed.element_size(), mode),

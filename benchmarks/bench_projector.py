@@ -48,20 +48,13 @@ def projector_flops(n: int, din: int, dh: int, dout: int, mode: str) -> float:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_projector(measure, shape, provider, mode):
-    if provider in ("triton", "compile") and not CUDA:
-        pytest.skip(f"{provider}: timed on CUDA only")
+def test_projector(measure, provider_fn, shape, provider, mode):
+    op = provider_fn(provider, fused_mlp_projector, fused_mlp_projector_reference)
     n, din, dh = SHAPES[shape]
     x, params, dy = setup(n, din, dh)
-    if provider == "triton":
-        def forward():
-            return fused_mlp_projector(x, *params, backend="triton")
-    else:
-        ref = fused_mlp_projector_reference if provider == "eager" else torch.compile(fused_mlp_projector_reference,
-                                                                                       dynamic=False)
 
-        def forward():
-            return ref(x, *params)
+    def forward():
+        return op(x, *params)
     fn = forward if mode == "fwd" else (lambda: torch.autograd.backward(forward(), dy))
     measure(fn, group=f"projector {shape} {mode}", flops=projector_flops(n, din, dh, dh, mode), grads_of=params,
             tokens=n, din=din, dh=dh, dout=dh, dtype=str(DTYPE).split(".")[-1])

@@ -61,6 +61,22 @@ def _peak_extra_bytes(fn: Callable[[], object]) -> int:
 
 
 @pytest.fixture
+def provider_fn():
+    """provider_fn(provider, op, reference): the function a provider times. "triton": our op's kernel;
+    "eager": the op's torch reference; "compile": torch.compile of that reference. The Triton and compiled
+    providers skip without CUDA (the interpreter and CPU compilation are not worth timing)."""
+
+    def pick(provider: str, op: Callable, reference: Callable) -> Callable:
+        if provider in ("triton", "compile") and not CUDA:
+            pytest.skip(f"{provider}: timed on CUDA only")
+        if provider == "triton":
+            return lambda *args: op(*args, backend="triton")
+        return reference if provider == "eager" else torch.compile(reference, dynamic=False)
+
+    return pick
+
+
+@pytest.fixture
 def measure(benchmark):
     """measure(fn, group=..., flops=..., bytes_moved=..., grads_of=..., **shape): time fn() and record.
 
