@@ -383,7 +383,9 @@ def unused_vision_tensors(config: LlavaConfig, gen: torch.Generator, *, dtype, d
     norm = nn.LayerNorm(v.hidden_size, device=device, dtype=dtype)  # its own init is the rule's: 1 and 0
     tensors = {_VISION + f"post_layernorm.{name}": p.detach() for name, p in norm.named_parameters()}
     for i in range(config.num_vision_layers_run, v.num_hidden_layers):
-        layer = CLIPEncoderLayer(v).to(device=device, dtype=dtype)
+        with torch.device("meta"):  # no draw from torch's global generator: `gen` gives every value
+            layer = CLIPEncoderLayer(v)
+        layer = layer.to_empty(device=device).to(dtype)
         init_transformer_(layer, gen)
         tensors.update({f"{_VISION}encoder.layers.{i}.{name}": p.detach() for name, p in layer.named_parameters()})
     return tensors
