@@ -1,6 +1,6 @@
 """One place that turns a backend name ("auto", "triton", "torch", ...) into the implementation to run.
 
-`auto` picks the Triton kernel for CUDA tensors and the torch reference elsewhere (CPU runs, the demo,
+`auto` picks the Triton kernel for CUDA tensors and the torch reference elsewhere (CPU runs,
 tests). Explicit names are for tests and benchmarks; "triton" on CPU runs in Triton's interpreter
 when TRITON_INTERPRET=1 was set before the op modules were imported.
 """

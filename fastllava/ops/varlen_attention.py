@@ -547,7 +547,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, *, causal=True, 
 def _padded_sdpa(q, k, v, cu_seqlens, causal, softmax_scale):
     """The `torch` backend: the samples padded into one (B, H, L, D) batch and ONE scaled_dot_product_attention
     call (on CPU its flash kernel), instead of the reference's call per sample, whose per-call overhead
-    dominated the CPU demo's step. Padding sits at the end of each sample, so with `causal` a real query
+    dominated a CPU training step. Padding sits at the end of each sample, so with `causal` a real query
     never sees a padded key and is_causal alone is exact; without it a key mask hides the padding.
     Padded query rows are computed and dropped."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
