@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -65,8 +64,8 @@ def main():
     shards = sorted(args.dir.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards)
     r = measure(args.dir)
-    print(f"| checkpoint | shards | largest shard | model in memory | peak RSS | RSS after imports | load time |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| checkpoint | shards | largest shard | model in memory | peak RSS | RSS after imports | load time |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {size / 2**30:.2f} GB | {len(shards)} | {max(f.stat().st_size for f in shards) / 2**30:.2f} GB "
           f"| {r['model_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB | {r['import_rss_gb']:.2f} GB | {r['load_seconds']:.1f} s |")
     print(json.dumps(r))

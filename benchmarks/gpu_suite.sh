@@ -4,7 +4,8 @@
 #   1. the kernel tests on the device (every op compiled by Triton for this GPU and checked against
 #      its reference), the model tests (parity with transformers, through the CUDA kernels);
 #   2. the kernel microbenchmarks;
-#   3. the end-to-end comparison against the reference recipe (both stages, 7B shape);
+#   3. the end-to-end comparison against the reference recipe (both stages, 7B shape) and evaluation
+#      throughput against transformers' generate (7B shape);
 # and a markdown summary with date, device and versions, ready to paste into benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_suite.sh            # writes $OUT/gpu_suite.md (OUT defaults to benchmarks/out)
@@ -55,12 +56,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, keep the log, put its tail in t
   } >> "$SUMMARY"
 }
 
-step tests 240 python -m pytest -q -x tests/ops tests/model -m "not slow" -p no:cacheprovider
+step tests 240 python -m pytest -q -x tests/ops tests/model tests/generate -m "not slow" -p no:cacheprovider
 step bench_attention 120 python -m pytest benchmarks/bench_attention.py --benchmark-only -q -k 7b --benchmark-json "$OUT/bench_attention.json"
 step bench_projector 45 python -m pytest benchmarks/bench_projector.py --benchmark-only -q -k "not compile or 16img-4096" --benchmark-json "$OUT/bench_projector.json"
 step bench_merge 30 python -m pytest benchmarks/bench_merge.py --benchmark-only -q -k "not compile" --benchmark-json "$OUT/bench_merge.json"
 step bench_flce 45 python -m pytest benchmarks/bench_flce.py --benchmark-only -q --benchmark-json "$OUT/bench_flce.json"
+step bench_decode_attention 60 python -m pytest benchmarks/bench_decode_attention.py --benchmark-only -q --benchmark-json "$OUT/bench_decode_attention.json"
 step e2e 150 python benchmarks/e2e.py --shape 7b --layers "${E2E_LAYERS:-4}" --json "$OUT/e2e.json"
+step bench_generate 150 python benchmarks/bench_generate.py --shape 7b --layers 8 --json "$OUT/bench_generate.json"
 [ -f "$OUT/e2e.json" ] && step plan 30 python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G --measured "$OUT/e2e.json"
 
 cat "$SUMMARY"

@@ -7,6 +7,8 @@ transformers twin (`tiny_hf_llava`) is the independent reference the model tests
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .model import Backends, Llava, LlavaConfig, TextConfig, VisionConfig
@@ -49,3 +51,89 @@ def tiny_hf_llava(config: LlavaConfig | None = None, *, seed: int = 0):
             p.copy_(torch.randn_like(p) * (0.1 if is_norm else 0.2) + (is_norm and name.endswith("weight")))
     return model
 
+
+TOKENIZER_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: What is in the image? ASSISTANT: A cat sitting on a red sofa.",
+    "USER: Is there a dog? ASSISTANT: Yes, there is a small dog next to the window.",
+    "Answer the question using a single word or phrase.",
+    "What color is the car? Blue. How many people are there? Two.",
+    "Describe the image in detail. The photo shows a busy street with cars and people.",
+    "Café naïve résumé 日本語のテスト. Ünïcödé text.",
+    "Write a poem about the sea.\nThe sea is wide,\nthe sea is deep.",
+    "def f(x):\n    return x + 1",
+]
+
+
+def write_llama_tokenizer(path: Path) -> Path:
+    """A LLaMA-like SentencePiece BPE (byte fallback, dummy prefix, <unk>/<s>/</s> = 0/1/2) saved as
+    tokenizer.model in `path`, which transformers converts to its fast LlamaTokenizer as it does a real
+    LLaMA/Vicuna directory's. Trained on TOKENIZER_CORPUS in well under a second."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_CORPUS * 30),
+        model_writer=model,
+        vocab_size=480,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+                    "model_max_length": 2048})
+    )
+    return path
+
+
+def write_bpe_tokenizer(path: Path) -> Path:
+    """A byte-level BPE (GPT-2 style, BOS added, no dummy prefix) saved as tokenizer.json in `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS * 30, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return path
+
+
+def write_tiny_llava(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random Llava saved as a llava-hf directory WITH a tokenizer (write_llama_tokenizer's, <image>
+    added as LLaVA adds it): what `python -m fastllava.chat` and `python -m fastllava.eval` load. Its
+    vocabulary holds the tokenizer's 481 ids, padded to 512."""
+    from .data.tokenize import load_tokenizer
+
+    path = Path(path)
+    tokenizer = load_tokenizer(write_llama_tokenizer(path))
+    model = tiny_model(tiny_config(text={"vocab_size": 512}, image_token_id=tokenizer.convert_tokens_to_ids("<image>")),
+                       seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -18,3 +18,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    """A tiny random llava-hf directory with a SentencePiece tokenizer (fastllava.testing.write_tiny_llava):
+    what the chat and eval command lines load."""
+    from fastllava.testing import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))

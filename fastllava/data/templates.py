@@ -15,6 +15,14 @@ Registered templates (LLaVA's llava/conversation.py + llava/train/train.py, stri
              "ASSISTANT:" is in the loss span: the tokenizer merges it into the answer's first token).
 
 `Template.render(turns)` never adds BOS: the tokenizer does, as at inference.
+
+`Template.render_prompt(turns)` is the generation prompt for turns that end with a human turn: the text
+render() gives for the same turns plus an answer, cut where that answer's loss span starts, i.e. where the
+model starts answering. So it is a prefix of the training text by construction, and it is LLaVA's
+conv.get_prompt() with the last assistant message None:
+  vicuna_v1  SYSTEM + " " + "USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+  plain      the image tag(s) alone: "<image>" (stage 1 trains on "<image>" + caption + "\n"; LLaVA's
+             conv_llava_plain.get_prompt() would give "<image>\nQ\n", a format stage 1 never trains on)
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .files import IMAGE_TAG, SampleError
+from .files import IMAGE_TAG, SampleError, validate_turns
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -49,6 +57,21 @@ class Template:
     render: Callable[[Sequence[dict]], Rendered]  # turns: [{"from": "human"|"gpt", "value": str}, ...]
     stop_str: str  # what ends an answer (generation stops on it)
     required_tokens: tuple[str, ...] = ()  # strings the tokenizer must keep as one token (e.g. "</s>")
+
+    def render_prompt(self, turns: Sequence[dict]) -> str:
+        """The generation prompt for turns [{"from": "human"|"gpt", "value": str}, ...] that end with a
+        human turn: the text up to where the model starts answering (see the module docstring), with one
+        IMAGE_TAG per image. Raises SampleError for turns that do not alternate human, gpt, ..., human or
+        that this template cannot render."""
+        turns = list(turns)
+        if len(turns) % 2 == 0:
+            raise SampleError("roles", f"{len(turns)} turns: a prompt ends with a human turn")
+        # Render with a stand-in answer and cut where its loss span starts: the text before it does not
+        # depend on the answer, and reusing render() keeps prompt and training text one format.
+        full = turns + [{"from": "gpt", "value": "answer"}]
+        validate_turns(full)
+        rendered = self.render(full)
+        return rendered.text[: rendered.answer_spans[-1][0]]
 
 
 def move_image_tags_to_front(value: str) -> str:

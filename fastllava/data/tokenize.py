@@ -1,28 +1,41 @@
-"""Tokenization and label masking from character offsets, image-aware truncation, tokenizer setup.
+"""Tokenization exactly as LLaVA's `tokenizer_image_token`, label masking from character offsets,
+image-aware truncation, tokenizer setup.
 
-The rendered prompt (templates.py) is tokenized ONCE, exactly as the model reads it at inference, with
-the tokenizer adding BOS as LLaMA does. Labels come from the template's answer spans via the fast
-tokenizer's offset mapping, never from re-tokenizing pieces and counting (the reference's approach,
-which drifts when a token straddles a piece boundary and then drops the whole sample as a "tokenization
-mismatch"; here no sample is ever dropped for that).
+The rule (LLaVA's llava/mm_utils.py `tokenizer_image_token`, used by preprocess_plain and, for samples with
+an image, preprocess_v1, and by LLaVA's inference code): the rendered prompt (templates.py) is split
+at each "<image>" tag and every text chunk is tokenized ON ITS OWN, with the tokenizer's special tokens.
+Chunk 0 is kept as the tokenizer returns it (BOS first for LLaMA, even when the chunk is empty, as in
+plain's "<image>caption\n"); every later chunk loses the BOS the tokenizer put in front of it; one image
+token goes between consecutive chunks. A tokenizer that inserts no BOS (a byte-level BPE without one) keeps
+every chunk whole (LLaVA's offset 0). Why it matters: each chunk is a fresh SentencePiece input, so the
+text after an image gets the dummy-prefix "▁": "<image>\nWhat" -> IMG ▁ <0x0A> What, where one call over
+the whole prompt would give IMG <0x0A> What. A checkpoint trained by LLaVA has only ever seen the former,
+so fastllava trains AND prompts (tokenize_prompt) with the same chunked rule, in one function
+(`tokenize_texts`) that every path calls: the per-sample path with offsets, `batch_lengths` (the lengths
+the packer plans with) without, both batching all chunks of all texts into one tokenizer call.
+
+Labels come from the template's answer spans via the fast tokenizer's offset mapping (each chunk's offsets
+shifted by the chunk's start in the rendered text), never from re-tokenizing pieces and counting (LLaVA's
+approach, which drifts when a token straddles a piece boundary and then drops the whole sample as a
+"tokenization mismatch"; here no sample is ever dropped for that).
 
 The rule: token t with character span [s, e) carries a loss iff it overlaps an answer span [a, b):
 s < b and max(e, s + 1) > a (a zero-width token counts as sitting at s). Consequences:
   * SentencePiece folds the separator space into the answer's first token ("ASSISTANT:" + "▁Yes"):
     "▁Yes" spans " Yes", overlaps the answer, and is trained on: the reference's mask (it tokenizes
     "...ASSISTANT: " and subtracts the trailing "▁" for exactly this reason).
-  * A token lying wholly in the separator (a lone "▁" before an answer that starts with "\n") is not.
+  * Where the answer's first character has no merged-space token (a digit, "\n"), the lone "▁" spans
+    exactly the separator, which opens the span: trained on, as the reference does (its subtraction
+    of the trailing "▁" leaves that token in the answer).
   * "</s>" closing an answer lies inside its span and is trained on; "USER" after it is not.
+  * A chunk's dummy-prefix "▁" spans the chunk's first character: in vicuna_v1 that is the "\n" after
+    the image (a question, no loss); in plain it is the caption's first character (loss, as in LLaVA,
+    which masks only BOS and the image token there).
   * Tokens the tokenizer inserts (BOS: zero-width and special) and image tokens never carry a loss.
 Labels are not shifted: labels[i] is input_ids[i] or IGNORE_INDEX.
 
 Special-token strings inside the content (a literal "</s>" in an answer) are parsed as special tokens, as
-the reference's single tokenizer call parses them; masks stay right because they follow offsets.
-
-Known deviation from the reference's token ids (not masks): LLaVA tokenizes the text around each <image>
-separately, so with a LLaMA tokenizer the text after an image gets a dummy-prefix "▁" ("<image>\nWhat" ->
-IMG ▁ <0x0A> What); one call over the whole prompt gives IMG <0x0A> What. Train and infer with the same
-function and the model sees one consistent format.
+the reference's tokenizer calls parse them; masks stay right because they follow offsets.
 """
 
 from __future__ import annotations
@@ -100,9 +113,16 @@ def image_token_id(tokenizer) -> int:
     return ids[0]
 
 
+# Bumped whenever the rule that turns a rendered prompt into ids changes (1: LLaVA's per-chunk tokenization
+# around images), so caches keyed by tokenizer_fingerprint never serve lengths of the old rule.
+_TOKENIZATION_RULE = "llava-image-chunks-1"
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the vocabulary, merges, normalization or added tokens change (for caches)."""
-    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+    """Changes whenever the vocabulary, merges, normalization or added tokens change, or the tokenization
+    rule of this module does (for caches of lengths)."""
+    state = _TOKENIZATION_RULE + "\n" + tokenizer.backend_tokenizer.to_str()
+    return hashlib.sha1(state.encode("utf-8")).hexdigest()[:16]
 
 
 def _check_template_tokens(tokenizer, template: Template) -> None:
@@ -126,16 +146,80 @@ def _labels_from_spans(ids_L: np.ndarray, offsets_L2: np.ndarray, spans, special
     return np.where(train, ids_L, IGNORE_INDEX)
 
 
+def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts. The tokenizers backend's encode_batch_fast skips offset tracking and
+    transformers' per-encoding conversion: 1.7x faster than tokenizer(texts) on 3000 vicuna prompts
+    (2-core CPU). It is used only where it gives the same ids as tokenizer() on the first texts."""
+    fast = tokenizer.backend_tokenizer.encode_batch_fast  # tokenizers >= 0.20, a fast tokenizer (load_tokenizer)
+    probe = texts[:4]
+    if [e.ids for e in fast(probe, add_special_tokens=True)] == tokenizer(probe, add_special_tokens=True)["input_ids"]:
+        return [e.ids for e in fast(texts, add_special_tokens=True)]
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer, img_id: int, *, offsets: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """LLaVA's tokenizer_image_token on each text (the rule in the module docstring); THE one place
+    where prompt text becomes ids. All chunks of all texts go through one batched tokenizer call.
+
+    texts: rendered prompts with IMAGE_TAG where images go. img_id: the id put in place of each tag.
+    Returns, per text, ids (L,) int64 and, with offsets=True, offsets (L, 2) int64: [start, end) character
+    spans in the text (chunk offsets shifted by the chunk's start; an image token spans its tag; the BOS
+    of chunk 0 stays zero-width at 0); without offsets (the faster path for lengths) None.
+    """
+    chunks: list[str] = []
+    starts: list[int] = []
+    n_chunks: list[int] = []
+    for text in texts:
+        pos = 0
+        pieces = text.split(IMAGE_TAG)
+        for piece in pieces:
+            chunks.append(piece)
+            starts.append(pos)
+            pos += len(piece) + len(IMAGE_TAG)
+        n_chunks.append(len(pieces))
+    # The tokenization of "" is exactly what the tokenizer inserts; it rides in the same call. A tokenizer
+    # that inserts BOS puts one in front of every chunk; LLaVA keeps chunk 0's and drops the others
+    # (its offset 1); one inserting none keeps every chunk whole (offset 0). LLaVA decides from chunk 0's
+    # first id, which a literal "<s>" opening the text would also satisfy; deciding from "" does not.
+    chunks.append("")
+    if offsets:
+        enc = tokenizer(chunks, return_offsets_mapping=True, add_special_tokens=True)
+        chunk_ids, chunk_offsets = enc["input_ids"], enc["offset_mapping"]
+    else:
+        chunk_ids, chunk_offsets = _encode_ids(tokenizer, chunks), None
+    inserted = chunk_ids[-1]
+    bos = tokenizer.bos_token_id
+    drop_bos = bos is not None and len(inserted) > 0 and inserted[0] == bos
+
+    out: list[tuple[np.ndarray, np.ndarray | None]] = []
+    c = 0
+    for n in n_chunks:
+        ids: list[int] = []
+        offs: list[np.ndarray] = []
+        for j in range(c, c + n):
+            skip = 1 if j > c and drop_bos and chunk_ids[j][:1] == [bos] else 0
+            if j > c:
+                ids.append(img_id)
+                if offsets:  # the image token spans its tag, which ends where this chunk starts
+                    offs.append(np.array([[starts[j] - len(IMAGE_TAG), starts[j]]], dtype=np.int64))
+            ids.extend(chunk_ids[j][skip:])
+            if offsets:
+                offs.append(np.asarray(chunk_offsets[j][skip:], dtype=np.int64).reshape(-1, 2) + starts[j])
+        c += n
+        out.append((np.asarray(ids, dtype=np.int64), np.concatenate(offs) if offsets else None))
+    return out
+
+
 def tokenize_rendered(rendered: Rendered, tokenizer, img_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids (L,) int64 and labels (L,) int64 of a rendered prompt: tokens inside its answer spans keep
-    their id as label, the others get IGNORE_INDEX (so do image tokens and the tokenizer's inserted specials)."""
-    enc = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
-    ids_L = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets_L2 = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    """input_ids (L,) int64 and labels (L,) int64 of a rendered prompt (tokenize_texts): tokens inside its
+    answer spans keep their id as label, the others get IGNORE_INDEX (so do image tokens and the
+    tokenizer's inserted specials)."""
+    ((ids_L, offsets_L2),) = tokenize_texts([rendered.text], tokenizer, img_id, offsets=True)
     labels_L = _labels_from_spans(ids_L, offsets_L2, rendered.answer_spans, tokenizer.all_special_ids)
     is_image = ids_L == img_id
     labels_L[is_image] = IGNORE_INDEX
-    if int(is_image.sum()) != rendered.num_images:
+    if int(is_image.sum()) != rendered.num_images:  # a text chunk tokenized to img_id: a wrong img_id
         raise ValueError(f"prompt has {rendered.num_images} {IMAGE_TAG} tags but tokenizes to "
                          f"{int(is_image.sum())} image tokens; call prepare_tokenizer(tokenizer) first")
     return ids_L, labels_L
@@ -154,6 +238,26 @@ def tokenize_conversation(
     _check_template_tokens(tokenizer, template)
     ids_L, labels_L = tokenize_rendered(template.render(conversations), tokenizer, image_token_id(tokenizer))
     return torch.from_numpy(ids_L), torch.from_numpy(labels_L)
+
+
+def tokenize_prompt(turns: Sequence[dict], tokenizer, template: str | Template) -> list[int]:
+    """Ids of a generation prompt: turns [{"from": "human"|"gpt", "value": str}, ...] ending with a human
+    turn, rendered by template.render_prompt (up to where the model starts answering, LLaVA's
+    conv.get_prompt() with the last assistant message None) and tokenized as training does: BOS first,
+    ONE image token per image. Returns the ids as a list of ints (L,).
+
+    The ids equal the training input_ids of the same turns plus an answer, cut before that answer's first
+    label token: the template's loss span opens at the separator space, so the prompt stops before it
+    and the tokens up to it are the same in both (for vicuna_v1 the prompt ends "ASSISTANT:", ":" is the
+    last token both ways, and the space travels with the answer's first token, "▁Yes" or a lone "▁",
+    which the model generates; LLaVA's own prompts end in "ASSISTANT:" and its masks train "▁Yes" too).
+    Raises SampleError for turns the template cannot render.
+    """
+    template = get_template(template)
+    _check_template_tokens(tokenizer, template)
+    text = template.render_prompt(turns)
+    ((ids_L, _),) = tokenize_texts([text], tokenizer, image_token_id(tokenizer))
+    return ids_L.tolist()
 
 
 # -------------------------------------------------------------------------------------------- truncation
@@ -218,23 +322,12 @@ def encode_sample(turns: Sequence[dict], tokenizer, template: Template, fit: Fit
                    int((ids_L == img_id).sum()), length, truncated)
 
 
-def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of many texts. The tokenizers backend's encode_batch_fast skips offset tracking and
-    transformers' per-encoding conversion: 1.7x faster than tokenizer(texts) on 3000 vicuna prompts
-    (2-core CPU). It is used only where it gives the same ids as tokenizer() on the first texts."""
-    fast = tokenizer.backend_tokenizer.encode_batch_fast  # tokenizers >= 0.20, a fast tokenizer (load_tokenizer)
-    probe = texts[:4]
-    if [e.ids for e in fast(probe, add_special_tokens=True)] == tokenizer(probe, add_special_tokens=True)["input_ids"]:
-        return [e.ids for e in fast(texts, add_special_tokens=True)]
-    return tokenizer(texts, add_special_tokens=True)["input_ids"]
-
-
 def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Template,
                   fit: Fit) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
     """Lengths after image expansion and truncation of many conversations, as encode_sample would give,
-    with one batched tokenizer call (no offsets) for the common case; only over-long samples take the
-    full path. Returns lengths (N,) int64 (0 where rejected), truncated (N,) bool and
-    {position: SampleError}."""
+    with one batched tokenizer call over all their chunks (tokenize_texts without offsets) for the common
+    case; only over-long samples take the full path. Returns lengths (N,) int64 (0 where rejected),
+    truncated (N,) bool and {position: SampleError}."""
     lengths = np.zeros(len(turns_list), dtype=np.int64)
     truncated = np.zeros(len(turns_list), dtype=bool)
     errors: dict[int, SampleError] = {}
@@ -246,9 +339,8 @@ def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Tem
         except SampleError as e:
             errors[i] = e
     if texts:
-        encoded = _encode_ids(tokenizer, texts)
-        for i, ids in zip(where, encoded):
-            ids_L = np.asarray(ids, dtype=np.int64)
+        encoded = tokenize_texts(texts, tokenizer, fit.img_id)
+        for i, (ids_L, _) in zip(where, encoded):
             length = expanded_length(ids_L, fit.img_id, fit.num_image_tokens)
             if length <= fit.model_max_length:
                 lengths[i] = length

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import Config, merge_config, to_config
+from ..generate.inputs import load_model
 from ..model.config import TextConfig, VisionConfig
 from ..train.distributed import DistEnv, barrier, init_distributed
 from .components import make_components
@@ -97,10 +98,12 @@ def prepare(overrides: list[str], stage: str):
     cfg = to_config(tree)
 
     def after(result) -> dict | None:
-        """The held-out scores (printed on rank 0) of a finished stage-2 run."""
+        """The held-out scores (printed on rank 0) of a finished stage-2 run, from its export as a user
+        would load it: each rank holds the whole model and answers its share of the questions."""
         if stage != "finetune" or result.export is None:
             return None
-        scores = evaluate_vqa(result.model, world.eval_json, world.image_folder, result.tokenizer,
+        model, tokenizer = load_model(result.export, dtype="fp32", device=env.device.type)
+        scores = evaluate_vqa(model, world.eval_json, world.image_folder, tokenizer,
                               cfg.data.template, image_mode=cfg.data.image_mode,
                               max_new_tokens=settings.max_new_tokens, max_samples=settings.eval_limit)
         if result.is_main:

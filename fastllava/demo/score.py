@@ -1,12 +1,12 @@
-"""Held-out visual question answering: greedy decoding on a PackedBatch and exact-match scoring per
-question type.
+"""Held-out visual question answering: greedy decoding with the library's generator and exact-match
+scoring per question type.
 
 Every gpt turn of the evaluation file is one question. Its prompt is the conversation up to that turn,
-earlier answers taken from the file (teacher forcing), tokenized by the same `tokenize_conversation` that
-builds the training data, and cut where the labels of the question's own answer start: the model sees
-exactly the context it was trained to answer from. Many prompts decode together as one packed varlen
-batch; each step recomputes the whole prefix (no KV cache: the demo's model is tiny), so decoding is the
-model's ordinary training forward with `return_logits=True`.
+earlier answers taken from the file (teacher forcing), ending with "ASSISTANT:", tokenized by
+`tokenize_prompt`, the tokenization training used: the model sees exactly the context it was trained to
+answer from. `model.generate` (fastllava.generate: packed prefill, KV-cache decoding) answers them all.
+With several processes each rank answers questions rank, rank + N, ... and the answers are gathered back
+in question order, so the scores are those of one process.
 
 An answer is right when, normalized (lower case, articles and punctuation dropped, number words as
 digits), it equals the normalized reference. The question type of each turn comes from the sample's
@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-
-from ..batch import IGNORE_INDEX, PackedBatch
+import torch.distributed as dist
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _ARTICLES = {"a", "an", "the"}
@@ -48,26 +47,15 @@ class Question:
     truth: str
 
 
-def _last_label_run_start(labels: Sequence[int]) -> int:
-    """Index of the first token of the final contiguous run of labelled tokens (the last answer)."""
-    i = len(labels)
-    while i > 0 and labels[i - 1] == IGNORE_INDEX:
-        i -= 1
-    if i == 0:
-        raise ValueError("the tokenized conversation has no labelled answer tokens")
-    while i > 0 and labels[i - 1] != IGNORE_INDEX:
-        i -= 1
-    return i
-
-
 def build_questions(
     samples: Sequence[dict],
-    encode: Callable[[list[dict]], tuple[Sequence[int], Sequence[int]]],
+    encode: Callable[[list[dict]], list[int]],
     load_pixels: Callable[[str | list[str]], torch.Tensor],
     *,
     source: str = "eval file",
 ) -> list[Question]:
-    """One Question per gpt turn. encode(turns) -> (input_ids, labels); load_pixels(image) -> (n, 3, S, S)."""
+    """One Question per gpt turn. encode(turns ending with a human turn) -> prompt ids;
+    load_pixels(image) -> (n, 3, S, S)."""
     questions = []
     for index, sample in enumerate(samples):
         sid = str(sample.get("id", index))
@@ -82,71 +70,9 @@ def build_questions(
             )
         pixels = load_pixels(sample["image"]) if sample.get("image") else None
         for k in range(n_answers):
-            ids, labels = encode(turns[: 2 * k + 2])
-            start = _last_label_run_start(list(labels))
-            questions.append(
-                Question(sid, str(qtypes[k]), k, list(ids[:start]), pixels, turns[2 * k + 1]["value"])
-            )
+            questions.append(Question(sid, str(qtypes[k]), k, encode(turns[: 2 * k + 1]), pixels,
+                                      turns[2 * k + 1]["value"]))
     return questions
-
-
-def _sync_any(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on any rank, so all ranks run the same number of (sharded) forwards."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-@torch.no_grad()
-def greedy_decode(
-    model,
-    questions: Sequence[Question],
-    *,
-    image_token_id: int,
-    num_image_tokens: int,
-    stop_token_ids: set[int] | frozenset[int],
-    max_new_tokens: int = 32,
-    device: torch.device | str = "cpu",
-) -> list[list[int]]:
-    """Generated ids (stop token excluded) for a group of questions decoded as one packed batch: (T, V)
-    logits at each sample's last position pick its next token until a stop token or max_new_tokens."""
-    seqs = [list(q.prompt_ids) for q in questions]
-    out: list[list[int]] = [[] for _ in questions]
-    live = list(range(len(questions)))
-    for _ in range(max_new_tokens):
-        if not _sync_any(bool(live), torch.device(device)):
-            break
-        # Finished rows are dropped; with several ranks a rank with none left still joins each
-        # collective, re-running its first question and ignoring the result.
-        rows = live or [0]
-        batch = PackedBatch.from_samples(
-            [
-                {
-                    "input_ids": torch.tensor(seqs[i]),
-                    "labels": torch.full((len(seqs[i]),), IGNORE_INDEX),
-                    "pixel_values": questions[i].pixel_values,
-                }
-                for i in rows
-            ],
-            image_token_id=image_token_id,
-            num_image_tokens=num_image_tokens,
-        ).to(device)
-        logits = model(batch, return_logits=True).logits  # (T, V)
-        next_ids = logits[batch.cu_seqlens[1:].long() - 1].argmax(-1).tolist()
-        if not live:
-            continue
-        still = []
-        for i, tok in zip(live, next_ids):
-            if tok not in stop_token_ids:
-                out[i].append(tok)
-                seqs[i].append(tok)
-                still.append(i)
-        live = still
-    return out
 
 
 def format_table(results: dict) -> str:
@@ -222,17 +148,17 @@ def evaluate_vqa(
 ) -> dict:
     """Greedy-decode every held-out question and score it.
 
-    model: returns `.logits` (T, V) for `model(PackedBatch, return_logits=True)` and has `.config` with
-    `image_token_id`, `num_image_tokens`, `vision.image_size` (a fastllava Llava). Under FSDP call it on
-    every rank with the same arguments: ranks decode identical batches and agree on when to stop.
-    Prompts are tokenized with `template` (tokenize_conversation, as the training data), images loaded with
-    `image_mode` at the model's image size.
+    model: a whole (unsharded) fastllava Llava: `model.generate(prompts, ...)` and `.config.vision.image_size`.
+    Under torchrun call it on every rank: each answers its share of the questions, and every rank gets the
+    scores. Prompts are tokenized with `template` (tokenize_prompt, as the training data), images loaded
+    with `image_mode` at the model's image size; batch_size is the generator's max_batch_size.
 
     Returns {"accuracy", "correct", "num_questions", "per_type": {type: {"correct", "total", "accuracy"}},
     "table": str, "mistakes": [{"id", "type", "truth", "answer"}, ...] (up to num_examples)}.
     """
     from ..data.images import load_image
-    from ..data.tokenize import tokenize_conversation
+    from ..data.tokenize import tokenize_prompt
+    from ..train.distributed import gather_interleaved
 
     config = model.config
     samples, source = _read_samples(eval_json, max_samples)
@@ -242,18 +168,11 @@ def evaluate_vqa(
         paths = image if isinstance(image, list) else [image]
         return torch.stack([load_image(folder / p, mode=image_mode, size=size) for p in paths])
 
-    questions = build_questions(samples, lambda turns: tokenize_conversation(turns, tokenizer, template), load_pixels,
+    questions = build_questions(samples, lambda turns: tokenize_prompt(turns, tokenizer, template), load_pixels,
                                 source=source)
-    device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
-    try:
-        answers: list[list[int]] = []
-        for lo in range(0, len(questions), batch_size):
-            answers += greedy_decode(model, questions[lo : lo + batch_size], image_token_id=config.image_token_id,
-                                     num_image_tokens=config.num_image_tokens,
-                                     stop_token_ids=_stop_token_ids(tokenizer, template),
-                                     max_new_tokens=max_new_tokens, device=device)
-    finally:
-        model.train(was_training)
-    return _score(questions, answers, tokenizer, num_examples)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = questions[rank::world]
+    answers = model.generate([{"input_ids": q.prompt_ids, "pixel_values": q.pixel_values} for q in mine],
+                             max_new_tokens=max_new_tokens, eos_token_id=sorted(_stop_token_ids(tokenizer, template)),
+                             max_batch_size=batch_size)
+    return _score(questions, gather_interleaved(answers, rank, world), tokenizer, num_examples)

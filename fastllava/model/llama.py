@@ -2,13 +2,14 @@
 
 The forward takes embeddings (T, D) of samples back to back plus position_ids and cu_seqlens;
 attention is causal inside each sample and never crosses a boundary (fastllava.ops.varlen_attention).
+Generation passes a KV cache (fastllava.generate.cache): each layer stores its post-RoPE keys and values
+there, and a decode step attends over the cache instead of over the pack.
 Shape legend: T tokens, D model width, Hq query heads, Hkv key/value heads, Dh head dim, F MLP width.
 Module names mirror Hugging Face's LlamaModel so checkpoints map key for key.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -31,13 +32,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.backend = backend
 
-    def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen):
-        """x (T, D); rotary tables cos, sin (T, Dh); cu_seqlens (B + 1,) int32; max_seqlen int -> (T, D)."""
+    def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen, cache_layer=None):
+        """x (T, D); rotary tables cos, sin (T, Dh); cu_seqlens (B + 1,) int32; max_seqlen int -> (T, D).
+
+        cache_layer: this layer's view of a KV cache (generation): keys and values are stored there; in a
+        decode step (each sample one new token) attention runs over the cache, not over the pack."""
         t = x_TD.shape[0]
         q_THD = apply_rotary(self.q_proj(x_TD).view(t, self.num_heads, self.head_dim), cos_TD, sin_TD)
         k_THD = apply_rotary(self.k_proj(x_TD).view(t, self.num_kv_heads, self.head_dim), cos_TD, sin_TD)
         v_THD = self.v_proj(x_TD).view(t, self.num_kv_heads, self.head_dim)
-        o_THD = varlen_attention(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+        if cache_layer is not None:
+            cache_layer.store(k_THD, v_THD)
+        if cache_layer is not None and cache_layer.decoding:
+            o_THD = cache_layer.attend(q_THD)
+        else:
+            o_THD = varlen_attention(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
         return self.o_proj(o_THD.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -65,9 +74,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen):
+    def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen, cache_layer=None):
         """(T, D) -> (T, D); the other arguments as in Attention.forward."""
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, cu_seqlens, max_seqlen)
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, cu_seqlens, max_seqlen, cache_layer)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
 
@@ -81,10 +90,13 @@ class LlamaDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, attention_backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, embeds_TD, position_ids, cu_seqlens, max_seqlen):
-        """(T, D) input embeddings of a packed sequence -> (T, D) final hidden states."""
+    def forward(self, embeds_TD, position_ids, cu_seqlens, max_seqlen, cache=None):
+        """(T, D) input embeddings of a packed sequence -> (T, D) final hidden states.
+
+        cache: a KV-cache step (fastllava.generate.cache.CacheStep) whose `layer(i)` each layer stores
+        into and, when decoding, attends over; None in training."""
         cos_TD, sin_TD = rotary_cos_sin(self.cfg, position_ids, cu_seqlens, embeds_TD.dtype)
         x_TD = embeds_TD
-        for layer in self.layers:
-            x_TD = layer(x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen)
+        for i, layer in enumerate(self.layers):
+            x_TD = layer(x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen, None if cache is None else cache.layer(i))
         return self.norm(x_TD)

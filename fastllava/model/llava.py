@@ -102,6 +102,23 @@ class Llava(nn.Module):
             )
         return LlavaOutput(logits=logits, loss_sum=loss_sum, num_label_tokens=num_label_tokens)
 
+    def generate(self, prompts: list[dict], *, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: list[list[int]] | None = None,
+                 max_batch_size: int = 64, prefill_tokens: int = 8192) -> list[list[int]]:
+        """Generated token ids after each prompt, in input order (fastllava.generate.Generator).
+
+        prompts: dicts {"input_ids": list[int] with ONE image token per image, "pixel_values": (n_images,
+          3, S, S) tensor or None}. A sequence ends after `eos_token_id` (not included), after one of the
+          `stop` id sequences (not included) or at max_new_tokens. temperature 0 is greedy, otherwise
+          nucleus sampling (top_p) from a per-prompt generator seeded by (seed, prompt index).
+        max_batch_size: sequences decoded together; prefill_tokens: token budget of one packed prefill.
+        """
+        from ..generate import Generator
+
+        return Generator(self, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens).generate(
+            prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, temperature=temperature,
+            top_p=top_p, seed=seed, stop=stop)
+
     # --- construction --------------------------------------------------------------------------
 
     @classmethod

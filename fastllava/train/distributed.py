@@ -162,3 +162,16 @@ def barrier() -> None:
     """Wait for every rank (nothing to wait for in a world of one)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def gather_interleaved(shard: list, rank: int, world: int) -> list:
+    """Every rank's `shard` merged back into one list, where rank r held items r, r + world, ... (how
+    evaluation splits its questions), so N processes give the list one process gives. Call on every rank."""
+    if world == 1:
+        return list(shard)
+    shards: list = [None] * world
+    dist.all_gather_object(shards, shard)
+    merged: list = [None] * sum(len(s) for s in shards)
+    for r, s in enumerate(shards):
+        merged[r::world] = s
+    return merged

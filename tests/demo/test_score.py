@@ -1,5 +1,6 @@
-"""evaluate_vqa: prompts hold exactly the question being asked (never its answer), decoding is greedy and
-stops at </s>, and scoring per question type is exact - checked with fake models whose answers we know."""
+"""evaluate_vqa: prompts hold exactly the question being asked (never its answer), generation is asked for
+greedy answers that stop at </s>, and scoring per question type is exact - checked with fake models whose
+answers we know (the generator itself is tested in tests/generate)."""
 
 import json
 from types import SimpleNamespace
@@ -23,54 +24,39 @@ def demo(tmp_path_factory):
 
 
 class FakeModel(torch.nn.Module):
-    """Answers from a lookup keyed by (the image's pixels, the last question of the prompt), spelled one
-    token per forward through (T, V) logits at each sample's last position; `wrong` answers a fixed
-    word for the question types named there."""
+    """Answers from a lookup keyed by (the image's pixels, the last question of the prompt), through the
+    generator's interface; `wrong` answers a fixed word for the question types named there."""
 
     def __init__(self, tokenizer, samples, image_folder, wrong=()):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
         self.tok = tokenizer
-        self.config = SimpleNamespace(
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            num_image_tokens=NUM_IMAGE_TOKENS,
-            vision=SimpleNamespace(image_size=IMAGE_SIZE),
-        )
+        self.config = SimpleNamespace(vision=SimpleNamespace(image_size=IMAGE_SIZE))
         self.answers = {}
         for s in samples:
             key = None
             if "image" in s:
-                key = self._image_key(load_image(image_folder / s["image"], mode="pad", size=IMAGE_SIZE))
+                key = self._image_key(load_image(image_folder / s["image"], mode="pad", size=IMAGE_SIZE)[None])
             turns = s["conversations"]
             for human, gpt, qtype in zip(turns[0::2], turns[1::2], s["question_types"]):
                 answer = "red" if qtype in wrong else gpt["value"]
                 self.answers[(key, human["value"].replace("<image>\n", ""))] = answer
-        self.forwards = 0
+        self.calls = []
 
     @staticmethod
     def _image_key(pixels):
-        return round(float(pixels.double().sum()), 3)
+        return None if pixels is None else round(float(pixels.double().sum()), 3)
 
-    def forward(self, batch, return_logits=False):
-        assert return_logits
-        self.forwards += 1
-        logits = torch.zeros(batch.num_tokens, len(self.tok))
-        bounds = batch.cu_seqlens.tolist()
-        image_ix = 0
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            ids = batch.input_ids[start:end]
-            n_img = int((ids == self.config.image_token_id).sum()) // NUM_IMAGE_TOKENS
-            key = self._image_key(batch.pixel_values[image_ix]) if n_img else None
-            image_ix += n_img
-            text = self.tok.decode(ids, skip_special_tokens=False)
-            prompt, sep, generated = text.rpartition("ASSISTANT:")
-            assert sep and "</s>" not in generated, text  # the prompt stops right before an answer
-            question = prompt.rpartition("USER: ")[2].replace("<image>", "").strip()
-            answer_ids = self.tok(" " + self.answers[(key, question)], add_special_tokens=False)["input_ids"]
-            done = len(self.tok(generated, add_special_tokens=False)["input_ids"]) if generated else 0
-            nxt = answer_ids[done] if done < len(answer_ids) else self.tok.eos_token_id
-            logits[end - 1, nxt] = 1.0
-        return SimpleNamespace(logits=logits)
+    def generate(self, prompts, *, max_new_tokens, eos_token_id, max_batch_size):
+        self.calls.append(dict(n=len(prompts), max_new_tokens=max_new_tokens, eos=eos_token_id))
+        out = []
+        for p in prompts:
+            text = self.tok.decode(p["input_ids"], skip_special_tokens=False)
+            head, sep, rest = text.rpartition("ASSISTANT:")
+            assert sep and rest == "", text  # the prompt stops right where the answer starts
+            question = head.rpartition("USER: ")[2].replace("<image>", "").strip()
+            answer = self.answers[(self._image_key(p["pixel_values"]), question)]
+            out.append(self.tok(" " + answer, add_special_tokens=False)["input_ids"][:max_new_tokens])
+        return out
 
 
 def _counts(samples):
@@ -90,11 +76,8 @@ def test_oracle_scores_everything(demo):
     assert {t: v["total"] for t, v in r["per_type"].items()} == counts
     assert r["accuracy"] == 1.0 and not r["mistakes"]
     assert "overall" in r["table"] and "100.0%" in r["table"]
-    # Batched decoding: a forward per token of the longest answer per batch, not per question.
-    n_batches = -(-r["num_questions"] // 16)
-    longest = max(len(tok(" " + t["value"], add_special_tokens=False)["input_ids"])
-                  for s in samples for t in s["conversations"][1::2])
-    assert model.forwards <= n_batches * (longest + 1)  # + 1 for </s>
+    # One generator call for all questions, stopping at </s> (the tokenizer's EOS).
+    assert model.calls == [dict(n=r["num_questions"], max_new_tokens=32, eos=[tok.eos_token_id])]
 
 
 def test_wrong_answers_fail_per_type(demo):
@@ -116,20 +99,12 @@ def test_wrong_answers_fail_per_type(demo):
     assert r["mistakes"] and all(m["answer"] == "red" for m in r["mistakes"])
 
 
-def test_max_new_tokens_cuts_a_model_that_never_stops(demo):
+def test_max_new_tokens_cuts_answers(demo):
     paths, tok, samples = demo
-
-    class Babbler(FakeModel):
-        def forward(self, batch, return_logits=False):
-            self.forwards += 1
-            logits = torch.zeros(batch.num_tokens, len(tok))
-            logits[:, tok.convert_tokens_to_ids("▁red")] = 1.0
-            return SimpleNamespace(logits=logits)
-
-    model = Babbler(tok, samples[:3], paths.image_folder)
-    r = evaluate_vqa(model, samples[:3], paths.image_folder, tok, "vicuna_v1", max_new_tokens=3)
-    assert model.forwards == 3
-    assert r["correct"] == 0 and r["mistakes"][0]["answer"] == "red red red"
+    model = FakeModel(tok, samples[:3], paths.image_folder)
+    r = evaluate_vqa(model, samples[:3], paths.image_folder, tok, "vicuna_v1", max_new_tokens=1)
+    assert model.calls[0]["max_new_tokens"] == 1
+    assert all(len(tok(" " + m["answer"], add_special_tokens=False)["input_ids"]) <= 1 for m in r["mistakes"])
 
 
 def test_normalize_answer():

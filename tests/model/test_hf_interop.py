@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_llava import IMAGE_TOKEN, hf_logits_per_sample, make_hf_llava, make_samples, pack, rel_err
+from tiny_llava import IMAGE_TOKEN, hf_logits_per_sample, make_samples, pack, rel_err
 from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from fastllava import Llava

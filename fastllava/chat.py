@@ -1,0 +1,100 @@
+"""`python -m fastllava.chat --model DIR [--image PATH ...] [--prompt TEXT]`: talk to a trained model.
+
+A multi-turn conversation in the `vicuna_v1` template (LLaVA-1.5's), the images in the first user turn as
+LLaVA's own CLI puts them, the answer streamed token by token. With --prompt it answers once and exits
+(for scripts); otherwise it reads user turns from standard input until an empty line, "exit" or EOF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from .data.files import IMAGE_TAG
+from .data.templates import get_template
+from .generate import Generator
+from .generate.inputs import StreamDecoder, load_model, make_prompt
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastllava.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="llava-hf model directory with its tokenizer")
+    parser.add_argument("--image", action="append", default=[], help="an image for the first turn (repeatable)")
+    parser.add_argument("--prompt", default=None, help="answer this one message and exit")
+    parser.add_argument("--template", default="vicuna_v1", help="conversation template (LLaVA-1.5: vicuna_v1)")
+    # LLaVA's CLI defaults (llava/serve/cli.py): temperature 0.2, 512 new tokens.
+    parser.add_argument("--temperature", type=float, default=0.2, help="0 for greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args(argv)
+    for image in args.image:
+        if not Path(image).is_file():
+            parser.error(f"--image {image}: no such file")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    get_template(args.template)  # unknown names fail here, before the model loads
+    return args
+
+
+class Chat:
+    """A conversation with one model: `reply(text, out)` streams the answer to `out` and returns it."""
+
+    def __init__(self, model, tokenizer, images: Sequence[str], args: argparse.Namespace):
+        self.model, self.tokenizer, self.images, self.args = model, tokenizer, list(images), args
+        self.turns: list[dict] = []
+        self.stop_str = get_template(args.template).stop_str
+
+    def reply(self, text: str, out: TextIO) -> str:
+        first = not self.turns
+        self.turns.append({"from": "human", "value": ((IMAGE_TAG + "\n") * len(self.images) if first else "") + text})
+        prompt = make_prompt(self.turns, self.images, self.tokenizer, self.model, self.args.template)
+        decoder, answer = StreamDecoder(self.tokenizer), ""
+        events = Generator(self.model, max_batch_size=1).stream(
+            [prompt], max_new_tokens=self.args.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            temperature=self.args.temperature, top_p=self.args.top_p, seed=self.args.seed + len(self.turns))
+        for event in events:
+            piece = decoder.push(event.tokens)
+            answer += piece
+            cut = answer.find(self.stop_str)  # a template whose stop string is no single token (plain: "\n")
+            if cut >= 0:
+                out.write(piece[: max(0, len(piece) - (len(answer) - cut))])
+                answer = answer[:cut]
+                break
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        answer = answer.strip()
+        self.turns.append({"from": "gpt", "value": answer})
+        return answer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        chat = Chat(model, tokenizer, args.image, args)
+        if args.prompt is not None:
+            chat.reply(args.prompt, sys.stdout)
+            return 0
+        while True:
+            try:
+                text = input("USER: ")
+            except EOFError:
+                print()
+                return 0
+            if text.strip() in ("", "exit"):
+                return 0
+            sys.stdout.write("ASSISTANT: ")
+            chat.reply(text, sys.stdout)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The benchmarks `python -m fastllava.eval --task` knows, by name."""
+
+from __future__ import annotations
+
+from .base import EvalDataError, EvalQuestion, Task
+from .judged import LLaVABench, MMVet
+from .mmbench import MMBench, MMBenchCN
+from .mme import MME
+from .pope import POPE
+from .scienceqa import ScienceQA
+from .seed import SEED
+from .vqa import GQA, TextVQA, VizWiz, VQAv2
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
+    VQAv2, GQA, VizWiz, TextVQA, POPE, ScienceQA, MME, MMBench, MMBenchCN, SEED, LLaVABench, MMVet)}
+JUDGED = (LLaVABench, MMVet)
+
+
+def make_task(name: str, *, judge_url: str | None = None, judge_model: str | None = None) -> Task:
+    """The task called `name`; the judged ones get a judge when a URL is given."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    cls = TASKS[name]
+    if cls in JUDGED:
+        from ..judge import Judge
+
+        return cls(judge=None if judge_url is None else Judge(judge_url, judge_model))
+    if judge_url is not None:
+        raise ValueError(f"--judge-url: task {name} is scored locally; only {', '.join(c.name for c in JUDGED)} use a judge")
+    return cls()
+
+
+__all__ = ["EvalDataError", "EvalQuestion", "JUDGED", "TASKS", "Task", "make_task"]

@@ -1,0 +1,70 @@
+"""What an evaluation task is: questions read from LLaVA's layout, and a scorer for the answers.
+
+A task reads its question file(s) and images exactly as LLaVA's evaluation documents them
+(`playground/data/eval/<task>/...`), turns each into an EvalQuestion, and after generation scores the
+answers (writing any submission file next to them). The driver (`python -m fastllava.eval`) owns
+everything in between: prompts in the `vicuna_v1` template, images padded to square, greedy decoding,
+sharding over ranks and the answers file in LLaVA's jsonl format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from PIL import Image
+
+
+class EvalDataError(ValueError):
+    """Bad evaluation input; the message names the file, the line (1-based, where there is one) and what
+    was expected."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str):
+        where = f"{path}" if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.line = str(path), line
+
+
+@dataclass
+class EvalQuestion:
+    """One question to answer.
+
+    question_id: as it stands in the question file (int or str); unique within the task.
+    text: the user turn WITHOUT image tags, the task's instruction suffix included exactly as LLaVA's
+      evaluation script builds it (e.g. "...\nAnswer the question using a single word or phrase.").
+      The driver puts one "<image>\n" per image in front, as LLaVA's scripts do.
+    images: one entry per image, in order: a path to an image file, or an already decoded PIL image
+      (MMBench's base64 cells). Empty for a text-only question.
+    record: extra fields of this question's line in the answers file, next to the driver's
+      question_id / prompt / text / answer_id / model_id / metadata (e.g. MMBench's round_idx, options,
+      option_char). "prompt" here overrides what is written as "prompt" (default: `text`).
+    truth: what the scorer needs (ground-truth answers, category, ...); never written to the answers.
+    """
+
+    question_id: Any
+    text: str
+    images: list[Path | Image.Image] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+    truth: dict = field(default_factory=dict)
+
+
+class Task:
+    """A benchmark. Subclasses set the class attributes and implement `load` and `score`."""
+
+    name: ClassVar[str]
+    max_new_tokens: ClassVar[int]  # LLaVA's value for this task's evaluation script
+    # Published LLaVA-1.5 numbers (LLaVA's MODEL_ZOO / paper Table 4), metric name -> value, per model:
+    # {"llava-v1.5-7b": {...}, "llava-v1.5-13b": {...}}; metric names as `score` returns them.
+    published: ClassVar[dict[str, dict[str, float]]] = {}
+
+    def load(self, data_dir: Path) -> list[EvalQuestion]:
+        """All questions, in question-file order. Raises EvalDataError (file, line, what was expected) for a
+        missing file or image, a duplicate question id, a malformed line."""
+        raise NotImplementedError
+
+    def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
+        """Metrics of `answers` (answers[i] answers questions[i]), as LLaVA computes them; writes any
+        submission/converted file under output_dir and names it in the log. Returns {} where nothing can be
+        scored locally (a test split without answers: the submission file is the result)."""
+        raise NotImplementedError

@@ -1,0 +1,188 @@
+"""The two benchmarks LLaVA-1.5 scores with a GPT-4 judge: LLaVA-Bench-in-the-Wild and MM-Vet.
+
+Both are answered by llava/eval/model_vqa.py (max_new_tokens 1024, the question text as is). The judge
+runs only when the task is given one (`--judge-url`/`--judge-model`); without it, score() leaves what the
+official graders read and returns {}:
+
+* LLaVA-Bench (scripts/v1_5/eval/llavabench.sh): eval_gpt_review_bench.py reads the answers file itself,
+  next to the reference answers. With a judge: GPT-4's review of each answer against the reference
+  (`reviews/llava_bench.jsonl`), summarized as summarize_gpt_review.py does.
+* MM-Vet (scripts/v1_5/eval/mmvet.sh): `results/mmvet.json` as scripts/convert_mmvet_for_eval.py writes
+  it ({"v1_<question_id>": answer}), the input of MM-Vet's official mm-vet_evaluator. With a judge: one
+  grading run of that evaluator (`results/mmvet_<judge model>-grade-1runs.json`, `...-cap-score-1runs.csv`).
+
+Layout (docs/Evaluation.md): `llava-bench-in-the-wild/` = the Hugging Face dataset
+liuhaotian/llava-bench-in-the-wild: questions.jsonl, images/, context.jsonl (each image's caption: the
+judge's context) and answers_gpt4.jsonl -- the reference answers (text-only GPT-4 given the question and
+the caption), the judge's "Assistant 1". `mm-vet/` (mmvet.sh's folder; `mmvet/` of docs/Evaluation.md is
+tried second): LLaVA's llava-mm-vet.jsonl, and from mm-vet.zip images/ and mm-vet.json (ground truth and
+capabilities, needed only to judge).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from ..scorers import llava_bench_summary, mmvet_totals
+from .base import EvalDataError, EvalQuestion, Task
+from .mme import image_file, read_jsonl
+
+if TYPE_CHECKING:
+    from ..judge import Judge
+
+log = logging.getLogger(__name__)
+
+
+def _unique(key, seen: dict, path: Path, line: int) -> None:
+    if key in seen:
+        raise EvalDataError(path, line, f"question_id {key!r} repeats line {seen[key]}")
+    seen[key] = line
+
+
+class LLaVABench(Task):
+    """LLaVA-Bench-in-the-Wild: 60 open questions on 24 images (conv, detail, complex)."""
+
+    name = "llava_bench"
+    max_new_tokens = 1024  # model_vqa.py passes max_new_tokens=1024 to generate
+    # docs/MODEL_ZOO.md "LLaVA-Bench-Wild": the relative score (answer / GPT-4 reference, %), overall.
+    published = {"llava-v1.5-7b": {"overall": 65.4}, "llava-v1.5-13b": {"overall": 72.5}}
+
+    def __init__(self, judge: Judge | None = None):
+        self.judge = judge
+
+    def load(self, data_dir: Path) -> list[EvalQuestion]:
+        root = Path(data_dir) / "llava-bench-in-the-wild"
+        path = root / "questions.jsonl"
+        captions, references = {}, {}
+        if self.judge is not None:  # what the judge needs is checked now, before any answer is generated
+            for _, obj in read_jsonl(root / "context.jsonl", ("image", "caption")):
+                cap = obj["caption"]
+                captions[obj["image"]] = "\n".join(cap) if isinstance(cap, list) else cap
+            ref_path, seen = root / "answers_gpt4.jsonl", {}
+            for line, obj in read_jsonl(ref_path, ("question_id", "text")):
+                _unique(obj["question_id"], seen, ref_path, line)
+                # eval_gpt_review_bench.py pairs question and reference by line; by question_id here (the
+                # same pairs in the released files, and no silent shift if a line is missing).
+                references[obj["question_id"]] = (obj["text"], obj.get("answer_id", obj["question_id"]))
+        questions, seen = [], {}
+        for line, obj in read_jsonl(path, ("question_id", "image", "text", "category")):
+            qid = obj["question_id"]
+            _unique(qid, seen, path, line)
+            image = image_file(root / "images", obj["image"], path, line)
+            truth = {"category": obj["category"], "question": obj["text"]}
+            if self.judge is not None:
+                if obj["category"] not in ("conv", "detail", "complex"):
+                    raise EvalDataError(path, line, f"category: expected conv, detail or complex, got {obj['category']!r}")
+                if obj["image"] not in captions:
+                    raise EvalDataError(root / "context.jsonl", None,
+                                        f"no caption for image {obj['image']!r} ({path.name}:{line})")
+                if qid not in references:
+                    raise EvalDataError(root / "answers_gpt4.jsonl", None,
+                                        f"no reference answer for question_id {qid!r} ({path.name}:{line})")
+                reference, reference_id = references[qid]
+                truth.update(caption=captions[obj["image"]], reference=reference, reference_id=reference_id)
+            questions.append(EvalQuestion(question_id=qid, text=obj["text"], images=[image], truth=truth))
+        return questions
+
+    def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
+        """With a judge: relative scores "overall", "conv", "detail", "complex" and the two averages x 10;
+        without: {} (eval_gpt_review_bench.py takes the answers file as it is)."""
+        if len(questions) != len(answers):
+            raise ValueError(f"{self.name}: {len(questions)} questions but {len(answers)} answers")
+        if self.judge is None:
+            log.info("llava_bench: no judge; LLaVA's eval_gpt_review_bench.py scores the answers file "
+                     "(--answer-list answers_gpt4.jsonl <answers file>)")
+            return {}
+        items = [{"question_id": q.question_id, "category": q.truth["category"], "caption": q.truth["caption"],
+                  "question": q.truth["question"], "reference": q.truth["reference"],
+                  "reference_id": q.truth["reference_id"], "answer": a, "answer_id": None}
+                 for q, a in zip(questions, answers)]
+        from ..judge import judge_llava_bench
+
+        reviews = judge_llava_bench(self.judge, items)
+        out = Path(output_dir) / "reviews" / "llava_bench.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reviews), encoding="utf-8")
+        log.info("llava_bench: %d reviews by %s in %s", len(reviews), self.judge.model, out)
+        return llava_bench_summary(reviews)
+
+
+class MMVet(Task):
+    """MM-Vet: 218 open questions graded 0-1 by GPT-4 against ground truth, reported per capability."""
+
+    name = "mmvet"
+    max_new_tokens = 1024  # model_vqa.py passes max_new_tokens=1024 to generate
+    # docs/MODEL_ZOO.md "MM-Vet": the official evaluator's total score.
+    published = {"llava-v1.5-7b": {"total": 31.1}, "llava-v1.5-13b": {"total": 36.1}}
+    folders = ("mm-vet", "mmvet")
+
+    def __init__(self, judge: Judge | None = None):
+        self.judge = judge
+
+    def load(self, data_dir: Path) -> list[EvalQuestion]:
+        roots = [Path(data_dir) / folder for folder in self.folders]
+        root = next((r for r in roots if (r / "llava-mm-vet.jsonl").is_file()), roots[0])
+        path = root / "llava-mm-vet.jsonl"
+        self._meta = self._metadata(root / "mm-vet.json") if self.judge is not None else None
+        questions, seen = [], {}
+        for line, obj in read_jsonl(path, ("question_id", "image", "text")):
+            qid = obj["question_id"]
+            _unique(qid, seen, path, line)
+            key = f"v1_{qid}"  # convert_mmvet_for_eval.py's key: mm-vet.json's sample ids
+            if self._meta is not None and key not in self._meta:
+                raise EvalDataError(path, line, f"question_id {qid!r}: no sample {key!r} in mm-vet.json")
+            image = image_file(root / "images", obj["image"], path, line)
+            questions.append(EvalQuestion(question_id=qid, text=obj["text"], images=[image], truth={"key": key}))
+        return questions
+
+    @staticmethod
+    def _metadata(path: Path) -> dict[str, dict]:
+        """mm-vet.json: {"v1_<n>": {"question", "answer", "capability": [...], ...}}."""
+        if not path.is_file():
+            raise EvalDataError(path, None, "file not found (mm-vet.zip's ground truth, needed to judge)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            for key, sample in data.items():
+                fields = (("question", str), ("answer", str), ("capability", list))
+                if not all(isinstance(sample.get(k), t) for k, t in fields):
+                    raise ValueError(f"sample {key!r}")
+        except (json.JSONDecodeError, AttributeError, ValueError) as e:
+            raise EvalDataError(path, None, "expected {\"v1_<n>\": {\"question\": str, \"answer\": str, "
+                                            f"\"capability\": [str]}} ({e})") from None
+        return data
+
+    def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
+        """Writes results/mmvet.json; with a judge, grades it and returns "total" and each capability's score
+        (percent; MM-Vet's tables round them to 1 decimal); without, returns {}."""
+        if len(questions) != len(answers):
+            raise ValueError(f"{self.name}: {len(questions)} questions but {len(answers)} answers")
+        results = {q.truth["key"]: a for q, a in zip(questions, answers)}
+        out = Path(output_dir) / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mmvet.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        if self.judge is None:
+            log.info("mmvet: no judge; grade %s with MM-Vet's official mm-vet_evaluator", out / "mmvet.json")
+            return {}
+        meta = getattr(self, "_meta", None)
+        if meta is None:
+            raise ValueError("mmvet: score() with a judge needs load() first (it reads mm-vet.json)")
+        from ..judge import judge_mmvet
+
+        items = [{"key": key, "question": s["question"], "answer": s["answer"], "prediction": results[key]}
+                 for key, s in meta.items() if key in results]  # the evaluator's order: mm-vet.json's
+        grades = judge_mmvet(self.judge, items)
+        stem = f"mmvet_{self.judge.model.replace('/', '_')}"
+        (out / f"{stem}-grade-1runs.json").write_text(json.dumps(grades, indent=4), encoding="utf-8")
+        totals = mmvet_totals({k: g["score"][0] for k, g in grades.items()},
+                              {k: s["capability"] for k, s in meta.items()})
+        # The evaluator's cap-score table: capabilities by frequency, total, std and runs of one run.
+        caps = [c for c, _ in Counter(c for s in meta.values() for c in set(s["capability"])).most_common()]
+        header = ["", *caps, "total", "std", "runs"]
+        row = ["mmvet", *(f"{totals[c]:.1f}" for c in caps), f"{totals['total']:.1f}", "0.0", f"[{totals['total']:.1f}]"]
+        (out / f"{stem}-cap-score-1runs.csv").write_text(",".join(header) + "\n" + ",".join(row) + "\n", encoding="utf-8")
+        log.info("mmvet: %d grades by %s in %s", len(grades), self.judge.model, out)
+        return totals

@@ -1,0 +1,111 @@
+"""POPE (object hallucination on COCO val2014), scored as LLaVA's llava/eval/eval_pope.py.
+
+Questions as scripts/v1_5/eval/pope.sh passes them to model_vqa_loader.py (max_new_tokens 128); each
+question's "category" names its split, and its label is the line at the same position among that split's
+questions in POPE's coco/coco_pope_<split>.json -- eval_pope.py pairs answers and labels by position.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from ..scorers import pope_metrics
+from .base import EvalDataError, EvalQuestion, Task
+from .vqa import read_jsonl, read_questions
+
+log = logging.getLogger(__name__)
+
+_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+class POPE(Task):
+    """POPE's three COCO splits (adversarial, popular, random).
+
+    Layout (under --data, LLaVA's playground/data/eval):
+      pope/llava_pope_test.jsonl           LLaVA's questions (eval.zip), "category" = split
+      pope/val2014/<image>                 COCO val2014 images
+      pope/coco/coco_pope_<split>.json     POPE's labels, one {"question_id", "image", "text", "label"} per
+                                           line, in the order of that split's questions
+    score() returns, in percent, "<split>_<metric>" per split (accuracy, precision, recall, f1, yes_ratio, as
+    eval_pope.py prints them) and each metric averaged over the scored splits (the paper reports the
+    average F1 of the three). A split without its label file is logged and left out.
+    """
+
+    name = "pope"
+    max_new_tokens = 128
+    # LLaVA-1.5 paper (Table 4) / MODEL_ZOO.md: F1 averaged over the three splits.
+    published = {"llava-v1.5-7b": {"f1": 85.9}, "llava-v1.5-13b": {"f1": 85.9}}
+    splits = ("adversarial", "popular", "random")
+
+    def load(self, data_dir: Path) -> list[EvalQuestion]:
+        root = Path(data_dir) / "pope"
+        path = root / "llava_pope_test.jsonl"
+        rows = read_questions(path, root / "val2014")
+        by_split: dict[str, list] = {}
+        for number, rec, image in rows:
+            if not isinstance(rec.get("category"), str):
+                raise EvalDataError(path, number, 'expected a "category" field naming the POPE split')
+            by_split.setdefault(rec["category"], []).append((number, rec, image))
+        labels = {split: self._labels(root / "coco" / f"coco_pope_{split}.json", path, split, items)
+                  for split, items in by_split.items()}
+        questions = []
+        for number, rec, image in rows:
+            split = rec["category"]
+            truth = {"split": split}
+            if labels[split] is not None:
+                truth["label"] = labels[split][number]
+            questions.append(EvalQuestion(rec["question_id"], rec["text"], [image], truth=truth))
+        return questions
+
+    @staticmethod
+    def _labels(path: Path, question_file: Path, split: str, items: list) -> dict[int, str] | None:
+        """question-file line -> label for one split, paired by position as eval_pope.py pairs them; the
+        label line's text and image are checked against the question so that a shifted file is an error."""
+        if not path.is_file():
+            log.warning("pope: %s not found: split %r will not be scored", path, split)
+            return None
+        lines = list(read_jsonl(path, f"POPE labels of split {split!r}"))
+        if len(lines) != len(items):
+            raise EvalDataError(path, None, f"expected one label per {split!r} question of {question_file} "
+                                            f"({len(items)}), found {len(lines)} lines")
+        out = {}
+        for (number, obj), (q_number, rec, _) in zip(lines, items):
+            if obj.get("label") not in ("yes", "no"):
+                raise EvalDataError(path, number, f'expected "label": "yes" or "no", got {obj.get("label")!r}')
+            if obj.get("image") != rec["image"] or not rec["text"].startswith(str(obj.get("text"))):
+                raise EvalDataError(path, number, f"expected the label of {question_file} line {q_number} "
+                                                  f"({rec['image']}: {rec['text'].splitlines()[0]!r}), got "
+                                                  f"{obj.get('image')}: {obj.get('text')!r}")
+            out[q_number] = obj["label"]
+        return out
+
+    def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
+        if len(questions) != len(answers):
+            raise ValueError(f"{len(answers)} answers for {len(questions)} questions")
+        per_split: dict[str, tuple[list, list]] = {}
+        for q, a in zip(questions, answers):
+            if "label" in q.truth:
+                preds, labels = per_split.setdefault(q.truth["split"], ([], []))
+                preds.append(a)
+                labels.append(q.truth["label"])
+        unscored = sorted({q.truth["split"] for q in questions} - per_split.keys())
+        if unscored:
+            log.warning("pope: no labels for split(s) %s: not scored", ", ".join(unscored))
+        by_split: dict[str, dict[str, float]] = {}
+        for split in sorted(per_split, key=lambda s: (s not in self.splits, s)):
+            m = by_split[split] = pope_metrics(*per_split[split])
+            # eval_pope.py's summary line order: F1, accuracy, precision, recall, yes ratio (as fractions).
+            log.info("pope: %s (%d samples): F1 %.3f, accuracy %.3f, precision %.3f, recall %.3f, yes ratio %.3f",
+                     split, len(per_split[split][0]),
+                     *(m[k] / 100 for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")))
+        if not by_split:
+            return {}
+        if set(by_split) != set(self.splits):
+            log.warning("pope: averages are over %s only; the paper averages all three splits", ", ".join(by_split))
+        # The averages first: "f1" is the number the paper reports.
+        scores = {k: sum(m[k] for m in by_split.values()) / len(by_split) for k in _METRICS}
+        for split, m in by_split.items():
+            scores.update({f"{split}_{k}": m[k] for k in _METRICS})
+        return scores

@@ -1,0 +1,100 @@
+"""SEED-Bench (v1: image and video multiple-choice questions), as LLaVA-1.5 evaluates it
+(scripts/v1_5/eval/seed.sh: llava/eval/model_vqa_loader.py, then scripts/convert_seed_for_submission.py).
+
+Layout (docs/Evaluation.md) under `seed_bench/`: `llava-seed-bench.jsonl` (LLaVA's question file from
+eval.zip: question_id, image, text with the options and "Answer with the option's letter from the given
+choices directly."), `SEED-Bench.json` (the official annotation: answers, data_type, question types),
+`SEED-Bench-image/` and `SEED-Bench-video-image/`. A video question is asked about one frame, the middle
+one, extracted beforehand by LLaVA's `extract_video_frames.py` as `SEED-Bench-video-image/<question type
+id>_<question id>.png`; the question file already points there.
+
+Scores as convert_seed_for_submission.py: right when the answer is exactly the letter; accuracy over every
+question of SEED-Bench.json (image, video and all), unanswered ones counting as wrong. Writes its upload
+file (`answers_upload/seed.jsonl`: question_id, prediction) for the official leaderboard notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from ..scorers import seed_accuracy
+from .base import EvalDataError, EvalQuestion, Task
+from .mme import image_file, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+class SEED(Task):
+    """SEED-Bench: 19K four-option questions over 12 dimensions (9 on images, 3 on videos)."""
+
+    name = "seed"
+    max_new_tokens = 128  # model_vqa_loader.py's default; seed.sh does not change it
+    # docs/MODEL_ZOO.md "SEED": accuracy over all questions, image and video (SEED-Bench's leaderboard lists
+    # LLaVA-1.5-13B at 61.6 overall, 68.2 image, 42.7 video).
+    published = {"llava-v1.5-7b": {"accuracy": 58.6}, "llava-v1.5-13b": {"accuracy": 61.6}}
+
+    def load(self, data_dir: Path) -> list[EvalQuestion]:
+        root = Path(data_dir) / "seed_bench"
+        annotation = self._annotation(root / "SEED-Bench.json")
+        self._all = annotation
+        path = root / "llava-seed-bench.jsonl"
+        questions, seen = [], {}
+        for line, obj in read_jsonl(path, ("question_id", "image", "text")):
+            key = str(obj["question_id"])
+            if key in seen:
+                raise EvalDataError(path, line, f"question_id {obj['question_id']!r} repeats line {seen[key]}")
+            seen[key] = line
+            if key not in annotation:
+                raise EvalDataError(path, line, f"question_id {obj['question_id']!r} is not in SEED-Bench.json")
+            image = image_file(root, obj["image"], path, line)
+            questions.append(EvalQuestion(question_id=obj["question_id"], text=obj["text"], images=[image],
+                                          truth=annotation[key]))
+        unasked = len(annotation) - len(questions)
+        if unasked:
+            log.warning("seed: %d question(s) of SEED-Bench.json are not in %s; they count as wrong, as in LLaVA",
+                        unasked, path.name)
+        return questions
+
+    @staticmethod
+    def _annotation(path: Path) -> dict[str, dict]:
+        """str(question_id) -> {"question_id" (as the annotation has it), "answer", "data_type",
+        "question_type"} for every question of SEED-Bench.json, in its order."""
+        if not path.is_file():
+            raise EvalDataError(path, None, "file not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            names = {type_id: name for name, type_id in data["question_type"].items()}
+            out = {}
+            for q in data["questions"]:
+                out[str(q["question_id"])] = {"question_id": q["question_id"], "answer": q["answer"],
+                                              "data_type": q["data_type"], "question_type": names[q["question_type_id"]]}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise EvalDataError(path, None, "expected SEED-Bench's annotation: {\"question_type\": {name: id}, "
+                                            "\"questions\": [{question_id, answer, data_type, question_type_id}]} "
+                                            f"({type(e).__name__}: {e})") from None
+        return out
+
+    def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
+        """accuracy (all), image_accuracy, video_accuracy and one accuracy per dimension, in percent."""
+        if len(questions) != len(answers):
+            raise ValueError(f"seed: {len(questions)} questions but {len(answers)} answers")
+        given = {str(q.question_id): a for q, a in zip(questions, answers)}
+        annotation = getattr(self, "_all", None)
+        if annotation is None:  # score() without load(): only the questions at hand are known
+            log.warning("seed: SEED-Bench.json not loaded; accuracy over the %d questions given", len(questions))
+            annotation = {str(q.question_id): q.truth for q in questions}
+        missing = sum(key not in given for key in annotation)
+        if missing:
+            log.warning("seed: %d of %d questions have no answer and count as wrong (convert_seed_for_submission.py)",
+                        missing, len(annotation))
+        out = Path(output_dir) / "answers_upload" / "seed.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            for key, truth in annotation.items():
+                if key in given:
+                    f.write(json.dumps({"question_id": truth["question_id"], "prediction": given[key]}) + "\n")
+        log.info("seed: upload file in %s", out)
+        return seed_accuracy({**truth, "prediction": given.get(key)} for key, truth in annotation.items())

@@ -1,0 +1,7 @@
+"""Generation: batched KV-cache decoding over a packed prefill (engine.py), sampling rules (sampling.py),
+the cache (cache.py)."""
+
+from .cache import CacheStep, KVCache
+from .engine import Event, GenerationStats, Generator
+
+__all__ = ["CacheStep", "Event", "GenerationStats", "Generator", "KVCache"]
