@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"one of: {', '.join(sorted(TASKS))}")
     parser.add_argument("--data", required=True, help="the folder LLaVA calls playground/data/eval")
     parser.add_argument("--output", required=True, help="folder for answers.jsonl, scores and submission files")
+    parser.add_argument("--split", default=None, help="for vqav2 and vizwiz: a split with answers, scored locally "
+                                                       "(default: LLaVA's test split, written for upload)")
     parser.add_argument("--template", default="vicuna_v1", help="conversation template of the prompts (LLaVA-1.5: vicuna_v1)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: LLaVA's value for the task")
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (KV-cache slots)")
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    task = make_task(args.task, judge_url=args.judge_url, judge_model=args.judge_model)
+    task = make_task(args.task, split=args.split, judge_url=args.judge_url, judge_model=args.judge_model)
     data, output = Path(args.data), Path(args.output)
     questions = task.load(data)
     check_unique(questions, task, data)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
+from .varlen_attention import LOG2E, _fwd_kv_step
 
 BACKENDS = ("triton", "torch", "flash_attn")
 TRITON_HEAD_DIMS = (64, 80, 96, 128)
@@ -37,51 +38,11 @@ _GPU_DTYPES = (torch.float16, torch.bfloat16)
 # larger groups (MQA with > 64 query heads) are split over cdiv(group, 64) programs that each re-read
 # the group's cache row.
 _MIN_BLOCK_M, _MAX_BLOCK_M = 16, 64
-# log2(e) as a constexpr object: see varlen_attention.LOG2E for why not an annotated global.
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel.
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _kv_step(acc, l_i, m_i, q, K, V, stride_kl, stride_vl, start_n, offs_d, seqlen, qk_scale,
-             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of the group's query rows with cached positions start_n .. start_n + BLOCK_N.
-
-    MASKED: the block reaches past `seqlen`; its positions >= seqlen are neither read (masked loads, so
-    whatever a cache holds there, NaN included, never enters the arithmetic) nor weighted (score -inf).
-    """
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = K + offs_n[:, None] * stride_kl + offs_d[None, :]
-    v_ptrs = V + offs_n[:, None] * stride_vl + offs_d[None, :]
-    if MASKED:
-        mask = (offs_n < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_ptrs, mask=mask, other=0.0)
-        v = tl.load(v_ptrs, mask=mask, other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_ptrs)  # full block, power-of-2 head dim: unmasked, vectorized loads
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-    if MASKED:
-        s = tl.where((offs_n < seqlen)[None, :], s, float("-inf"))
-    # Position 0 is in the first block every row sees (seqlen >= 1), so m_new is finite from then on
-    # and exp2(-inf - m_new) is a clean 0.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -137,11 +98,13 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end = (seqlen // BLOCK_N) * BLOCK_N  # blocks before this lie inside the sequence: no mask
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, K, V, stride_kl, stride_vl, start_n, offs_d, seqlen, qk_scale,
-                                 False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_kv_step(acc, l_i, m_i, q, K, V, stride_kl, stride_vl, start_n, rows, offs_d, seqlen,
+                                     qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
     for start_n in range(full_end, seqlen, BLOCK_N):  # the ragged last block, if any
-        acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, K, V, stride_kl, stride_vl, start_n, offs_d, seqlen, qk_scale,
-                                 True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
+        # Masked: positions >= seqlen are neither read (whatever the cache holds there, NaN included, never
+        # enters the arithmetic) nor weighted (score -inf).
+        acc, l_i, m_i = _fwd_kv_step(acc, l_i, m_i, q, K, V, stride_kl, stride_vl, start_n, rows, offs_d, seqlen,
+                                     qk_scale, True, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION)
     acc = acc / l_i[:, None]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok)
 

@@ -4,6 +4,8 @@ Each `make_<task>(root)` writes `root/playground/data/eval/<task folder>/...` as
 lays it out -- question files in the format LLaVA's eval.zip ships them (the question texts and ids below
 are modeled on the real files), small real images written with PIL, and the answer/annotation files
 where a local score exists -- and returns `root/playground/data/eval`, the directory to pass as --data.
+`make_vqav2_val` and `make_vizwiz_val` write the datasets' official val files instead (the `--split val`
+layouts), into the same vqav2/ and vizwiz/ folders.
 Several tasks can share one root. The contents are documented per function; the tests in
 test_tasks_vqa.py work their expected scores out from them by hand.
 """
@@ -57,6 +59,35 @@ def make_vqav2(root: Path) -> Path:
     return _eval_dir(root)
 
 
+# VQAv2 val2014: question_id -> (image_id, question, the 10 human answers), in the questions file's order.
+VQAV2_VAL = {
+    42000: (42, "How many folders are there?", ["2", "2", "two", "3", "3", "3", "3", "4", "4", "several"]),
+    42001: (42, "Is the door open?", ["yes"] * 10),
+    73000: (73, "What color is the motorcycle?", ["red"] + ["black"] * 9),
+}
+
+
+def make_vqav2_val(root: Path) -> Path:
+    """vqav2/: VQAv2's official val2014 files for the 3 questions of VQAV2_VAL (images 42 and 73) --
+    v2_OpenEnded_mscoco_val2014_questions.json, v2_mscoco_val2014_annotations.json (10 answers each,
+    with answer_confidence and answer_id as in the real file, plus an annotation of a question that is
+    not in the questions file) -- and val2014/COCO_val2014_<image_id:012d>.jpg."""
+    d = _eval_dir(root) / "vqav2"
+    _json(d / "v2_OpenEnded_mscoco_val2014_questions.json", {
+        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}, "data_subtype": "val2014",
+        "questions": [{"image_id": img, "question": q, "question_id": qid} for qid, (img, q, _) in VQAV2_VAL.items()]})
+    annotations = [{"question_type": "what", "multiple_choice_answer": answers[0], "answer_type": "other",
+                    "image_id": img, "question_id": qid,
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
+                   for qid, (img, _, answers) in VQAV2_VAL.items()]
+    annotations.insert(1, {**annotations[0], "question_id": 42002})  # only in the annotations: ignored
+    _json(d / "v2_mscoco_val2014_annotations.json", {
+        "info": {}, "license": {}, "data_subtype": "val2014", "data_type": "mscoco", "annotations": annotations})
+    for i, img in enumerate(sorted({v[0] for v in VQAV2_VAL.values()})):
+        _image(d / "val2014" / f"COCO_val2014_{img:012d}.jpg", (60, 60 + 100 * i, 200))
+    return _eval_dir(root)
+
+
 def make_gqa(root: Path) -> Path:
     """gqa/: 4 test-dev balanced questions and GQA's answers for them (all balanced; structural types
     verify, query, verify, query): "201307251" Is it overcast? -> no; "201640614" Who is wearing the
@@ -93,6 +124,28 @@ def make_vizwiz(root: Path) -> Path:
                                     for i, t in enumerate(texts)])
     for i in range(3):
         _image(d / "test" / f"VizWiz_test_{i:08d}.jpg", (10, 10, 80 * i))
+    return _eval_dir(root)
+
+
+# VizWiz val: image -> (question, the 10 human answers), in val.json's order.
+VIZWIZ_VAL = {
+    "VizWiz_val_00000000.jpg": ("What is this?",
+                                ["can of soup"] * 4 + ["soup"] * 3 + ["tomato soup"] * 2 + ["unanswerable"]),
+    "VizWiz_val_00000001.jpg": ("What color is this shirt?", ["unanswerable"] * 2 + ["blue"] * 8),
+    "VizWiz_val_00000002.jpg": ("Is the oven on?", ["no"] * 5 + ["yes"] * 5),
+}
+
+
+def make_vizwiz_val(root: Path) -> Path:
+    """vizwiz/: VizWiz's official val.json for the 3 questions of VIZWIZ_VAL (one per image; answers
+    with answer_confidence, plus answerable and answer_type) and the images under vizwiz/val/."""
+    d = _eval_dir(root) / "vizwiz"
+    _json(d / "val.json", [
+        {"image": image, "question": q, "answerable": int(answers.count("unanswerable") < 3),
+         "answer_type": "other", "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]}
+        for image, (q, answers) in VIZWIZ_VAL.items()])
+    for i, image in enumerate(VIZWIZ_VAL):
+        _image(d / "val" / image, (200, 80 * i, 10))
     return _eval_dir(root)
 
 

@@ -94,3 +94,30 @@ def test_bad_input_is_named(llava_dir, tmp_path, capsys):
     assert _run("pope", llava_dir, data, tmp_path / "o") == 1
     err = capsys.readouterr().err
     assert "llava_pope_test.jsonl" in err and str(len(lines) + 1) in err
+
+
+@pytest.mark.parametrize("task", ["vqav2", "vizwiz"])
+def test_val_split_is_scored(task, llava_dir, tmp_path):
+    data = getattr(layout_vqa, f"make_{task}_val")(tmp_path / "data")
+    out = tmp_path / "out"
+    assert _run(task, llava_dir, data, out, "--split", "val") == 0
+    questions = make_task(task, split="val").load(data)
+    answers = _answers(out)
+    assert [a["question_id"] for a in answers] == [q.question_id for q in questions]
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    assert scores == make_task(task, split="val").score(questions, [a["text"] for a in answers], tmp_path / "again")
+    assert set(scores) == {"val_accuracy"} and 0 <= scores["val_accuracy"] <= 100
+    # No published test number is printed next to the val metric: the row's reference cells are empty.
+    (row,) = [line for line in (out / "scores.md").read_text().splitlines() if line.startswith("| val_accuracy |")]
+    assert row.endswith(" |  |  |")
+
+
+def test_unknown_split_names_the_known_ones(llava_dir, tmp_path, capsys):
+    data = layout_vqa.make_vqav2(tmp_path / "data")
+    assert _run("vqav2", llava_dir, data, tmp_path / "out", "--split", "nope") == 1
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "test-dev, val" in err
+    assert not (tmp_path / "out").exists()  # refused before the model was loaded or anything written
+    data = layout_vqa.make_pope(tmp_path / "data")
+    assert _run("pope", llava_dir, data, tmp_path / "out", "--split", "random") == 1
+    assert "task pope has no such split (it has one split)" in capsys.readouterr().err

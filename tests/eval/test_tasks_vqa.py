@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 from layout_vqa import (SHORT, SQA_HINT, VIZWIZ_HINT, make_gqa, make_pope, make_scienceqa, make_textvqa,
-                        make_vizwiz, make_vqav2)
+                        make_vizwiz, make_vizwiz_val, make_vqav2, make_vqav2_val)
 
+from fastllava.eval.tasks import make_task
 from fastllava.eval.tasks.base import EvalDataError
 from fastllava.eval.tasks.pope import POPE
 from fastllava.eval.tasks.scienceqa import ScienceQA
@@ -50,6 +51,92 @@ def test_vqav2_needs_full_test_list_before_generation(tmp_path):
     with pytest.raises(EvalDataError, match="llava_vqav2_mscoco_test2015.jsonl: missing") as e:
         VQAv2().load(data)
     assert e.value.line is None
+
+
+def test_vqav2_splits():
+    assert VQAv2.splits == ("test-dev", "val")
+    assert VQAv2().split == "test-dev" and make_task("vqav2").split == "test-dev"
+    assert make_task("vqav2", split="val").split == "val"
+    with pytest.raises(ValueError, match=r"no split 'test'.*test-dev, val"):
+        VQAv2(split="test")
+
+
+def test_vqav2_val_load(tmp_path):
+    data = make_vqav2_val(tmp_path)
+    qs = VQAv2(split="val").load(data)
+    # questions-file order; the annotation of 42002 (no such question) is not asked.
+    assert [q.question_id for q in qs] == [42000, 42001, 73000]
+    assert qs[0].text == f"How many folders are there?\n{SHORT}"
+    assert qs[2].text == f"What color is the motorcycle?\n{SHORT}"
+    val2014 = data / "vqav2" / "val2014"
+    assert [q.images for q in qs] == [[val2014 / "COCO_val2014_000000000042.jpg"]] * 2 + [
+        [val2014 / "COCO_val2014_000000000073.jpg"]]
+    assert qs[2].truth == {"answers": ["red"] + ["black"] * 9}
+    assert all(q.record == {} for q in qs)
+
+
+def test_vqav2_val_score(tmp_path):
+    qs = VQAv2(split="val").load(make_vqav2_val(tmp_path))
+    # folders "Two." -> "2": humans "2", "2", "two" match (3 of 10) -> each of the 3 gets min(1, 2/3), each
+    # of the other 7 min(1, 3/3): (2 + 7) / 10 = 0.9. door "Yes": 10 of 10 -> 1. motorcycle "Red": 1 of 10
+    # -> (0 + 9 * 1/3) / 10 = 0.3. Mean (0.9 + 1 + 0.3) / 3.
+    scores = VQAv2(split="val").score(qs, ["Two.", "Yes", "Red"], tmp_path / "out")
+    assert scores == {"val_accuracy": pytest.approx(220 / 3)}
+    assert _read(tmp_path / "out" / "vqav2_val2014_results.json") == [
+        {"question_id": 42000, "answer": "2"}, {"question_id": 42001, "answer": "yes"},
+        {"question_id": 73000, "answer": "red"}]
+    assert not (tmp_path / "out" / "answers_upload").exists()
+    # "3": 4 of 10 -> 1; "no": 0; "black": 9 of 10 -> 1. Mean 2/3.
+    assert VQAv2(split="val").score(qs, ["3", "no", "black"], tmp_path / "o2") == {"val_accuracy": pytest.approx(200 / 3)}
+    # The val metric must not be printed next to the published test-dev accuracy.
+    assert not any("val_accuracy" in p for p in VQAv2.published.values())
+
+
+def test_vqav2_val_question_without_annotation(tmp_path):
+    data = make_vqav2_val(tmp_path)
+    path = data / "vqav2" / "v2_mscoco_val2014_annotations.json"
+    ann = _read(path)
+    ann["annotations"] = [a for a in ann["annotations"] if a["question_id"] != 42001]
+    path.write_text(json.dumps(ann))
+    with pytest.raises(EvalDataError, match=re.escape(
+            f"questions[1] (question_id 42001): no annotation with this question_id in {path}")) as e:
+        VQAv2(split="val").load(data)
+    assert e.value.path == str(data / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json")
+
+
+def test_vqav2_val_bad_input(tmp_path):
+    data = make_vqav2_val(tmp_path)
+    root = data / "vqav2"
+    questions, annotations = root / "v2_OpenEnded_mscoco_val2014_questions.json", root / "v2_mscoco_val2014_annotations.json"
+    good_q, good_a = questions.read_text(), annotations.read_text()
+    (root / "val2014" / "COCO_val2014_000000000073.jpg").unlink()
+    with pytest.raises(EvalDataError, match=re.escape("image 'COCO_val2014_000000000073.jpg' not found")) as e:
+        VQAv2(split="val").load(data)
+    assert e.value.path == str(questions)
+    make_vqav2_val(tmp_path)  # the image back
+    doc = json.loads(good_q)
+    doc["questions"].append(dict(doc["questions"][0]))
+    questions.write_text(json.dumps(doc))
+    with pytest.raises(EvalDataError, match=re.escape(
+            "questions[3] (question_id 42000): duplicate question_id (first at questions[0])")):
+        VQAv2(split="val").load(data)
+    del doc["questions"][3]["image_id"]
+    questions.write_text(json.dumps(doc))
+    with pytest.raises(EvalDataError, match=re.escape("questions[3]: expected image_id (int), question (str)")):
+        VQAv2(split="val").load(data)
+    questions.write_text(json.dumps({"data": []}))
+    with pytest.raises(EvalDataError, match=re.escape('expected {"questions": [...]}')):
+        VQAv2(split="val").load(data)
+    questions.write_text(good_q)
+    doc = json.loads(good_a)
+    doc["annotations"][2]["answers"] = []
+    annotations.write_text(json.dumps(doc))
+    with pytest.raises(EvalDataError, match=re.escape('annotations[2] (question_id 42001): expected "answers"')) as e:
+        VQAv2(split="val").load(data)
+    assert e.value.path == str(annotations)
+    annotations.unlink()
+    with pytest.raises(EvalDataError, match="v2_mscoco_val2014_annotations.json: file not found"):
+        VQAv2(split="val").load(data)
 
 
 # ----------------------------------------------------------------------------- GQA
@@ -116,6 +203,66 @@ def test_vizwiz_load_and_upload(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         VizWiz().score(qs[:2], ["x", "y"], tmp_path / "out2")
     assert "only 2 of the 3 questions" in caplog.text
+
+
+def test_vizwiz_splits():
+    assert VizWiz.splits == ("test", "val")
+    assert VizWiz().split == "test" and make_task("vizwiz").split == "test"
+    assert make_task("vizwiz", split="val").split == "val"
+    with pytest.raises(ValueError, match=r"no split 'test-dev'.*test, val"):
+        VizWiz(split="test-dev")
+
+
+def test_vizwiz_val_load(tmp_path):
+    data = make_vizwiz_val(tmp_path)
+    qs = VizWiz(split="val").load(data)
+    names = [f"VizWiz_val_0000000{i}.jpg" for i in range(3)]
+    assert [q.question_id for q in qs] == names  # the image names the question
+    assert qs[1].text == f"What color is this shirt?\n{VIZWIZ_HINT}\n{SHORT}"
+    assert [q.images for q in qs] == [[data / "vizwiz" / "val" / n] for n in names]
+    assert qs[2].truth == {"image": names[2], "answers": ["no"] * 5 + ["yes"] * 5}
+
+
+def test_vizwiz_val_score(tmp_path):
+    qs = VizWiz(split="val").load(make_vizwiz_val(tmp_path))
+    # soup "A can of soup." -> "can of soup" (period and article dropped): 4 of 10 -> 1. shirt
+    # "Unanswerable": 2 of 10 -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6. oven "Yes, it is." -> "yes it is": 0.
+    scores = VizWiz(split="val").score(qs, ["A can of soup.", "Unanswerable", "Yes, it is."], tmp_path / "out")
+    assert scores == {"val_accuracy": pytest.approx(160 / 3)}
+    assert _read(tmp_path / "out" / "answers_upload" / "vizwiz_val.json") == [
+        {"image": "VizWiz_val_00000000.jpg", "answer": "can of soup"},
+        {"image": "VizWiz_val_00000001.jpg", "answer": "unanswerable"},
+        {"image": "VizWiz_val_00000002.jpg", "answer": "yes it is"}]
+    # "soup": 3 of 10 -> 0.9; "blue": 8 -> 1; "no": 5 -> 1. Mean 2.9 / 3.
+    assert VizWiz(split="val").score(qs, ["soup", "blue", "no"], tmp_path / "o2") == {"val_accuracy": pytest.approx(290 / 3)}
+    assert not any("val_accuracy" in p for p in VizWiz.published.values())
+
+
+def test_vizwiz_val_bad_input(tmp_path):
+    data = make_vizwiz_val(tmp_path)
+    path = data / "vizwiz" / "val.json"
+    good = _read(path)
+    (data / "vizwiz" / "val" / "VizWiz_val_00000001.jpg").unlink()
+    with pytest.raises(EvalDataError, match=re.escape(
+            f"image 'VizWiz_val_00000001.jpg' not found: expected the file {data / 'vizwiz' / 'val'}")) as e:
+        VizWiz(split="val").load(data)
+    assert e.value.path == str(path)
+    make_vizwiz_val(tmp_path)  # the image back
+    path.write_text(json.dumps(good + [good[0]]))
+    with pytest.raises(EvalDataError, match=re.escape(
+            "entry 3 (image 'VizWiz_val_00000000.jpg'): duplicate image (first at entry 0)")):
+        VizWiz(split="val").load(data)
+    del good[0]["answers"]
+    path.write_text(json.dumps(good))
+    with pytest.raises(EvalDataError, match=re.escape(
+            "entry 0 (image 'VizWiz_val_00000000.jpg'): expected \"answers\": a non-empty list")):
+        VizWiz(split="val").load(data)
+    path.write_text(json.dumps({"annotations": good}))
+    with pytest.raises(EvalDataError, match="val.json: expected a JSON list, got dict"):
+        VizWiz(split="val").load(data)
+    path.unlink()
+    with pytest.raises(EvalDataError, match="val.json: file not found"):
+        VizWiz(split="val").load(data)
 
 
 # ----------------------------------------------------------------------------- TextVQA
@@ -325,7 +472,7 @@ def test_scienceqa_bad_inputs(tmp_path):
     with pytest.raises(EvalDataError, match=r"entry 2 \(id '11'\): image '11/image.png' not found"):
         ScienceQA().load(data)
     path.unlink()
-    with pytest.raises(EvalDataError, match="llava_test_CQM-A.json: missing"):
+    with pytest.raises(EvalDataError, match="llava_test_CQM-A.json: file not found"):
         ScienceQA().load(data)
 
 
@@ -348,7 +495,7 @@ def test_malformed_line(tmp_path, make, task, rel):
     n = len(path.read_text().splitlines())
     with open(path, "a") as f:
         f.write('{"question_id": 7, "image": \n')
-    with pytest.raises(EvalDataError, match="expected one JSON object per line") as e:
+    with pytest.raises(EvalDataError, match=r"expected a JSON object per line \(LLaVA question file\)") as e:
         task().load(data)
     assert e.value.path == str(path) and e.value.line == n + 1
 
@@ -386,7 +533,7 @@ def test_missing_field(tmp_path, make, task, rel):
     del row["image"]
     lines[1] = json.dumps(row)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(EvalDataError, match="expected the fields question_id, image, text; missing image") as e:
+    with pytest.raises(EvalDataError, match="expected keys question_id, image, text; missing image") as e:
         task().load(data)
     assert e.value.line == 2
 
@@ -395,6 +542,6 @@ def test_missing_field(tmp_path, make, task, rel):
 def test_missing_question_file(tmp_path, make, task, rel):
     data = make(tmp_path)
     (data / rel).unlink()
-    with pytest.raises(EvalDataError, match="missing LLaVA question file") as e:
+    with pytest.raises(EvalDataError, match=r"file not found \(expected LLaVA question file\)") as e:
         task().load(data)
     assert e.value.path == str(data / rel) and e.value.line is None

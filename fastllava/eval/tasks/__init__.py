@@ -16,11 +16,18 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
 JUDGED = (LLaVABench, MMVet)
 
 
-def make_task(name: str, *, judge_url: str | None = None, judge_model: str | None = None) -> Task:
-    """The task called `name`; the judged ones get a judge when a URL is given."""
+def make_task(name: str, *, split: str | None = None, judge_url: str | None = None,
+              judge_model: str | None = None) -> Task:
+    """The task called `name` (on `split`, for a task that has several); the judged ones get a judge when
+    a URL is given."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
     cls = TASKS[name]
+    if split is not None:
+        if split not in cls.splits:
+            known = f"its splits are {', '.join(cls.splits)}" if cls.splits else "it has one split"
+            raise ValueError(f"--split {split!r}: task {name} has no such split ({known})")
+        return cls(split=split)
     if cls in JUDGED:
         from ..judge import Judge
 

@@ -16,6 +16,10 @@ from typing import Any, ClassVar, Sequence
 from PIL import Image
 
 
+# The instruction LLaVA's short-answer question files append to each question (VQAv2, GQA, VizWiz, MME...).
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
 class EvalDataError(ValueError):
     """Bad evaluation input; the message names the file, the line (1-based, where there is one) and what
     was expected."""
@@ -57,6 +61,9 @@ class Task:
     # Published LLaVA-1.5 numbers (LLaVA's MODEL_ZOO / paper Table 4), metric name -> value, per model:
     # {"llava-v1.5-7b": {...}, "llava-v1.5-13b": {...}}; metric names as `score` returns them.
     published: ClassVar[dict[str, dict[str, float]]] = {}
+    # The splits `--split` may name, the first being the default (LLaVA's); empty: the task has one.
+    # A task with splits takes `split` in its constructor.
+    splits: ClassVar[tuple[str, ...]] = ()
 
     def load(self, data_dir: Path) -> list[EvalQuestion]:
         """All questions, in question-file order. Raises EvalDataError (file, line, what was expected) for a

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import llava_bench_summary, mmvet_totals
 from .base import EvalDataError, EvalQuestion, Task
-from .mme import image_file, read_jsonl
+from .files import image_file, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -59,17 +59,17 @@ class LLaVABench(Task):
         path = root / "questions.jsonl"
         captions, references = {}, {}
         if self.judge is not None:  # what the judge needs is checked now, before any answer is generated
-            for _, obj in read_jsonl(root / "context.jsonl", ("image", "caption")):
+            for _, obj in read_jsonl(root / "context.jsonl", required=("image", "caption")):
                 cap = obj["caption"]
                 captions[obj["image"]] = "\n".join(cap) if isinstance(cap, list) else cap
             ref_path, seen = root / "answers_gpt4.jsonl", {}
-            for line, obj in read_jsonl(ref_path, ("question_id", "text")):
+            for line, obj in read_jsonl(ref_path, required=("question_id", "text")):
                 _unique(obj["question_id"], seen, ref_path, line)
                 # eval_gpt_review_bench.py pairs question and reference by line; by question_id here (the
                 # same pairs in the released files, and no silent shift if a line is missing).
                 references[obj["question_id"]] = (obj["text"], obj.get("answer_id", obj["question_id"]))
         questions, seen = [], {}
-        for line, obj in read_jsonl(path, ("question_id", "image", "text", "category")):
+        for line, obj in read_jsonl(path, required=("question_id", "image", "text", "category")):
             qid = obj["question_id"]
             _unique(qid, seen, path, line)
             image = image_file(root / "images", obj["image"], path, line)
@@ -129,7 +129,7 @@ class MMVet(Task):
         path = root / "llava-mm-vet.jsonl"
         self._meta = self._metadata(root / "mm-vet.json") if self.judge is not None else None
         questions, seen = [], {}
-        for line, obj in read_jsonl(path, ("question_id", "image", "text")):
+        for line, obj in read_jsonl(path, required=("question_id", "image", "text")):
             qid = obj["question_id"]
             _unique(qid, seen, path, line)
             key = f"v1_{qid}"  # convert_mmvet_for_eval.py's key: mm-vet.json's sample ids

@@ -8,53 +8,21 @@ is "<question> Please answer yes or no.<TAB>Yes|No".
 llava_mme.jsonl names both questions of an image by the same question_id (the image path). The driver needs
 unique ids, so a repeat gets "#2" appended (q.question_id) while the answers-file line keeps LLaVA's id
 (record["question_id"]), so LLaVA's convert_answer_to_mme.py reads our answers file unchanged.
-
-This module also holds the small readers the other benchmark tasks share (`read_jsonl`, `image_file`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from ..scorers import mme_scores
-from .base import EvalDataError, EvalQuestion, Task
+from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, Task
+from .files import image_file, read_jsonl
 
 log = logging.getLogger(__name__)
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
 YES_NO = "Please answer yes or no."
-
-
-def read_jsonl(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) of each non-blank line; EvalDataError for a missing file, a line that is
-    not a JSON object, or one without a `required` key."""
-    if not path.is_file():
-        raise EvalDataError(path, None, "file not found")
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(path, number, f"expected a JSON object: {e}") from None
-            if not isinstance(obj, dict):
-                raise EvalDataError(path, number, f"expected a JSON object, got {type(obj).__name__}")
-            missing = [key for key in required if key not in obj]
-            if missing:
-                raise EvalDataError(path, number, f"expected keys {', '.join(required)}; missing {', '.join(missing)}")
-            yield number, obj
-
-
-def image_file(folder: Path, name: str, path: Path, line: int) -> Path:
-    """folder / name, which must be a file (else EvalDataError naming the question file and line)."""
-    image = folder / name
-    if not image.is_file():
-        raise EvalDataError(path, line, f"image {name!r} not found in {folder}")
-    return image
 
 
 class MME(Task):
@@ -72,7 +40,7 @@ class MME(Task):
         seen: dict[tuple[str, str], int] = {}
         repeats: dict[str, int] = {}
         questions = []
-        for line, obj in read_jsonl(path, ("question_id", "image", "text")):
+        for line, obj in read_jsonl(path, required=("question_id", "image", "text")):
             qid, text = str(obj["question_id"]), obj["text"]
             if (qid, text) in seen:
                 raise EvalDataError(path, line, f"question {qid!r} {text!r} repeats line {seen[qid, text]}")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..scorers import pope_metrics
 from .base import EvalDataError, EvalQuestion, Task
-from .vqa import read_jsonl, read_questions
+from .files import read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class POPE(Task):
     max_new_tokens = 128
     # LLaVA-1.5 paper (Table 4) / MODEL_ZOO.md: F1 averaged over the three splits.
     published = {"llava-v1.5-7b": {"f1": 85.9}, "llava-v1.5-13b": {"f1": 85.9}}
-    splits = ("adversarial", "popular", "random")
+    subsets = ("adversarial", "popular", "random")  # all three are answered and scored: no --split
 
     def load(self, data_dir: Path) -> list[EvalQuestion]:
         root = Path(data_dir) / "pope"
@@ -66,7 +66,7 @@ class POPE(Task):
         if not path.is_file():
             log.warning("pope: %s not found: split %r will not be scored", path, split)
             return None
-        lines = list(read_jsonl(path, f"POPE labels of split {split!r}"))
+        lines = list(read_jsonl(path, what=f"POPE labels of split {split!r}"))
         if len(lines) != len(items):
             raise EvalDataError(path, None, f"expected one label per {split!r} question of {question_file} "
                                             f"({len(items)}), found {len(lines)} lines")
@@ -94,7 +94,7 @@ class POPE(Task):
         if unscored:
             log.warning("pope: no labels for split(s) %s: not scored", ", ".join(unscored))
         by_split: dict[str, dict[str, float]] = {}
-        for split in sorted(per_split, key=lambda s: (s not in self.splits, s)):
+        for split in sorted(per_split, key=lambda s: (s not in self.subsets, s)):
             m = by_split[split] = pope_metrics(*per_split[split])
             # eval_pope.py's summary line order: F1, accuracy, precision, recall, yes ratio (as fractions).
             log.info("pope: %s (%d samples): F1 %.3f, accuracy %.3f, precision %.3f, recall %.3f, yes ratio %.3f",
@@ -102,7 +102,7 @@ class POPE(Task):
                      *(m[k] / 100 for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")))
         if not by_split:
             return {}
-        if set(by_split) != set(self.splits):
+        if set(by_split) != set(self.subsets):
             log.warning("pope: averages are over %s only; the paper averages all three splits", ", ".join(by_split))
         # The averages first: "f1" is the number the paper reports.
         scores = {k: sum(m[k] for m in by_split.values()) / len(by_split) for k in _METRICS}

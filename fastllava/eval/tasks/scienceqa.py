@@ -10,7 +10,7 @@ from typing import Sequence
 
 from ..scorers import scienceqa_choice, scienceqa_letter
 from .base import EvalDataError, EvalQuestion, Task
-from .vqa import read_json
+from .files import read_json
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from ..scorers import seed_accuracy
 from .base import EvalDataError, EvalQuestion, Task
-from .mme import image_file, read_jsonl
+from .files import image_file, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SEED(Task):
         self._all = annotation
         path = root / "llava-seed-bench.jsonl"
         questions, seen = [], {}
-        for line, obj in read_jsonl(path, ("question_id", "image", "text")):
+        for line, obj in read_jsonl(path, required=("question_id", "image", "text")):
             key = str(obj["question_id"])
             if key in seen:
                 raise EvalDataError(path, line, f"question_id {obj['question_id']!r} repeats line {seen[key]}")

@@ -7,7 +7,9 @@ script's next step: VQAv2 and VizWiz only get the upload file of their evaluatio
 GQA's eval.py scores LLaVA's converted predictions; TextVQA as llava/eval/eval_textvqa.py. The rules
 themselves live in fastllava/eval/scorers.py.
 
-`read_jsonl`, `read_json` and `read_questions` are shared with the POPE and ScienceQA tasks.
+VQAv2 and VizWiz also have a "val" split (`--split val`), read from the datasets' official val files with
+LLaVA's instruction lines added, and scored here with the VQA accuracy TextVQA is scored with (metric
+val_accuracy: not comparable to the published test numbers).
 """
 
 from __future__ import annotations
@@ -15,80 +17,50 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from ..scorers import gqa_prediction, normalize_vqa_answer, textvqa_question, vqa_accuracy
-from .base import EvalDataError, EvalQuestion, Task
+from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, Task
+from .files import image_file, read_json, read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
-_QUESTION_FIELDS = ("question_id", "image", "text")
-
-
-def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each line of a jsonl file; `what` names the file in errors."""
-    if not path.is_file():
-        raise EvalDataError(path, None, f"missing {what}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(path, number, f"expected one JSON object per line ({what}): {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise EvalDataError(path, number, f"expected a JSON object ({what}), got {type(obj).__name__}")
-            yield number, obj
-
-
-def read_questions(path: Path, image_dir: Path, *, key: Callable[[dict], Any] | None = None,
-                   what: str = "LLaVA question file") -> list[tuple[int, dict, Path]]:
-    """(line number, record, image path) per line of a LLaVA question jsonl.
-
-    Checks what LLaVA's loader relies on: question_id, image and text present, the image file present
-    under `image_dir`, and `key(record)` (default: question_id) unique in the file; a ValueError from
-    `key` becomes an EvalDataError naming the line.
-    """
-    key = key or (lambda rec: rec["question_id"])
-    seen: dict[Any, int] = {}
-    rows = []
-    for number, rec in read_jsonl(path, what):
-        missing = [name for name in _QUESTION_FIELDS if name not in rec]
-        if missing:
-            raise EvalDataError(path, number, f"expected the fields {', '.join(_QUESTION_FIELDS)}; "
-                                              f"missing {', '.join(missing)}")
-        for name in ("image", "text"):
-            if not isinstance(rec[name], str):
-                raise EvalDataError(path, number, f'expected "{name}" to be a string, got {type(rec[name]).__name__}')
-        try:
-            k = key(rec)
-        except ValueError as e:  # the task's key could not be read from the record
-            raise EvalDataError(path, number, f"question {rec['question_id']!r}: {e}") from None
-        if k in seen:
-            raise EvalDataError(path, number, f"duplicate question {k!r} (first on line {seen[k]})")
-        seen[k] = number
-        image = image_dir / rec["image"]
-        if not image.is_file():
-            raise EvalDataError(path, number, f"image {rec['image']!r} not found: expected the file {image}")
-        rows.append((number, rec, image))
-    return rows
-
-
-def read_json(path: Path, kind: type) -> Any:
-    """A whole-file JSON document of type `kind`; errors name the file and the line of a syntax error."""
-    if not path.is_file():
-        raise EvalDataError(path, None, "missing file")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalDataError(path, e.lineno, f"expected a JSON document: {e.msg}") from None
-    if not isinstance(obj, kind):
-        raise EvalDataError(path, None, f"expected a JSON {kind.__name__}, got {type(obj).__name__}")
-    return obj
+# The instruction lines of LLaVA's converted question files (llava_vqav2_mscoco_test-dev2015.jsonl,
+# vizwiz/llava_test.jsonl): the val splits, read from the official files, get the same text.
+VIZWIZ_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
 
 
 def _check_answers(questions: Sequence[EvalQuestion], answers: Sequence[str]) -> None:
     if len(questions) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(questions)} questions")
+
+
+def _check_split(task: Task, split: str) -> str:
+    if split not in task.splits:
+        raise ValueError(f"task {task.name} has no split {split!r} (its splits are {', '.join(task.splits)})")
+    return split
+
+
+def _json_list(path: Path, key: str, what: str) -> list:
+    """doc[key] of a JSON document {key: [...], ...} (VQAv2's official files)."""
+    items = read_json(path, dict).get(key)
+    if not isinstance(items, list):
+        raise EvalDataError(path, None, f'expected {{"{key}": [...]}} ({what})')
+    return items
+
+
+def _human_answers(entry: dict, path: Path, where: str) -> list[str]:
+    """The "answer" strings of entry["answers"] (VQAv2 / VizWiz annotation: [{"answer", ...}, ...])."""
+    answers = entry.get("answers")
+    if not (isinstance(answers, list) and answers
+            and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers)):
+        raise EvalDataError(path, None, f'{where}: expected "answers": a non-empty list of {{"answer": str, ...}}')
+    return [a["answer"] for a in answers]
+
+
+def _mean_vqa_accuracy(questions: Sequence[EvalQuestion], answers: Sequence[str]) -> float:
+    """Mean `vqa_accuracy` against each question's truth["answers"], in percent."""
+    return 100.0 * sum(vqa_accuracy(a, q.truth["answers"]) for q, a in zip(questions, answers)) / len(questions)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -97,43 +69,96 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 class VQAv2(Task):
-    """VQAv2 test-dev (answers scored by the EvalAI server only).
+    """VQAv2, on test-dev (LLaVA's, for the EvalAI server) or val2014 (scored here).
 
-    Layout (under --data, LLaVA's playground/data/eval):
+    split "test-dev" (default), under --data (LLaVA's playground/data/eval):
       vqav2/llava_vqav2_mscoco_test-dev2015.jsonl  the questions answered (from LLaVA's eval.zip)
       vqav2/llava_vqav2_mscoco_test2015.jsonl      every test2015 question: the upload must list them all
       vqav2/test2015/<image>                       COCO test2015 images
     score() writes answers_upload/llava_vqav2_mscoco_test-dev2015.json: [{"question_id", "answer"}] for
     every test2015 question, answers normalized as EvalAI does and "" where unanswered
     (scripts/convert_vqav2_for_submission.py), and returns {}.
+
+    split "val", VQAv2's official val2014 files:
+      vqav2/v2_OpenEnded_mscoco_val2014_questions.json  {"questions": [{"image_id", "question", "question_id"}]}
+      vqav2/v2_mscoco_val2014_annotations.json          {"annotations": [{"question_id", "answers": [{"answer"}]}]}
+      vqav2/val2014/COCO_val2014_<image_id:012d>.jpg    COCO val2014 images
+    The text is the question plus "\n" + SHORT_ANSWER, as in LLaVA's converted test-dev file. score()
+    returns val_accuracy: the mean VQA accuracy against the 10 human answers, in percent, by the rule
+    LLaVA scores TextVQA with (`vqa_accuracy`; it normalizes every answer, where the official VQA script
+    normalizes only where humans disagree, so the two can differ slightly). It also writes
+    vqav2_val2014_results.json, [{"question_id", "answer"}] with normalized answers: the results format
+    of the official VQA evaluation code.
     """
 
     name = "vqav2"
     max_new_tokens = 128
-    # LLaVA's MODEL_ZOO.md: EvalAI test-dev accuracy of the upload file (not computable locally).
+    splits = ("test-dev", "val")
+    # LLaVA's MODEL_ZOO.md: EvalAI test-dev accuracy of the upload file (not computable locally). The val
+    # split's metric is called val_accuracy so that no test-dev number is printed next to it (run.py's
+    # score_table pairs metrics by name): val2014 is a different question set, not comparable.
     published = {"llava-v1.5-7b": {"accuracy": 78.5}, "llava-v1.5-13b": {"accuracy": 80.0}}
-    split = "llava_vqav2_mscoco_test-dev2015"
-    full_split = "llava_vqav2_mscoco_test2015"
+    question_file = "llava_vqav2_mscoco_test-dev2015"
+    full_file = "llava_vqav2_mscoco_test2015"
+    val_questions = "v2_OpenEnded_mscoco_val2014_questions.json"
+    val_annotations = "v2_mscoco_val2014_annotations.json"
+
+    def __init__(self, split: str = "test-dev"):
+        self.split = _check_split(self, split)
 
     def load(self, data_dir: Path) -> list[EvalQuestion]:
         root = Path(data_dir) / "vqav2"
-        full = root / f"{self.full_split}.jsonl"
+        if self.split == "val":
+            return self._load_val(root)
+        full = root / f"{self.full_file}.jsonl"
         # Checked now, not after hours of generation: the upload cannot be written without it.
         if not full.is_file():
             raise EvalDataError(full, None, "missing LLaVA's list of all test2015 questions, needed for the "
                                             "EvalAI upload file (it ships in LLaVA's eval.zip)")
-        rows = read_questions(root / f"{self.split}.jsonl", root / "test2015")
+        rows = read_questions(root / f"{self.question_file}.jsonl", root / "test2015")
         return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"full_split": str(full)})
                 for _, rec, image in rows]
+
+    def _load_val(self, root: Path) -> list[EvalQuestion]:
+        path, ann_path = root / self.val_questions, root / self.val_annotations
+        entries = _json_list(path, "questions", "VQAv2 questions")
+        answers = {}
+        for i, ann in enumerate(_json_list(ann_path, "annotations", "VQAv2 annotations")):
+            if not isinstance(ann, dict) or "question_id" not in ann:
+                raise EvalDataError(ann_path, None, f'annotations[{i}]: expected {{"question_id", "answers", ...}}')
+            answers[ann["question_id"]] = _human_answers(ann, ann_path, f"annotations[{i}] (question_id {ann['question_id']!r})")
+        questions, seen = [], {}
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and isinstance(entry.get("image_id"), int)
+                    and isinstance(entry.get("question"), str) and "question_id" in entry):
+                raise EvalDataError(path, None, f"questions[{i}]: expected image_id (int), question (str) and question_id")
+            qid = entry["question_id"]
+            where = f"questions[{i}] (question_id {qid!r})"
+            if qid in seen:
+                raise EvalDataError(path, None, f"{where}: duplicate question_id (first at questions[{seen[qid]}])")
+            seen[qid] = i
+            if qid not in answers:
+                raise EvalDataError(path, None, f"{where}: no annotation with this question_id in {ann_path}")
+            image = image_file(root / "val2014", f"COCO_val2014_{entry['image_id']:012d}.jpg", path, None)
+            questions.append(EvalQuestion(qid, f"{entry['question']}\n{SHORT_ANSWER}", [image],
+                                          truth={"answers": answers[qid]}))
+        return questions
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
         _check_answers(questions, answers)
         if not questions:
             return {}
+        if self.split == "val":
+            path = Path(output_dir) / "vqav2_val2014_results.json"
+            _write_json(path, [{"question_id": q.question_id, "answer": normalize_vqa_answer(a)}
+                               for q, a in zip(questions, answers)])
+            accuracy = _mean_vqa_accuracy(questions, answers)
+            log.info("vqav2 val: wrote %s; %d questions, val_accuracy %.2f%%", path, len(questions), accuracy)
+            return {"val_accuracy": accuracy}
         given = {q.question_id: a for q, a in zip(questions, answers)}
         full = Path(questions[0].truth["full_split"])
         upload = []
-        for number, rec in read_jsonl(full, "LLaVA's list of all test2015 questions"):
+        for number, rec in read_jsonl(full, what="LLaVA's list of all test2015 questions"):
             if "question_id" not in rec:
                 raise EvalDataError(full, number, "expected a question_id field")
             qid = rec["question_id"]
@@ -143,7 +168,7 @@ class VQAv2(Task):
         if covered != len(given):
             log.warning("vqav2: %d answered questions are not in %s and are left out of the upload",
                         len(given) - covered, full)
-        path = Path(output_dir) / "answers_upload" / f"{self.split}.json"
+        path = Path(output_dir) / "answers_upload" / f"{self.question_file}.json"
         _write_json(path, upload)
         log.info("vqav2: wrote %s (%d answers for %d test2015 questions); no local score: submit it to the "
                  "VQAv2 EvalAI server (test-dev phase)", path, covered, len(upload))
@@ -151,34 +176,72 @@ class VQAv2(Task):
 
 
 class VizWiz(Task):
-    """VizWiz-VQA test (answers scored by the EvalAI server only).
+    """VizWiz-VQA, on test (LLaVA's, for the EvalAI server) or val (scored here).
 
-    Layout: vizwiz/llava_test.jsonl (LLaVA's eval.zip), vizwiz/test/<image>.
+    split "test" (default): vizwiz/llava_test.jsonl (LLaVA's eval.zip), vizwiz/test/<image>.
     score() writes answers_upload/vizwiz_test.json: [{"image", "answer"}] per question of llava_test.jsonl,
     answers normalized as EvalAI does (scripts/convert_vizwiz_for_submission.py), and returns {}.
+
+    split "val", VizWiz's official files: vizwiz/val.json (a JSON list of {"image", "question", "answers":
+    [{"answer", "answer_confidence"}] x10, "answerable", "answer_type"}) and vizwiz/val/<image>. The
+    question id is the image file name (one question per image); the text is the question plus the two
+    lines LLaVA's llava_test.jsonl appends (VIZWIZ_UNANSWERABLE, SHORT_ANSWER). score() writes
+    answers_upload/vizwiz_val.json in the test upload's format and returns val_accuracy: the mean VQA
+    accuracy (`vqa_accuracy`) against the human answers, in percent.
     """
 
     name = "vizwiz"
     max_new_tokens = 128
-    # LLaVA's MODEL_ZOO.md: EvalAI test-dev accuracy of the upload file (not computable locally).
+    splits = ("test", "val")
+    # LLaVA's MODEL_ZOO.md: EvalAI test-dev accuracy of the upload file (not computable locally). The val
+    # split's metric is val_accuracy, so that this test-dev number is not printed next to it: not comparable.
     published = {"llava-v1.5-7b": {"accuracy": 50.0}, "llava-v1.5-13b": {"accuracy": 53.6}}
+    val_file = "val.json"
+
+    def __init__(self, split: str = "test"):
+        self.split = _check_split(self, split)
 
     def load(self, data_dir: Path) -> list[EvalQuestion]:
         root = Path(data_dir) / "vizwiz"
+        if self.split == "val":
+            return self._load_val(root)
         path = root / "llava_test.jsonl"
         rows = read_questions(path, root / "test")
         return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"image": rec["image"], "file": str(path)})
                 for _, rec, image in rows]
+
+    def _load_val(self, root: Path) -> list[EvalQuestion]:
+        path = root / self.val_file
+        questions, seen = [], {}
+        for i, entry in enumerate(read_json(path, list)):
+            if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
+                    and isinstance(entry.get("question"), str)):
+                raise EvalDataError(path, None, f'entry {i}: expected {{"image": str, "question": str, "answers", ...}}')
+            name = entry["image"]
+            where = f"entry {i} (image {name!r})"
+            if name in seen:
+                raise EvalDataError(path, None, f"{where}: duplicate image (first at entry {seen[name]}); the "
+                                                "image names the question")
+            seen[name] = i
+            answers = _human_answers(entry, path, where)
+            image = image_file(root / "val", name, path, None)
+            text = f"{entry['question']}\n{VIZWIZ_UNANSWERABLE}\n{SHORT_ANSWER}"
+            questions.append(EvalQuestion(name, text, [image], truth={"image": name, "answers": answers}))
+        return questions
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
         _check_answers(questions, answers)
         if not questions:
             return {}
         upload = [{"image": q.truth["image"], "answer": normalize_vqa_answer(a)} for q, a in zip(questions, answers)]
-        path = Path(output_dir) / "answers_upload" / "vizwiz_test.json"
+        path = Path(output_dir) / "answers_upload" / f"vizwiz_{self.split}.json"
         _write_json(path, upload)
+        if self.split == "val":
+            accuracy = _mean_vqa_accuracy(questions, answers)
+            log.info("vizwiz val: wrote %s; %d questions, val_accuracy %.2f%%", path, len(questions), accuracy)
+            return {"val_accuracy": accuracy}
         # LLaVA's converter asserts every question is answered; say so when some are not (e.g. --limit).
-        total = sum(1 for _ in read_jsonl(Path(questions[0].truth["file"]), "LLaVA question file"))
+        total = sum(1 for _ in read_jsonl(Path(questions[0].truth["file"]), what="LLaVA question file"))
         if len(upload) < total:
             log.warning("vizwiz: only %d of the %d questions are answered: the server expects all of them",
                         len(upload), total)
@@ -313,7 +376,7 @@ class TextVQA(Task):
         if not questions or "answers" not in questions[0].truth:
             log.warning("textvqa: no %s in the data directory: no local score", self.annotation_file)
             return {}
-        accuracy = 100.0 * sum(vqa_accuracy(a, q.truth["answers"]) for q, a in zip(questions, answers)) / len(questions)
+        accuracy = _mean_vqa_accuracy(questions, answers)
         log.info("textvqa: samples %d, accuracy %.2f%%", len(questions), accuracy)
         return {"accuracy": accuracy}
 
