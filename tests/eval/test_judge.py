@@ -197,3 +197,21 @@ def test_mmvet_judge_needs_ground_truth(tmp_path):
     (root / "mm-vet" / "mm-vet.json").unlink()
     with pytest.raises(Exception, match=r"mm-vet.json: file not found"):
         MMVet(judge=Judge("http://127.0.0.1:9/v1", "m")).load(root)
+
+
+def test_command_line_judges_llava_bench(fake, llava_dir, tmp_path, caplog, capsys):
+    from fastllava.eval.run import main
+
+    server = fake(lambda body: (200, "6 4\nAssistant 1 is better."))
+    data = make_llava_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = main(["--model", str(llava_dir), "--task", "llava_bench", "--data", str(data), "--output", str(out),
+                     "--max-new-tokens", "2", "--judge-url", server.url, "--judge-model", "gpt-4-0314"])
+    assert code == 0
+    assert len(server.requests) == 3  # one review per question
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    assert scores["overall"] == 66.7  # 4 / 6 for every question, as summarize_gpt_review.py rounds it
+    printed = capsys.readouterr()
+    assert KEY not in printed.out + printed.err
+    _no_key_anywhere(tmp_path, caplog)
