@@ -70,6 +70,50 @@ class _Running:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass
+class _EndRules:
+    """When a sequence ends and which of its tokens are final (a stop sequence may still swallow the last
+    `holdback` ones)."""
+
+    max_new_tokens: int
+    eos: set[int]
+    stops: list[list[int]]
+    holdback: int
+    return_logits: bool
+
+    @classmethod
+    def make(cls, max_new_tokens: int, eos_token_id, stop, return_logits: bool) -> "_EndRules":
+        if max_new_tokens < 0:
+            raise ValueError(f"need max_new_tokens >= 0, got {max_new_tokens}")
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        stops = [list(s) for s in stop or ()]
+        if any(not s for s in stops):
+            raise ValueError("stop: an empty stop sequence")
+        holdback = max((len(s) for s in stops), default=1) - 1
+        return cls(max_new_tokens, eos, stops, holdback, return_logits)
+
+    def accept(self, seq: _Running, logits_V: torch.Tensor, token: int) -> Event | None:
+        """Record `token` as seq's next choice; the Event of what became final, or None."""
+        if self.return_logits:
+            seq.logits.append(logits_V)
+        done = token in self.eos
+        if not done:
+            seq.generated.append(token)
+            seq.pending += 1
+            matched = next((s for s in self.stops if seq.generated[-len(s):] == s), None)
+            if matched is not None:
+                del seq.generated[-len(matched):]
+                seq.pending -= len(matched)
+                done = True
+            done = done or len(seq.generated) >= self.max_new_tokens
+        emit = seq.pending if done else max(0, seq.pending - self.holdback)
+        tokens = seq.generated[len(seq.generated) - seq.pending:][:emit]
+        seq.pending -= emit
+        if not (tokens or done):
+            return None
+        return Event(seq.index, tokens, done, torch.stack(seq.logits) if self.return_logits and done else None)
+
+
 def _check_prompts(prompts: Sequence[dict], image_token_id: int, num_image_tokens: int) -> list[int]:
     """Expanded length of every prompt; ValueError naming the prompt for anything malformed."""
     lengths = []
@@ -124,60 +168,31 @@ class Generator:
         """
         config = self.model.config
         lengths = _check_prompts(prompts, config.image_token_id, config.num_image_tokens)
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1; got {max_new_tokens}, "
-                             f"{temperature}, {top_p}")
-        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-        stops = [list(s) for s in stop or ()]
-        if any(not s for s in stops):
-            raise ValueError("stop: an empty stop sequence")
-        holdback = max((len(s) for s in stops), default=1) - 1
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+        rules = _EndRules.make(max_new_tokens, eos_token_id, stop, return_logits)
         self.stats = GenerationStats(prompts=len(prompts))
-        if not prompts:
-            return
-        if max_new_tokens == 0:
+        if not prompts or max_new_tokens == 0:
             yield from (Event(i, [], True) for i in range(len(prompts)))
             return
-        capacity = max(lengths) + max_new_tokens
-        rope = (config.text.rope_scaling or {}).get("rope_type")
-        if rope == "dynamic" and capacity > config.text.max_position_embeddings:
-            # transformers rescales dynamic NTK RoPE as the cache grows; a cache holds keys rotated once.
-            raise ValueError(f"dynamic RoPE scaling past max_position_embeddings "
-                             f"({config.text.max_position_embeddings}) is not supported by KV-cache generation "
-                             f"(prompt + max_new_tokens = {capacity})")
-        num_slots = min(self.max_batch_size, len(prompts))
-        cache = KVCache(config.text, num_slots, capacity, dtype=self.dtype, device=self.device)
-        waiting, free = deque(range(len(prompts))), list(range(num_slots - 1, -1, -1))
+        cache = self._new_cache(max(lengths) + max_new_tokens, len(prompts))
+        waiting, free = deque(range(len(prompts))), list(range(cache.num_slots - 1, -1, -1))
         running: list[_Running] = []
 
-        def accept(seq: _Running, logits_V: torch.Tensor | None, token: int) -> Event | None:
-            if return_logits:
-                seq.logits.append(logits_V)
-            done = token in eos
-            if not done:
-                seq.generated.append(token)
-                seq.pending += 1
-                matched = next((s for s in stops if seq.generated[-len(s):] == s), None)
-                if matched is not None:
-                    del seq.generated[-len(matched):]
-                    seq.pending -= len(matched)
-                    done = True
-                done = done or len(seq.generated) >= max_new_tokens
-            emit = seq.pending if done else max(0, seq.pending - holdback)
-            tokens = seq.generated[len(seq.generated) - seq.pending:][:emit]
-            seq.pending -= emit
-            if not (tokens or done):
-                return None
-            logits = torch.stack(seq.logits) if return_logits and done else None
-            return Event(seq.index, tokens, done, logits)
-
-        def choose(batch_seqs: list[_Running], logits_RV: torch.Tensor) -> list[int]:
-            return next_tokens(logits_RV, temperature=temperature, top_p=top_p,
-                               generators=[s.generator for s in batch_seqs])
-
-        def settle(batch_seqs: list[_Running], logits_RV: torch.Tensor, chosen: list[int]) -> Iterator[Event]:
-            for seq, logits_V, token in zip(batch_seqs, logits_RV, chosen):
-                event = accept(seq, logits_V, token)
+        def step(prefill: bool, seqs: list[_Running]) -> Iterator[Event]:
+            # Timed up to the choices: choosing reads them on the host, which waits for the device; events
+            # are yielded after the clock stops (a consumer printing them is not timed).
+            start = time.perf_counter()
+            logits_RV = (self._prefill(cache, [prompts[s.index] for s in seqs], seqs) if prefill
+                         else self._decode(cache, seqs))
+            chosen = next_tokens(logits_RV, temperature=temperature, top_p=top_p,
+                                 generators=[s.generator for s in seqs])
+            if prefill:
+                self.stats.prefill_seconds += time.perf_counter() - start
+            else:
+                self.stats.decode_seconds += time.perf_counter() - start
+            for seq, logits_V, token in zip(seqs, logits_RV, chosen):
+                event = rules.accept(seq, logits_V, token)
                 if event is not None:
                     yield event
                 if event is not None and event.done:
@@ -193,22 +208,20 @@ class Generator:
                 budget += lengths[index]
                 generator = None if temperature == 0 else prompt_generator(seed, index, self.device)
                 wave.append(_Running(index, free.pop(), lengths[index], generator))
-            # Each forward is timed up to its choices: choosing reads them on the host, which waits for the
-            # device; events are yielded after the clock stops (a consumer printing them is not timed).
             if wave:
                 running += wave
-                start = time.perf_counter()
-                logits_RV = self._prefill(cache, [prompts[s.index] for s in wave], wave)
-                chosen = choose(wave, logits_RV)
-                self.stats.prefill_seconds += time.perf_counter() - start
-                yield from settle(wave, logits_RV, chosen)
-            decoding = list(running)
-            if decoding:
-                start = time.perf_counter()
-                logits_RV = self._decode(cache, decoding)
-                chosen = choose(decoding, logits_RV)
-                self.stats.decode_seconds += time.perf_counter() - start
-                yield from settle(decoding, logits_RV, chosen)
+                yield from step(True, wave)
+            if running:
+                yield from step(False, list(running))
+
+    def _new_cache(self, capacity: int, num_prompts: int) -> KVCache:
+        """A cache of min(max_batch_size, num_prompts) slots of `capacity` positions."""
+        text = self.model.config.text
+        if (text.rope_scaling or {}).get("rope_type") == "dynamic" and capacity > text.max_position_embeddings:
+            # transformers rescales dynamic NTK RoPE as the cache grows; a cache holds keys rotated once.
+            raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({text.max_position_embeddings}) "
+                             f"is not supported by KV-cache generation (prompt + max_new_tokens = {capacity})")
+        return KVCache(text, min(self.max_batch_size, num_prompts), capacity, dtype=self.dtype, device=self.device)
 
     def _prefill(self, cache: KVCache, prompts: list[dict], seqs: list[_Running]) -> torch.Tensor:
         """Run a wave of prompts as one pack, filling their slots; (R, V) fp32 logits at each prompt's end."""
