@@ -179,6 +179,26 @@ class ParallelConfig:
     # Stage 1 only: the frozen LLM sharded like the rest, or replicated on every rank (no all-gathers
     # at all for it, at the price of a full bf16 copy per GPU). Which is faster is to be measured.
     frozen_llm: Literal["shard", "replicate"] = "shard"
+    # HSDP: R > 1 shards parameters, gradients and optimizer state within groups of world / R ranks and
+    # replicates them across the R groups (e.g. R = number of nodes: all-gathers stay inside a node and
+    # only gradient all-reduces cross the slower inter-node network). 1: plain FSDP over all ranks.
+    replicate: int = 1
+
+    def __post_init__(self):
+        if self.replicate < 1:
+            raise ValueError(f"parallel.replicate must be >= 1 (1: shard over all ranks; R > 1: HSDP with R "
+                             f"replicas), got {self.replicate}")
+
+    def mesh_shape(self, world_size: int) -> tuple[int, ...]:
+        """The device mesh's shape for `world_size` ranks: (world,) for FSDP, (R, world / R) for HSDP.
+        The world size is only known at launch, so divisibility is checked here rather than in __post_init__."""
+        if self.replicate == 1:
+            return (world_size,)
+        if world_size % self.replicate:
+            raise ValueError(f"parallel.replicate={self.replicate} must divide the number of ranks "
+                             f"(world size {world_size}): HSDP shards within world / replicate ranks; "
+                             f"use a divisor of {world_size}, e.g. the number of nodes")
+        return (self.replicate, world_size // self.replicate)
 
 
 @dataclass

@@ -184,4 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EvalDataError, ValueError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

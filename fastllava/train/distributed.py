@@ -3,7 +3,9 @@
 `init_distributed` always creates a process group, also for one plain `python` process (a world of
 one), so a laptop run and 8 x N GPUs run the same code path. `parallelize(model, cfg)` applies, in
 this order (torchtitan's order): activation checkpointing -> torch.compile per block -> fully_shard
-per block and at the root.
+per block and at the root. With `parallel.replicate=R > 1` the mesh is 2D (HSDP, see `device_mesh`);
+every rank still reads its own data shard, so the data-parallel world, the loss and gradient scaling and
+the statistics' all-reduces stay over all ranks.
 """
 
 from __future__ import annotations
@@ -103,6 +105,20 @@ def _replace_blocks(layers: nn.ModuleList, fn) -> None:
         layers[i] = fn(block)
 
 
+def device_mesh(cfg: ParallelConfig, device: torch.device):
+    """1D mesh over all ranks (FSDP), or with parallel.replicate=R > 1 the 2D mesh (R, world / R) named
+    ("replicate", "shard"), which fully_shard treats as HSDP: parameters sharded over dim 1, replicated
+    over dim 0. Ranks r*S .. r*S + S-1 (S = world / R) form one shard group: with torchrun's rank order
+    that is one node when R is the number of nodes, so all-gathers and reduce-scatters stay on NVLink
+    and only the gradient all-reduce across replicas crosses the network."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = cfg.mesh_shape(dist.get_world_size())  # ValueError naming world and R if R does not divide it
+    if len(shape) == 1:
+        return init_device_mesh(device.type, shape)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, stage: str) -> nn.Module:
     """Checkpointing -> compile -> fully_shard, in place. Returns the (same) model, now an FSDPModule.
 
@@ -111,8 +127,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, 
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    world = dist.get_world_size()
-    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world,))
+    mesh = device_mesh(cfg, device)
     param_dtype = _resolve_param_dtype(cfg, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, cfg.reduce_dtype))
     model.to(device)

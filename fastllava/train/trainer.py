@@ -84,6 +84,7 @@ class StopSignal:
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) training as configured."""
     env = init_distributed(cfg.train.device)
+    cfg.parallel.mesh_shape(env.world_size)  # a bad parallel.replicate fails now, not after loading the model
     tokenizer, special_ids = build_tokenizer(cfg)
     model = build_model(cfg, special_ids)
     dataset = build_dataset(cfg, tokenizer, model)

@@ -18,6 +18,7 @@ BASE = ["model.source=scratch", "model.architecture={}"]
                                             "'model.architecture.vision'; allowed: hidden_size"),
     (["parallel.frozen_llm=mirror"], "parallel.frozen_llm: Invalid value 'mirror', expected one of ['shard', 'replicate']"),
     (["parallel.activation_checkpointing=some"], "expected one of ['none', 'full', 'selective']"),
+    (["parallel.replicate=0"], "parallel.replicate must be >= 1 (1: shard over all ranks; R > 1: HSDP"),
     (["optim.lr=fast"], "optim.lr: Value 'fast' of type 'str' could not be converted to Float"),
     (["optim.lr=-1"], "optim.lr must be > 0"),
     (["train.max_steps=2.5"], "train.max_steps: Value '2.5' of type 'float' could not be converted to Integer"),
@@ -79,6 +80,18 @@ def test_file_base_and_command_line(tmp_path):
         split_args(["--lr", "3"])
     with pytest.raises(ValueError, match="config file .*missing.yaml does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_hsdp_mesh_needs_replicate_to_divide_the_world(tmp_path):
+    assert load_config(None, BASE).parallel.mesh_shape(8) == (8,)  # the default: FSDP over all ranks
+    parallel = load_config(None, BASE + ["parallel.replicate=4"]).parallel
+    assert parallel.mesh_shape(32) == (4, 8)  # 4 nodes x 8 GPUs: shard within a node, replicate across
+    with pytest.raises(ValueError, match=r"parallel.replicate=4 must divide the number of ranks \(world size 6\)"):
+        parallel.mesh_shape(6)
+    # The world size is known once the run starts: a one-process run with replicate=2 stops there.
+    from train_tiny import ToyDataset, run, tiny_config
+    with pytest.raises(ValueError, match=r"parallel.replicate=2 must divide .*world size 1"):
+        run(tiny_config(tmp_path, "parallel.replicate=2"), dataset=ToyDataset(8))
 
 
 def test_paper_recipes():
