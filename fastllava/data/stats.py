@@ -28,9 +28,8 @@ from .reference_sampler import padding_efficiency, reference_batches
 
 def packing_efficiency(lengths: np.ndarray, max_tokens: int, seed: int = 0) -> tuple[float, int]:
     """(real tokens / (packs x max_tokens), number of packs) of token-budget packing (plan_packs)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    packs = [p for p in plan_packs(lengths, max_tokens, seed=seed) if p]
-    return float(lengths.sum()) / (len(packs) * max_tokens), len(packs)
+    plan = plan_packs(np.asarray(lengths, dtype=np.int64), max_tokens, seed=seed)  # one rank: no empty packs
+    return plan.fill_ratio, plan.num_packs
 
 
 # ------------------------------------------------------------------------------------------- printing
