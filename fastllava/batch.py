@@ -55,14 +55,50 @@ class PackedBatch:
         """(T,) int64: the target of position t, i.e. labels[t + 1] inside the sample, IGNORE_INDEX at
         each sample's last position so that no prediction crosses a sample boundary."""
         shifted = torch.full_like(self.labels, IGNORE_INDEX)
+        if shifted.numel() == 0:
+            return shifted
         shifted[:-1] = self.labels[1:]
-        last = self.cu_seqlens[1:].long() - 1
-        shifted[last[last >= 0]] = IGNORE_INDEX
-        return shifted
+        # An empty sample's "last position" is the previous sample's (ignored anyway), or -1 for an empty
+        # first sample, which wraps to T - 1, the pack's last position (ignored anyway). No boolean mask:
+        # this runs inside the model's forward, where a data-dependent shape would be a host sync.
+        last = (self.cu_seqlens[1:].long() - 1) % shifted.numel()
+        return shifted.index_fill_(0, last, IGNORE_INDEX)
 
     def num_label_tokens(self) -> int:
-        """Tokens that carry a loss (after the in-sample shift)."""
+        """Tokens that carry a loss (after the in-sample shift). Reads values: call it on the host-side
+        batch (the loader's CPU tensors), not on a device batch inside a step."""
         return int((self.shifted_labels() != IGNORE_INDEX).sum())
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError unless the pack holds the invariants the model's ops rely on without checking
+        them in the forward (no host reads there): cu_seqlens from 0 to T, non-decreasing, max_seqlen its
+        longest sample, positions restarting at 0 in every sample, num_image_tokens placeholders per image,
+        and, given vocab_size, token ids and labels inside the vocabulary. Host-side: reads every value."""
+        T = self.num_tokens
+        if self.labels.shape != (T,) or self.position_ids.shape != (T,):
+            raise ValueError(f"PackedBatch: input_ids, labels and position_ids must all be ({T},), got "
+                             f"{tuple(self.labels.shape)} and {tuple(self.position_ids.shape)}")
+        bounds = self.cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if not bounds or bounds[0] != 0 or bounds[-1] != T or min(lengths, default=0) < 0:
+            raise ValueError(f"PackedBatch: cu_seqlens must rise from 0 to T={T}, got {bounds}")
+        if self.max_seqlen != max(lengths, default=0):
+            raise ValueError(f"PackedBatch: max_seqlen={self.max_seqlen} but the longest sample has "
+                             f"{max(lengths, default=0)} tokens")
+        starts = torch.repeat_interleave(self.cu_seqlens[:-1].long(), torch.tensor(lengths), output_size=T)
+        if not torch.equal(self.position_ids, torch.arange(T) - starts):
+            raise ValueError("PackedBatch: position_ids must restart at 0 in every sample")
+        placeholders = int(self.image_mask().sum())
+        if placeholders != self.num_images * self.num_image_tokens:
+            raise ValueError(f"PackedBatch: {placeholders} image placeholders but {self.num_images} images of "
+                             f"{self.num_image_tokens} tokens")
+        if vocab_size is not None:
+            text = self.input_ids[~self.image_mask()]
+            if text.numel() and not (0 <= int(text.min()) and int(text.max()) < vocab_size):
+                raise ValueError(f"PackedBatch: token ids must lie in [0, {vocab_size})")
+            labels = self.labels[self.labels != IGNORE_INDEX]
+            if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < vocab_size):
+                raise ValueError(f"PackedBatch: labels must lie in [0, {vocab_size}) or be {IGNORE_INDEX}")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """The same pack with every tensor on `device`."""
@@ -124,7 +160,7 @@ class PackedBatch:
                 images.append(pixels)
         cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-        return cls(
+        batch = cls(
             input_ids=torch.cat(ids_out),
             labels=torch.cat(labels_out),
             position_ids=torch.cat(pos_out),
@@ -134,3 +170,7 @@ class PackedBatch:
             image_token_id=image_token_id,
             num_image_tokens=num_image_tokens,
         )
+        # Once, here, on the host: the model's forward trusts these invariants (docs/kernels.md, "No host
+        # reads inside a micro-step").
+        batch.check()
+        return batch

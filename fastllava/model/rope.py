@@ -41,12 +41,17 @@ def inverse_frequencies(cfg: TextConfig, seq_len: int | None = None) -> torch.Te
 
 
 def rotary_cos_sin(cfg: TextConfig, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (T, D) for the packed positions, in `dtype` (as transformers casts them)."""
+    """cos, sin of shape (T, D) for the packed positions, in `dtype` (as transformers casts them).
+
+    Reads no value on the host except with dynamic (NTK) scaling, which needs each sample's length."""
     device = position_ids.device
     inv_freq = inverse_frequencies(cfg).to(device)
     freqs_TD2 = position_ids.float()[:, None] * inv_freq[None, :]
     if (cfg.rope_scaling or {}).get("rope_type") == "dynamic":
         # NTK-aware scaling depends on each sample's own length (transformers computes it per forward).
+        # The one host read left in the model's forward (a sync per micro-step on a GPU), on this rare
+        # path only: LLaVA-1.5's LLaMA/Vicuna checkpoints use default RoPE. The per-sample bases are
+        # computed in Python floats, as transformers does, so parity stays bitwise.
         bounds = cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end - start > cfg.max_position_embeddings:

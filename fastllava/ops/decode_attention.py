@@ -23,9 +23,11 @@ import numbers
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
+from ._library import custom_op, has_values, host_list
 from .varlen_attention import LOG2E, _fwd_kv_step
 
 BACKENDS = ("triton", "torch", "flash_attn")
@@ -177,6 +179,8 @@ def _launch(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, sm_scale):
 
 
 def _check_args(q, k_cache, v_cache, slots, lengths, scale, backend):
+    """Metadata only (shapes, dtypes, devices, strides): runs on fake tensors; values are checked inside
+    the op (_check_values)."""
     where = f"decode_attention(backend={backend!r})"
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"{where}: q must be a 3-D tensor (batch, heads, head_dim), got "
@@ -193,7 +197,7 @@ def _check_args(q, k_cache, v_cache, slots, lengths, scale, backend):
         raise ValueError(f"{where}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have "
                          f"the same shape")
     B, Hq, D = q.shape
-    S, L, Hkv, Dk = k_cache.shape
+    Hkv, Dk = k_cache.shape[2:]
     if Dk != D:
         raise ValueError(f"{where}: cache head_dim {Dk} != q's head_dim {D}")
     if Hkv == 0 or Hq % Hkv != 0:
@@ -216,14 +220,20 @@ def _check_args(q, k_cache, v_cache, slots, lengths, scale, backend):
             raise ValueError(f"{where}: the caches need unit stride along head_dim (copying a cache per step "
                              f"would cost more than the attention); got strides {k_cache.stride()}, "
                              f"{v_cache.stride()}")
-    if backend in ("flash_attn", "triton") and q.is_cuda:
-        return  # values are not read on the host on CUDA (see the kernel's range guard)
-    # Host-side value checks: on CPU, and for the torch path, which reads these values anyway.
-    if B and not ((lengths >= 1) & (lengths <= L)).all():
+
+
+def _check_values(k_cache, slots, lengths, backend):
+    """Host-side value checks: on CPU, and for the torch path, which reads these values anyway. The CUDA
+    Triton and flash-attn paths read nothing on the host (see the kernel's range guard)."""
+    if backend in ("flash_attn", "triton") and slots.is_cuda:
+        return
+    where = f"decode_attention(backend={backend!r})"
+    S, L = k_cache.shape[0], k_cache.shape[1]
+    if lengths.numel() and not ((lengths >= 1) & (lengths <= L)).all():
         bad = int(((lengths < 1) | (lengths > L)).nonzero()[0])
         raise ValueError(f"{where}: lengths must be in 1 .. L={L} (the new token included); row {bad} has "
                          f"{int(lengths[bad])}")
-    if B and not ((slots >= 0) & (slots < S)).all():
+    if slots.numel() and not ((slots >= 0) & (slots < S)).all():
         bad = int(((slots < 0) | (slots >= S)).nonzero()[0])
         raise ValueError(f"{where}: slots must be in 0 .. S-1={S - 1}; row {bad} has {int(slots[bad])}")
 
@@ -285,6 +295,8 @@ def decode_attention(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, *, s
     fp32 accumulation.
     Slot and length values are checked by ValueError where they are read on the host (CPU, the torch
     backend); the CUDA Triton path never syncs: a row with an out-of-range slot or length comes out NaN.
+    Runs as the custom op torch.ops.fastllava.decode_attention (fake implementation and FLOP formula; no
+    autograd), every backend.
     """
     which = pick_backend(backend, q_BHD, BACKENDS, op="decode_attention")
     if which == "triton" and q_BHD.is_cuda and q_BHD.dtype == torch.float32:
@@ -298,13 +310,36 @@ def decode_attention(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, *, s
                          f"(use backend='torch' or 'auto' on CPU)")
     sm_scale = float(scale) if scale is not None else q_BHD.shape[-1] ** -0.5
     with torch.no_grad():
-        if which == "torch":
-            return _torch_decode(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, sm_scale)
-        if which == "triton":
-            return _launch(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, sm_scale)
-        if which == "flash_attn":
-            return _flash_attn(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, sm_scale)
-    raise AssertionError(which)
+        return torch.ops.fastllava.decode_attention(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, sm_scale,
+                                                    which)
+
+
+@custom_op("decode_attention")
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                         lengths: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """(B, Hq, D). Inference only: no autograd is registered."""
+    _check_values(k_cache, slots, lengths, backend)
+    if backend == "torch":
+        return _torch_decode(q, k_cache, v_cache, slots, lengths, scale)
+    if backend == "triton":
+        return _launch(q, k_cache, v_cache, slots, lengths, scale)
+    if backend == "flash_attn":
+        return _flash_attn(q, k_cache, v_cache, slots, lengths, scale)
+    raise AssertionError(backend)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, slots, lengths, scale, backend):
+    return q.new_empty(q.shape)
+
+
+@register_flop_formula(torch.ops.fastllava.decode_attention, get_raw=True)
+def _flops(q, k_cache, v_cache, slots, lengths, scale, backend, *, out_val=None):
+    """4 sum(lengths) Hq D: q k^T and p v over each row's cached positions. Under fake tensors the lengths
+    are unknown: every row is counted at the cache capacity L (an upper bound)."""
+    B, Hq, D = q.shape
+    total = sum(host_list(lengths)) if has_values(lengths) else B * k_cache.shape[1]
+    return 4 * total * Hq * D
 
 
 # ----------------------------------------------------------------------------------------------------

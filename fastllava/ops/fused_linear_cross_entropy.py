@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
+from ._library import custom_op, has_values, no_tensor
 
 BACKENDS = ("torch", "triton")
 
@@ -145,57 +147,131 @@ def _loss_and_grads(hidden_TD, weight_VD, labels_T, ignore_index, need_dhidden, 
     return loss_T.sum(), dhidden_TD, dweight_VD
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_TD, weight_VD, labels_T, ignore_index, reduction):
-        need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss_sum, dhidden_TD, dweight_VD = _loss_and_grads(
-            hidden_TD, weight_VD, labels_T, ignore_index, need_dhidden, need_dweight
-        )
-        if reduction == "mean":
-            n_valid = (labels_T != ignore_index).sum().float()
-            loss = loss_sum / n_valid  # all labels ignored: 0 / 0 = nan, like torch's cross_entropy
-            # gradients of an all-ignored batch are 0 (torch gives 0 too), never 0 * inf
-            grad_scale = 1.0 / n_valid.clamp(min=1.0)
-        else:
-            loss, grad_scale = loss_sum, None
-        ctx.grad_scale = grad_scale
-        ctx.weight_dtype = weight_VD.dtype
-        ctx.dhidden_TD, ctx.dweight_VD = dhidden_TD, dweight_VD
-        ctx.consumed = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.consumed:
-            raise RuntimeError("fused_linear_cross_entropy: the gradients were computed in the forward and "
-                               "already handed out; a second backward (retain_graph=True) is not supported")
-        ctx.consumed = True
-        scale = grad_loss if ctx.grad_scale is None else grad_loss * ctx.grad_scale
-        dhidden = dweight = None
-        if ctx.dhidden_TD is not None:
-            dhidden = ctx.dhidden_TD.mul_(scale.to(ctx.dhidden_TD.dtype))
-        if ctx.dweight_VD is not None:
-            dweight = ctx.dweight_VD.mul_(scale).to(ctx.weight_dtype)
-        ctx.dhidden_TD = ctx.dweight_VD = None  # one backward only; free the buffers with the graph
-        return dhidden, dweight, None, None, None
+# torch's reduction enum, as aten.nll_loss_forward takes it
+_REDUCTION = {"sum": 2, "mean": 1}
 
 
-def _check_inputs(hidden, weight, labels, ignore_index):
+def _torch_forward(hidden_TD, weight_VD, labels_T, ignore_index, reduction, need_grad):
+    """F.cross_entropy(F.linear(hidden, weight).float(), ...) as the aten ops autograd would record
+    (log_softmax, nll_loss_forward); returns the loss and what the backward reads: the (T, V) fp32
+    log-probabilities (when a backward will run) and nll_loss's total weight."""
+    logp_TV = torch.log_softmax(F.linear(hidden_TD, weight_VD).float(), dim=-1)
+    loss, total_weight = torch.ops.aten.nll_loss_forward(logp_TV, labels_T, None, _REDUCTION[reduction], ignore_index)
+    return loss, (logp_TV if need_grad else no_tensor(loss)), total_weight
+
+
+def _torch_backward(grad_loss, hidden_TD, weight_VD, labels_T, logp_TV, total_weight, ignore_index, reduction,
+                    need_dhidden, need_dweight):
+    """The aten backward formulas of the ops _torch_forward ran, in autograd's order."""
+    dlogp_TV = torch.ops.aten.nll_loss_backward(grad_loss, logp_TV, labels_T, None, _REDUCTION[reduction],
+                                                ignore_index, total_weight)
+    dlogits_TV = torch.ops.aten._log_softmax_backward_data(dlogp_TV, logp_TV, 1, torch.float32).to(hidden_TD.dtype)
+    dhidden = dlogits_TV.mm(weight_VD) if need_dhidden else None
+    dweight = dlogits_TV.t().mm(hidden_TD) if need_dweight else None
+    return dhidden, dweight
+
+
+def _check_values(labels_T, V, ignore_index):
+    """Labels in [0, V) or ignore_index: the Triton kernel indexes the logits row with them. ValueError in
+    the interpreter (CPU: it reads values anyway), torch._assert_async on CUDA (no host sync)."""
+    bad = (labels_T != ignore_index) & ((labels_T < 0) | (labels_T >= V))
+    if labels_T.is_cuda:
+        torch._assert_async(~bad.any(), f"fused_linear_cross_entropy: a label is outside [0, {V}) and is not "
+                                        f"ignore_index={ignore_index}")
+    elif bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fused_linear_cross_entropy: label {int(labels_T[pos])} at position {pos} is outside "
+                         f"[0, {V}) and is not ignore_index={ignore_index}")
+
+
+@custom_op("fused_linear_cross_entropy")
+def _flce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+             need_dhidden: bool, need_dweight: bool, backend: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss () fp32, saved_a, saved_b): what the backward reads. Triton: dhidden (T, D) and the fp32
+    dweight (V, D) of the SUMMED loss, computed here, each (0,) when not wanted. Torch: the (T, V) fp32
+    log-probabilities ((0,) without a backward) and nll_loss's total weight ()."""
+    if backend != "triton":
+        return _torch_forward(hidden, weight, labels, ignore_index, reduction, need_dhidden or need_dweight)
+    _check_values(labels, weight.shape[0], ignore_index)
+    loss_sum, dhidden, dweight = _loss_and_grads(hidden, weight, labels, ignore_index, need_dhidden, need_dweight)
+    # mean: all labels ignored gives 0 / 0 = nan, like torch's cross_entropy
+    loss = loss_sum if reduction == "sum" else loss_sum / (labels != ignore_index).sum().float()
+    return loss, (dhidden if need_dhidden else no_tensor(hidden)), (dweight if need_dweight else no_tensor(loss))
+
+
+@_flce_op.register_fake
+def _(hidden, weight, labels, ignore_index, reduction, need_dhidden, need_dweight, backend):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    if backend != "triton":
+        need = need_dhidden or need_dweight
+        logp = hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32) if need else no_tensor(loss)
+        return loss, logp, hidden.new_empty((), dtype=torch.float32)
+    return (loss, hidden.new_empty(hidden.shape) if need_dhidden else no_tensor(hidden),
+            weight.new_empty(weight.shape, dtype=torch.float32) if need_dweight else no_tensor(loss))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, reduction, need_dhidden, need_dweight, backend = inputs
+    _, saved_a, saved_b = output
+    ctx.save_for_backward(hidden, weight, labels, saved_a, saved_b)
+    ctx.args = (ignore_index, reduction, need_dhidden, need_dweight, backend)
+    ctx.weight_dtype = weight.dtype
+    ctx.mark_non_differentiable(saved_a, saved_b)
+    ctx.consumed = False
+
+
+def _backward(ctx, grad_loss, _da, _db):
+    ignore_index, reduction, need_dhidden, need_dweight, backend = ctx.args
+    if backend != "triton":
+        hidden, weight, labels, logp, total_weight = ctx.saved_tensors
+        dhidden, dweight = _torch_backward(grad_loss, hidden, weight, labels, logp, total_weight, ignore_index,
+                                           reduction, need_dhidden, need_dweight)
+        return dhidden, dweight, None, None, None, None, None, None
+    if ctx.consumed:
+        raise RuntimeError("fused_linear_cross_entropy: the gradients were computed in the forward and "
+                           "already handed out; a second backward (retain_graph=True) is not supported")
+    ctx.consumed = True
+    _, _, labels, dhidden, dweight = ctx.saved_tensors
+    scale = grad_loss
+    if reduction == "mean":
+        # gradients of an all-ignored batch are 0 (torch gives 0 too), never 0 * inf
+        scale = grad_loss * (1.0 / (labels != ignore_index).sum().float().clamp(min=1.0))
+    # The buffers were made by the forward for this backward only: scaled in place in eager, no second
+    # copy. A traced backward (torch.compile; fake tensors) must not mutate a saved tensor: out of place,
+    # the compiler plans that memory itself.
+    if has_values(dhidden):
+        dh = dhidden.mul_(scale.to(dhidden.dtype)) if need_dhidden else None
+        dw = dweight.mul_(scale).to(ctx.weight_dtype) if need_dweight else None
+    else:
+        dh = dhidden * scale.to(dhidden.dtype) if need_dhidden else None
+        dw = (dweight * scale).to(ctx.weight_dtype) if need_dweight else None
+    return dh, dw, None, None, None, None, None, None
+
+
+_flce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.fastllava.fused_linear_cross_entropy)
+def _flops(hidden_shape, weight_shape, labels_shape, ignore_index, reduction, need_dhidden, need_dweight, backend,
+           *, out_shape=None):
+    """The LM-head GEMM (2 T D V), plus, for Triton, the gradient GEMMs it runs in the forward (2 T D V
+    each for dhidden and dweight). The torch backward's GEMMs are aten.mm calls, counted by torch."""
+    (T, D), V = hidden_shape, weight_shape[0]
+    grads = (need_dhidden + need_dweight) if backend == "triton" else 0
+    return 2 * T * D * V * (1 + grads)
+
+
+def _check_inputs(hidden, weight, labels, backend):
+    """Metadata only (runs on fake tensors and under torch.compile); label values are checked in the op."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden must be (T, D) and weight (V, D) with the same D, "
                          f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"fused_linear_cross_entropy: labels must be (T={hidden.shape[0]},), got {tuple(labels.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in TL_DTYPE_NAMES:
+    if backend == "triton" and (hidden.dtype != weight.dtype or hidden.dtype not in TL_DTYPE_NAMES):
         raise ValueError(f"fused_linear_cross_entropy (triton): hidden and weight must share one dtype among "
                          f"fp16/bf16/fp32, got {hidden.dtype} and {weight.dtype}")
-    V = weight.shape[0]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"fused_linear_cross_entropy: label {int(labels[pos])} at position {pos} is outside "
-                         f"[0, {V}) and is not ignore_index={ignore_index}")
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="sum", backend="auto"):
@@ -205,16 +281,21 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
     reduction: "sum" (what global token normalization needs) or "mean" over non-ignored labels
     (all labels ignored: "sum" gives 0, "mean" gives nan like torch, with zero gradients).
     Returns a scalar fp32 tensor.
+    Runs as the custom op torch.ops.fastllava.fused_linear_cross_entropy (fake implementation, registered
+    backward, FLOP formula: see docs/kernels.md), both backends; neither reads a value on the host on
+    CUDA (Triton's label check is a torch._assert_async there).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"fused_linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
     which = pick_backend(backend, hidden, BACKENDS, op="fused_linear_cross_entropy")
-    if which == "torch":
-        return fused_linear_cross_entropy_reference(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction)
-    _check_inputs(hidden, weight, labels, ignore_index)
-    return _FusedLinearCrossEntropy.apply(
-        hidden.contiguous(), weight.contiguous(), labels.long().contiguous(), int(ignore_index), reduction
-    )
+    _check_inputs(hidden, weight, labels, which)
+    grad = torch.is_grad_enabled()
+    need_dhidden, need_dweight = grad and hidden.requires_grad, grad and weight.requires_grad
+    if which == "triton":
+        hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.long().contiguous()
+    loss, _, _ = torch.ops.fastllava.fused_linear_cross_entropy(hidden, weight, labels, int(ignore_index), reduction,
+                                                                need_dhidden, need_dweight, which)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------

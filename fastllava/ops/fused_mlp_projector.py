@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
+from ._library import custom_op, no_tensor, or_none
 
 BACKENDS = ("torch", "triton")
 
@@ -248,39 +250,129 @@ def _launch_bwd(dy_NO, w2, h_NH, store_act):
     return dh_NH, (a_NH if store_act else None), dbias_partial.sum(0)
 
 
-class _FusedMLPProjector(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_ND, w1, b1, w2, b2):
-        need_grad = any(ctx.needs_input_grad)
-        h_NH, a_NH = _launch_fwd(x_ND.contiguous(), w1.contiguous(), b1.contiguous(), store_pre=need_grad)
-        y_NO = torch.addmm(b2, a_NH, w2.t())
-        if need_grad:
-            ctx.save_for_backward(x_ND, w1, w2, h_NH)
-        return y_NO
-
-    @staticmethod
-    def backward(ctx, dy_NO):
-        x_ND, w1, w2, h_NH = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        dy_NO = dy_NO.contiguous()
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need_x or need_w1 or need_b1 or need_w2:
-            dh_NH, a_NH, db1_f32 = _launch_bwd(dy_NO, w2.contiguous(), h_NH, store_act=need_w2)
-            if need_w2:
-                dw2 = dy_NO.t().mm(a_NH)
-            del a_NH
-            if need_w1:
-                dw1 = dh_NH.t().mm(x_ND)
-            if need_b1:
-                db1 = db1_f32.to(h_NH.dtype)
-            if need_x:
-                dx = dh_NH.mm(w1)
-        if need_b2:
-            db2 = dy_NO.sum(0, dtype=torch.float32).to(dy_NO.dtype)
-        return dx, dw1, db1, dw2, db2
+# ----------------------------------------------------------------------------------------------------
+# The custom ops: fastllava::fused_mlp_projector and its backward (fake implementations, autograd, FLOPs).
 
 
-def _check_inputs(x, w1, b1, w2, b2):
+def _torch_forward(x_ND, w1, b1, w2, b2):
+    h_NH = F.linear(x_ND, w1, b1)
+    return F.linear(F.gelu(h_NH), w2, b2), h_NH
+
+
+def _torch_backward(dy_NO, x_ND, w1, w2, h_NH, need_x, need_w1, need_b1, need_w2, need_b2):
+    """What autograd computes for F.linear -> F.gelu -> F.linear (the same aten ops), from h alone."""
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_w2:
+        dw2 = dy_NO.t().mm(F.gelu(h_NH))
+    if need_b2:
+        db2 = dy_NO.sum(0)
+    if need_x or need_w1 or need_b1:
+        dh_NH = torch.ops.aten.gelu_backward(dy_NO.mm(w2), h_NH)
+        if need_w1:
+            dw1 = dh_NH.t().mm(x_ND)
+        if need_b1:
+            db1 = dh_NH.sum(0)
+        if need_x:
+            dx = dh_NH.mm(w1)
+    return dx, dw1, db1, dw2, db2
+
+
+def _triton_forward(x_ND, w1, b1, w2, b2, save_pre):
+    h_NH, a_NH = _launch_fwd(x_ND.contiguous(), w1.contiguous(), b1.contiguous(), store_pre=save_pre)
+    return torch.addmm(b2, a_NH, w2.t()), h_NH
+
+
+def _triton_backward(dy_NO, x_ND, w1, w2, h_NH, need_x, need_w1, need_b1, need_w2, need_b2):
+    dy_NO = dy_NO.contiguous()
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_x or need_w1 or need_b1 or need_w2:
+        dh_NH, a_NH, db1_f32 = _launch_bwd(dy_NO, w2.contiguous(), h_NH, store_act=need_w2)
+        if need_w2:
+            dw2 = dy_NO.t().mm(a_NH)
+        del a_NH
+        if need_w1:
+            dw1 = dh_NH.t().mm(x_ND)
+        if need_b1:
+            db1 = db1_f32.to(h_NH.dtype)
+        if need_x:
+            dx = dh_NH.mm(w1)
+    if need_b2:
+        db2 = dy_NO.sum(0, dtype=torch.float32).to(dy_NO.dtype)
+    return dx, dw1, db1, dw2, db2
+
+
+@custom_op("fused_mlp_projector")
+def _projector_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                  save_pre: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (N, Dout), h (N, Dh) the pre-activation the backward reads; (0,) unless save_pre)."""
+    if backend == "triton":
+        y_NO, h_NH = _triton_forward(x, w1, b1, w2, b2, save_pre)
+    else:
+        y_NO, h_NH = _torch_forward(x, w1, b1, w2, b2)
+    return y_NO, (h_NH if save_pre else no_tensor(x))
+
+
+@_projector_op.register_fake
+def _(x, w1, b1, w2, b2, save_pre, backend):
+    h = x.new_empty((x.shape[0], w1.shape[0])) if save_pre else no_tensor(x)
+    return x.new_empty((x.shape[0], w2.shape[0])), h
+
+
+@custom_op("fused_mlp_projector_backward")
+def _projector_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, h: torch.Tensor,
+                           needs: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    """(dx, dw1, db1, dw2, db2), each (0,) where `needs` (x, w1, b1, w2, b2) says it is not wanted."""
+    fn = _triton_backward if backend == "triton" else _torch_backward
+    grads = fn(dy, x, w1, w2, h, *needs)
+    return tuple(g if g is not None else no_tensor(dy) for g in grads)
+
+
+@_projector_backward_op.register_fake
+def _(dy, x, w1, w2, h, needs, backend):
+    shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
+    return tuple(dy.new_empty(s) if need else no_tensor(dy) for s, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, _, w2, _, _, backend = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dh):
+    x, w1, w2, h = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = torch.ops.fastllava.fused_mlp_projector_backward(dy, x, w1, w2, h, needs, ctx.backend)
+    return (*(or_none(g, need) for g, need in zip(grads, needs)), None, None)
+
+
+_projector_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.fastllava.fused_mlp_projector)
+def _forward_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, *args, out_shape=None, **kwargs):
+    (n, din), (dh, dout) = x_shape, (w1_shape[0], w2_shape[0])
+    return 2 * n * din * dh + 2 * n * dh * dout
+
+
+@register_flop_formula(torch.ops.fastllava.fused_mlp_projector_backward)
+def _backward_flops(dy_shape, x_shape, w1_shape, w2_shape, h_shape, needs, backend, *, out_shape=None):
+    """The GEMMs the backward runs: da = dy w2 (whenever dh is needed; the Triton kernel runs it for dW2
+    too), dW2, dW1, dx."""
+    (n, din), dh, dout = x_shape, w1_shape[0], w2_shape[0]
+    need_x, need_w1, need_b1, need_w2, _ = needs
+    da = need_x or need_w1 or need_b1 or (need_w2 and backend == "triton")
+    return 2 * n * dh * (dout * (da + need_w2) + din * (need_w1 + need_x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks, dispatch
+
+
+def _check_inputs(x, w1, b1, w2, b2, backend):
+    """Shapes (both backends: the fake implementation trusts them) and, for Triton, dtypes."""
     din = x.shape[-1]
     if w1.dim() != 2 or w1.shape[1] != din:
         raise ValueError(f"fused_mlp_projector: w1 must be (Dh, Din={din}) in nn.Linear layout, got {tuple(w1.shape)}")
@@ -291,7 +383,7 @@ def _check_inputs(x, w1, b1, w2, b2):
     if b2.shape != (w2.shape[0],):
         raise ValueError(f"fused_mlp_projector: b2 must be ({w2.shape[0]},), got {tuple(b2.shape)}")
     dtypes = {t.dtype for t in (x, w1, b1, w2, b2)}
-    if len(dtypes) != 1 or x.dtype not in _FWD_CONFIGS:
+    if backend == "triton" and (len(dtypes) != 1 or x.dtype not in _FWD_CONFIGS):
         raise ValueError(
             "fused_mlp_projector (triton): x, w1, b1, w2, b2 must share one dtype among fp16/bf16/fp32, got "
             f"{[str(t.dtype) for t in (x, w1, b1, w2, b2)]}; cast the features to the projector's dtype"
@@ -304,13 +396,15 @@ def fused_mlp_projector(x, w1, b1, w2, b2, *, backend="auto"):
     x: (N, Din) or (..., Din) features; w1: (Dh, Din), b1: (Dh,), w2: (Dout, Dh), b2: (Dout,),
     nn.Linear layout, all one dtype (fp16/bf16/fp32) for backend="triton".
     Returns (N, Dout) (or (..., Dout)) in x's dtype. Differentiable in every input; x may be frozen.
+    Runs as the custom op torch.ops.fastllava.fused_mlp_projector (fake implementation, registered
+    backward, FLOP formula: see docs/kernels.md), both backends.
     """
     which = pick_backend(backend, x, BACKENDS, op="fused_mlp_projector")
-    if which == "torch":
-        return fused_mlp_projector_reference(x, w1, b1, w2, b2)
-    _check_inputs(x, w1, b1, w2, b2)
+    _check_inputs(x, w1, b1, w2, b2, which)
     lead = x.shape[:-1]
-    y = _FusedMLPProjector.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)
+    # The pre-activation is kept for the backward only when one will run.
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+    y, _ = torch.ops.fastllava.fused_mlp_projector(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, save_pre, which)
     return y.reshape(*lead, w2.shape[0])
 
 

@@ -11,6 +11,10 @@ Triton path (backend="triton"):
             d embed_VD (only when embed_VD requires grad): text ids are stably sorted (placeholders get the
             key V, sorted last and skipped), and one program per run of equal ids sums its rows of
             d out_TD in fp32 in sorted (= position) order. No atomics: bit-identical across runs.
+Torch path (backend="torch"): the same gather with torch ops (F.embedding, index_select at slot_T, where);
+its backward is the embedding's own and a gather of d out_TD at each feature row's position.
+Both run as the custom op fastllava::merge_visual_tokens; neither reads a value on the host (the
+reference's masked_scatter does, in its count check and its backward's masked_select).
 """
 
 from __future__ import annotations
@@ -22,22 +26,27 @@ import triton.language as tl
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
+from ._library import custom_op, no_tensor, or_none
 
 BACKENDS = ("torch", "triton")
 
 
-def _check_counts(input_ids, image_features, image_token_id):
+def _check_counts(input_ids, n_feats, image_token_id):
+    """Host-side count check (the reference and the Triton interpreter: reads values)."""
     n_slots = int((input_ids == image_token_id).sum())
-    if n_slots != image_features.shape[0]:
+    if n_slots != n_feats:
         raise ValueError(
             f"merge_visual_tokens: {n_slots} image placeholder positions (token id {image_token_id}) "
-            f"but {image_features.shape[0]} image feature rows"
+            f"but {n_feats} image feature rows"
         )
 
 
 def merge_visual_tokens_reference(input_ids, embed_weight, image_features, image_token_id):
-    """input_ids (T,), embed_weight (V, D), image_features (n_images * tokens_per_image, D) -> (T, D)."""
-    _check_counts(input_ids, image_features, image_token_id)
+    """input_ids (T,), embed_weight (V, D), image_features (n_images * tokens_per_image, D) -> (T, D).
+
+    The tests' oracle (and the benchmarks' eager baseline): masked_scatter reads values on the host (its
+    count check, its backward's masked_select), so the torch backend does not run it (_torch_forward)."""
+    _check_counts(input_ids, image_features.shape[0], image_token_id)
     is_image = input_ids == image_token_id
     text_ids = torch.where(is_image, torch.zeros_like(input_ids), input_ids)
     embeds = F.embedding(text_ids, embed_weight)
@@ -167,58 +176,153 @@ def embed_grad_deterministic(ids_T, dout_TD, V, image_token_id):
     return dembed_VD
 
 
-class _MergeVisualTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ids_T, embed_VD, feats_SD, image_token_id):
-        T, D = ids_T.shape[0], embed_VD.shape[1]
-        slot_T = torch.cumsum(ids_T == image_token_id, 0) - 1
-        out_TD = new_output((T, D), embed_VD.dtype, embed_VD.device)
+def _slots(ids_T, image_token_id):
+    """(T,) int64: the feature row of each placeholder (cumsum - 1), meaningless at text positions."""
+    return torch.cumsum(ids_T == image_token_id, 0) - 1
+
+
+def _triton_forward(ids_T, embed_VD, feats_SD, image_token_id):
+    T, D = ids_T.shape[0], embed_VD.shape[1]
+    out_TD = new_output((T, D), embed_VD.dtype, embed_VD.device)
+    if T > 0:
+        _merge_fwd_kernel[_tile_grid(T, D)](
+            ids_T, _slots(ids_T, image_token_id), embed_VD, feats_SD, out_TD, T, D, image_token_id,
+            embed_VD.stride(0), feats_SD.stride(0), BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS,
+        )
+    return out_TD
+
+
+def _triton_backward(dout_TD, ids_T, n_feats, vocab, image_token_id, need_embed, need_feats):
+    T, D = dout_TD.shape
+    dout_TD = dout_TD if dout_TD.stride(1) == 1 else dout_TD.contiguous()
+    dembed = dfeats = None
+    if need_feats:
+        dfeats = new_output((n_feats, D), dout_TD.dtype, dout_TD.device)
         if T > 0:
-            _merge_fwd_kernel[_tile_grid(T, D)](
-                ids_T, slot_T, embed_VD, feats_SD, out_TD, T, D, image_token_id,
-                embed_VD.stride(0), feats_SD.stride(0), BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS,
+            _merge_bwd_feats_kernel[_tile_grid(T, D)](
+                ids_T, _slots(ids_T, image_token_id), dout_TD, dfeats, T, D, image_token_id, dout_TD.stride(0),
+                BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS,
             )
-        ctx.save_for_backward(ids_T, slot_T)
-        ctx.image_token_id = image_token_id
-        ctx.n_feats = feats_SD.shape[0]
-        ctx.vocab = embed_VD.shape[0]
-        return out_TD
-
-    @staticmethod
-    def backward(ctx, dout_TD):
-        ids_T, slot_T = ctx.saved_tensors
-        T, D = dout_TD.shape
-        dout_TD = dout_TD if dout_TD.stride(1) == 1 else dout_TD.contiguous()
-        dembed = dfeats = None
-        if ctx.needs_input_grad[2]:
-            dfeats = new_output((ctx.n_feats, D), dout_TD.dtype, dout_TD.device)
-            if T > 0:
-                _merge_bwd_feats_kernel[_tile_grid(T, D)](
-                    ids_T, slot_T, dout_TD, dfeats, T, D, ctx.image_token_id, dout_TD.stride(0),
-                    BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS,
-                )
-        if ctx.needs_input_grad[1]:
-            dembed = embed_grad_deterministic(ids_T, dout_TD, ctx.vocab, ctx.image_token_id)
-        return None, dembed, dfeats, None
+    if need_embed:
+        dembed = embed_grad_deterministic(ids_T, dout_TD, vocab, image_token_id)
+    return dembed, dfeats
 
 
-def _check_inputs(input_ids, embed_weight, image_features, image_token_id):
+def _torch_forward(ids_T, embed_VD, feats_SD, image_token_id):
+    """The reference's values (embedding rows, feature rows in order at the placeholders) without its
+    masked_scatter, whose count check and backward (masked_select) read values on the host: each
+    placeholder gathers feature row slot_T[t]."""
+    is_image = ids_T == image_token_id
+    embeds_TD = F.embedding(torch.where(is_image, 0, ids_T), embed_VD)
+    S = feats_SD.shape[0]
+    if S == 0:
+        return embeds_TD
+    slot_T = _slots(ids_T, image_token_id).clamp(0, S - 1)  # text rows gather row 0, then drop it
+    return torch.where(is_image[:, None], feats_SD.index_select(0, slot_T), embeds_TD)
+
+
+def _torch_backward(dout_TD, ids_T, n_feats, vocab, image_token_id, need_embed, need_feats):
+    """What autograd computes for the reference, without masked_select: d embed_VD by the embedding's
+    own backward over the text rows; d feats_SD[s] = d out_TD[position of placeholder s], a gather whose
+    positions come from one scatter of T indices (text rows write a spare slot that is dropped)."""
+    is_image = ids_T == image_token_id
+    dembed = dfeats = None
+    if need_embed:
+        text_ids = torch.where(is_image, 0, ids_T)
+        dembed = torch.ops.aten.embedding_dense_backward(dout_TD.masked_fill(is_image[:, None], 0), text_ids,
+                                                         vocab, -1, False)
+    if need_feats:
+        target_T = torch.where(is_image, _slots(ids_T, image_token_id), n_feats)
+        rows_T = torch.arange(ids_T.shape[0], device=ids_T.device)
+        pos_S = torch.zeros(n_feats + 1, dtype=torch.long, device=ids_T.device).scatter_(0, target_T, rows_T)
+        dfeats = dout_TD.index_select(0, pos_S[:n_feats])
+    return dembed, dfeats
+
+
+def _check_values(ids_T, n_feats, vocab, image_token_id, backend):
+    """Placeholder count and, for Triton (which gathers rows unchecked), token ids. The Triton
+    interpreter (CPU) reads values on the host anyway: ValueError. Elsewhere torch._assert_async: no host
+    sync (the torch path's F.embedding checks the ids itself). A PackedBatch holds n_images x
+    num_image_tokens placeholders by construction (PackedBatch.from_samples checks the images)."""
+    if backend == "triton" and not ids_T.is_cuda:
+        _check_counts(ids_T, n_feats, image_token_id)
+        bad = ((ids_T < 0) | (ids_T >= vocab)) & (ids_T != image_token_id)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise ValueError(f"merge_visual_tokens: text token id {int(ids_T[pos])} at position {pos} is outside "
+                             f"the embedding table's {vocab} rows")
+        return
+    torch._assert_async((ids_T == image_token_id).sum() == n_feats,
+                        f"merge_visual_tokens: image placeholder positions (token id {image_token_id}) must match "
+                        f"the {n_feats} image feature rows")
+    if backend == "triton":
+        bad = ((ids_T < 0) | (ids_T >= vocab)) & (ids_T != image_token_id)
+        torch._assert_async(~bad.any(), f"merge_visual_tokens: a text token id is outside the embedding table's "
+                                        f"{vocab} rows")
+
+
+@custom_op("merge_visual_tokens")
+def _merge_op(input_ids: torch.Tensor, embed_weight: torch.Tensor, image_features: torch.Tensor,
+              image_token_id: int, backend: str) -> torch.Tensor:
+    """(T, D) merged embeddings; image_features already in embed_weight's dtype."""
+    _check_values(input_ids, image_features.shape[0], embed_weight.shape[0], image_token_id, backend)
+    fn = _triton_forward if backend == "triton" else _torch_forward
+    return fn(input_ids, embed_weight, image_features, image_token_id)
+
+
+@_merge_op.register_fake
+def _(input_ids, embed_weight, image_features, image_token_id, backend):
+    return embed_weight.new_empty((input_ids.shape[0], embed_weight.shape[1]))
+
+
+@custom_op("merge_visual_tokens_backward")
+def _merge_backward_op(dout: torch.Tensor, input_ids: torch.Tensor, num_features: int, vocab: int,
+                       image_token_id: int, need_embed: bool, need_feats: bool, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d embed_weight (V, D), d image_features (S, D)), each (0,) when not wanted."""
+    fn = _triton_backward if backend == "triton" else _torch_backward
+    dembed, dfeats = fn(dout, input_ids, num_features, vocab, image_token_id, need_embed, need_feats)
+    return (dembed if need_embed else no_tensor(dout)), (dfeats if need_feats else no_tensor(dout))
+
+
+@_merge_backward_op.register_fake
+def _(dout, input_ids, num_features, vocab, image_token_id, need_embed, need_feats, backend):
+    D = dout.shape[1]
+    return (dout.new_empty((vocab, D)) if need_embed else no_tensor(dout),
+            dout.new_empty((num_features, D)) if need_feats else no_tensor(dout))
+
+
+def _setup_context(ctx, inputs, output):
+    input_ids, embed_weight, image_features, image_token_id, backend = inputs
+    ctx.save_for_backward(input_ids)
+    ctx.args = (image_features.shape[0], embed_weight.shape[0], image_token_id)
+    ctx.backend = backend
+
+
+def _backward(ctx, dout):
+    (input_ids,) = ctx.saved_tensors
+    need_embed, need_feats = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dembed, dfeats = torch.ops.fastllava.merge_visual_tokens_backward(dout, input_ids, *ctx.args, need_embed,
+                                                                       need_feats, ctx.backend)
+    return None, or_none(dembed, need_embed), or_none(dfeats, need_feats), None, None
+
+
+_merge_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(input_ids, embed_weight, image_features, backend):
+    """Metadata only: runs on fake tensors and under torch.compile; values are checked inside the op."""
     if input_ids.dim() != 1 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"merge_visual_tokens: input_ids must be (T,) int64, got {tuple(input_ids.shape)} "
                          f"{input_ids.dtype}")
-    if embed_weight.dim() != 2 or embed_weight.dtype not in TL_DTYPE_NAMES:
+    if backend == "triton" and (embed_weight.dim() != 2 or embed_weight.dtype not in TL_DTYPE_NAMES):
         raise ValueError(f"merge_visual_tokens (triton): embed_weight must be (V, D) fp16/bf16/fp32, got "
                          f"{tuple(embed_weight.shape)} {embed_weight.dtype}")
+    if embed_weight.dim() != 2:
+        raise ValueError(f"merge_visual_tokens: embed_weight must be (V, D), got {tuple(embed_weight.shape)}")
     if image_features.dim() != 2 or image_features.shape[1] != embed_weight.shape[1]:
         raise ValueError(f"merge_visual_tokens: image_features must be (S, D={embed_weight.shape[1]}), got "
                          f"{tuple(image_features.shape)}")
-    _check_counts(input_ids, image_features, image_token_id)
-    V = embed_weight.shape[0]
-    bad = ((input_ids < 0) | (input_ids >= V)) & (input_ids != image_token_id)
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"merge_visual_tokens: text token id {int(input_ids[pos])} at position {pos} is outside "
-                         f"the embedding table's {V} rows")
 
 
 def merge_visual_tokens(input_ids, embed_weight, image_features, image_token_id, *, backend="auto"):
@@ -228,15 +332,18 @@ def merge_visual_tokens(input_ids, embed_weight, image_features, image_token_id,
     the number of positions equal to image_token_id must equal the number of feature rows.
     Returns (T, D) in embed_weight's dtype. Differentiable in embed_weight and image_features; the
     embedding gradient of the Triton path is deterministic (no atomics).
+    Runs as the custom op torch.ops.fastllava.merge_visual_tokens (fake implementation, registered
+    backward; see docs/kernels.md), both backends; neither reads a value on the host outside the Triton
+    interpreter (the count is checked with torch._assert_async).
     """
     which = pick_backend(backend, embed_weight, BACKENDS, op="merge_visual_tokens")
-    if which == "torch":
-        return merge_visual_tokens_reference(input_ids, embed_weight, image_features, image_token_id)
-    _check_inputs(input_ids, embed_weight, image_features, image_token_id)
+    _check_inputs(input_ids, embed_weight, image_features, which)
     feats = image_features.to(embed_weight.dtype)
-    embed = embed_weight if embed_weight.stride(1) == 1 else embed_weight.contiguous()
-    feats = feats if feats.stride(1) == 1 else feats.contiguous()
-    return _MergeVisualTokens.apply(input_ids.long().contiguous(), embed, feats, int(image_token_id))
+    if which == "triton":
+        input_ids = input_ids.long().contiguous()
+        embed_weight = embed_weight if embed_weight.stride(1) == 1 else embed_weight.contiguous()
+        feats = feats if feats.stride(1) == 1 else feats.contiguous()
+    return torch.ops.fastllava.merge_visual_tokens(input_ids, embed_weight, feats, int(image_token_id), which)
 
 
 # ----------------------------------------------------------------------------------------------------

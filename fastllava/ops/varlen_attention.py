@@ -1,9 +1,10 @@
 """Sequence-packed (varlen) attention: causal inside each sample, never across samples.
 
 FlashAttention-2 over `cu_seqlens` in Triton (forward, backward, GQA/MQA), a per-sample torch reference
-(the tests' oracle), a padded one-call torch path (the CPU backend), and the dispatch to the other
-backends (torch's `varlen_attn`, flash-attn, xformers). Algorithm, block sizes and the determinism
-choice are explained in docs/kernels-attention.md.
+(the tests' oracle), a padded one-call torch path (the CPU backend), the custom op
+`fastllava::varlen_attention` both of those run as, and the dispatch to the other backends (torch's
+`varlen_attn`, flash-attn, xformers). Algorithm, block sizes and the determinism choice are explained
+in docs/kernels-attention.md; the custom op in docs/kernels.md.
 
 Shapes: T packed tokens, B samples, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim.
 Suffixes: q_THD is (T, Hq, D), lse_HT is (Hq, T).
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
+from ._library import custom_op, sum_sq_lengths
 
 BACKENDS = ("triton", "torch", "torch_varlen", "flash_attn", "xformers")
 TRITON_HEAD_DIMS = (64, 80, 96, 128)
@@ -458,21 +461,198 @@ def _launch_backward(do_THD, q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens, max
     return dq_THD.to(q_THD.dtype), dk_THD.to(q_THD.dtype), dv_THD.to(q_THD.dtype)
 
 
-class _VarlenAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal, sm_scale):
-        q_THD, k_THD, v_THD = _unit_last(q_THD), _unit_last(k_THD), _unit_last(v_THD)
-        o_THD, lse_HT = _launch_forward(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal, sm_scale)
-        ctx.save_for_backward(q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens)
-        ctx.max_seqlen, ctx.causal, ctx.sm_scale = max_seqlen, causal, sm_scale
-        return o_THD
+# ----------------------------------------------------------------------------------------------------
+# The torch backend: the samples padded into one (B, H, L, D) batch, L = max_seqlen, and one attention
+# call, instead of the reference's call per sample, whose per-call overhead dominated a CPU training
+# step. Padding sits at the end of each sample; padded query rows are computed and dropped.
+# ----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, do_THD):
-        q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(_unit_last(do_THD), q_THD, k_THD, v_THD, o_THD, lse_HT, cu_seqlens,
-                                      ctx.max_seqlen, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None, None, None
+def _use_cpu_flash(x: torch.Tensor) -> bool:
+    """Whether the torch backend calls torch's CPU flash-attention kernels directly (forward and backward,
+    the pair F.scaled_dot_product_attention's autograd runs on CPU, GQA included); elsewhere (fp32 on
+    CUDA) the backward recomputes F.scaled_dot_product_attention under torch.func.vjp."""
+    return x.device.type == "cpu"
+
+
+def _padded_rows(cu_seqlens: torch.Tensor, T: int, max_seqlen: int) -> torch.Tensor:
+    """(T,) int64: the row of each packed token in the (B * max_seqlen) padded layout. Sizes come from
+    shapes and max_seqlen only: no value is read on the host and no shape depends on the data."""
+    t = torch.arange(T, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    sample = torch.searchsorted(cu_seqlens[1:], t, right=True)  # empty samples own no token
+    return sample * max_seqlen + (t - cu_seqlens[sample])
+
+
+def _pad(x_THD: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """(T, H, D) -> (B, H, L, D), zeros in the padding; differentiable."""
+    x = x_THD.new_zeros((B * L, *x_THD.shape[1:])).index_copy(0, rows, x_THD)
+    return x.view(B, L, *x_THD.shape[1:]).transpose(1, 2)
+
+
+def _unpad(x_BHLD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (T, H, D): the rows of real tokens, in pack order; differentiable."""
+    B, H, L, D = x_BHLD.shape
+    return x_BHLD.transpose(1, 2).reshape(B * L, H, D).index_select(0, rows)
+
+
+def _key_mask(cu_seqlens: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, L) additive mask hiding each sample's padded keys, for `causal=False` (with `causal`,
+    padding sits after every real key and is_causal alone is exact). An empty sample keeps key 0 (a zero
+    row) so that its all-padding queries stay finite; their outputs are dropped."""
+    lens_B = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1)
+    hidden_BL = torch.arange(L, device=cu_seqlens.device) >= lens_B[:, None]
+    mask_BL = torch.zeros(hidden_BL.shape, dtype=dtype, device=cu_seqlens.device).masked_fill(hidden_BL, float("-inf"))
+    return mask_BL[:, None, None, :]
+
+
+def _padded_sdpa(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    """One F.scaled_dot_product_attention call over the padded layout, differentiable in q, k, v."""
+    B, L = cu_seqlens.numel() - 1, max_seqlen
+    rows = _padded_rows(cu_seqlens, q.shape[0], L)
+    mask = None if causal else _key_mask(cu_seqlens, L, q.dtype)
+    o_BHLD = F.scaled_dot_product_attention(_pad(q, rows, B, L), _pad(k, rows, B, L), _pad(v, rows, B, L),
+                                            attn_mask=mask, is_causal=causal, scale=scale,
+                                            enable_gqa=k.shape[1] != q.shape[1])
+    return _unpad(o_BHLD, rows)
+
+
+def _lse_meta(q, cu_seqlens, max_seqlen, backend) -> tuple[tuple, torch.dtype]:
+    """Shape and dtype of the forward's second output, what the backward reads: the Triton kernel's
+    (Hq, T) fp32 log-sum-exp, torch's CPU flash kernel's (B, Hq, max_seqlen) one (padded rows included,
+    float64 for float64 inputs), or nothing where the torch backward recomputes."""
+    T, Hq, _ = q.shape
+    if backend == "triton":
+        return (Hq, T), torch.float32
+    if _use_cpu_flash(q):
+        return (cu_seqlens.shape[0] - 1, Hq, max_seqlen), torch.promote_types(q.dtype, torch.float32)
+    return (0,), torch.float32
+
+
+def _torch_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    lse_shape, lse_dtype = _lse_meta(q, cu_seqlens, max_seqlen, "torch")
+    if q.shape[0] == 0:
+        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
+    if not _use_cpu_flash(q):
+        return _padded_sdpa(q, k, v, cu_seqlens, max_seqlen, causal, scale), q.new_empty(lse_shape, dtype=lse_dtype)
+    B, L = cu_seqlens.numel() - 1, max_seqlen
+    rows = _padded_rows(cu_seqlens, q.shape[0], L)
+    mask = None if causal else _key_mask(cu_seqlens, L, q.dtype)
+    o_BHLD, lse_BHL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _pad(q, rows, B, L), _pad(k, rows, B, L), _pad(v, rows, B, L), 0.0, causal, attn_mask=mask, scale=scale)
+    return _unpad(o_BHLD, rows), lse_BHL.contiguous()  # strides follow the padded layout's: fix them
+
+
+def _torch_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale):
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    if not _use_cpu_flash(q):
+        _, vjp = torch.func.vjp(lambda q_, k_, v_: _padded_sdpa(q_, k_, v_, cu_seqlens, max_seqlen, causal, scale),
+                                q, k, v)
+        return vjp(do)
+    B, L = cu_seqlens.numel() - 1, max_seqlen
+    rows = _padded_rows(cu_seqlens, q.shape[0], L)
+    mask = None if causal else _key_mask(cu_seqlens, L, q.dtype)
+    # Padded rows of o are zeros here (the forward's values there were dropped): with zero dO they
+    # contribute exactly nothing (dS = P * (dP - delta) = 0), so the real rows' gradients are unchanged.
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _pad(do, rows, B, L), _pad(q, rows, B, L), _pad(k, rows, B, L), _pad(v, rows, B, L), _pad(o, rows, B, L),
+        lse, 0.0, causal, attn_mask=mask, scale=scale)
+    return _unpad(dq, rows), _unpad(dk, rows), _unpad(dv, rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom ops: fastllava::varlen_attention and its backward (fake implementations, autograd, FLOPs).
+# ----------------------------------------------------------------------------------------------------
+
+def _check_values(cu_seqlens, T, max_seqlen, backend):
+    """cu_seqlens against T and max_seqlen. The Triton interpreter (CPU) reads everything on the host
+    anyway: ValueError. Elsewhere a device-side assert: reading the values would synchronize a GPU
+    stream (and is a host read inside the training step on CPU), the assert keeps the launch
+    asynchronous but turns a malformed cu_seqlens into an error instead of silent garbage."""
+    where = f"varlen_attention(backend={backend!r})"
+    if backend != "triton" or cu_seqlens.is_cuda:
+        lens = cu_seqlens.diff()
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (lens >= 0).all() & (lens <= max_seqlen).all()
+        torch._assert_async(ok, f"{where}: cu_seqlens must start at 0, end at T, be non-decreasing and have "
+                                "no sample longer than max_seqlen")
+        return
+    bounds = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != T:
+        raise ValueError(f"{where}: cu_seqlens must start at 0 and end at T={T}; got {bounds[0]} .. {bounds[-1]}")
+    bad = next((i for i, n in enumerate(lens) if n < 0), None)
+    if bad is not None:
+        raise ValueError(f"{where}: cu_seqlens must be non-decreasing; sample {bad} has length {lens[bad]}")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{where}: max_seqlen={max_seqlen} is shorter than sample {lens.index(max(lens))} "
+                         f"of length {max(lens)}")
+
+
+@custom_op("varlen_attention")
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, causal: bool, scale: float, backend: str
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o (T, Hq, D), lse): see _lse_meta for the second output. backend: "triton" or "torch"."""
+    _check_values(cu_seqlens, q.shape[0], max_seqlen, backend)
+    if backend == "triton":
+        return _launch_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return _torch_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, backend):
+    lse_shape, lse_dtype = _lse_meta(q, cu_seqlens, max_seqlen, backend)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
+
+
+@custom_op("varlen_attention_backward")
+def _varlen_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  o: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                  causal: bool, scale: float, backend: str
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's inputs, output and lse."""
+    if backend == "triton":
+        return _launch_backward(_unit_last(do), q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale)
+    return _torch_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.args = (max_seqlen, causal, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastllava.varlen_attention_backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_flops(q_shape, cu_seqlens, max_seqlen, causal) -> int:
+    """Forward FLOPs of varlen attention, counted as fastllava/flops.py does: 2 matmuls of 2 Hq D l^2
+    per sample, halved when causal (2 Hq D sum(l_i^2), flops.py's `2 L d sum(l_i^2)` per layer); the
+    backward counts twice the forward, as flops.py does."""
+    T, Hq, D = q_shape
+    return (2 if causal else 4) * Hq * D * sum_sq_lengths(cu_seqlens, T, max_seqlen)
+
+
+@register_flop_formula(torch.ops.fastllava.varlen_attention, get_raw=True)
+def _forward_flops(q, k, v, cu_seqlens, max_seqlen, causal, scale, backend, *, out_val=None):
+    return attention_flops(q.shape, cu_seqlens, max_seqlen, causal)
+
+
+@register_flop_formula(torch.ops.fastllava.varlen_attention_backward, get_raw=True)
+def _backward_flops(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, backend, *, out_val=None):
+    return 2 * attention_flops(q.shape, cu_seqlens, max_seqlen, causal)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,6 +660,8 @@ class _VarlenAttentionFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 def _check_args(q, k, v, cu_seqlens, max_seqlen, backend):
+    """Metadata only (shapes, dtypes, devices): nothing here reads a tensor's values, so it runs on fake
+    tensors and under torch.compile. Values are checked inside the op (_check_values)."""
     where = f"varlen_attention(backend={backend!r})"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
@@ -507,24 +689,6 @@ def _check_args(q, k, v, cu_seqlens, max_seqlen, backend):
     if backend == "triton" and D not in TRITON_HEAD_DIMS:
         raise ValueError(f"{where}: head_dim {D} is not compiled for the Triton kernel; supported: "
                          f"{TRITON_HEAD_DIMS} (or use backend='torch')")
-    if cu_seqlens.is_cuda:
-        # Reading the values would synchronize the stream; the device-side assert keeps the launch
-        # asynchronous but turns a malformed cu_seqlens into a (fatal) CUDA error instead of silent garbage.
-        lens = cu_seqlens.diff()
-        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (lens >= 0).all() & (lens <= max_seqlen).all()
-        torch._assert_async(ok, "varlen_attention: cu_seqlens must start at 0, end at T, be non-decreasing "
-                                "and have no sample longer than max_seqlen")
-        return
-    bounds = cu_seqlens.tolist()
-    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != T:
-        raise ValueError(f"{where}: cu_seqlens must start at 0 and end at T={T}; got {bounds[0]} .. {bounds[-1]}")
-    bad = next((i for i, n in enumerate(lens) if n < 0), None)
-    if bad is not None:
-        raise ValueError(f"{where}: cu_seqlens must be non-decreasing; sample {bad} has length {lens[bad]}")
-    if lens and max(lens) > max_seqlen:
-        raise ValueError(f"{where}: max_seqlen={max_seqlen} is shorter than sample {lens.index(max(lens))} "
-                         f"of length {max(lens)}")
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_scale=None):
@@ -542,31 +706,6 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, *, causal=True, 
         o_HLD = F.scaled_dot_product_attention(q_HLD, k_HLD, v_HLD, is_causal=causal, scale=scale)
         out[start:end] = o_HLD.transpose(0, 1)
     return out
-
-
-def _padded_sdpa(q, k, v, cu_seqlens, causal, softmax_scale):
-    """The `torch` backend: the samples padded into one (B, H, L, D) batch and ONE scaled_dot_product_attention
-    call (on CPU its flash kernel), instead of the reference's call per sample, whose per-call overhead
-    dominated a CPU training step. Padding sits at the end of each sample, so with `causal` a real query
-    never sees a padded key and is_causal alone is exact; without it a key mask hides the padding.
-    Padded query rows are computed and dropped."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    lens = lens[lens > 0]  # an empty sample has no token to place
-    if lens.numel() == 0:
-        return q.new_empty(q.shape)
-    B, L = lens.numel(), int(lens.max())
-    slot = torch.arange(L, device=q.device)
-    valid_BL = slot < lens[:, None]
-    rows = (torch.arange(B, device=q.device)[:, None] * L + slot)[valid_BL]  # padded row of each token, in order
-
-    def pad(x_THD):  # (T, H, D) -> (B, H, L, D), differentiable
-        x = x_THD.new_zeros(B * L, *x_THD.shape[1:]).index_copy(0, rows, x_THD)
-        return x.view(B, L, *x_THD.shape[1:]).transpose(1, 2)
-
-    mask = None if causal else valid_BL[:, None, None, :]
-    o_BHLD = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
-                                            scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
-    return o_BHLD.transpose(1, 2).reshape(B * L, *q.shape[1:]).index_select(0, rows)
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
@@ -626,17 +765,21 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
 
     q: (T, Hq, D); k and v: (T, Hkv, D) with Hq % Hkv == 0 (GQA/MQA); one dtype (fp16, bf16, fp32) and
     device. cu_seqlens: (B + 1,) int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T, non-decreasing (empty
-    samples allowed). max_seqlen: int, >= the longest sample (it sizes the launch grid).
+    samples allowed). max_seqlen: int, >= the longest sample (it sizes the launch grid, and the torch
+    backend's padded layout: B x max_seqlen rows, so no shape depends on cu_seqlens' values).
     causal: mask future tokens inside each sample. softmax_scale: default 1/sqrt(D).
     backend: "auto" (Triton on CUDA, torch elsewhere) or one of BACKENDS:
       "triton"        our FlashAttention-2 kernels (CUDA; CPU through Triton's interpreter, for tests);
-      "torch"         the samples padded into one batch, one scaled_dot_product_attention call;
+      "torch"         the samples padded into one batch, torch's CPU flash-attention kernel (one call
+                      forward, one backward; elsewhere one scaled_dot_product_attention call);
       "torch_varlen"  torch.nn.attention.varlen.varlen_attn (CUDA only);
       "flash_attn"    flash_attn_varlen_func, if the flash-attn package is installed (CUDA only);
       "xformers"      xformers' memory_efficient_attention with a block-diagonal mask, if xformers is
                       installed (CUDA only; reads cu_seqlens on the host: one sync per call).
     Returns (T, Hq, D) in q's dtype.
-    On CUDA, cu_seqlens values are checked by a device-side assert (no host sync); elsewhere by ValueError.
+    "triton" and "torch" run as the custom op torch.ops.fastllava.varlen_attention (fake implementation,
+    registered backward, FLOP formula: see docs/kernels.md). cu_seqlens values are checked inside it by a
+    device-side assert (torch._assert_async: no host sync), by ValueError in the Triton interpreter.
     """
     which = pick_backend(backend, q, BACKENDS, op="varlen_attention")
     if which == "triton" and q.is_cuda and q.dtype not in _GPU_DTYPES:
@@ -648,11 +791,15 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, softmax_sc
     if which in ("torch_varlen", "flash_attn", "xformers") and not q.is_cuda:
         raise ValueError(f"varlen_attention: backend={which!r} runs on CUDA tensors only; got {q.device} "
                          f"(use backend='torch' or 'auto' on CPU)")
-    if which == "torch":
-        return _padded_sdpa(q, k, v, cu_seqlens, causal, softmax_scale)
-    if which == "triton":
+    if which in ("triton", "torch"):
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        return _VarlenAttentionFn.apply(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale))
+        if which == "triton":
+            q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        o, _ = torch.ops.fastllava.varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), bool(causal),
+                                                    float(scale), which)
+        return o
+    # The baselines call their libraries as they are (each registers its own autograd; flash-attn and
+    # torch's varlen_attn are torch ops themselves).
     if which == "torch_varlen":
         return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if which == "flash_attn":
