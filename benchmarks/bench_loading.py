@@ -1,15 +1,25 @@
-"""Peak host memory of Llava.from_pretrained on a generated multi-shard checkpoint.
+"""Peak host memory of loading a generated multi-shard checkpoint (bf16, a ~1B-parameter LLaMA shape).
 
-Streaming loading should peak near one tensor plus the model itself, not at the model twice.
-Each measurement runs in a fresh subprocess so ru_maxrss belongs to that load alone.
+One process (`--ranks 1`): Llava.from_pretrained. Streaming loading should peak near one tensor plus
+the model itself, not at the model twice. Each measurement runs in a fresh subprocess so ru_maxrss
+belongs to that load alone.
 
-    python benchmarks/bench_loading.py [--gb 3] [--dir /tmp/fastllava-ckpt]
+Several ranks (`--ranks 2`, gloo on CPU, under torchrun): the trainer's two ways to get a sharded model,
+each rank's peak RSS reported against the fp32 model, its own shard and the largest tensor:
+  old  every rank loads the whole model (build_model meta=False), then FSDP keeps its shard;
+  new  the model is built on the meta device, sharded, and each rank reads only its rows
+       (build_model meta=True + sharded_load.parallelize_and_load).
+The goal of the new path: peak minus the RSS after imports below one shard plus one tensor.
+
+    python benchmarks/bench_loading.py [--gb 2] [--ranks 2] [--dir /tmp/fastllava-ckpt]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -19,7 +29,7 @@ import torch
 
 
 def make_checkpoint(path: Path, target_gb: float) -> int:
-    """A random fp16 llava-hf checkpoint of about target_gb, in 1 GB shards. Returns its size in bytes."""
+    """A random bf16 llava-hf checkpoint of about target_gb, in 1 GB shards. Returns its size in bytes."""
     from fastllava import Llava, LlavaConfig
     from fastllava.model import TextConfig, VisionConfig
 
@@ -31,8 +41,8 @@ def make_checkpoint(path: Path, target_gb: float) -> int:
         text=TextConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                         num_attention_heads=16, num_key_value_heads=16),
     )
-    # Built and written layer by layer would be leaner; fp16 from the start keeps this step near 1x.
-    model = Llava.from_config(cfg, dtype=torch.float16)
+    # Built and written layer by layer would be leaner; bf16 from the start keeps this step near 1x.
+    model = Llava.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_bytes=2**30)
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -52,17 +62,78 @@ def measure(path: Path) -> dict:
             "load_seconds": seconds}
 
 
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(path: Path, kind: str) -> None:
+    """One rank of a multi-rank measurement (run by torchrun): prints one JSON line."""
+    from fastllava.config import load_config
+    from fastllava.data.tokenize import TokenizerIds
+    from fastllava.model.hf import read_config
+    from fastllava.train.build import build_model
+    from fastllava.train.distributed import init_distributed
+    from fastllava.train.freeze import set_trainable
+    from fastllava.train.sharded_load import parallelize_and_load
+
+    env = init_distributed("cpu")
+    import_gb = _peak_gb()
+    cfg = load_config(None, ["model.source=pretrained", f"model.pretrained_path={path}", "train.device=cpu",
+                             "parallel.activation_checkpointing=none"])
+    vocab = read_config(path)["text_config"]["vocab_size"]  # a multiple of 64: no growth
+    ids = TokenizerIds(image_token_id=vocab - 1, pad_token_id=0, vocab_size=vocab)
+    t = time.perf_counter()
+    model = build_model(cfg, ids, meta=kind == "new")
+    set_trainable(model, "finetune")
+    parallelize_and_load(model, cfg.parallel, env.device, stage="finetune")
+    seconds = time.perf_counter() - t
+    params = list(model.parameters())
+    shard = sum(p.to_local().numel() * p.to_local().element_size() for p in params)
+    print(json.dumps({"rank": env.rank, "path": kind, "peak_rss_gb": _peak_gb(), "import_rss_gb": import_gb,
+                      "model_gb": sum(p.numel() * p.element_size() for p in params) / 2**30,
+                      "shard_gb": shard / 2**30,
+                      "largest_tensor_gb": max(p.numel() * p.element_size() for p in params) / 2**30,
+                      "load_seconds": seconds}), flush=True)
+
+
+def measure_ranks(path: Path, ranks: int, kind: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           __file__, "--worker", kind, "--dir", str(path)],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=3.0, help="checkpoint size to generate")
+    parser.add_argument("--gb", type=float, default=2.0, help="checkpoint size to generate")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/fastllava-bench-ckpt"))
+    parser.add_argument("--ranks", type=int, default=1, help="> 1: the trainer's old and new sharded loading")
+    parser.add_argument("--paths", default="old,new", help="with --ranks > 1: which paths to measure")
+    parser.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.dir, args.worker)
     if not (args.dir / "model.safetensors.index.json").exists():
         t = time.perf_counter()
         size = make_checkpoint(args.dir, args.gb)
         print(f"generated {size / 2**30:.2f} GB in {time.perf_counter() - t:.0f} s at {args.dir}")
     shards = sorted(args.dir.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards)
+    if args.ranks > 1:
+        print(f"checkpoint {size / 2**30:.2f} GB in {len(shards)} files, {args.ranks} ranks (gloo, CPU)")
+        print("| path | rank | model (fp32) | its shard | largest tensor | peak RSS | RSS after imports "
+              "| peak - imports | load time |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for kind in args.paths.split(","):
+            for r in measure_ranks(args.dir, args.ranks, kind):
+                print(f"| {kind} | {r['rank']} | {r['model_gb']:.2f} GB | {r['shard_gb']:.2f} GB "
+                      f"| {r['largest_tensor_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB | {r['import_rss_gb']:.2f} GB "
+                      f"| {r['peak_rss_gb'] - r['import_rss_gb']:.2f} GB | {r['load_seconds']:.1f} s |", flush=True)
+        return
     r = measure(args.dir)
     print("| checkpoint | shards | largest shard | model in memory | peak RSS | RSS after imports | load time |")
     print("|---|---|---|---|---|---|---|")

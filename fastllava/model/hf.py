@@ -4,6 +4,12 @@ Safetensors only. Loading streams: the model is built on the meta device and eac
 from its shard and placed into the model one at a time, so host memory peaks near the largest tensor
 (memory-mapped shards) instead of holding the model twice.
 
+Each loader first makes a `LoadPlan` (the config and, in order, the tensor sources with their key
+mappings: nothing read yet); `_load_into` places whole tensors from it (one process), `load_sharded`
+places only this rank's rows of each tensor into a model that FSDP2 has sharded on the meta device
+(multi-rank training, fastllava/train/sharded_load.py). Both go through the same key mapping
+(`_resolve`) and raise the same errors.
+
 Every checkpoint key is first rewritten to its *canonical* llava-hf name (the layout of
 llava-hf/llava-1.5-7b-hf, which transformers 4.x and 5.x both load), then mapped to our module names.
 """
@@ -12,7 +18,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,16 +81,76 @@ def checkpoint_keys(path: Path) -> list[str]:
     return keys
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """(key, file, tensor) for every tensor of a directory's shards, one tensor in memory at a time."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class RowReader:
+    """One tensor of a safetensors file, read on demand with plain file reads: `reader[a:b, ...]` reads
+    only rows a..b-1 (dim 0, how FSDP shards), `get_shape()` reads nothing. Unlike the memory-mapped
+    file, the bytes read are this process's own memory, freed as soon as the rows are copied, so a rank
+    that reads a slice never holds the rest of the file in its resident memory."""
+
+    def __init__(self, file: Path, entry: dict, data_start: int):
+        if entry["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: dtype {entry['dtype']} is not supported")
+        self.file, self.dtype, self.shape = file, _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        self.offset = data_start + entry["data_offsets"][0]
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        if not self.shape:  # a scalar
+            return self._read(0, 1, ())
+        start, stop, step = (index[0] if index else slice(None)).indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"{self.file}: only contiguous row ranges are read, not step {step}")
+        rows = self._read(start * _numel(self.shape[1:]), max(0, stop - start) * _numel(self.shape[1:]),
+                          (max(0, stop - start), *self.shape[1:]))
+        return rows[(slice(None), *index[1:])] if len(index) > 1 else rows
+
+    def _read(self, first: int, count: int, shape) -> torch.Tensor:
+        size = self.dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=self.dtype)
+        buffer = bytearray(count * size)
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + first * size)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"{self.file}: truncated tensor data")
+        return torch.frombuffer(buffer, dtype=self.dtype).reshape(shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (key -> dtype, shape, data_offsets) and where its data starts."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def iter_tensors(path: Path, lazy: bool = False) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """(key, file, tensor) for every tensor of a directory's shards, one tensor in memory at a time.
+
+    lazy: yield a RowReader instead of the tensor (get_shape(), and `reader[a:b]` reads only those rows)."""
     seen: dict[str, Path] = {}
     for f in checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as shard:
+        with safe_open(str(f), framework="pt") as shard:  # validates the file; its key order for both modes
+            header, data_start = _header(f) if lazy else (None, 0)
             for key in shard.keys():
                 if key in seen:
                     raise ValueError(f"{f}: key {key!r} appears again (first in {seen[key]})")
                 seen[key] = f
-                yield key, f, shard.get_tensor(key)
+                yield key, f, RowReader(f, header[key], data_start) if lazy else shard.get_tensor(key)
 
 
 # --- key names ------------------------------------------------------------------------------------
@@ -179,27 +246,38 @@ def _owned(tensor: torch.Tensor, dtype, device) -> torch.Tensor:
     return value.clone() if value.data_ptr() == tensor.data_ptr() else value
 
 
+def _check_placeable(expected, name: str, shape, source: str, placed: bool) -> None:
+    """The errors of placing a checkpoint tensor of `shape` as parameter `name`, whose shape the model
+    expects to be `expected` (None: the model has no such parameter)."""
+    if expected is None:
+        raise ValueError(f"{source}: unexpected key, the model has no parameter {name!r}")
+    if tuple(expected) != tuple(shape):
+        raise ValueError(f"{source}: shape {tuple(shape)} but the model expects {tuple(expected)}")
+    if placed:
+        raise ValueError(f"{source}: {name!r} is given twice")
+
+
 def _place(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype, device) -> None:
     module_name, _, leaf = name.rpartition(".")
     try:
         current = model.get_submodule(module_name)._parameters.get(leaf)
     except AttributeError:
         current = None
-    if current is None:
-        raise ValueError(f"{source}: unexpected key, the model has no parameter {name!r}")
-    if tuple(current.shape) != tuple(tensor.shape):
-        raise ValueError(f"{source}: shape {tuple(tensor.shape)} but the model expects {tuple(current.shape)}")
-    if not current.is_meta:
-        raise ValueError(f"{source}: {name!r} is given twice")
+    _check_placeable(None if current is None else current.shape, name, tensor.shape, source,
+                     placed=current is not None and not current.is_meta)
     value = _owned(tensor, dtype, device)
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
 
 
-def _check_complete(model: nn.Module, what: str) -> None:
-    missing = [to_checkpoint_key(n) for n, p in model.named_parameters() if p.is_meta]
+def _raise_missing(missing_names: list[str], what: str) -> None:
+    missing = [to_checkpoint_key(n) for n in missing_names]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"{what}: missing tensors {shown}; nothing is left randomly initialized")
+
+
+def _check_complete(model: nn.Module, what: str) -> None:
+    _raise_missing([n for n, p in model.named_parameters() if p.is_meta], what)
 
 
 def _retie(model) -> None:
@@ -207,16 +285,152 @@ def _retie(model) -> None:
         model.lm_head.weight = model.language_model.embed_tokens.weight
 
 
-def _load_into(model, tensors, key_map, dtype, device) -> None:
-    """Place every (key, file, tensor) into the model; keys the forward does not use are carried."""
+def _resolve(tensors, key_map, config) -> Iterator[tuple[str | None, str, str, object]]:
+    """(our parameter name or None for a carried tensor, canonical key, source for messages, tensor or
+    slice handle) for every (key, file, tensor) of a source: the one key mapping of both loaders."""
     for key, file, tensor in tensors:
         canonical = key_map(key)
-        name = to_module_name(canonical, model.config)
+        yield to_module_name(canonical, config), canonical, f"{file}: key {key!r}", tensor
+
+
+def _load_into(model, tensors, key_map, dtype, device) -> None:
+    """Place every (key, file, tensor) into the model; keys the forward does not use are carried."""
+    for name, canonical, source, tensor in _resolve(tensors, key_map, model.config):
         if name is None:
             model.carried[canonical] = _owned(tensor, dtype, device)
         else:
-            _place(model, name, tensor, f"{file}: key {key!r}", dtype, device)
+            _place(model, name, tensor, source, dtype, device)
     _retie(model)
+
+
+# --- load plans -------------------------------------------------------------------------------------
+
+TensorSource = Callable[[bool], Iterator[tuple[str, Path, object]]]  # lazy -> (key, file, tensor or handle)
+
+
+@dataclass
+class LoadPlan:
+    """What a loader will read, before reading any tensor: the model's config, the tensor sources in
+    order, each with its key mapping (checkpoint key -> canonical llava-hf key), then the projector (a
+    file, or a new one drawn from `new_projector_seed`). `what` names the checkpoint in error messages."""
+
+    config: LlavaConfig
+    what: str
+    sources: list[tuple[TensorSource, Callable[[str], str]]] = field(default_factory=list)
+    projector_file: Path | None = None
+    new_projector_seed: int | None = None
+
+    def build(self, cls, backends=None):
+        """`cls(config)` on the meta device: the model this plan fills."""
+        with torch.device("meta"):
+            return cls(self.config, backends)
+
+    def load(self, model, dtype, device) -> None:
+        """Place every tensor whole into `model` (built by `build`): the one-process loader."""
+        for tensors, key_map in self.sources:
+            _load_into(model, tensors(False), key_map, dtype, device)
+        if self.projector_file is not None:
+            load_projector(model, self.projector_file, dtype=dtype, device=device)
+        elif self.new_projector_seed is not None:
+            _new_projector(model.projector.linears, self.new_projector_seed,
+                           dtype or model.language_model.embed_tokens.weight.dtype, device)
+        _check_complete(model, self.what)
+
+
+# --- sharded loading ---------------------------------------------------------------------------------
+
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the parts activation checkpointing and compile wrappers insert."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _local_part(param) -> tuple[tuple[slice, ...], torch.Tensor]:
+    """(the index of this rank's part in the full tensor, the tensor that holds it): a DTensor's local
+    shard (FSDP2 shards dim 0, uneven on the last ranks; HSDP replicates over the other mesh dim), or a
+    plain parameter whole (the replicated frozen LLM of stage 1)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import (
+            compute_local_shape_and_global_offset,
+        )
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        local = param.to_local()
+        assert tuple(local.shape) == tuple(shape), (tuple(local.shape), shape)
+        return tuple(slice(o, o + n) for o, n in zip(offset, shape)), local
+    return tuple(slice(0, n) for n in param.shape), param
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
+
+
+@torch.no_grad()
+def load_sharded(model, plan: LoadPlan, *, grown: dict[str, int] | None = None, keep_carried: bool = True,
+                 carried_dtype: torch.dtype = torch.float32) -> None:
+    """Fill `model` (built by plan.build, possibly grown by resize_token_embeddings, sharded by FSDP2 on
+    the meta device, then materialized by `to_empty`) with this rank's part of every tensor of `plan`.
+
+    Each parameter receives only its local rows, read as a slice of the memory-mapped safetensors
+    file, so a rank's host memory holds its shard plus at most one tensor, never the model. Names go
+    through the same mapping (`_resolve`) as the one-process loader and the same errors are raised
+    (unexpected key, shape mismatch, given twice, missing tensors, projector file errors).
+
+    grown: parameter -> the row count stored in the checkpoint, for the embedding and head that
+      `resize_token_embeddings` grew: the new rows are the mean of the stored rows, computed in fp32 from
+      the whole tensor exactly as the one-process path does.
+    keep_carried: keep the tensors the forward never uses (model.carried, fp32 on the host as the
+      one-process path keeps them); only the rank that writes the export needs them.
+    """
+    params = {_unwrapped_name(n): p for n, p in model.named_parameters()}
+    grown = grown or {}
+    placed: set[str] = set()
+
+    def place(name: str, tensor, source: str, *, again: bool = False) -> None:
+        current = params.get(name)
+        expected = None if current is None else (grown[name], *current.shape[1:]) if name in grown else current.shape
+        _check_placeable(expected, name, _shape(tensor), source, placed=name in placed and not again)
+        index, local = _local_part(current)
+        if name in grown:
+            full = tensor[:].float()
+            rows = current.shape[0] - full.shape[0]
+            part = torch.cat([full, full.mean(0, keepdim=True).expand(rows, -1)])[index]
+        elif local.numel() == 0:
+            part = None
+        else:
+            part = tensor[index]
+        if part is not None:
+            local.copy_(part)
+        placed.add(name)
+
+    for tensors, key_map in plan.sources:
+        for name, canonical, source, tensor in _resolve(tensors(True), key_map, plan.config):
+            if name is None:
+                if keep_carried:
+                    model.carried[canonical] = _owned(tensor[:], carried_dtype, "cpu")
+            else:
+                place(name, tensor, source)
+    if plan.projector_file is not None:  # replaces the checkpoint's projector, if it holds one
+        from_file = set()
+        for name, source, tensor in _projector_tensors(plan.projector_file, plan.config):
+            place(name, tensor, source, again=name not in from_file)
+            from_file.add(name)
+        prefix = "projector."
+        _raise_missing_projector(plan.projector_file, [n[len(prefix):] for n in params
+                                                       if n.startswith(prefix) and n not in from_file], plan.config)
+    elif plan.new_projector_seed is not None:
+        with torch.device("meta"):
+            linears = nn.ModuleList(nn.Linear(m.in_features, m.out_features) for m in model.projector.linears)
+        _new_projector(linears, plan.new_projector_seed, torch.float32, "cpu")
+        for name, p in linears.named_parameters():
+            place(f"projector.linears.{name}", p, f"new projector (seed {plan.new_projector_seed})")
+    _raise_missing([n for n in params if n not in placed], plan.what)
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -224,25 +438,32 @@ def _load_into(model, tensors, key_map, dtype, device) -> None:
 
 def load_llava(cls, path: Path, *, dtype=None, device="cpu", backends=None, vision_tower=None, **overrides):
     """`cls` (Llava) from a llava-hf or an original-LLaVA directory: see Llava.from_pretrained."""
+    plan = plan_llava(path, vision_tower=vision_tower, **overrides)
+    model = plan.build(cls, backends)
+    plan.load(model, dtype, device)
+    return model
+
+
+def plan_llava(path: Path, *, vision_tower=None, projector_weights=None, **overrides) -> LoadPlan:
+    """The LoadPlan of a llava-hf or an original-LLaVA directory (config errors raise now), optionally
+    with a stage-1 projector file that replaces the checkpoint's projector."""
     raw = read_config(path)
     architecture = (raw.get("architectures") or [""])[0]
     if architecture == "LlavaForConditionalGeneration" or raw.get("model_type") == "llava" and "text_config" in raw:
         config = LlavaConfig.from_hf_llava(raw, **overrides)
-        with torch.device("meta"):
-            model = cls(config, backends)
-        _load_into(model, iter_tensors(path), canonical_llava_key, dtype, device)
+        plan = LoadPlan(config, str(path), [(lambda lazy: iter_tensors(path, lazy), canonical_llava_key)])
     elif architecture == "LlavaLlamaForCausalLM" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
-        model = _load_original(cls, path, raw, dtype, device, backends, vision_tower, overrides)
+        plan = _plan_original(path, raw, vision_tower, overrides)
     else:
         raise ValueError(
             f"{path}/config.json: unknown architecture {architecture or raw.get('model_type')!r}; expected "
             "LlavaForConditionalGeneration (llava-hf) or LlavaLlamaForCausalLM (original LLaVA)"
         )
-    _check_complete(model, str(path))
-    return model
+    plan.projector_file = None if projector_weights is None else Path(projector_weights)
+    return plan
 
 
-def _load_original(cls, path, raw, dtype, device, backends, vision_tower, overrides):
+def _plan_original(path, raw, vision_tower, overrides) -> LoadPlan:
     select = raw.get("mm_vision_select_feature", "patch")
     vision_dir = Path(vision_tower or raw.get("mm_vision_tower") or "")
     config_args = dict(
@@ -264,12 +485,14 @@ def _load_original(cls, path, raw, dtype, device, backends, vision_tower, overri
             )
         vision_cfg = VisionConfig.from_hf(_clip_vision_config(read_config(vision_dir)))
     config = LlavaConfig(vision=vision_cfg, **{**config_args, **overrides})
-    with torch.device("meta"):
-        model = cls(config, backends)
-    _load_into(model, iter_tensors(path), lambda k: original_llava_key(k, config), dtype, device)
+    plan = LoadPlan(config, str(path), [(lambda lazy: iter_tensors(path, lazy), lambda k: original_llava_key(k, config))])
     if not has_vision:
-        _load_into(model, _clip_tensors(vision_dir), lambda k: k, dtype, device)
-    return model
+        plan.sources.append((lambda lazy: _clip_tensors(vision_dir, lazy), _same))
+    return plan
+
+
+def _same(key: str) -> str:
+    return key
 
 
 def _clip_vision_config(raw: dict) -> dict:
@@ -283,10 +506,10 @@ def _clip_vision_config(raw: dict) -> dict:
 _CLIP_VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 
 
-def _clip_tensors(path: Path):
+def _clip_tensors(path: Path, lazy: bool = False):
     """The vision-model tensors of a CLIPVisionModel or CLIPModel directory, under llava-hf names.
     A full CLIPModel also holds the text tower and projections, which LLaVA never uses: they are skipped."""
-    for key, file, tensor in iter_tensors(path):
+    for key, file, tensor in iter_tensors(path, lazy):
         if key.startswith("vision_model."):
             yield _VISION + key[len("vision_model.") :], file, tensor
         elif key.startswith(_CLIP_VISION_PARTS):  # transformers 5 writes CLIPVisionModel without the prefix
@@ -295,8 +518,8 @@ def _clip_tensors(path: Path):
             raise ValueError(f"{file}: unexpected key {key!r} in a CLIP checkpoint")
 
 
-def _llama_tensors(path: Path):
-    for key, file, tensor in iter_tensors(path):
+def _llama_tensors(path: Path, lazy: bool = False):
+    for key, file, tensor in iter_tensors(path, lazy):
         if key == "lm_head.weight":
             yield _LM_HEAD, file, tensor
         elif key.startswith("model."):
@@ -308,6 +531,14 @@ def _llama_tensors(path: Path):
 def load_components(cls, vision: Path, llm: Path, projector_weights, *, dtype=None, device="cpu", seed: int = 0,
                     backends=None, **overrides):
     """`cls` (Llava) from a CLIP and a LLaMA directory: see Llava.from_components."""
+    plan = plan_components(vision, llm, projector_weights, seed=seed, **overrides)
+    model = plan.build(cls, backends)
+    plan.load(model, dtype, device)
+    return model
+
+
+def plan_components(vision: Path, llm: Path, projector_weights=None, *, seed: int = 0, **overrides) -> LoadPlan:
+    """The LoadPlan of a CLIP directory + a LLaMA directory + a projector file or a new seeded projector."""
     llm_raw = read_config(llm)
     if llm_raw.get("model_type") != "llama":
         raise ValueError(f"{llm}/config.json: model_type {llm_raw.get('model_type')!r}, expected 'llama'")
@@ -319,48 +550,56 @@ def load_components(cls, vision: Path, llm: Path, projector_weights, *, dtype=No
         pad_token_id=llm_raw.get("pad_token_id"),
         **overrides,
     )
-    with torch.device("meta"):
-        model = cls(config, backends)
-    _load_into(model, _clip_tensors(vision), lambda k: k, dtype, device)
-    _load_into(model, _llama_tensors(llm), lambda k: k, dtype, device)
+    plan = LoadPlan(config, f"{vision} + {llm}", [(lambda lazy: _clip_tensors(vision, lazy), _same),
+                                                   (lambda lazy: _llama_tensors(llm, lazy), _same)])
     if projector_weights is not None:
-        load_projector(model, Path(projector_weights), dtype=dtype, device=device)
+        plan.projector_file = Path(projector_weights)
     else:
-        _new_projector(model, seed, dtype or model.language_model.embed_tokens.weight.dtype, device)
-    _check_complete(model, f"{vision} + {llm}")
-    return model
+        plan.new_projector_seed = seed
+    return plan
 
 
-def _new_projector(model, seed, dtype, device) -> None:
+def _new_projector(linears: nn.ModuleList, seed, dtype, device) -> None:
     """A fresh projector for stage 1 (model/init.py's rule), drawn in fp32 on the host so a seed gives the
     same weights for every dtype and device."""
-    model.projector.linears.to_empty(device="cpu").float()
-    init_projector_(model.projector.linears, torch.Generator().manual_seed(seed))
-    model.projector.linears.to(device=device, dtype=dtype)
+    linears.to_empty(device="cpu").float()
+    init_projector_(linears, torch.Generator().manual_seed(seed))
+    linears.to(device=device, dtype=dtype)
 
 
-def load_projector(model, path: Path, *, dtype=None, device=None) -> None:
-    """LLaVA's mm_projector.bin (a torch state dict) or a safetensors file from save_projector."""
+def _projector_tensors(path: Path, config: LlavaConfig) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(our parameter name, source for messages, tensor) of a projector file; errors for a missing file
+    or a tensor that is not a projector weight."""
     if not path.is_file():
         raise ValueError(f"{path}: projector file not found")
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, tensor in state.items():
+        canonical = original_llava_key(key, config) if "mm_projector" in key else canonical_llava_key(key)
+        name = to_module_name(canonical, config) if canonical.startswith("multi_modal_projector.") else None
+        if name is None:
+            raise ValueError(f"{path}: key {key!r} is not a projector weight")
+        yield name, f"{path}: key {key!r}", tensor
+
+
+def _raise_missing_projector(path: Path, missing: list[str], config: LlavaConfig) -> None:
+    if missing:
+        raise ValueError(f"{path}: missing projector tensors {missing} for a {config.projector_type} projector")
+
+
+def load_projector(model, path: Path, *, dtype=None, device=None) -> None:
+    """LLaVA's mm_projector.bin (a torch state dict) or a safetensors file from save_projector."""
+    tensors = list(_projector_tensors(path, model.config))  # file errors before the projector is emptied
     device = device or model.lm_head.weight.device
     dtype = dtype or model.lm_head.weight.dtype
     with torch.device("meta"):
         for i, linear in enumerate(model.projector.linears):
             model.projector.linears[i] = nn.Linear(linear.in_features, linear.out_features)
-    for key, tensor in state.items():
-        canonical = original_llava_key(key, model.config) if "mm_projector" in key else canonical_llava_key(key)
-        name = to_module_name(canonical, model.config) if canonical.startswith("multi_modal_projector.") else None
-        if name is None:
-            raise ValueError(f"{path}: key {key!r} is not a projector weight")
-        _place(model, name, tensor, f"{path}: key {key!r}", dtype, device)
-    missing = [n for n, p in model.projector.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"{path}: missing projector tensors {missing} for a {model.config.projector_type} projector")
+    for name, source, tensor in tensors:
+        _place(model, name, tensor, source, dtype, device)
+    _raise_missing_projector(path, [n for n, p in model.projector.named_parameters() if p.is_meta], model.config)
 
 
 def save_projector(model, path: Path) -> None:

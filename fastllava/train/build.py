@@ -1,13 +1,17 @@
 """A Config's tokenizer, model (before FSDP) and dataset: what the Trainer is constructed from.
 
-Every rank builds the whole model on the host (identical on every rank: same files or same seed) and
-`parallelize` then keeps only its shards. For 7B/13B that costs host memory per rank for a moment;
-meta-device construction with sharded loading is the next step if it ever matters.
+One process (`meta=False`): the whole model is loaded on the host, then `parallelize` shards it.
+Several ranks (`train()` passes `meta=world_size > 1`): a checkpoint-loaded model is built on the meta
+device with its LoadPlan attached, and `sharded_load.parallelize_and_load` reads each rank's shard
+only, after FSDP has sharded the meta parameters, so no rank ever holds the whole model (see
+fastllava/train/sharded_load.py). A model from scratch (`source=scratch`, tests and toy runs) is always
+built whole: its seeded initialization draws every tensor in full.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -26,16 +30,30 @@ def build_tokenizer(cfg: Config):
     return tokenizer, prepare_tokenizer(tokenizer)
 
 
-def build_model(cfg: Config, special_ids: TokenizerIds) -> Llava:
+def build_model(cfg: Config, special_ids: TokenizerIds, *, meta: bool = False) -> Llava:
     """The model on the host in fp32 (FSDP's MixedPrecisionPolicy casts for compute), vocabulary grown to
-    hold the tokenizer's added tokens, image and pad ids taken from the tokenizer."""
+    hold the tokenizer's added tokens, image and pad ids taken from the tokenizer.
+
+    meta: for a checkpoint source, the model on the meta device with the loading deferred to
+    `sharded_load.parallelize_and_load` (the multi-rank path); the configuration and file errors a
+    full load would raise before reading tensors still raise here, tensor errors raise at that load."""
     m = cfg.model
     token_ids = {"image_token_id": special_ids.image_token_id, "pad_token_id": special_ids.pad_token_id}
     if m.source == "scratch":
         text = m.architecture.text
         text = replace(text, vocab_size=max(text.vocab_size, special_ids.vocab_size))
         return Llava.from_config(replace(m.architecture, text=text, **token_ids), seed=m.init_seed, backends=m.backends)
-    if m.source == "components":
+    if meta:
+        from ..model.hf import plan_components, plan_llava
+        from .sharded_load import meta_model
+
+        if m.source == "components":
+            plan = plan_components(Path(m.vision_path), Path(m.llm_path), m.projector_weights, seed=m.init_seed,
+                                   image_token_id=special_ids.image_token_id, **m.connector())
+        else:
+            plan = plan_llava(Path(m.pretrained_path), projector_weights=m.projector_weights)
+        model = meta_model(plan, Llava, m.backends, special_ids.vocab_size)
+    elif m.source == "components":
         model = Llava.from_components(m.vision_path, m.llm_path, projector_weights=m.projector_weights,
                                       dtype=torch.float32, seed=m.init_seed, backends=m.backends,
                                       image_token_id=special_ids.image_token_id, **m.connector())
@@ -43,7 +61,8 @@ def build_model(cfg: Config, special_ids: TokenizerIds) -> Llava:
         model = Llava.from_pretrained(m.pretrained_path, dtype=torch.float32, backends=m.backends)
         if m.projector_weights is not None:
             model.load_projector(m.projector_weights)
-    model.resize_token_embeddings(special_ids.vocab_size)
+    if not meta:
+        model.resize_token_embeddings(special_ids.vocab_size)
     model.config.image_token_id = special_ids.image_token_id
     model.config.pad_token_id = special_ids.pad_token_id
     return model

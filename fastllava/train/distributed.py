@@ -91,7 +91,8 @@ def apply_activation_checkpointing(block: nn.Module, mode: str) -> nn.Module:
         return checkpoint_wrapper(block, preserve_rng_state=False)
     save_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                 torch.ops.aten._scaled_dot_product_flash_attention.default,
-                torch.ops.aten._scaled_dot_product_efficient_attention.default}
+                torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                torch.ops.fastllava.varlen_attention.default}
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
@@ -130,7 +131,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, 
     mesh = device_mesh(cfg, device)
     param_dtype = _resolve_param_dtype(cfg, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, cfg.reduce_dtype))
-    model.to(device)
+    if not next(model.parameters()).is_meta:  # a meta model (sharded loading) is materialized after sharding
+        model.to(device)
 
     decoder_layers = model.language_model.layers
     if cfg.activation_checkpointing != "none":

@@ -4,6 +4,12 @@ Stage 1 writes `<output_dir>/projector.safetensors` (LLaVA's `mm_projector` key 
 own tools read it). Stage 2 writes `<output_dir>/final/`, a llava-hf directory with the tokenizer, which
 transformers' `LlavaForConditionalGeneration.from_pretrained` loads. Collective: every rank calls
 `export`; rank 0 writes.
+
+Memory: `get_model_state_dict(full_state_dict=True, cpu_offload=True)` all-gathers one parameter at a
+time and keeps the host copy on rank 0 only (the other ranks get an empty dict), so rank 0 holds the
+whole fp32 model while writing, the others nothing beyond their shards. The tensors the forward never
+uses (`model.carried`) are kept by rank 0 only after a sharded load (train/sharded_load.py): rank 0 is
+the only writer.
 """
 
 from __future__ import annotations

@@ -30,11 +30,12 @@ from ..flops import FlopModel, pack_stats
 from ..hardware import peak_tflops
 from .build import build_dataset, build_model, build_tokenizer
 from .checkpoint import Checkpointer, find_resume
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .export import export
 from .freeze import set_trainable, trainable_parameters
 from .metrics import Meter, StepRecord, format_summary, make_writers
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
+from .sharded_load import parallelize_and_load
 
 
 @dataclass
@@ -86,7 +87,7 @@ def train(cfg: Config) -> TrainResult:
     env = init_distributed(cfg.train.device)
     cfg.parallel.mesh_shape(env.world_size)  # a bad parallel.replicate fails now, not after loading the model
     tokenizer, special_ids = build_tokenizer(cfg)
-    model = build_model(cfg, special_ids)
+    model = build_model(cfg, special_ids, meta=env.world_size > 1)  # > 1: each rank reads only its shard
     dataset = build_dataset(cfg, tokenizer, model)
     return Trainer(cfg, model, dataset, tokenizer=tokenizer, env=env).run()
 
@@ -104,7 +105,7 @@ class Trainer:
         self.loader = self._loader(model.config, dataset)
         self.run_steps = min(self.loader.total_steps, cfg.train.max_steps or self.loader.total_steps)
         self.loader.stop_step = self.run_steps
-        self.model = parallelize(model, cfg.parallel, env.device, stage=cfg.train.stage)
+        self.model = parallelize_and_load(model, cfg.parallel, env.device, stage=cfg.train.stage)
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.schedule_steps or self.run_steps)

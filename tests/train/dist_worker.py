@@ -2,7 +2,12 @@
 and a short stage-1 run with the frozen LLM replicated; rank 0 saves losses and full parameters.
 
 `dist_worker.py OUT hsdp` runs the same two under HSDP (parallel.replicate=2), the stage-2 run writing a
-checkpoint at step 2, then a third run that resumes from it and does step 3."""
+checkpoint at step 2, then a third run that resumes from it and does step 3.
+
+`dist_worker.py OUT sharded` loads the checkpoints test_sharded_load.py wrote under OUT/ckpt both ways,
+whole then sharded by FSDP (build_model meta=False) and built on the meta device with each rank reading
+its shard (meta=True), compares every rank's shards, trains 2 steps each way, and records the errors of
+broken checkpoints through the sharded path; every rank saves its results."""
 
 import sys
 from pathlib import Path
@@ -47,12 +52,74 @@ def run_all(out: Path, runs: dict | None = None) -> dict:
     return results
 
 
+def sharded_all(out: Path) -> dict:
+    """Per layout: the names whose local shard differs from the full load's slice (none expected), the
+    carried keys, and both paths' losses; per broken checkpoint, the sharded path's error message."""
+    import torch.distributed as dist
+    from test_sharded_load import layouts
+
+    from fastllava.data.tokenize import TokenizerIds
+    from fastllava.model.hf import _local_part
+    from fastllava.train.build import build_model
+    from fastllava.train.distributed import init_distributed
+    from fastllava.train.freeze import set_trainable
+    from fastllava.train.sharded_load import parallelize_and_load
+
+    env = init_distributed("cpu")
+    ids = TokenizerIds(image_token_id=299, pad_token_id=0, vocab_size=310)  # 300 rows grow to 320
+    results = {"rank": env.rank, "layouts": {}, "errors": {}}
+    for name, overrides in layouts(out / "ckpt").items():
+        cfg = tiny_config(out / name, *overrides, "train.max_steps=2")
+        full = build_model(cfg, ids, meta=False)
+        full_params = dict(full.named_parameters())
+        model = build_model(cfg, ids, meta=True)
+        assert all(p.is_meta for p in model.parameters())
+        set_trainable(model, cfg.train.stage)
+        parallelize_and_load(model, cfg.parallel, env.device, stage=cfg.train.stage)
+        differ, sharded = [], 0
+        for n, p in model.named_parameters():
+            index, local = _local_part(p)
+            sharded += local.numel() < p.numel()
+            if not torch.equal(local, full_params[n][index].to(local.dtype)):
+                differ.append(n)
+            # Independent of the offsets computed above: the shards gathered back are the full tensor.
+            whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+            if not torch.equal(whole, full_params[n].to(whole.dtype)):
+                differ.append(n + " (gathered)")
+        carried_equal = all(torch.equal(t, full.carried[k]) for k, t in model.carried.items())
+        losses = {}
+        for path, meta in (("full", False), ("sharded", True)):
+            losses[path] = run(tiny_config(out / name / path, *overrides, "train.max_steps=2"),
+                               build_model(cfg, ids, meta=meta), ToyDataset(24)).losses
+        if name == "hf":
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            results["export_state_keys"] = bool(state)
+        results["layouts"][name] = {"differ": differ, "sharded_params": sharded, "carried": sorted(model.carried),
+                                    "carried_equal": carried_equal, "full_carried": sorted(full.carried),
+                                    "vocab": model.config.text.vocab_size, "losses": losses}
+    for name, overrides in layouts(out / "broken").items():
+        cfg = tiny_config(out / name, *overrides)
+        try:
+            model = build_model(cfg, ids, meta=True)
+            set_trainable(model, cfg.train.stage)
+            parallelize_and_load(model, cfg.parallel, env.device, stage=cfg.train.stage)
+            results["errors"][name] = None
+        except ValueError as e:
+            results["errors"][name] = str(e)
+        dist.barrier()
+    return results
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    hsdp = sys.argv[2:] == ["hsdp"]
-    results = run_all(out, hsdp_runs(out) if hsdp else None)
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
-        torch.save(results, out / "results.pt")
+    if sys.argv[2:] == ["sharded"]:
+        results = sharded_all(out)
+        torch.save(results, out / f"results_{dist.get_rank()}.pt")
+    else:
+        hsdp = sys.argv[2:] == ["hsdp"]
+        results = run_all(out, hsdp_runs(out) if hsdp else None)
+        if dist.get_rank() == 0:
+            torch.save(results, out / "results.pt")
     dist.destroy_process_group()
