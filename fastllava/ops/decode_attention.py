@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 from ._library import custom_op, has_values, host_list
-from .varlen_attention import LOG2E, _fwd_kv_step
+from .varlen_attention_kernels import LOG2E, _fwd_kv_step
 
 BACKENDS = ("triton", "torch", "flash_attn")
 TRITON_HEAD_DIMS = (64, 80, 96, 128)
