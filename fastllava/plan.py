@@ -2,6 +2,15 @@
 divided by what the GPUs deliver at a measured or assumed MFU, beside the paper's numbers.
 
     python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--mfu 0.45] [--measured e2e.json]
+    python -m fastllava.plan --memory --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--margin 0.1]
+
+    python -m fastllava.plan --flops --recipe llava-1.5-7b --gpus 8 --gpu A100-80G
+
+--flops counts the FLOPs one optimizer step executes (FlopCounterMode under fake tensors) for fastllava
+and for the reference path on the same samples, and projects both stages' wall clock from the executed
+FLOPs at one hardware FLOP rate (peak x --mfu) for both paths. --memory measures the peak memory per rank of every candidate (pack size x activation checkpointing) by
+running the real model's optimizer step under fake tensors (fastllava/memplan.py) and names the fastest
+configuration that fits.
 
 FLOPs are counted exactly as the trainer counts them for MFU (fastllava/flops.py), per sample of the
 modelled length profiles (fastllava.data.profile); peaks come from fastllava/hardware.py. With packing there is no padding, so
@@ -20,7 +29,8 @@ import numpy as np
 from .data.profile import sample_lengths
 from .data.reference_sampler import padding_efficiency, reference_batches
 from .flops import FlopModel
-from .hardware import BY_NAME, gpu as gpu_spec
+from .hardware import BY_NAME, GPUS
+from .hardware import gpu as gpu_spec
 from .model.config import LlavaConfig, TextConfig, VisionConfig
 
 VICUNA = {
@@ -103,7 +113,21 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu", default="A100-80G", choices=list(BY_NAME))
     parser.add_argument("--mfu", type=float, default=None, help=f"assumed MFU for both stages (default {DEFAULT_MFU})")
     parser.add_argument("--measured", type=Path, default=None, help="benchmarks/e2e.py JSON output")
+    parser.add_argument("--flops", action="store_true", help="FLOP audit: executed / useful FLOPs, both paths")
+    parser.add_argument("--memory", action="store_true", help="peak memory per rank of each candidate config")
+    parser.add_argument("--margin", type=float, default=0.10, help="memory left free, fraction (default 0.10)")
+    parser.add_argument("--stages", nargs="+", default=[s for s, _ in STAGES], choices=[s for s, _ in STAGES])
+    parser.add_argument("--pack-tokens", nargs="+", type=int, default=None, help="candidate data.max_tokens_per_pack")
+    parser.add_argument("--checkpointing", nargs="+", default=None, choices=("none", "selective", "full"))
+    parser.add_argument("--replicate", type=int, default=1, help="parallel.replicate (HSDP) for --memory")
+    parser.add_argument("--full-depth", action="store_true", help="--memory at the full decoder depth (slower)")
     args = parser.parse_args(argv)
+    if args.memory:
+        _memory(parser, args)
+        return
+    if args.flops:
+        _flops(parser, args)
+        return
     mfu = {stage: args.mfu or DEFAULT_MFU for stage, _ in STAGES}
     source = f"assumed {100 * (args.mfu or DEFAULT_MFU):.0f}%"
     if args.gpus < 1 or args.mfu is not None and not 0 < args.mfu <= 1:
@@ -115,6 +139,50 @@ def main(argv=None) -> None:
             parser.error(str(e))
         source = f"measured in {args.measured}"
     print(format_table(args.recipe, args.gpus, args.gpu, plan(args.recipe, args.gpus, args.gpu, mfu), source))
+
+
+# The recipes' pack sizes and checkpointing (recipes/configs/*.yaml): what --flops audits by default.
+RECIPE_PACK = {"align": 16384, "finetune": 8192}
+
+
+def _flops(parser, args) -> None:
+    from . import memplan
+
+    if args.gpus < 1 or args.mfu is not None and not 0 < args.mfu <= 1:
+        parser.error(f"--gpus must be >= 1 and --mfu in (0, 1]; got {args.gpus} and {args.mfu}")
+    mfu = args.mfu or DEFAULT_MFU
+    mode = (args.checkpointing or ["selective"])[0]
+    config = recipe_config(args.recipe)
+    stages = {s.stage: s for s in plan(args.recipe, args.gpus, args.gpu, {st: mfu for st, _ in STAGES})}
+    print(f"{args.recipe} on {args.gpus}x {args.gpu}: one optimizer step under FlopCounterMode (fake tensors), "
+          f"fastllava with activation checkpointing {mode}; wall clock = executed FLOPs / (GPUs x peak x {mfu:.2f})\n")
+    print("| stage | useful TFLOP/step | fastllava executed / useful | reference executed / useful "
+          "| fastllava projected | reference projected |")
+    print("|---|---|---|---|---|---|")
+    for stage in args.stages:
+        pack = (args.pack_tokens or [RECIPE_PACK[stage]])[0]
+        audit = memplan.audit_flops(config, stage, world=args.gpus, max_tokens=pack, checkpointing=mode)
+        fast, ref = audit.ratios()
+        hours = stages[stage].hours  # useful FLOPs at the MFU; executed = useful x ratio at the same rate
+        print(f"| {stage} | {audit.useful / 1e12:,.0f} | {fast:.3f} | {ref:.3f} | {hours * fast:.2f} h "
+              f"| {hours * ref:.2f} h |")
+
+
+def _memory(parser, args) -> None:
+    from . import memplan
+
+    packs = args.pack_tokens or list(memplan.PACK_TOKENS)
+    if not 0 <= args.margin < 1 or args.gpus < 1 or args.replicate < 1 or args.gpus % args.replicate or min(packs) < 2:
+        parser.error(f"need --margin in [0, 1), --gpus >= 1, --replicate dividing --gpus, --pack-tokens >= 2; got "
+                     f"{args.margin}, {args.gpus}, {args.replicate}, {packs}")
+    memory = gpu_spec(args.gpu).memory_gib
+    print(f"{args.recipe} on {args.gpus}x {args.gpu} ({memory:g} GiB), fake tensors (fastllava/memplan.py)\n")
+    report, _ = memplan.memory_plan(recipe_config(args.recipe), world=args.gpus, memory_gib=memory, margin=args.margin,
+                                    stages=args.stages, pack_tokens=packs,
+                                    checkpointing=args.checkpointing or memplan.CHECKPOINTING,
+                                    replicate=args.replicate, full_depth=args.full_depth,
+                                    others={g.name: g.memory_gib for g in GPUS if g.name != args.gpu})
+    print(report)
 
 
 if __name__ == "__main__":

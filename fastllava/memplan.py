@@ -1,0 +1,461 @@
+"""Peak memory per rank and executed FLOPs of a recipe's optimizer step, measured without a GPU.
+
+Memory (`estimate_memory`): the real `Llava` at the recipe's shape is built under FakeTensorMode (shapes,
+no values), frozen by `set_trainable`, wrapped by the trainer's own `parallelize` (activation checkpointing,
+FSDP2 with a bf16 MixedPrecisionPolicy) over a fake process group of `world` ranks, given the trainer's
+AdamW, and run through one steady-state optimizer step under torch's FSDPMemTracker: optimizer state
+already exists and gradients are already accumulated (what every micro-step after the first of every step
+after the first sees), then one micro-step on a full pack of `max_tokens` tokens drawn from the stage's
+length profile, then gradient clipping and the optimizer step, the two phases under separate trackers;
+the larger peak and its breakdown are the table's row. `estimate_memory_scaled` runs the decoder at 4 and 8
+layers and extrapolates each phase exactly to the full depth (every layer adds the same bytes).
+Byte counts do not depend on the device, so the plan runs on device "cpu"; fastllava's ops contribute
+what their fake implementations allocate (the GPU kernels' outputs and saved tensors). Not modelled: the
+CUDA caching allocator's fragmentation and the CUDA context / NCCL buffers (~1-3 GiB), hence the margin.
+
+FLOPs (`audit_flops`): one optimizer step of the stage's global batch under FlopCounterMode, for fastllava
+(its packs for all ranks, its checkpointing mode) and for the reference path (transformers'
+LlavaForConditionalGeneration, LLaVA's modality-grouped padded batches of 16, gradient checkpointing,
+full logits), on the same samples, against the useful FLOPs of fastllava/flops.py. Decoder layers are
+identical, so counts are exactly affine in the layer count: the audit runs 1 and 2 layers and extrapolates
+(exact, and 16-20x cheaper than the full depth).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .batch import PackedBatch
+from .data.profile import sample_lengths
+from .model import Backends, Llava, LlavaConfig
+
+CHECKPOINTING = ("none", "selective", "full")
+PACK_TOKENS = (2048, 4096, 8192, 16384)
+PROFILES = {"align": "pretrain558k", "finetune": "mix665k"}
+GLOBAL_BATCH = {"align": 256, "finetune": 128}
+# The order "fastest" follows: least recomputation first.
+RECOMPUTE_RANK = {"none": 0, "selective": 1, "full": 2}
+# The tracker's categories, in the order of the table.
+CATEGORIES = (("params", ("Sharded Param", "Unsharded Param", "Buffer")), ("grads", ("Sharded Grad", "Unsharded Grad")),
+              ("optim", ("OptState",)), ("activations", ("Activation", "Inputs")), ("temps", ("Temp",)),
+              ("collectives", ("All Gather", "Reduce Scatter")))
+GiB = 2**30
+PHASES = ("micro-step", "clip+step")
+
+
+@dataclass
+class MemEstimate:
+    """The peak of one candidate configuration, bytes per rank, broken down as FSDPMemTracker does."""
+
+    stage: str
+    max_tokens: int
+    checkpointing: str
+    replicate: int
+    peak: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # CATEGORIES -> bytes at the peak
+    seconds: float = 0.0  # wall clock of this estimate
+    phase: str = "micro-step"  # where the peak is: "micro-step" (forward/backward) or "clip+step"
+    phases: tuple = ()  # (peak, breakdown) of each phase, for extrapolation
+
+    def fits(self, memory_gib: float, margin: float) -> bool:
+        """Whether the peak leaves `margin` (a fraction) of the device's memory free."""
+        return self.peak <= (1 - margin) * memory_gib * GiB
+
+
+def full_pack(config: LlavaConfig, profile: str, max_tokens: int, seed: int = 0) -> PackedBatch:
+    """A pack of exactly `max_tokens` tokens: samples drawn from `profile` in order while they fit, the
+    remainder closed by one text sample (a full pack is the worst case a rank sees). Host-side tensors."""
+    n_img = config.num_image_tokens
+    lengths, has_image = sample_lengths(profile, n=max(64, 4 * max_tokens // 256), seed=seed,
+                                        num_image_tokens=n_img, model_max_length=min(2048, max_tokens))
+    chosen, total = [], 0
+    for length, image in zip(lengths.tolist(), has_image.tolist()):
+        if total + length <= max_tokens:
+            chosen.append((length, image))
+            total += length
+    if max_tokens - total >= 2:
+        chosen.append((max_tokens - total, False))
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    samples = []
+    for length, image in chosen:
+        text = length - (n_img if image else 0)
+        ids = torch.randint(4, min(config.text.vocab_size, config.image_token_id), (text,), generator=g)
+        if image:
+            ids = torch.cat([ids[:1], torch.tensor([config.image_token_id]), ids[1:]])
+        labels = ids.clone()
+        labels[: len(ids) // 2] = -100
+        labels[ids == config.image_token_id] = -100
+        pixels = torch.zeros(1, 3, size, size) if image else None
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return PackedBatch.from_samples(samples, image_token_id=config.image_token_id, num_image_tokens=n_img)
+
+
+@contextmanager
+def fake_process_group(world: int):
+    """A fake default process group of `world` ranks (this process is rank 0); collectives do nothing."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists; the memory plan needs its own fake one")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _from_phases(stage, tokens, checkpointing, replicate, phases, seconds) -> MemEstimate:
+    i = max(range(len(phases)), key=lambda j: phases[j][0])
+    return MemEstimate(stage, tokens, checkpointing, replicate, phases[i][0], phases[i][1], seconds,
+                       PHASES[i], tuple(phases))
+
+
+def _steady_state_step(model, optimizer, pack: PackedBatch, num_labels: int, max_grad_norm: float,
+                       warmup: PackedBatch | None = None) -> list[tuple[int, dict[str, int]]]:
+    """Optimizer state and accumulated gradients first (untracked), then, under FSDPMemTracker: one
+    micro-step, then clipping + the optimizer step + zero_grad. Returns (peak, breakdown) per phase.
+    The clipping is torch's clip_grad_norm_(foreach=True) as in train/optim.py, without its float(norm)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if warmup is not None:
+        # One whole untracked step first: FSDP2's lazy initialization at the first forward and the first
+        # clip/step's one-off allocations (seen as a clip+step peak of ~world x the sharded gradients on the
+        # first call only) are not part of a steady step.
+        (model(warmup).loss_sum * 0.0).backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # AdamW creates its state lazily: the first step
+    for p in params:
+        p.grad = torch.zeros_like(p)  # gradients of the step's earlier micro-steps
+    # Two phases, each with its own tracker: the micro-step, then clipping + optimizer step. Each phase's
+    # peak is affine in the decoder depth (estimate_memory_scaled extrapolates them separately); the
+    # step's peak is the larger.
+    phases = []
+    tracker = FSDPMemTracker(model, optimizer)
+    with tracker:
+        out = model(pack)
+        (out.loss_sum * (1.0 / num_labels)).backward()
+        del out
+    phases.append(_peak(tracker))
+    tracker = FSDPMemTracker(model, optimizer)
+    with tracker:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    phases.append(_peak(tracker))
+    return phases
+
+
+def _peak(tracker) -> tuple[int, dict[str, int]]:
+    (per_dev,) = tracker.get_tracker_snapshot("peak").values()
+    return per_dev["Total"], {name: sum(per_dev.get(k, 0) for k in keys) for name, keys in CATEGORIES}
+
+
+def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpointing: str, *, world: int = 8,
+                    replicate: int = 1, fake: bool = True, pack_fn=None, backends: Backends | None = None,
+                    max_grad_norm: float = 1.0) -> list[MemEstimate]:
+    """Peak bytes per rank of `stage` with `checkpointing`, one estimate per pack size in `max_tokens_list`.
+    Needs the default process group (fake_process_group). `fake=False` runs real CPU tensors (tests)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .config import OptimConfig, ParallelConfig
+    from .train.distributed import device_mesh, parallelize
+    from .train.freeze import set_trainable
+    from .train.optim import build_optimizer
+
+    pcfg = ParallelConfig(activation_checkpointing=checkpointing, param_dtype="bfloat16", replicate=replicate)
+    device = torch.device("cpu")
+    pack_fn = pack_fn or (lambda t: full_pack(config, PROFILES[stage], t))
+    packs = {t: pack_fn(t) for t in max_tokens_list}  # host side, outside the fake mode
+    labels = {t: max(p.num_label_tokens(), 1) for t, p in packs.items()}
+    # The mesh outside the fake mode (init_device_mesh reads values); parallelize then uses it.
+    mesh = device_mesh(pcfg, device)
+    out = []
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else _Null()
+    start = time.perf_counter()
+    with mode:
+        # One model per call; each pack size gets its own tracker, which counts what exists when it starts.
+        model = Llava(config, backends or Backends(attention="torch", projector="torch", merge="torch", loss="torch"))
+        set_trainable(model, stage)
+        # Module.to() of fake parameters would swap tensors, which FakeTensorMode's weak references forbid;
+        # they are on the planning device already.
+        model.to = lambda *a, **k: model
+        with _mesh_of(mesh):
+            parallelize(model, pcfg, device, stage=stage)
+        del model.to
+        optimizer = build_optimizer(model, OptimConfig())
+        for i, t in enumerate(max_tokens_list):
+            phases = _steady_state_step(model, optimizer, packs[t], labels[t], max_grad_norm,
+                                        warmup=packs[t] if i == 0 else None)
+            now = time.perf_counter()
+            out.append(_from_phases(stage, t, checkpointing, replicate, phases, now - start))
+            start = now
+    return out
+
+
+@contextmanager
+def _mesh_of(mesh):
+    """parallelize() with a mesh made beforehand, outside FakeTensorMode."""
+    from .train import distributed
+
+    made = distributed.device_mesh
+    distributed.device_mesh = lambda cfg, device: mesh
+    try:
+        yield
+    finally:
+        distributed.device_mesh = made
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def estimate_memory_scaled(config: LlavaConfig, stage: str, max_tokens_list, checkpointing: str, *,
+                           depths: tuple[int, int] = (4, 8), **kw) -> list[MemEstimate]:
+    """estimate_memory at two decoder depths a < b, extrapolated to the config's depth L: every decoder
+    layer adds the same parameters, gradients, optimizer state and saved activations, so while the peak
+    falls in the same phase of the step at both depths each category is affine in the depth:
+    x(L) = x(a) + (L - a) (x(b) - x(a)) / (b - a) (exact against the full depth: docs/training.md and
+    tests/plan/test_memplan.py). The micro-step and the clip+step phases are tracked apart and extrapolated
+    apart (the step's peak, a max of the two, is not affine). `MemEstimate.seconds` sums the runs."""
+    a, b = depths
+    L = config.text.num_hidden_layers
+    if L <= b:
+        return estimate_memory(config, stage, max_tokens_list, checkpointing, **kw)
+    runs = [estimate_memory(replace(config, text=replace(config.text, num_hidden_layers=d)), stage, max_tokens_list,
+                            checkpointing, **kw) for d in (a, b)]
+    f = (L - a) / (b - a)
+    out = []
+    for ea, eb in zip(*runs):
+        phases = []
+        for (pa, ba), (pb, bb) in zip(ea.phases, eb.phases):
+            phases.append((round(pa + f * (pb - pa)), {k: round(ba[k] + f * (bb[k] - ba[k])) for k in ba}))
+        out.append(_from_phases(stage, ea.max_tokens, checkpointing, ea.replicate, phases, ea.seconds + eb.seconds))
+    return out
+
+
+def choose(estimates: list[MemEstimate], memory_gib: float, margin: float) -> MemEstimate | None:
+    """The fastest estimate that fits: least recomputation first, then the largest pack."""
+    fitting = [e for e in estimates if e.fits(memory_gib, margin)]
+    return min(fitting, key=lambda e: (RECOMPUTE_RANK[e.checkpointing], -e.max_tokens), default=None)
+
+
+def format_memory_table(estimates: list[MemEstimate], memory_gib: float, margin: float) -> str:
+    """Markdown: one row per candidate, GiB per rank, whether it fits under the margin."""
+    header = ("| stage | pack tokens | checkpointing | params | grads | optim | activations | temps | collectives "
+              "| peak GiB | peak in | fits |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in estimates:
+        cells = " | ".join(f"{e.breakdown[k] / GiB:.2f}" for k, _ in CATEGORIES)
+        rows.append(f"| {e.stage} | {e.max_tokens} | {e.checkpointing} | {cells} | {e.peak / GiB:.2f} | {e.phase} "
+                    f"| {'yes' if e.fits(memory_gib, margin) else 'no'} |")
+    return "\n".join(rows)
+
+
+def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: float = 0.10,
+                stages=("align", "finetune"), pack_tokens=PACK_TOKENS, checkpointing=CHECKPOINTING,
+                replicate: int = 1, full_depth: bool = False,
+                others: dict[str, float] | None = None) -> tuple[str, dict[str, MemEstimate | None]]:
+    """Every candidate of every stage; returns the report (tables + choices) and the choice per stage.
+    `others` ({name: GiB}): further devices to name a choice for from the same estimates (the peak per
+    rank depends on the world size, not on the device)."""
+    lines, chosen = [], {}
+    run = estimate_memory if full_depth else estimate_memory_scaled
+
+    def named(best):
+        return (f"data.max_tokens_per_pack={best.max_tokens}, parallel.activation_checkpointing={best.checkpointing} "
+                f"({best.peak / GiB:.1f} GiB)" if best else "none fits")
+
+    with fake_process_group(world):
+        for stage in stages:
+            start = time.perf_counter()
+            estimates = [e for mode in checkpointing
+                         for e in run(config, stage, list(pack_tokens), mode, world=world, replicate=replicate)]
+            best = chosen[stage] = choose(estimates, memory_gib, margin)
+            lines += [f"stage {stage}: peak GiB per rank, {world} ranks"
+                      + (f" (HSDP, {replicate} replicas)" if replicate > 1 else "")
+                      + f", {time.perf_counter() - start:.0f} s", "", format_memory_table(estimates, memory_gib, margin), "",
+                      f"fastest that fits {memory_gib:g} GiB with a {100 * margin:.0f}% margin: {named(best)}"]
+            for name, gib in (others or {}).items():
+                lines.append(f"  {name} ({gib:g} GiB): {named(choose(estimates, gib, margin))}")
+            lines.append("")
+    return "\n".join(lines), chosen
+
+
+# --- FLOP audit ---------------------------------------------------------------------------------
+
+
+def _profile_samples(config: LlavaConfig, profile: str, n: int, seed: int) -> list[dict]:
+    """`n` samples of the stage's length profile (random ids, one image token per image, zero pixels)."""
+    n_img, size = config.num_image_tokens, config.vision.image_size
+    lengths, has_image = sample_lengths(profile, n=n, seed=seed, num_image_tokens=n_img, model_max_length=2048)
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for length, image in zip(lengths.tolist(), has_image.tolist()):
+        text = max(length - (n_img if image else 0), 2)
+        ids = torch.randint(4, min(config.text.vocab_size, config.image_token_id), (text,), generator=g)
+        if image:
+            ids = torch.cat([ids[:1], torch.tensor([config.image_token_id]), ids[1:]])
+        labels = ids.clone()
+        labels[: len(ids) // 2] = -100
+        labels[ids == config.image_token_id] = -100
+        samples.append({"input_ids": ids, "labels": labels, "length": len(ids) + (n_img - 1 if image else 0),
+                        "pixel_values": torch.zeros(1, 3, size, size) if image else None})
+    return samples
+
+
+def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q, k, v)
+
+
+def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def _count(fn) -> int:
+    """FlopCounterMode's total for fn(). torch has no formula for the CPU flash-attention op that SDPA
+    picks on this planning device (the vision tower's attention, and the reference's LLM attention);
+    it is counted analytically with torch's own SDPA formulas (full s_q x s_k: no causal discount, as a
+    padded batch's masked attention executes on the GPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _fastllava_flops(config, stage, samples, packs, checkpointing) -> int:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .train.distributed import apply_activation_checkpointing
+    from .train.freeze import set_trainable
+
+    labels = max(sum(p.num_label_tokens() for p in packs), 1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = Llava(config, Backends(attention="torch", projector="torch", merge="torch", loss="torch"))
+        set_trainable(model, stage)
+        if checkpointing != "none":
+            layers = model.language_model.layers
+            for i, block in enumerate(layers):
+                layers[i] = apply_activation_checkpointing(block, checkpointing)
+
+        def step():
+            for pack in packs:
+                (model(pack).loss_sum / labels).backward()
+        return _count(step)
+
+
+def _reference_flops(config, stage, samples, batches) -> int:
+    """transformers' Llava, gradient checkpointing, padded batches; image features fed as embeddings (its
+    masked_scatter merge checks counts by value, which fake tensors cannot): the vision tower and projector
+    run through the model's own get_image_features, the scatter is an index_put at host-known positions."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    from .train.freeze import set_trainable
+
+    parts = {"projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head"),
+             "vision": ("model.vision_tower",)}
+    inputs = []
+    for b in batches:
+        seqs = [PackedBatch.from_samples([samples[i]], image_token_id=config.image_token_id,
+                                         num_image_tokens=config.num_image_tokens) for i in b]
+        longest = max(s.num_tokens for s in seqs)
+        ids = torch.zeros((len(seqs), longest), dtype=torch.long)
+        lab, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            ids[row, : s.num_tokens], lab[row, : s.num_tokens], mask[row, : s.num_tokens] = s.input_ids, s.labels, 1
+        pixels = [samples[i]["pixel_values"] for i in b if samples[i]["pixel_values"] is not None]
+        where = (ids == config.image_token_id).nonzero(as_tuple=True)
+        inputs.append((ids.clamp(max=config.text.vocab_size - 1), lab, mask, torch.cat(pixels) if pixels else None,
+                       where))
+    hf_config = HFLlavaConfig.from_dict(config.to_hf_llava())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        set_trainable(model, stage, parts=parts)
+
+        def step():
+            for ids, lab, mask, pixels, where in inputs:
+                embeds = model.get_input_embeddings()(ids)
+                if pixels is not None:
+                    feats = model.model.get_image_features(pixel_values=pixels,
+                                                           vision_feature_layer=config.vision_feature_layer,
+                                                           vision_feature_select_strategy="default")
+                    feats = getattr(feats, "pooler_output", feats)  # transformers 5: projected features here
+                    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+                    embeds = embeds.index_put(where, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+                loss = model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
+                (loss / len(inputs)).backward()
+        return _count(step)
+
+
+@dataclass
+class FlopAudit:
+    stage: str
+    useful: float  # FlopModel's FLOPs of the step's samples
+    fastllava: float  # executed, FlopCounterMode
+    reference: float
+    images: int = 0  # images in the step
+
+    def ratios(self) -> tuple[float, float]:
+        return self.fastllava / self.useful, self.reference / self.useful
+
+
+def audit_flops(config: LlavaConfig, stage: str, *, world: int = 8, max_tokens: int = 8192,
+                checkpointing: str = "selective", global_batch: int | None = None, seed: int = 0,
+                depths: tuple[int, int] = (1, 2)) -> FlopAudit:
+    """Executed FLOPs of one optimizer step (all ranks) of both paths on the same samples, and the useful
+    FLOPs; counts at two decoder depths a < b extrapolated exactly to the config's depth (affine in L)."""
+    from .data.packing import plan_steps
+    from .data.reference_sampler import reference_batches
+    from .flops import FlopModel
+
+    n = global_batch or GLOBAL_BATCH[stage]
+    samples = _profile_samples(config, PROFILES[stage], n, seed)
+    lengths = np.array([s["length"] for s in samples])
+    has_image = np.array([s["pixel_values"] is not None for s in samples])
+    plan = plan_steps(lengths, n, max_tokens, num_ranks=world, seed=seed)[0]
+    packs = [PackedBatch.from_samples([samples[i] for i in b], image_token_id=config.image_token_id,
+                                      num_image_tokens=config.num_image_tokens)
+             for r in range(world) for b in plan.rank(r) if b]
+    batches = reference_batches(lengths, has_image, batch_size=16, world_size=world, seed=seed)
+    stepped = set(np.concatenate([np.asarray(b) for b in batches]).tolist())
+    assert stepped == set(range(n)), "the reference's step must hold the same samples"
+    L = config.text.num_hidden_layers
+    counts = []
+    for d in (depths if L > depths[1] else (L,)):
+        c = replace(config, text=replace(config.text, num_hidden_layers=d))
+        counts.append((_fastllava_flops(c, stage, samples, packs, checkpointing), _reference_flops(c, stage, samples, batches)))
+    if len(counts) == 2:
+        (fa, ra), (fb, rb) = counts
+        a, b = depths
+        counts = [(fa + (L - a) * (fb - fa) / (b - a), ra + (L - a) * (rb - ra) / (b - a))]
+    (fast, ref), = counts
+    useful = FlopModel.build(config, stage).flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()),
+                                                  int(has_image.sum()))
+    return FlopAudit(stage, useful, fast, ref, int(has_image.sum()))

@@ -1,0 +1,86 @@
+"""The memory plan (fastllava/memplan.py) and its command line: the fake-tensor estimate is the tracker's
+figure on real CPU tensors, extrapolation in depth is exact, and the CLI rejects bad arguments."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastllava.memplan import (
+    GiB,
+    MemEstimate,
+    choose,
+    estimate_memory,
+    estimate_memory_scaled,
+    fake_process_group,
+    full_pack,
+)
+from fastllava.plan import main
+from fastllava.testing import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def no_process_group():
+    """The plan runs on a fake process group of its own; a group left by an earlier test in this pytest
+    process (a one-process training run keeps its gloo group) would be in the way."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage,checkpointing", [("finetune", "none"), ("align", "selective")])
+def test_fake_estimate_equals_real_tensors(stage, checkpointing):
+    cfg = tiny_config()
+    pack = full_pack(cfg, "mix665k", 96, seed=1)
+    with fake_process_group(2):
+        fake, = estimate_memory(cfg, stage, [96], checkpointing, world=2, pack_fn=lambda t: pack)
+        real, = estimate_memory(cfg, stage, [96], checkpointing, world=2, pack_fn=lambda t: pack, fake=False)
+    assert real.peak > 0 and abs(fake.peak - real.peak) <= 0.02 * real.peak
+    for k in ("params", "grads", "optim"):
+        assert fake.breakdown[k] == real.breakdown[k]
+
+
+def test_full_pack_has_exactly_the_budget():
+    cfg = tiny_config()
+    for t in (64, 200):
+        assert full_pack(cfg, "mix665k", t).num_tokens == t
+
+
+def test_depth_extrapolation_is_exact():
+    cfg = tiny_config(text={"num_hidden_layers": 5})
+    with fake_process_group(2):
+        full, = estimate_memory(cfg, "finetune", [128], "none", world=2)
+        scaled, = estimate_memory_scaled(cfg, "finetune", [128], "none", world=2, depths=(2, 3))
+    assert abs(scaled.peak - full.peak) <= 0.001 * full.peak
+
+
+def test_choose_prefers_least_recomputation_then_largest_pack():
+    est = [MemEstimate("finetune", t, m, 1, int(gib * GiB)) for t, m, gib in
+           [(4096, "none", 70), (8192, "none", 75), (16384, "selective", 60), (16384, "full", 30)]]
+    assert (choose(est, 80, 0.10).max_tokens, choose(est, 80, 0.10).checkpointing) == (4096, "none")
+    assert choose(est, 40, 0.10).checkpointing == "full"
+    assert choose(est, 10, 0.10) is None
+
+
+def test_cli_help_and_bad_arguments():
+    run = subprocess.run([sys.executable, "-m", "fastllava.plan", "--help"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "--memory" in run.stdout
+    for bad in (["--memory", "--margin", "1.5"], ["--memory", "--gpus", "8", "--replicate", "3"], ["--gpu", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code != 0
+
+
+def test_flop_audit_at_a_tiny_shape():
+    """One optimizer step of both paths on the same samples: fastllava executes the useful FLOPs (up to
+    the projector's input gradient, which FlopModel credits but a frozen tower never needs), the
+    reference's padded batches, gradient-checkpoint recomputation and full logits execute more."""
+    from fastllava.memplan import audit_flops
+
+    cfg = tiny_config()
+    audit = audit_flops(cfg, "finetune", world=2, max_tokens=2048, checkpointing="none", global_batch=32)
+    unneeded_dx = 2 * cfg.vision.hidden_size * cfg.text.hidden_size * cfg.num_image_tokens * audit.images
+    assert audit.fastllava >= audit.useful - unneeded_dx
+    assert audit.fastllava <= 1.01 * audit.useful  # no checkpointing: nothing recomputed
+    assert audit.reference > 1.5 * audit.fastllava
