@@ -67,6 +67,19 @@ class MemEstimate:
         return self.peak <= (1 - margin) * memory_gib * GiB
 
 
+def _sample(config: LlavaConfig, text: int, image: bool, g: torch.Generator) -> dict:
+    """A training sample of `text` random text tokens (plus one image token and zero pixels if `image`),
+    the second half labelled."""
+    ids = torch.randint(4, min(config.text.vocab_size, config.image_token_id), (text,), generator=g)
+    if image:
+        ids = torch.cat([ids[:1], torch.tensor([config.image_token_id]), ids[1:]])
+    labels = ids.clone()
+    labels[: len(ids) // 2] = -100
+    labels[ids == config.image_token_id] = -100
+    size = config.vision.image_size
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.zeros(1, 3, size, size) if image else None}
+
+
 def full_pack(config: LlavaConfig, profile: str, max_tokens: int, seed: int = 0) -> PackedBatch:
     """A pack of exactly `max_tokens` tokens: samples drawn from `profile` in order while they fit, the
     remainder closed by one text sample (a full pack is the worst case a rank sees). Host-side tensors."""
@@ -81,18 +94,7 @@ def full_pack(config: LlavaConfig, profile: str, max_tokens: int, seed: int = 0)
     if max_tokens - total >= 2:
         chosen.append((max_tokens - total, False))
     g = torch.Generator().manual_seed(seed)
-    size = config.vision.image_size
-    samples = []
-    for length, image in chosen:
-        text = length - (n_img if image else 0)
-        ids = torch.randint(4, min(config.text.vocab_size, config.image_token_id), (text,), generator=g)
-        if image:
-            ids = torch.cat([ids[:1], torch.tensor([config.image_token_id]), ids[1:]])
-        labels = ids.clone()
-        labels[: len(ids) // 2] = -100
-        labels[ids == config.image_token_id] = -100
-        pixels = torch.zeros(1, 3, size, size) if image else None
-        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    samples = [_sample(config, length - (n_img if image else 0), image, g) for length, image in chosen]
     return PackedBatch.from_samples(samples, image_token_id=config.image_token_id, num_image_tokens=n_img)
 
 
@@ -302,20 +304,13 @@ def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: f
 
 def _profile_samples(config: LlavaConfig, profile: str, n: int, seed: int) -> list[dict]:
     """`n` samples of the stage's length profile (random ids, one image token per image, zero pixels)."""
-    n_img, size = config.num_image_tokens, config.vision.image_size
+    n_img = config.num_image_tokens
     lengths, has_image = sample_lengths(profile, n=n, seed=seed, num_image_tokens=n_img, model_max_length=2048)
     g = torch.Generator().manual_seed(seed)
     samples = []
     for length, image in zip(lengths.tolist(), has_image.tolist()):
-        text = max(length - (n_img if image else 0), 2)
-        ids = torch.randint(4, min(config.text.vocab_size, config.image_token_id), (text,), generator=g)
-        if image:
-            ids = torch.cat([ids[:1], torch.tensor([config.image_token_id]), ids[1:]])
-        labels = ids.clone()
-        labels[: len(ids) // 2] = -100
-        labels[ids == config.image_token_id] = -100
-        samples.append({"input_ids": ids, "labels": labels, "length": len(ids) + (n_img - 1 if image else 0),
-                        "pixel_values": torch.zeros(1, 3, size, size) if image else None})
+        sample = _sample(config, max(length - (n_img if image else 0), 2), image, g)
+        samples.append({**sample, "length": len(sample["input_ids"]) + (n_img - 1 if image else 0)})
     return samples
 
 
