@@ -13,6 +13,14 @@ Registered templates (LLaVA's llava/conversation.py + llava/train/train.py, stri
              with the <image> tag moved to the front of its human turn followed by "\n"
              (preprocess_multimodal). Loss on " " + each answer + its "</s>" (the space after
              "ASSISTANT:" is in the loss span: the tokenizer merges it into the answer's first token).
+  v0         the first LLaVA, stages 1 and 2 (conv_vicuna_v0 + the default `preprocess` path with
+             _add_speaker_and_signal, BEGIN_SIGNAL "### ", END_SIGNAL "\n", roles Human/Assistant):
+             V0_SYSTEM + "\n\n" + "### Human: " + q1 + "\n" + "### Assistant: " + a1 + "\n" + "### Human: " ...
+             + "### Assistant: " + aN + "\n" + "### " (LLaVA closes every conversation with a BEGIN_SIGNAL),
+             the <image> tag moved to the front of its human turn as for vicuna_v1. Loss on " " + each
+             answer + "\n###" (the answer and the "###" stop signal after it). LLaVA's own length arithmetic
+             (_mask_targets) also trains the "###" opening the first human turn and every "### Assistant:"
+             header; docs/data.md ("The v0 template") lists the differences.
 
 `Template.render(turns)` never adds BOS: the tokenizer does, as at inference.
 
@@ -21,6 +29,9 @@ render() gives for the same turns plus an answer, cut where that answer's loss s
 model starts answering. So it is a prefix of the training text by construction, and it is LLaVA's
 conv.get_prompt() with the last assistant message None:
   vicuna_v1  SYSTEM + " " + "USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+  v0         V0_SYSTEM + "\n\n### Human: <image>\nQ1\n### Assistant: A1\n### Human: Q2\n### Assistant:"
+             (the training format; LLaVA's conv_vicuna_v0.get_prompt() would give "V0_SYSTEM###Human: <image>\nQ1
+             ###Assistant:", a format its training code never builds)
   plain      the image tag(s) alone: "<image>" (stage 1 trains on "<image>" + caption + "\n"; LLaVA's
              conv_llava_plain.get_prompt() would give "<image>\nQ\n", a format stage 1 never trains on)
 """
@@ -37,6 +48,12 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
+# conv_vicuna_v0.system: "human" where vicuna_v1 says "user"
+V0_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
 
 @dataclass(frozen=True)
 class Rendered:
@@ -44,7 +61,7 @@ class Rendered:
 
     text: str  # the prompt, with one IMAGE_TAG per image, in order
     # [start, end) character ranges of `text` whose tokens carry loss: each answer with the marker that ends
-    # it, and for vicuna_v1 the separator space before it (see _render_vicuna_v1)
+    # it, and for vicuna_v1 and v0 the separator space before it (see _render_vicuna_v1, _render_v0)
     answer_spans: tuple[tuple[int, int], ...]
     num_images: int
 
@@ -118,9 +135,29 @@ def _render_vicuna_v1(turns: Sequence[dict]) -> Rendered:
     return Rendered(text, tuple(spans), n_images)
 
 
+def _render_v0(turns: Sequence[dict]) -> Rendered:
+    # LLaVA's string: header, then BEGIN_SIGNAL + role + ": " + value + END_SIGNAL per turn, then BEGIN_SIGNAL.
+    # The loss opens at the space after "Assistant:" (merged into the answer's first token, as in vicuna_v1,
+    # so the prompt ends "### Assistant:") and closes after the "###" that follows the answer's "\n": the
+    # stop signal the model must emit. That "###" opens the next human turn (or LLaVA's closing "### "); the
+    # space after it goes with what follows and carries no loss.
+    text = V0_SYSTEM + "\n\n" + "###"
+    spans = []
+    n_images = 0
+    for j in range(0, len(turns), 2):
+        question = move_image_tags_to_front(turns[j]["value"])
+        n_images += question.count(IMAGE_TAG)
+        text += " Human: " + question + "\n" + "### Assistant:"
+        start = len(text)
+        text += " " + turns[j + 1]["value"] + "\n" + "###"
+        spans.append((start, len(text)))
+    return Rendered(text + " ", tuple(spans), n_images)
+
+
 TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", _render_plain, stop_str="\n"),
     "vicuna_v1": Template("vicuna_v1", _render_vicuna_v1, stop_str="</s>", required_tokens=("</s>",)),
+    "v0": Template("v0", _render_v0, stop_str="###"),
 }
 
 

@@ -220,7 +220,9 @@ class LlavaConfig:
         """A llava-hf LlavaForConditionalGeneration config.json dict (mlp2x_gelu projectors only)."""
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(
-                f"the llava-hf layout only holds an mlp2x_gelu projector; this model has {self.projector_type!r}"
+                f"the llava-hf layout only holds an mlp2x_gelu projector (transformers' LlavaMultiModalProjector); "
+                f"this model has {self.projector_type!r}: write it in the original LLaVA layout "
+                "(to_original_llava; Llava.save_pretrained does so for every other projector)"
             )
         text = self.text.to_hf()
         text["pad_token_id"] = self.pad_token_id
@@ -237,4 +239,31 @@ class LlavaConfig:
             "vision_feature_select_strategy": {"patch": "default", "cls_patch": "full"}[self.vision_feature_select],
             "tie_word_embeddings": self.text.tie_word_embeddings,
             "pad_token_id": self.pad_token_id,
+        }
+
+    def to_original_llava(self, vision_tower: str) -> dict:
+        """An original LLaVA `LlavaLlamaForCausalLM` config.json dict (haotian-liu/LLaVA llava_llama.py): the
+        LlamaConfig fields flat, in transformers 4.x's form (rope_theta, rope_scaling) as LLaVA's code reads
+        them, and the mm_* fields of its model arguments. Holds any projector (mm_projector_type "linear" or
+        "mlpNx_gelu"). vision_tower: what mm_vision_tower names, a CLIP directory (LLaVA: a hub id or a path).
+        image_token_index records our <image> id; LLaVA itself uses IMAGE_TOKEN_INDEX -200 in place of it."""
+        text = self.text.to_hf()
+        rope = text.pop("rope_parameters")
+        text["rope_theta"] = rope.pop("rope_theta")
+        # transformers 4.31 (LLaVA's pin) reads the scaling kind from "type"; later ones from "rope_type"
+        text["rope_scaling"] = None if rope["rope_type"] == "default" else {"type": rope["rope_type"], **rope}
+        return {
+            **text,
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "model_type": "llava_llama",
+            "pad_token_id": self.pad_token_id,
+            "mm_vision_tower": vision_tower,
+            "mm_hidden_size": self.vision.hidden_size,
+            "mm_projector_type": self.projector_type,
+            "mm_vision_select_layer": self.vision_feature_layer,
+            "mm_vision_select_feature": self.vision_feature_select,
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "use_mm_proj": True,
+            "image_token_index": self.image_token_id,
         }

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint interop: read llava-hf, original-LLaVA, CLIP and LLaMA directories; write llava-hf.
+"""Hugging Face checkpoint interop: read llava-hf, original-LLaVA, CLIP and LLaMA directories; write llava-hf,
+or the original-LLaVA layout for the projectors llava-hf cannot hold (linear, mlpNx_gelu with N != 2).
 
 Safetensors only. Loading streams: the model is built on the meta device and each tensor is read
 from its shard and placed into the model one at a time, so host memory peaks near the largest tensor
@@ -649,8 +650,13 @@ def _alone(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
+ORIGINAL_VISION_DIR = "vision_tower"  # the CLIP tower's directory inside an original-LLaVA export
+
+
 def save_llava(model, path: Path, *, max_shard_bytes: int, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the llava-hf layout: config.json and safetensors shards (+ index when more than one).
+    """Write the llava-hf layout (an mlp2x_gelu projector, what transformers' LlavaForConditionalGeneration
+    holds), or else the original-LLaVA layout (`_save_original_llava`): config.json and safetensors shards
+    (+ index when more than one).
 
     state: our-name -> tensor, e.g. a full state dict gathered from FSDP; default the model's own.
     """
@@ -661,7 +667,37 @@ def save_llava(model, path: Path, *, max_shard_bytes: int, state: dict[str, torc
         tensors.pop(_LM_HEAD, None)
     for key, t in model.carried.items():
         tensors.setdefault(key, t)
-    _write_checkpoint(path, model.config.to_hf_llava(), tensors, max_shard_bytes)
+    if model.config.projector_type == "mlp2x_gelu":
+        _write_checkpoint(path, model.config.to_hf_llava(), tensors, max_shard_bytes)
+    else:
+        _save_original_llava(model.config, path, tensors, max_shard_bytes)
+
+
+def _original_llava_name(key: str, depth: int) -> str:
+    """Canonical llava-hf name of an LLM or projector tensor -> its original LLaVA name (inverse of
+    original_llava_key): model.layers.*, lm_head.weight, model.mm_projector[.<Sequential index>].*"""
+    m = re.match(r"^multi_modal_projector\.linear_(\d+)\.(weight|bias)$", key)
+    if m:
+        return "model.mm_projector." + ("" if depth == 1 else f"{2 * (int(m.group(1)) - 1)}.") + m.group(2)
+    if key == _LM_HEAD:
+        return "lm_head.weight"
+    assert key.startswith(_LLM), key
+    return "model." + key[len(_LLM):]
+
+
+def _save_original_llava(config: LlavaConfig, path: Path, tensors: dict[str, torch.Tensor],
+                         max_shard_bytes: int) -> None:
+    """The original LLaVA layout (haotian-liu/LLaVA's LlavaLlamaForCausalLM), which holds every projector type:
+    config.json (LlavaConfig.to_original_llava) and shards with the LLM and `model.mm_projector.*`, and the
+    vision tower as a CLIPVisionModel directory `<path>/vision_tower/` that config.json's mm_vision_tower names
+    (absolute; after moving the export pass `vision_tower=` to from_pretrained). LLaVA's own checkpoints name
+    the tower the same way (a hub id or a path) and load it from there; `plan_llava` reads the layout back."""
+    vision_dir = path / ORIGINAL_VISION_DIR
+    vision = {"vision_model." + k[len(_VISION):]: t for k, t in tensors.items() if k.startswith(_VISION)}
+    rest = {_original_llava_name(k, config.projector_depth): t for k, t in tensors.items() if not k.startswith(_VISION)}
+    _write_checkpoint(vision_dir, {"architectures": ["CLIPVisionModel"], **config.vision.to_hf()}, vision,
+                      max_shard_bytes)
+    _write_checkpoint(path, config.to_original_llava(str(vision_dir.resolve())), rest, max_shard_bytes)
 
 
 def save_components(model, vision_dir: Path, llm_dir: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -170,7 +170,11 @@ class Llava(nn.Module):
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
                         state: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the llava-hf layout (config.json, safetensors shards + index) that transformers loads.
+        """Write the llava-hf layout (config.json, safetensors shards + index) that transformers loads, for
+        an mlp2x_gelu projector; any other projector (the first LLaVA's linear one, which transformers'
+        LlavaForConditionalGeneration cannot hold) in the original LLaVA layout: LlavaLlamaForCausalLM
+        config.json with mm_projector_type, `model.mm_projector.*` keys, the vision tower in
+        `path/vision_tower/` (a CLIPVisionModel directory). `from_pretrained` reads both.
 
         state: parameter name -> full tensor, e.g. gathered from FSDP shards; default the module's own.
         """

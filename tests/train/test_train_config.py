@@ -27,7 +27,7 @@ BASE = ["model.source=scratch", "model.architecture={}"]
     (["optim.warmup_ratio=1.5"], "optim.warmup_ratio must be in [0, 1)"),
     (["train.stage=align", "train.unfreeze_vision=true"], "unfreeze_vision=true is a stage-2 option"),
     (["data.max_tokens_per_pack=100"], "must be >= data.model_max_length"),
-    (["data.template=v9"], "data.template: unknown conversation template 'v9'; known: ['plain', 'vicuna_v1']"),
+    (["data.template=v9"], "data.template: unknown conversation template 'v9'; known: ['plain', 'v0', 'vicuna_v1']"),
     (["model.backends.attention=cudnn"], "attention backend 'cudnn' is not supported; choose one of 'auto'"),
     (["model.architecture.projector_type=mlp0x_gelu"], "projector_type must be 'linear' or 'mlpNx_gelu'"),
     (["lr"], "expected section.key=value"),
@@ -108,3 +108,27 @@ def test_paper_recipes():
         assert (s2.data.image_mode, s2.data.template, s2.train.unfreeze_vision) == ("pad", "vicuna_v1", False)
         assert s2.model.projector_weights == f"{s1.train.output_dir}/projector.safetensors"
         assert size in s2.model.llm_path
+
+
+def test_every_recipe_config_loads_and_the_first_llavas_recipes():
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        load_config(path)  # every key known, every value valid
+    for size in ("7b", "13b"):
+        s1 = load_config(CONFIGS / f"llava_{size}_pretrain.yaml")
+        assert (s1.train.stage, s1.optim.lr, s1.train.global_batch_size, s1.train.epochs) == ("align", 2e-3, 128, 1)
+        assert (s1.optim.warmup_ratio, s1.optim.schedule, s1.optim.weight_decay) == (0.03, "cosine", 0.0)
+        assert (s1.data.model_max_length, s1.data.template) == (2048, "v0")
+        assert s1.model.connector() == {"projector_type": "linear", "vision_feature_layer": -2,
+                                        "vision_feature_select": "patch"}
+        assert s1.model.vision_path.endswith("clip-vit-large-patch14")  # 224 px, not the 336-px tower
+        assert s1.data.data_path.endswith("LLaVA-CC3M-Pretrain-595K/chat.json")
+        s2 = load_config(CONFIGS / f"llava_{size}_finetune.yaml")
+        assert (s2.train.stage, s2.optim.lr, s2.train.global_batch_size, s2.train.epochs) == ("finetune", 2e-5, 32, 3)
+        assert (s2.optim.warmup_ratio, s2.optim.schedule, s2.optim.weight_decay) == (0.03, "cosine", 0.0)
+        assert (s2.data.model_max_length, s2.data.template, s2.train.unfreeze_vision) == (2048, "v0", False)
+        assert s2.model.connector() == s1.model.connector() and s2.model.vision_path == s1.model.vision_path
+        assert s2.model.projector_weights == f"{s1.train.output_dir}/projector.safetensors"
+        assert s2.data.data_path.endswith("llava_instruct_158k.json") and s2.data.image_folder.endswith("train2017")
+        assert size in s2.model.llm_path and s2.model.llm_path == s1.model.llm_path
