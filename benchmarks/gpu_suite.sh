@@ -6,6 +6,7 @@
 #   2. the kernel microbenchmarks;
 #   3. the end-to-end comparison against the reference recipe (both stages, 7B shape) and evaluation
 #      throughput against transformers' generate (7B shape);
+#   4. the memory plan's fake-tensor estimate against torch.cuda.max_memory_allocated of the same step;
 # and a markdown summary with date, device and versions, ready to paste into benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_suite.sh            # writes $OUT/gpu_suite.md (OUT defaults to benchmarks/out)
@@ -63,6 +64,7 @@ step bench_merge 30 python -m pytest benchmarks/bench_merge.py --benchmark-only 
 step bench_flce 45 python -m pytest benchmarks/bench_flce.py --benchmark-only -q --benchmark-json "$OUT/bench_flce.json"
 step bench_decode_attention 60 python -m pytest benchmarks/bench_decode_attention.py --benchmark-only -q --benchmark-json "$OUT/bench_decode_attention.json"
 step e2e 150 python benchmarks/e2e.py --shape 7b --layers "${E2E_LAYERS:-4}" --json "$OUT/e2e.json"
+step bench_memory 120 python benchmarks/bench_memory.py --shape 7b --layers 4 --stages finetune --pack-tokens 8192 --json "$OUT/bench_memory.json"
 step bench_generate 150 python benchmarks/bench_generate.py --shape 7b --layers 8 --json "$OUT/bench_generate.json"
 [ -f "$OUT/e2e.json" ] && step plan 30 python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G --measured "$OUT/e2e.json"
 

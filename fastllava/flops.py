@@ -8,7 +8,8 @@ Per optimizer step, following docs/training.md ("What you see") and the design n
   vision tower  forward only when frozen: 2 N_vit per token + non-causal attention 4 L C S^2 per image,
                 S = patches (+ CLS) per image, only the layers that run, + the patch embedding
                 (2 x 3 p^2 C per patch); x3 when it trains (x2 for the patch embedding: no pixel grads).
-  projector     6 N_proj per visual token (trained in both stages).
+  projector     6 N_proj per visual token (trained in both stages), less the first layer's input
+                gradient (2 C d per visual token) when the tower is frozen: nothing upstream needs it.
 Recomputation by activation checkpointing is not counted (it is not useful work). nanoGPT counts MFU the
 same way (PaLM appendix B). The coefficients are checked against torch's FlopCounterMode in the tests.
 """
@@ -49,13 +50,15 @@ class FlopModel:
         vit_factor = 3 if unfreeze_vision else 1
         depth = config.projector_depth
         n_proj = c * t.hidden_size + (depth - 1) * t.hidden_size * t.hidden_size
+        # A frozen tower needs no gradient of its features: the first projector layer's dX GEMM never runs.
+        proj_per_token = 6 * n_proj - (0 if unfreeze_vision else 2 * c * t.hidden_size)
         return cls(
             llm_per_token=llm_factor * n_llm,
             llm_attn_coeff=attn,
             # The patch embedding never needs an input gradient (pixels): x2, not x3, when it trains.
             vision_matmul_per_image=vit_factor * 2 * n_vit * s + (2 if unfreeze_vision else 1) * patch_embed,
             vision_attn_per_image=vit_factor * 4 * vit_layers * c * s * s,
-            projector_per_image=6 * n_proj * config.num_image_tokens,
+            projector_per_image=proj_per_token * config.num_image_tokens,
         )
 
     @property

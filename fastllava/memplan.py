@@ -61,6 +61,7 @@ class MemEstimate:
     seconds: float = 0.0  # wall clock of this estimate
     phase: str = "micro-step"  # where the peak is: "micro-step" (forward/backward) or "clip+step"
     phases: tuple = ()  # (peak, breakdown) of each phase, for extrapolation
+    cuda_peak: int | None = None  # torch.cuda.max_memory_allocated of the same phase (real run on a GPU)
 
     def fits(self, memory_gib: float, margin: float) -> bool:
         """Whether the peak leaves `margin` (a fraction) of the device's memory free."""
@@ -113,16 +114,17 @@ def fake_process_group(world: int):
         dist.destroy_process_group()
 
 
-def _from_phases(stage, tokens, checkpointing, replicate, phases, seconds) -> MemEstimate:
+def _from_phases(stage, tokens, checkpointing, replicate, phases, seconds, cuda_peaks=None) -> MemEstimate:
     i = max(range(len(phases)), key=lambda j: phases[j][0])
     return MemEstimate(stage, tokens, checkpointing, replicate, phases[i][0], phases[i][1], seconds,
-                       PHASES[i], tuple(phases))
+                       PHASES[i], tuple(phases), cuda_peaks[i] if cuda_peaks else None)
 
 
 def _steady_state_step(model, optimizer, pack: PackedBatch, num_labels: int, max_grad_norm: float,
-                       warmup: PackedBatch | None = None) -> list[tuple[int, dict[str, int]]]:
+                       warmup: PackedBatch | None = None, cuda_peaks: list | None = None) -> list[tuple[int, dict[str, int]]]:
     """Optimizer state and accumulated gradients first (untracked), then, under FSDPMemTracker: one
-    micro-step, then clipping + the optimizer step + zero_grad. Returns (peak, breakdown) per phase.
+    micro-step, then clipping + the optimizer step + zero_grad. Returns (peak, breakdown) per phase, and
+    appends torch.cuda.max_memory_allocated of each phase to `cuda_peaks` when given (a run on a GPU).
     The clipping is torch's clip_grad_norm_(foreach=True) as in train/optim.py, without its float(norm)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -143,19 +145,27 @@ def _steady_state_step(model, optimizer, pack: PackedBatch, num_labels: int, max
     # Two phases, each with its own tracker: the micro-step, then clipping + optimizer step. Each phase's
     # peak is affine in the decoder depth (estimate_memory_scaled extrapolates them separately); the
     # step's peak is the larger.
-    phases = []
-    tracker = FSDPMemTracker(model, optimizer)
-    with tracker:
+    def micro_step():
         out = model(pack)
         (out.loss_sum * (1.0 / num_labels)).backward()
-        del out
-    phases.append(_peak(tracker))
-    tracker = FSDPMemTracker(model, optimizer)
-    with tracker:
+
+    def clip_and_step():
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    phases.append(_peak(tracker))
+
+    phases = []
+    for phase in (micro_step, clip_and_step):
+        if cuda_peaks is not None:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        tracker = FSDPMemTracker(model, optimizer)
+        with tracker:
+            phase()
+        phases.append(_peak(tracker))
+        if cuda_peaks is not None:
+            torch.cuda.synchronize()
+            cuda_peaks.append(torch.cuda.max_memory_allocated())
     return phases
 
 
@@ -166,9 +176,12 @@ def _peak(tracker) -> tuple[int, dict[str, int]]:
 
 def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpointing: str, *, world: int = 8,
                     replicate: int = 1, fake: bool = True, pack_fn=None, backends: Backends | None = None,
-                    max_grad_norm: float = 1.0) -> list[MemEstimate]:
+                    max_grad_norm: float = 1.0, device: str = "cpu") -> list[MemEstimate]:
     """Peak bytes per rank of `stage` with `checkpointing`, one estimate per pack size in `max_tokens_list`.
-    Needs the default process group (fake_process_group). `fake=False` runs real CPU tensors (tests)."""
+    Needs the default process group (fake_process_group). `fake=False` runs real tensors on `device`:
+    the tests on the CPU; on a GPU (benchmarks/bench_memory.py) each estimate also gets the phase's
+    torch.cuda.max_memory_allocated. With the fake process group the collectives move no data, so the
+    values are garbage but every allocation is the real one of a rank of `world`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .config import OptimConfig, ParallelConfig
@@ -177,9 +190,10 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
     from .train.optim import build_optimizer
 
     pcfg = ParallelConfig(activation_checkpointing=checkpointing, param_dtype="bfloat16", replicate=replicate)
-    device = torch.device("cpu")
+    device = torch.device(device)
+    on_gpu = device.type == "cuda" and not fake
     pack_fn = pack_fn or (lambda t: full_pack(config, PROFILES[stage], t))
-    packs = {t: pack_fn(t) for t in max_tokens_list}  # host side, outside the fake mode
+    packs = {t: pack_fn(t).to(device) for t in max_tokens_list}  # made outside the fake mode
     labels = {t: max(p.num_label_tokens(), 1) for t, p in packs.items()}
     # The mesh outside the fake mode (init_device_mesh reads values); parallelize then uses it.
     mesh = device_mesh(pcfg, device)
@@ -188,7 +202,9 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
     start = time.perf_counter()
     with mode:
         # One model per call; each pack size gets its own tracker, which counts what exists when it starts.
-        model = Llava(config, backends or Backends(attention="torch", projector="torch", merge="torch", loss="torch"))
+        with device:
+            model = Llava(config, backends or Backends(attention="torch", projector="torch", merge="torch",
+                                                       loss="torch"))
         set_trainable(model, stage)
         # Module.to() of fake parameters would swap tensors, which FakeTensorMode's weak references forbid;
         # they are on the planning device already.
@@ -198,10 +214,11 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
         del model.to
         optimizer = build_optimizer(model, OptimConfig())
         for i, t in enumerate(max_tokens_list):
+            cuda_peaks = [] if on_gpu else None
             phases = _steady_state_step(model, optimizer, packs[t], labels[t], max_grad_norm,
-                                        warmup=packs[t] if i == 0 else None)
+                                        warmup=packs[t] if i == 0 else None, cuda_peaks=cuda_peaks)
             now = time.perf_counter()
-            out.append(_from_phases(stage, t, checkpointing, replicate, phases, now - start))
+            out.append(_from_phases(stage, t, checkpointing, replicate, phases, now - start, cuda_peaks))
             start = now
     return out
 

@@ -146,7 +146,12 @@ class Trainer:
         scale = env.world_size / max(global_labels, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         tokens = sum_sq = images = samples = 0
-        for mb in micro_batches:
+        hsdp = self.cfg.parallel.replicate > 1
+        for i, mb in enumerate(micro_batches):
+            if hsdp:
+                # HSDP: every micro-step reduce-scatters within its shard group (sharded gradients
+                # accumulate), the cross-replica all-reduce (the inter-node one) runs once, after the last.
+                self.model.set_requires_all_reduce(i == len(micro_batches) - 1)
             out = self.model(mb.batch.to(env.device, non_blocking=True))
             (out.loss_sum * scale).backward()
             loss_sum += out.loss_sum.detach().double()

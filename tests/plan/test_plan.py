@@ -47,3 +47,15 @@ def test_measured_file(tmp_path, capsys):
     bad.write_text("{}")
     with pytest.raises(ValueError, match="bad.json: not an e2e.py result"):
         measured_mfu(bad)
+
+
+def test_gpu_detection_by_device_name():
+    """Names as torch.cuda.get_device_name() reports them; a near name is not taken for its neighbour."""
+    from fastllava.hardware import match
+
+    cases = {"NVIDIA H200": "H200", "NVIDIA H100 80GB HBM3": "H100-80G", "NVIDIA H100 PCIe": "H100-PCIe",
+             "NVIDIA A100-SXM4-80GB": "A100-80G", "NVIDIA A100-SXM4-40GB": "A100-40G",
+             "NVIDIA A100 80GB PCIe": "A100-80G-PCIe", "NVIDIA L40S": "L40S", "NVIDIA A10": "A10", "NVIDIA L4": "L4",
+             "NVIDIA GeForce RTX 4090": "RTX-4090", "NVIDIA GeForce RTX 3090": "RTX-3090",
+             "NVIDIA L40": None, "NVIDIA A10G": None, "NVIDIA GeForce RTX 3090 Ti": None, "Tesla V100-SXM2-16GB": None}
+    assert {name: getattr(match(name), "name", None) for name in cases} == cases

@@ -1,8 +1,8 @@
 """Run by test_train_distributed.py under torchrun (and in-process for one rank): a short stage-2 run
 and a short stage-1 run with the frozen LLM replicated; rank 0 saves losses and full parameters.
 
-`dist_worker.py OUT hsdp` runs the same two under HSDP (parallel.replicate=2), the stage-2 run writing a
-checkpoint at step 2, then a third run that resumes from it and does step 3.
+`dist_worker.py OUT hsdp` runs the same two under HSDP (parallel.replicate=2), the stage-2 run in two
+micro-steps per rank and writing a checkpoint at step 2, then a third run that resumes from it and does step 3.
 
 `dist_worker.py OUT sharded` loads the checkpoints test_sharded_load.py wrote under OUT/ckpt both ways,
 whole then sharded by FSDP (build_model meta=False) and built on the meta device with each rank reading
@@ -28,9 +28,12 @@ def hsdp_runs(out: Path) -> dict:
     """RUNS with parallel.replicate=2, plus "resumed": step 3 of "finetune" from its step-2 checkpoint.
     Checkpoint frequency changes nothing in the losses, so "finetune" still equals RUNS' one-process run."""
     step2 = out / "finetune" / "checkpoints" / "step_00000002"
+    # Packs of 32 tokens: two micro-steps per rank, so the cross-replica all-reduce deferred to the last
+    # micro-step (trainer.train_step) is exercised. Samples are at most 31 tokens: nothing is truncated.
+    two_micro = ["parallel.replicate=2", "data.max_tokens_per_pack=32", "data.model_max_length=32"]
     return {
-        "finetune": ["parallel.replicate=2", "train.max_steps=3", "checkpoint.every_steps=2"],
-        "resumed": ["parallel.replicate=2", "train.max_steps=3", f"checkpoint.resume={step2}"],
+        "finetune": [*two_micro, "train.max_steps=3", "checkpoint.every_steps=2"],
+        "resumed": [*two_micro, "train.max_steps=3", f"checkpoint.resume={step2}"],
         "align": ["parallel.replicate=2", *RUNS["align"]],
     }
 

@@ -110,6 +110,9 @@ def test_flop_model_matches_torch_counter(stage, unfreeze):
     vision = counts["Llava.vision_tower"]
     vision_matmuls = sum(v for op, v in vision.items() if "attention" not in str(op))
     assert vision_matmuls == fm.vision_matmul_per_image * images
+    # The projector's forward + backward GEMMs: with a frozen tower its first layer computes no input gradient.
+    projector = g[fl.fused_mlp_projector] + g[fl.fused_mlp_projector_backward]
+    assert projector == fm.projector_per_image * images
     assert fm.flops(tokens, sum_sq, images) > llm_mm + vision_matmuls
 
 
