@@ -53,6 +53,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint scoring llava_bench / mmvet "
                                                           "(key from $FASTLLAVA_JUDGE_API_KEY or $OPENAI_API_KEY)")
     parser.add_argument("--judge-model", default=None, help="the judge's model name at --judge-url")
+    parser.add_argument("--sqa-format", default=None, metavar="FMT",
+                        help="scienceqa: question file llava_test_FMT.json; CQM-A (default) is LLaVA-1.5's protocol "
+                             "(with the single-letter instruction), others (e.g. QCM-LEA, the LLaVA paper's fine-tuned "
+                             "model) are asked as written (docs/evaluation.md)")
+    parser.add_argument("--sqa-language-only", default=None, metavar="FILE",
+                        help="scienceqa: a language-only model's answers ({'outputs': {pid: text}} json or answers "
+                             "jsonl); with --judge-url/--judge-model, adds the LLaVA paper's 'GPT-4 as the judge' scores")
     args = parser.parse_args(argv)
     for name in ("max_new_tokens", "max_batch_size", "prefill_tokens", "limit"):
         value = getattr(args, name)
@@ -60,9 +67,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if (args.judge_url is None) != (args.judge_model is None):
         parser.error("--judge-url and --judge-model go together")
+    if (args.sqa_format is not None or args.sqa_language_only is not None) and args.task != "scienceqa":
+        parser.error("--sqa-format and --sqa-language-only are options of --task scienceqa")
+    if args.task == "scienceqa" and (args.sqa_language_only is None) != (args.judge_url is None):
+        parser.error("--task scienceqa: --sqa-language-only and --judge-url/--judge-model go together (the judge "
+                     "decides where the model and the language-only answers disagree)")
+    if args.sqa_language_only is not None and not Path(args.sqa_language_only).is_file():
+        parser.error(f"--sqa-language-only {args.sqa_language_only}: file not found")
+    if args.sqa_format is not None:
+        from ..data.scienceqa import check_format
+
+        try:
+            check_format(args.sqa_format)
+        except ValueError as e:
+            parser.error(f"--sqa-format: {e}")
     if not Path(args.data).is_dir():
         parser.error(f"--data {args.data}: not a directory")
     return args
+
+
+def task_for(args: argparse.Namespace) -> Task:
+    """The task the command line names, with its options (scienceqa: always with the per-class table)."""
+    sqa = {"question_format": args.sqa_format, "language_only": args.sqa_language_only,
+           "breakdown": True} if args.task == "scienceqa" else {}
+    return make_task(args.task, split=args.split, judge_url=args.judge_url, judge_model=args.judge_model, **sqa)
 
 
 def answer_id(model_id: str, question_id) -> str:
@@ -129,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    task = make_task(args.task, split=args.split, judge_url=args.judge_url, judge_model=args.judge_model)
+    task = task_for(args)
     data, output = Path(args.data), Path(args.output)
     questions = task.load(data)
     check_unique(questions, task, data)

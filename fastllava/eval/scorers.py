@@ -9,7 +9,9 @@ Each rule below names the LLaVA file (github.com/haotian-liu/LLaVA) it reproduce
   which counts a prediction correct when it equals the gold answer string.
 * `pope_yes_no`, `pope_metrics`: `llava/eval/eval_pope.py`.
 * `scienceqa_letter`, `scienceqa_choice`: `llava/eval/eval_science_qa.py` (its answer parsing and
-  `get_pred_idx`).
+  `get_pred_idx`). `scienceqa_subsets`, `scienceqa_breakdown`: the ScienceQA paper's table columns, as
+  ScienceQA's `tools/evaluate_acc.py` (github.com/lupantech/ScienceQA) computes them.
+  `scienceqa_ensemble`: the "GPT-4 as the judge" rule of `llava/eval/eval_science_qa_gpt4_requery.py`.
 * `textvqa_question`: `llava/eval/eval_textvqa.py` (`prompt_processor`, which finds the annotation a
   prediction belongs to).
 * `mme_yes_no`, `mme_scores`: LLaVA's `playground/data/eval/MME/convert_answer_to_mme.py` (from eval.zip)
@@ -45,8 +47,12 @@ __all__ = [
     "normalize_vqa_answer",
     "pope_metrics",
     "pope_yes_no",
+    "SCIENCEQA_SUBSETS",
+    "scienceqa_breakdown",
     "scienceqa_choice",
+    "scienceqa_ensemble",
     "scienceqa_letter",
+    "scienceqa_subsets",
     "textvqa_question",
     "vqa_accuracy",
 ]
@@ -304,6 +310,50 @@ def scienceqa_choice(prediction: str, num_options: int) -> int:
     allowed = _SQA_OPTIONS[:num_options]
     letter = scienceqa_letter(prediction)
     return allowed.index(letter) if letter in allowed else -1
+
+
+# The ScienceQA paper's table columns (evaluate_acc.py), in its order: subject, context modality, grade.
+SCIENCEQA_SUBSETS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
+_SQA_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+_SQA_GRADES = {f"grade{g}": "G1-6" if g <= 6 else "G7-12" for g in range(1, 13)}
+
+
+def scienceqa_subsets(problem: Mapping) -> list[str]:
+    """The table columns a problems.json entry counts in, as evaluate_acc.py assigns them: its subject
+    (NAT, SOC, LAN); TXT when the hint is non-empty and IMG when it names an image (a problem with both
+    counts in both), NO when it has neither; G1-6 for grade1..grade6, G7-12 for grade7..grade12. A subject
+    or grade outside those values counts in no column of its kind (evaluate_acc.py's filters skip it)."""
+    subsets = [_SQA_SUBJECTS[problem.get("subject")]] if problem.get("subject") in _SQA_SUBJECTS else []
+    has_text, has_image = bool(problem.get("hint")), bool(problem.get("image"))
+    subsets += (["TXT"] if has_text else []) + (["IMG"] if has_image else [])
+    if not has_text and not has_image:
+        subsets.append("NO")
+    if problem.get("grade") in _SQA_GRADES:
+        subsets.append(_SQA_GRADES[problem["grade"]])
+    return subsets
+
+
+def scienceqa_breakdown(problems: Mapping[str, Mapping], correct: Mapping[str, bool]) -> dict[str, float]:
+    """Accuracy (percent) per column of the paper's table over `problems` ({pid: problems.json entry}),
+    `correct[pid]` saying whether the prediction matched. A column with no problem is left out (evaluate_acc.py
+    divides by zero there)."""
+    hits, totals = defaultdict(int), defaultdict(int)
+    for pid, problem in problems.items():
+        for name in scienceqa_subsets(problem):
+            totals[name] += 1
+            hits[name] += bool(correct[pid])
+    return {name: 100.0 * hits[name] / totals[name] for name in SCIENCEQA_SUBSETS if totals[name]}
+
+
+def scienceqa_ensemble(model_choice: int, language_choice: int, judge_choice: int | None) -> int:
+    """The final choice of "GPT-4 as the judge" (eval_science_qa_gpt4_requery.py): the model's choice where
+    the language-only model agrees (the judge is not asked: `judge_choice` None); otherwise the judge's
+    choice, unless the judge's reply names no valid option (-1), then the model's. Choices are 0-based
+    indices, -1 for an unparsed answer; two unparsed answers agree. (LLaVA's script replaces an unparsed
+    answer by a random option; here it stays -1, always wrong.)"""
+    if judge_choice is None or judge_choice < 0:
+        return model_choice
+    return judge_choice
 
 
 # ---------------------------------------------------------------------------------------------------

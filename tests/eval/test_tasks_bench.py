@@ -252,3 +252,87 @@ def test_mmvet_bad_input(tmp_path):
     _rewrite_jsonl(qfile, lambda rows: rows + [{"image": "v1_0.png", "question_id": 3}])
     with pytest.raises(EvalDataError, match=r"llava-mm-vet.jsonl:4: expected keys question_id, image, text; missing text"):
         MMVet().load(root)
+
+
+# ------------------------------------------------------------------------------------------- ScienceQA table
+
+
+def _sqa_layout(tmp_path):
+    """layout_vqa's four test problems, given the subjects and grades of the paper's table: "4" LAN grade9
+    (hint, no image: TXT), "5" NAT grade5 (hint + image: TXT and IMG), "11" NAT grade5 (TXT and IMG), "15" SOC
+    grade12 (no hint, no image: NO)."""
+    from layout_vqa import make_scienceqa
+
+    data = make_scienceqa(tmp_path)
+    path = data / "scienceqa" / "problems.json"
+    problems = json.loads(path.read_text())
+    problems["4"].update(subject="language science", grade="grade9")
+    problems["15"].update(subject="social science", grade="grade12")
+    path.write_text(json.dumps(problems))
+    return data
+
+
+def test_scienceqa_subsets():
+    from fastllava.eval.scorers import scienceqa_subsets
+
+    assert scienceqa_subsets({"subject": "natural science", "hint": "x", "image": "image.png", "grade": "grade6"}) == [
+        "NAT", "TXT", "IMG", "G1-6"]
+    assert scienceqa_subsets({"subject": "social science", "hint": "", "image": None, "grade": "grade7"}) == [
+        "SOC", "NO", "G7-12"]
+    assert scienceqa_subsets({"subject": "language science", "hint": "", "image": "a.png", "grade": "grade12"}) == [
+        "LAN", "IMG", "G7-12"]
+
+
+def test_scienceqa_breakdown(tmp_path):
+    from fastllava.eval.tasks.scienceqa import ScienceQA
+
+    task = ScienceQA(breakdown=True)
+    qs = task.load(_sqa_layout(tmp_path))
+    # Right: 4 (B), 5 (sentence rule), 15 ("A. ..."); wrong: 11 ("D." does not parse).
+    scores = task.score(qs, ["B", "The answer is B.", "D.", "A. 7 kilograms"], tmp_path / "out")
+    # NAT {5 ok, 11 x} 50; SOC {15 ok}; LAN {4 ok}; TXT {4, 5 ok, 11 x} 2/3; IMG {5 ok, 11 x}; NO {15 ok};
+    # G1-6 {5 ok, 11 x}; G7-12 {4, 15 ok}.
+    assert scores == pytest.approx({"accuracy": 75.0, "img_accuracy": 50.0, "NAT": 50.0, "SOC": 100.0, "LAN": 100.0,
+                                    "TXT": 200 / 3, "IMG": 50.0, "NO": 100.0, "G1-6": 50.0, "G7-12": 100.0})
+    assert list(scores) == ["accuracy", "img_accuracy", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"]
+
+
+def test_scienceqa_breakdown_counts_unanswered_wrong(tmp_path):
+    from fastllava.eval.tasks.scienceqa import ScienceQA
+
+    task = ScienceQA(breakdown=True)
+    qs = task.load(_sqa_layout(tmp_path))
+    # Only 4 and 5 answered (right); 11 and 15 FAILED. The problems' own image field decides IMG (11 counts),
+    # while LLaVA's img_accuracy reads the prompt ("Unknown" for 11): 1/1.
+    scores = task.score(qs[:2], ["B", "B"], tmp_path / "out")
+    assert scores == pytest.approx({"accuracy": 50.0, "img_accuracy": 100.0, "NAT": 50.0, "SOC": 0.0, "LAN": 100.0,
+                                    "TXT": 200 / 3, "IMG": 50.0, "NO": 0.0, "G1-6": 50.0, "G7-12": 50.0})
+
+
+def test_scienceqa_breakdown_needs_subject_and_grade(tmp_path):
+    from fastllava.eval.tasks.scienceqa import ScienceQA
+
+    data = _sqa_layout(tmp_path)
+    path = data / "scienceqa" / "problems.json"
+    problems = json.loads(path.read_text())
+    del problems["11"]["grade"]
+    path.write_text(json.dumps(problems))
+    with pytest.raises(EvalDataError, match=r"problem '11': the per-class table needs subject and grade"):
+        ScienceQA(breakdown=True).load(data)
+    assert len(ScienceQA().load(data)) == 4  # without the table, as before
+
+
+def test_scienceqa_paper_question_format(tmp_path):
+    from fastllava.eval.tasks.scienceqa import ScienceQA
+
+    data = _sqa_layout(tmp_path)
+    entries = json.loads((data / "scienceqa" / "llava_test_CQM-A.json").read_text())
+    (data / "scienceqa" / "llava_test_QCM-LEA.json").write_text(json.dumps(entries))
+    cqm, paper = ScienceQA().load(data), ScienceQA(question_format="QCM-LEA").load(data)
+    # The paper's protocol asks the question file as written, without the single-letter instruction.
+    assert [q.text for q in paper] == [q.text.rsplit("\n", 1)[0] for q in cqm]
+    assert paper[1].record["prompt"] == "<image>\n" + paper[1].text
+    with pytest.raises(ValueError, match="prompt format 'QCM'"):
+        ScienceQA(question_format="QCM")
+    with pytest.raises(EvalDataError, match="llava_test_QCM-A.json: file not found"):
+        ScienceQA(question_format="QCM-A").load(data)
