@@ -11,7 +11,15 @@ each rank's peak RSS reported against the fp32 model, its own shard and the larg
        (build_model meta=True + sharded_load.parallelize_and_load).
 The goal of the new path: peak minus the RSS after imports below one shard plus one tensor.
 
-    python benchmarks/bench_loading.py [--gb 2] [--ranks 2] [--dir /tmp/fastllava-ckpt]
+`--export` (with --ranks > 1): after the new path's load, the stage-2 export the other way round, each
+rank's peak RSS above its RSS before the export (Linux: the high-water mark is reset through
+/proc/self/clear_refs), with 512 MiB safetensors shards:
+  gathered  get_model_state_dict(full_state_dict=True, cpu_offload=True) on rank 0, then the writer
+            (what train/export.py did before 2026-11-30): rank 0 holds the whole fp32 model;
+  streamed  train/export.py: one parameter at a time into the shard writer: rank 0 holds one shard
+            plus the tensor in hand.
+
+    python benchmarks/bench_loading.py [--gb 2] [--ranks 2] [--export] [--dir /tmp/fastllava-ckpt]
 """
 
 from __future__ import annotations
@@ -66,7 +74,48 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(path: Path, kind: str) -> None:
+def _rss_gb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def export_worker(model, env, kind: str) -> None:
+    """The stage-2 export of `model` (already sharded) as `kind` does it; prints each rank's peak RSS above
+    its RSS before the export."""
+    import tempfile
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from fastllava.train.distributed import barrier
+    from fastllava.train.export import gathered_parameters
+
+    shard_bytes = 512 * 2**20
+    out = Path(tempfile.mkdtemp(prefix=f"export-{kind}-"))
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _rss_gb("VmRSS")
+    t = time.perf_counter()
+    if kind == "gathered":
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            model.save_pretrained(out, state=state.items(), max_shard_bytes=shard_bytes)
+    else:
+        parameters = gathered_parameters(model, keep=env.is_main)
+        if env.is_main:
+            model.save_pretrained(out, state=parameters, max_shard_bytes=shard_bytes)
+        else:
+            for _ in parameters:
+                pass
+    barrier()
+    params = list(model.parameters())
+    print(json.dumps({"rank": env.rank, "path": kind, "export_extra_gb": _rss_gb("VmHWM") - before,
+                      "model_gb": sum(p.numel() * p.element_size() for p in params) / 2**30,
+                      "largest_tensor_gb": max(p.numel() * p.element_size() for p in params) / 2**30,
+                      "shard_file_gb": shard_bytes / 2**30, "export_seconds": time.perf_counter() - t}), flush=True)
+
+
+def worker(path: Path, kind: str, export_kind: str | None = None) -> None:
     """One rank of a multi-rank measurement (run by torchrun): prints one JSON line."""
     from fastllava.config import load_config
     from fastllava.data.tokenize import TokenizerIds
@@ -89,6 +138,8 @@ def worker(path: Path, kind: str) -> None:
     seconds = time.perf_counter() - t
     params = list(model.parameters())
     shard = sum(p.to_local().numel() * p.to_local().element_size() for p in params)
+    if export_kind:
+        return export_worker(model, env, export_kind)
     print(json.dumps({"rank": env.rank, "path": kind, "peak_rss_gb": _peak_gb(), "import_rss_gb": import_gb,
                       "model_gb": sum(p.numel() * p.element_size() for p in params) / 2**30,
                       "shard_gb": shard / 2**30,
@@ -96,10 +147,11 @@ def worker(path: Path, kind: str) -> None:
                       "load_seconds": seconds}), flush=True)
 
 
-def measure_ranks(path: Path, ranks: int, kind: str) -> list[dict]:
+def measure_ranks(path: Path, ranks: int, kind: str, export_kind: str | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    extra = ["--export-worker", export_kind] if export_kind else []
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                           __file__, "--worker", kind, "--dir", str(path)],
+                           __file__, "--worker", kind, "--dir", str(path), *extra],
                           env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -113,16 +165,28 @@ def main():
     parser.add_argument("--dir", type=Path, default=Path("/tmp/fastllava-bench-ckpt"))
     parser.add_argument("--ranks", type=int, default=1, help="> 1: the trainer's old and new sharded loading")
     parser.add_argument("--paths", default="old,new", help="with --ranks > 1: which paths to measure")
+    parser.add_argument("--export", action="store_true", help="with --ranks > 1: measure the export instead")
     parser.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
+    parser.add_argument("--export-worker", choices=["gathered", "streamed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.dir, args.worker)
+        return worker(args.dir, args.worker, args.export_worker)
     if not (args.dir / "model.safetensors.index.json").exists():
         t = time.perf_counter()
         size = make_checkpoint(args.dir, args.gb)
         print(f"generated {size / 2**30:.2f} GB in {time.perf_counter() - t:.0f} s at {args.dir}")
     shards = sorted(args.dir.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards)
+    if args.ranks > 1 and args.export:
+        print(f"export of a {size / 2**30:.2f} GB checkpoint loaded as fp32 by {args.ranks} ranks (gloo, CPU), "
+              "512 MiB shard files")
+        print("| export | rank | model (fp32) | largest tensor | peak RSS above before | time |")
+        print("|---|---|---|---|---|---|")
+        for kind in ("gathered", "streamed"):
+            for r in measure_ranks(args.dir, args.ranks, "new", kind):
+                print(f"| {kind} | {r['rank']} | {r['model_gb']:.2f} GB | {r['largest_tensor_gb']:.2f} GB "
+                      f"| {r['export_extra_gb']:.2f} GB | {r['export_seconds']:.1f} s |", flush=True)
+        return
     if args.ranks > 1:
         print(f"checkpoint {size / 2**30:.2f} GB in {len(shards)} files, {args.ranks} ranks (gloo, CPU)")
         print("| path | rank | model (fp32) | its shard | largest tensor | peak RSS | RSS after imports "

@@ -22,6 +22,7 @@ from typing import Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .layers.lora import LORA_TARGETS
 from .model.config import Backends, LlavaConfig
 
 # The LlavaConfig fields that neither a CLIP nor a LLaMA checkpoint holds: how the two connect.
@@ -202,6 +203,32 @@ class ParallelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (stage 2): rank > 0 trains low-rank adapters on the LLM's linear layers plus the
+    projector instead of the whole LLM (fastllava/layers/lora.py). The frozen base is then stored in the
+    compute dtype (bf16 on GPU). LLaVA-1.5's finetune_lora.sh: rank 128, alpha 256, dropout 0.05."""
+
+    rank: int = 0  # 0: no LoRA, the LLM trains in full
+    alpha: float = 256.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the decoder's linear layers
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 turns LoRA off), got {self.rank}")
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets: {unknown or 'empty'} ; choose among {list(LORA_TARGETS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
 class CheckpointConfig:
     """When to write resumable checkpoints, where, how many to keep, and what to resume from."""
 
@@ -241,8 +268,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.lora.enabled and (self.train.stage != "finetune" or self.train.unfreeze_vision):
+            raise ValueError(f"lora.rank={self.lora.rank}: LoRA adapts the LLM in stage 2 (train.stage=finetune, "
+                             f"vision tower frozen); got train.stage={self.train.stage!r}, "
+                             f"train.unfreeze_vision={self.train.unfreeze_vision}")
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (lists for tuples), e.g. for checkpoints and experiment trackers."""

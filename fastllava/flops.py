@@ -3,7 +3,7 @@
 Per optimizer step, following docs/training.md ("What you see") and the design notes on throughput:
   LLM matmuls   6 N per token when the LLM trains (forward 2N + activation grads 2N + weight grads 2N),
                 4 N when it is frozen (stage 1: no weight-gradient GEMMs); N = non-embedding params
-                incl. the LM head.
+                incl. the LM head. LoRA: 4 N + 6 r (in + out) per adapted layer (the adapters train).
   LLM attention causal forward 2 L d sum(l_i^2); backward twice the forward (both stages need dQ/dK/dV).
   vision tower  forward only when frozen: 2 N_vit per token + non-causal attention 4 L C S^2 per image,
                 S = patches (+ CLS) per image, only the layers that run, + the patch embedding
@@ -32,14 +32,21 @@ class FlopModel:
     projector_per_image: float
 
     @classmethod
-    def build(cls, config: LlavaConfig, stage: str, unfreeze_vision: bool = False) -> "FlopModel":
-        """The coefficients of `config` trained in `stage` ("align" or "finetune")."""
+    def build(cls, config: LlavaConfig, stage: str, unfreeze_vision: bool = False, lora=None) -> "FlopModel":
+        """The coefficients of `config` trained in `stage` ("align" or "finetune"); `lora` (a LoRAConfig):
+        the LLM is frozen (4 N) and its adapters train (6 r (in + out) per adapted layer per token)."""
         t, v = config.text, config.vision
         q = t.num_attention_heads * t.attention_head_dim
         kv = t.num_key_value_heads * t.attention_head_dim
-        per_layer = t.hidden_size * (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+        d, f = t.hidden_size, t.intermediate_size
+        shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                  "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # (in, out)
+        per_layer = sum(i * o for i, o in shapes.values())
         n_llm = t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size
-        llm_factor = 6 if stage == "finetune" else 4
+        adapters = lora is not None and lora.rank > 0
+        llm_factor = 6 if stage == "finetune" and not adapters else 4
+        if adapters:
+            llm_factor += 6 * t.num_hidden_layers * lora.rank * sum(sum(shapes[n]) for n in lora.targets) / n_llm
         attn = 3 * 2 * t.num_hidden_layers * q  # forward 2 L d l^2 (causal), backward 2x
 
         c = v.hidden_size

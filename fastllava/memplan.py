@@ -176,15 +176,17 @@ def _peak(tracker) -> tuple[int, dict[str, int]]:
 
 def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpointing: str, *, world: int = 8,
                     replicate: int = 1, fake: bool = True, pack_fn=None, backends: Backends | None = None,
-                    max_grad_norm: float = 1.0, device: str = "cpu") -> list[MemEstimate]:
+                    max_grad_norm: float = 1.0, device: str = "cpu", lora_rank: int = 0) -> list[MemEstimate]:
     """Peak bytes per rank of `stage` with `checkpointing`, one estimate per pack size in `max_tokens_list`.
     Needs the default process group (fake_process_group). `fake=False` runs real tensors on `device`:
     the tests on the CPU; on a GPU (benchmarks/bench_memory.py) each estimate also gets the phase's
     torch.cuda.max_memory_allocated. With the fake process group the collectives move no data, so the
-    values are garbage but every allocation is the real one of a rank of `world`."""
+    values are garbage but every allocation is the real one of a rank of `world`. lora_rank > 0: LoRA
+    fine-tuning (adapters with dropout 0.05 on every decoder linear layer, the frozen base stored in bf16)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .config import OptimConfig, ParallelConfig
+    from .layers.lora import apply_lora
     from .train.distributed import device_mesh, parallelize
     from .train.freeze import set_trainable
     from .train.optim import build_optimizer
@@ -205,6 +207,8 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
         with device:
             model = Llava(config, backends or Backends(attention="torch", projector="torch", merge="torch",
                                                        loss="torch"))
+        if lora_rank:  # LLaVA's alpha = 2 r and dropout 0.05 (dropout keeps its masks and outputs for backward)
+            apply_lora(model, lora_rank, 2.0 * lora_rank, dropout=0.05)
         set_trainable(model, stage)
         # Module.to() of fake parameters would swap tensors, which FakeTensorMode's weak references forbid;
         # they are on the planning device already.
@@ -288,7 +292,7 @@ def format_memory_table(estimates: list[MemEstimate], memory_gib: float, margin:
 
 def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: float = 0.10,
                 stages=("align", "finetune"), pack_tokens=PACK_TOKENS, checkpointing=CHECKPOINTING,
-                replicate: int = 1, full_depth: bool = False,
+                replicate: int = 1, full_depth: bool = False, lora_rank: int = 0,
                 others: dict[str, float] | None = None) -> tuple[str, dict[str, MemEstimate | None]]:
     """Every candidate of every stage; returns the report (tables + choices) and the choice per stage.
     `others` ({name: GiB}): further devices to name a choice for from the same estimates (the peak per
@@ -304,10 +308,12 @@ def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: f
         for stage in stages:
             start = time.perf_counter()
             estimates = [e for mode in checkpointing
-                         for e in run(config, stage, list(pack_tokens), mode, world=world, replicate=replicate)]
+                         for e in run(config, stage, list(pack_tokens), mode, world=world, replicate=replicate,
+                                      lora_rank=lora_rank)]
             best = chosen[stage] = choose(estimates, memory_gib, margin)
             lines += [f"stage {stage}: peak GiB per rank, {world} ranks"
                       + (f" (HSDP, {replicate} replicas)" if replicate > 1 else "")
+                      + (f", LoRA rank {lora_rank}" if lora_rank else "")
                       + f", {time.perf_counter() - start:.0f} s", "", format_memory_table(estimates, memory_gib, margin), "",
                       f"fastest that fits {memory_gib:g} GiB with a {100 * margin:.0f}% margin: {named(best)}"]
             for name, gib in (others or {}).items():

@@ -2,7 +2,7 @@
 divided by what the GPUs deliver at a measured or assumed MFU, beside the paper's numbers.
 
     python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--mfu 0.45] [--measured e2e.json]
-    python -m fastllava.plan --memory --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--margin 0.1]
+    python -m fastllava.plan --memory --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--margin 0.1] [--lora 128]
 
     python -m fastllava.plan --flops --recipe llava-1.5-7b --gpus 8 --gpu A100-80G
 
@@ -121,6 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing", nargs="+", default=None, choices=("none", "selective", "full"))
     parser.add_argument("--replicate", type=int, default=1, help="parallel.replicate (HSDP) for --memory")
     parser.add_argument("--full-depth", action="store_true", help="--memory at the full decoder depth (slower)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="--memory of LoRA fine-tuning at this rank (stage finetune; LLaVA's: 128)")
     args = parser.parse_args(argv)
     if args.memory:
         _memory(parser, args)
@@ -175,10 +177,17 @@ def _memory(parser, args) -> None:
     if not 0 <= args.margin < 1 or args.gpus < 1 or args.replicate < 1 or args.gpus % args.replicate or min(packs) < 2:
         parser.error(f"need --margin in [0, 1), --gpus >= 1, --replicate dividing --gpus, --pack-tokens >= 2; got "
                      f"{args.margin}, {args.gpus}, {args.replicate}, {packs}")
+    stages = args.stages
+    if args.lora < 0:
+        parser.error(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {args.lora}")
+    if args.lora:
+        if stages == ["align"]:
+            parser.error("--lora: LoRA is a stage-2 method; stage align trains only the projector")
+        stages = ["finetune"]
     memory = gpu_spec(args.gpu).memory_gib
     print(f"{args.recipe} on {args.gpus}x {args.gpu} ({memory:g} GiB), fake tensors (fastllava/memplan.py)\n")
     report, _ = memplan.memory_plan(recipe_config(args.recipe), world=args.gpus, memory_gib=memory, margin=args.margin,
-                                    stages=args.stages, pack_tokens=packs,
+                                    stages=stages, pack_tokens=packs, lora_rank=args.lora,
                                     checkpointing=args.checkpointing or memplan.CHECKPOINTING,
                                     replicate=args.replicate, full_depth=args.full_depth,
                                     others={g.name: g.memory_gib for g in GPUS if g.name != args.gpu})

@@ -151,10 +151,13 @@ class StepLoader:
         stop = self.total_steps if self.stop_step is None else min(self.stop_step, self.total_steps)
         data = _BinDataset(self.source, self._keys(start, stop), self.image_token_id,
                            self.num_image_tokens, self.filler_image, self.pad_token_id)
+        # A generator of its own: DataLoader draws its workers' base seed from it when iteration starts,
+        # which would otherwise advance the global torch RNG (dropout's) at a different point of a resumed
+        # run than of the uninterrupted one. Nothing the workers do is random.
         loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.num_workers,
                             collate_fn=_identity, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(0))
         pending: list[MicroBatch] = []
         for mb in loader:
             pending.append(mb)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..layers.lora import is_adapter
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .init import init_projector_, init_transformer_
 from .vision import CLIPEncoderLayer
@@ -431,7 +432,8 @@ def load_sharded(model, plan: LoadPlan, *, grown: dict[str, int] | None = None, 
         _new_projector(linears, plan.new_projector_seed, torch.float32, "cpu")
         for name, p in linears.named_parameters():
             place(f"projector.linears.{name}", p, f"new projector (seed {plan.new_projector_seed})")
-    _raise_missing([n for n in params if n not in placed], plan.what)
+    # LoRA adapters are no checkpoint's: layers/lora.py init_lora_ gives them their start.
+    _raise_missing([n for n in params if n not in placed and not is_adapter(n)], plan.what)
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -631,16 +633,69 @@ def unused_vision_tensors(config: LlavaConfig, gen: torch.Generator, *, dtype, d
     return tensors
 
 
-def _write_checkpoint(path: Path, config: dict, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    """config.json and safetensors shards (+ the index when more than one), written by huggingface_hub as
-    transformers writes them; shards of a former, larger checkpoint in `path` are removed."""
-    from huggingface_hub import save_torch_state_dict
+class ShardWriter:
+    """A checkpoint directory written as its tensors arrive: config.json, safetensors shards of at most
+    `max_shard_bytes` (a larger tensor gets a shard of its own), and the index when there is more than one
+    shard, named as transformers names them (model.safetensors, or model-0000i-of-0000n.safetensors +
+    model.safetensors.index.json). Only the shard being filled is held in memory, so an export streamed
+    tensor by tensor (train/export.py) never holds the model. Shards of a former checkpoint in `path` are
+    removed first. Use as a context manager; config["dtype"] is the first tensor's."""
 
-    path.mkdir(parents=True, exist_ok=True)
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_torch_state_dict({k: _alone(t) for k, t in tensors.items()}, path, max_shard_size=max_shard_bytes,
-                          metadata={"format": "pt"})
+    def __init__(self, path: Path, config: dict, max_shard_bytes: int):
+        self.path, self.config, self.max_shard_bytes = path, config, max_shard_bytes
+        path.mkdir(parents=True, exist_ok=True)
+        for old in [*path.glob("model-*-of-*.safetensors"), path / SINGLE_FILE, path / INDEX_FILE]:
+            old.unlink(missing_ok=True)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.shards: list[list[str]] = []  # keys of each written shard
+        self.dtype: torch.dtype | None = None
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self.pending or any(key in shard for shard in self.shards):
+            raise ValueError(f"{self.path}: tensor {key!r} given twice")
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.dtype = self.dtype or tensor.dtype
+        self.pending[key] = _alone(tensor).contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.path / f"part-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None:  # a failed export leaves no half-named checkpoint behind
+            for part in self.path.glob("part-*.tmp"):
+                part.unlink()
+            return
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.path / f"part-{i:05d}.tmp").replace(self.path / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {k: name for name, keys in zip(names, self.shards) for k in keys}}
+            (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if self.dtype is not None:
+            self.config["dtype"] = str(self.dtype).removeprefix("torch.")
+        (self.path / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+
+def _write_checkpoint(path: Path, config: dict, tensors, max_shard_bytes: int) -> None:
+    """config.json and safetensors shards (+ the index when more than one) of `tensors`, a dict or an
+    iterable of (key, tensor) pairs consumed one at a time (ShardWriter)."""
+    with ShardWriter(path, config, max_shard_bytes) as writer:
+        for key, t in tensors.items() if isinstance(tensors, dict) else tensors:
+            writer.add(key, t)
 
 
 def _alone(t: torch.Tensor) -> torch.Tensor:
@@ -653,24 +708,27 @@ def _alone(t: torch.Tensor) -> torch.Tensor:
 ORIGINAL_VISION_DIR = "vision_tower"  # the CLIP tower's directory inside an original-LLaVA export
 
 
-def save_llava(model, path: Path, *, max_shard_bytes: int, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_llava(model, path: Path, *, max_shard_bytes: int, state=None) -> None:
     """Write the llava-hf layout (an mlp2x_gelu projector, what transformers' LlavaForConditionalGeneration
     holds), or else the original-LLaVA layout (`_save_original_llava`): config.json and safetensors shards
     (+ index when more than one).
 
-    state: our-name -> tensor, e.g. a full state dict gathered from FSDP; default the model's own.
+    state: (our name, tensor) pairs, consumed one at a time (e.g. full tensors gathered from FSDP shards
+    one by one: train/export.py); default the model's own parameters.
     """
-    if state is None:
-        state = dict(model.named_parameters())
-    tensors = {to_checkpoint_key(n): t for n, t in state.items()}
-    if model.config.text.tie_word_embeddings:
-        tensors.pop(_LM_HEAD, None)
-    for key, t in model.carried.items():
-        tensors.setdefault(key, t)
+    tied = model.config.text.tie_word_embeddings
+
+    def tensors():
+        for name, t in model.named_parameters() if state is None else state:
+            key = to_checkpoint_key(name)
+            if not (tied and key == _LM_HEAD):
+                yield key, t
+        yield from model.carried.items()
+
     if model.config.projector_type == "mlp2x_gelu":
-        _write_checkpoint(path, model.config.to_hf_llava(), tensors, max_shard_bytes)
+        _write_checkpoint(path, model.config.to_hf_llava(), tensors(), max_shard_bytes)
     else:
-        _save_original_llava(model.config, path, tensors, max_shard_bytes)
+        _save_original_llava(model.config, path, tensors(), max_shard_bytes)
 
 
 def _original_llava_name(key: str, depth: int) -> str:
@@ -685,19 +743,22 @@ def _original_llava_name(key: str, depth: int) -> str:
     return "model." + key[len(_LLM):]
 
 
-def _save_original_llava(config: LlavaConfig, path: Path, tensors: dict[str, torch.Tensor],
-                         max_shard_bytes: int) -> None:
+def _save_original_llava(config: LlavaConfig, path: Path, tensors, max_shard_bytes: int) -> None:
     """The original LLaVA layout (haotian-liu/LLaVA's LlavaLlamaForCausalLM), which holds every projector type:
     config.json (LlavaConfig.to_original_llava) and shards with the LLM and `model.mm_projector.*`, and the
     vision tower as a CLIPVisionModel directory `<path>/vision_tower/` that config.json's mm_vision_tower names
     (absolute; after moving the export pass `vision_tower=` to from_pretrained). LLaVA's own checkpoints name
-    the tower the same way (a hub id or a path) and load it from there; `plan_llava` reads the layout back."""
+    the tower the same way (a hub id or a path) and load it from there; `plan_llava` reads the layout back.
+    tensors: (canonical llava-hf key, tensor) pairs, consumed one at a time."""
     vision_dir = path / ORIGINAL_VISION_DIR
-    vision = {"vision_model." + k[len(_VISION):]: t for k, t in tensors.items() if k.startswith(_VISION)}
-    rest = {_original_llava_name(k, config.projector_depth): t for k, t in tensors.items() if not k.startswith(_VISION)}
-    _write_checkpoint(vision_dir, {"architectures": ["CLIPVisionModel"], **config.vision.to_hf()}, vision,
-                      max_shard_bytes)
-    _write_checkpoint(path, config.to_original_llava(str(vision_dir.resolve())), rest, max_shard_bytes)
+    with ShardWriter(vision_dir, {"architectures": ["CLIPVisionModel"], **config.vision.to_hf()},
+                     max_shard_bytes) as vision, \
+            ShardWriter(path, config.to_original_llava(str(vision_dir.resolve())), max_shard_bytes) as rest:
+        for key, t in tensors:
+            if key.startswith(_VISION):
+                vision.add("vision_model." + key[len(_VISION):], t)
+            else:
+                rest.add(_original_llava_name(key, config.projector_depth), t)
 
 
 def save_components(model, vision_dir: Path, llm_dir: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:

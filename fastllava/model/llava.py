@@ -168,15 +168,15 @@ class Llava(nn.Module):
 
         return load_components(cls, Path(vision), Path(llm), projector_weights, **kwargs)
 
-    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
-                        state: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30, state=None) -> None:
         """Write the llava-hf layout (config.json, safetensors shards + index) that transformers loads, for
         an mlp2x_gelu projector; any other projector (the first LLaVA's linear one, which transformers'
         LlavaForConditionalGeneration cannot hold) in the original LLaVA layout: LlavaLlamaForCausalLM
         config.json with mm_projector_type, `model.mm_projector.*` keys, the vision tower in
         `path/vision_tower/` (a CLIPVisionModel directory). `from_pretrained` reads both.
 
-        state: parameter name -> full tensor, e.g. gathered from FSDP shards; default the module's own.
+        state: (parameter name, full tensor) pairs, written as they come (e.g. gathered from FSDP shards one
+        at a time, so the writer never holds the model); default the module's own parameters.
         """
         from .hf import save_llava
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ParallelConfig
+from ..layers.lora import lora_modules
 
 
 @dataclass
@@ -87,8 +88,11 @@ def apply_activation_checkpointing(block: nn.Module, mode: str) -> nn.Module:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+    # Recomputation must draw the forward's dropout masks again (LoRA's dropout): the RNG state is then
+    # saved with each checkpoint; without dropout there is nothing random to replay.
+    replay_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules())
     if mode == "full":
-        return checkpoint_wrapper(block, preserve_rng_state=False)
+        return checkpoint_wrapper(block, preserve_rng_state=replay_rng)
     save_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                 torch.ops.aten._scaled_dot_product_flash_attention.default,
                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -97,7 +101,7 @@ def apply_activation_checkpointing(block: nn.Module, mode: str) -> nn.Module:
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return checkpoint_wrapper(block, preserve_rng_state=False,
+    return checkpoint_wrapper(block, preserve_rng_state=replay_rng,
                               context_fn=lambda: create_selective_checkpoint_contexts(policy))
 
 
@@ -133,6 +137,12 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, cfg.reduce_dtype))
     if not next(model.parameters()).is_meta:  # a meta model (sharded loading) is materialized after sharding
         model.to(device)
+    if lora_modules(model):
+        # LoRA: the frozen base is only ever read in the compute dtype, so it is stored in it (half the
+        # memory of fp32 in bf16; FSDP2 needs one dtype among the trainable parameters only).
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(param_dtype)
 
     decoder_layers = model.language_model.layers
     if cfg.activation_checkpointing != "none":

@@ -1,34 +1,66 @@
 """The end of a run: the trained weights gathered from their FSDP shards and written for others to load.
 
 Stage 1 writes `<output_dir>/projector.safetensors` (LLaVA's `mm_projector` key names; stage 2 and LLaVA's
-own tools read it). Stage 2 writes `<output_dir>/final/`, a llava-hf directory with the tokenizer, which
-transformers' `LlavaForConditionalGeneration.from_pretrained` loads. Collective: every rank calls
-`export`; rank 0 writes.
+own tools read it). Stage 2 writes `<output_dir>/final/` (Llava.save_pretrained: a llava-hf directory for
+the mlp2x_gelu projector, which transformers' `LlavaForConditionalGeneration.from_pretrained` loads, the
+original LLaVA layout for others) with the tokenizer; after LoRA fine-tuning `final/` holds the merged
+weights and `<output_dir>/adapter/` the adapters alone in PEFT's format (model/peft.py). Collective:
+every rank calls `export`; rank 0 writes.
 
-Memory: `get_model_state_dict(full_state_dict=True, cpu_offload=True)` all-gathers one parameter at a
-time and keeps the host copy on rank 0 only (the other ranks get an empty dict), so rank 0 holds the
-whole fp32 model while writing, the others nothing beyond their shards. The tensors the forward never
-uses (`model.carried`) are kept by rank 0 only after a sharded load (train/sharded_load.py): rank 0 is
-the only writer.
+Memory: the parameters are gathered one at a time, in the same order on every rank (each DTensor's
+all-gather is a collective), and handed to rank 0's writer as they come; the writer holds at most one
+safetensors shard (model/hf.py ShardWriter, 5 GiB by default) plus the tensor in hand, never the model.
+The tensors the forward never uses (`model.carried`) are kept by rank 0 only after a sharded load
+(train/sharded_load.py): rank 0 is the only writer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
+from ..layers.lora import is_adapter, lora_modules
 from ..model import Llava
+from ..model.hf import _unwrapped_name
 from .distributed import DistEnv, barrier
 
 
-def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=None) -> Path:
-    """Write the stage's export; returns its path (on every rank)."""
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter: all-gathered from its FSDP shards (collective), or itself."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+@torch.no_grad()
+def gathered_parameters(model, keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor on the host) of every parameter, one at a time, names without wrapper parts.
+    A LoRA layer's weight comes merged, W + (alpha / r) B A in its stored dtype, and its adapters are left
+    out. Collective: every rank must exhaust the iterator; ranks with `keep` False receive nothing."""
+    adapted = {_unwrapped_name(n): m for n, m in lora_modules(model).items()}
+    for name, param in model.named_parameters():
+        name = _unwrapped_name(name)
+        if is_adapter(name):
+            continue
+        full = _full(param)
+        module = adapted.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if module is not None:
+            a, b = _full(module.lora_a), _full(module.lora_b)
+            if keep:
+                full = (full.float() + module.delta(a, b)).to(full.dtype)
+        if keep:
+            yield name, full.detach().cpu()
+
+
+def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=None, lora=None,
+           base_model: str | None = None) -> Path:
+    """Write the stage's export; returns its path (on every rank). lora: the run's LoRAConfig when
+    adapters were trained (also writes `adapter/`, for `base_model`, the checkpoint the run started from)."""
     out = Path(output_dir)
     if stage == "align":
         # Only the projector is needed: gathering it alone keeps stage 1's export tiny.
-        state = {n: p.full_tensor().detach().cpu() for n, p in model.projector.named_parameters()}
+        state = {n: _full(p).detach().cpu() for n, p in model.projector.named_parameters()}
         path = out / "projector.safetensors"
         if env.is_main:
             with torch.device("meta"):
@@ -36,11 +68,21 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
             shell.projector.load_state_dict(state, assign=True)
             shell.save_projector(path)
     else:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = out / "final"
+        parameters = gathered_parameters(model, keep=env.is_main)
         if env.is_main:
-            model.save_pretrained(path, state=state)
+            model.save_pretrained(path, state=parameters)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(path))
+        else:
+            for _ in parameters:  # the all-gathers rank 0's writer consumes
+                pass
+        if lora is not None:
+            from ..model.peft import save_peft_adapter
+
+            trained = {_unwrapped_name(n): _full(p).detach().cpu()
+                       for n, p in model.named_parameters() if p.requires_grad}
+            if env.is_main:
+                save_peft_adapter(model.config, out / "adapter", trained, lora, base_model=base_model)
     barrier()
     return path

@@ -4,7 +4,8 @@ align     (stage 1): the projector only. Vision tower and LLM are frozen with re
           so autograd never computes their weight gradients; the activation gradient still flows back
           through the LLM to the projector, which sits before it.
 finetune  (stage 2): projector + LLM (embeddings, blocks, norm, head); the vision tower stays frozen
-          unless `unfreeze_vision`.
+          unless `unfreeze_vision`. With LoRA adapters in the LLM (layers/lora.py) the LLM's own weights
+          stay frozen and its adapters train instead.
 Must run before `parallelize` (FSDP2 keeps requires_grad per parameter) and before the optimizer is
 built (only trainable parameters get optimizer state).
 """
@@ -12,6 +13,8 @@ built (only trainable parameters get optimizer state).
 from __future__ import annotations
 
 from torch import nn
+
+from ..layers.lora import is_adapter
 
 STAGES = ("align", "finetune")
 # Each part of a LLaVA model as module paths of fastllava's Llava. Other layouts pass their own, e.g.
@@ -31,6 +34,12 @@ def set_trainable(model: nn.Module, stage: str, unfreeze_vision: bool = False,
     for part in trained:
         for path in parts[part]:
             model.get_submodule(path).requires_grad_(True)
+    adapters = [p for n, p in model.named_parameters() if is_adapter(n)]
+    if adapters and "llm" in trained:
+        for path in parts["llm"]:
+            model.get_submodule(path).requires_grad_(False)
+        for p in adapters:
+            p.requires_grad_(True)
     counts = {"trainable": 0, "frozen": 0}
     for p in model.parameters():
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()

@@ -28,6 +28,7 @@ from ..config import Config
 from ..data.loader import MicroBatch, StepLoader
 from ..flops import FlopModel, pack_stats
 from ..hardware import peak_tflops
+from ..layers.lora import apply_lora, init_lora_
 from .build import build_dataset, build_model, build_tokenizer
 from .checkpoint import Checkpointer, find_resume
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
@@ -101,17 +102,21 @@ class Trainer:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.env = env = env or init_distributed(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
+        if cfg.lora.enabled:  # before FSDP wraps the blocks: adapters shard with their block
+            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         self.counts = set_trainable(model, cfg.train.stage, cfg.train.unfreeze_vision)
         self.loader = self._loader(model.config, dataset)
         self.run_steps = min(self.loader.total_steps, cfg.train.max_steps or self.loader.total_steps)
         self.loader.stop_step = self.run_steps
         self.model = parallelize_and_load(model, cfg.parallel, env.device, stage=cfg.train.stage)
+        if cfg.lora.enabled:
+            init_lora_(self.model, seed=cfg.model.init_seed)
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.schedule_steps or self.run_steps)
         self.checkpointer = Checkpointer(cfg.checkpoint_dir(), keep_last=cfg.checkpoint.keep_last, rank=env.rank)
         self.resumed_from, self.start_step = self._resume()
-        self.flop_model = FlopModel.build(model.config, cfg.train.stage, cfg.train.unfreeze_vision)
+        self.flop_model = FlopModel.build(model.config, cfg.train.stage, cfg.train.unfreeze_vision, lora=cfg.lora)
 
     def _loader(self, config, dataset) -> StepLoader:
         env, cfg = self.env, self.cfg
@@ -230,7 +235,13 @@ class Trainer:
             print(format_summary(result.summary), line, sep="\n", flush=True)
         done = self.start_step + len(meter.records) >= self.run_steps
         if not result.interrupted and done:
-            result.export = export(self.model, cfg.train.stage, cfg.train.output_dir, env, self.tokenizer)
+            lora = cfg.lora if cfg.lora.enabled else None
+            if lora is not None and self.model.config.projector_type != "mlp2x_gelu" and env.is_main:
+                print(f"no PEFT adapter: LlavaForConditionalGeneration has no {self.model.config.projector_type} "
+                      "projector; the merged weights are in final/", flush=True)
+                lora = None
+            result.export = export(self.model, cfg.train.stage, cfg.train.output_dir, env, self.tokenizer, lora=lora,
+                                   base_model=cfg.model.pretrained_path)
             if env.is_main:
                 print(f"exported {result.export}", flush=True)
         barrier()

@@ -29,13 +29,15 @@ def no_process_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage,checkpointing", [("finetune", "none"), ("align", "selective")])
-def test_fake_estimate_equals_real_tensors(stage, checkpointing):
+@pytest.mark.parametrize("stage,checkpointing,lora", [("finetune", "none", 0), ("align", "selective", 0),
+                                                    ("finetune", "selective", 4)])
+def test_fake_estimate_equals_real_tensors(stage, checkpointing, lora):
     cfg = tiny_config()
     pack = full_pack(cfg, "mix665k", 96, seed=1)
     with fake_process_group(2):
-        fake, = estimate_memory(cfg, stage, [96], checkpointing, world=2, pack_fn=lambda t: pack)
-        real, = estimate_memory(cfg, stage, [96], checkpointing, world=2, pack_fn=lambda t: pack, fake=False)
+        fake, = estimate_memory(cfg, stage, [96], checkpointing, world=2, pack_fn=lambda t: pack, lora_rank=lora)
+        real, = estimate_memory(cfg, stage, [96], checkpointing, world=2, pack_fn=lambda t: pack, fake=False,
+                                lora_rank=lora)
     assert real.peak > 0 and abs(fake.peak - real.peak) <= 0.02 * real.peak
     for k in ("params", "grads", "optim"):
         assert fake.breakdown[k] == real.breakdown[k]
@@ -66,7 +68,8 @@ def test_choose_prefers_least_recomputation_then_largest_pack():
 def test_cli_help_and_bad_arguments():
     run = subprocess.run([sys.executable, "-m", "fastllava.plan", "--help"], capture_output=True, text=True, check=False)
     assert run.returncode == 0 and "--memory" in run.stdout
-    for bad in (["--memory", "--margin", "1.5"], ["--memory", "--gpus", "8", "--replicate", "3"], ["--gpu", "nope"]):
+    for bad in (["--memory", "--margin", "1.5"], ["--memory", "--gpus", "8", "--replicate", "3"], ["--gpu", "nope"],
+                ["--memory", "--lora", "-1"], ["--memory", "--lora", "8", "--stages", "align"]):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code != 0

@@ -1,5 +1,6 @@
-"""Run by test_train_distributed.py under torchrun (and in-process for one rank): a short stage-2 run
-and a short stage-1 run with the frozen LLM replicated; rank 0 saves losses and full parameters.
+"""Run by test_train_distributed.py under torchrun (and in-process for one rank): a short stage-2 run,
+a short stage-1 run with the frozen LLM replicated and a short LoRA run; rank 0 saves losses and full
+parameters.
 
 `dist_worker.py OUT hsdp` runs the same two under HSDP (parallel.replicate=2), the stage-2 run in two
 micro-steps per rank and writing a checkpoint at step 2, then a third run that resumes from it and does step 3.
@@ -21,6 +22,7 @@ from train_tiny import ToyDataset, run, tiny_config, tiny_model  # noqa: E402
 RUNS = {
     "finetune": ["train.max_steps=3", "checkpoint.every_steps=3"],
     "align": ["train.stage=align", "train.max_steps=2", "parallel.frozen_llm=replicate", "optim.lr=0.05"],
+    "lora": ["lora.rank=4", "lora.alpha=8", "lora.dropout=0", "optim.lr=0.02", "train.max_steps=2"],
 }
 
 

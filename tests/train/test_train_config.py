@@ -1,6 +1,7 @@
 """Configuration: YAML + overrides are typed and validated by OmegaConf and the dataclasses; every shipped
 recipe config loads; mistakes name the key and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,20 @@ def test_every_recipe_config_loads_and_the_first_llavas_recipes():
         assert s2.model.projector_weights == f"{s1.train.output_dir}/projector.safetensors"
         assert s2.data.data_path.endswith("llava_instruct_158k.json") and s2.data.image_folder.endswith("train2017")
         assert size in s2.model.llm_path and s2.model.llm_path == s1.model.llm_path
+
+
+def test_lora_recipes_and_errors():
+    for size in ("7b", "13b"):
+        cfg = load_config(CONFIGS / f"llava15_{size}_lora.yaml")
+        full = load_config(CONFIGS / f"llava15_{size}_finetune.yaml")
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (128, 256.0, 0.05)  # finetune_lora.sh
+        assert (cfg.optim.lr, cfg.optim.projector_lr, cfg.train.global_batch_size, cfg.train.epochs) == (2e-4, 2e-5, 128, 1)
+        assert cfg.model == full.model and cfg.data.data_path == full.data.data_path
+        assert set(cfg.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for bad, message in [(["lora.rank=8", "train.stage=align"], "LoRA adapts the LLM in stage 2"),
+                         (["lora.rank=8", "train.unfreeze_vision=true"], "vision tower frozen"),
+                         (["lora.rank=-1"], "lora.rank must be >= 0"),
+                         (["lora.targets=[q_proj,lm_head]"], "lora.targets: ['lm_head']"),
+                         (["lora.dropout=1.0"], "lora.dropout must be in [0, 1)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(None, BASE + bad)

@@ -1,5 +1,5 @@
 """1 process = 2 processes = 4 processes as HSDP 2 x 2 (gloo, torchrun): same losses, same gradient norms,
-same parameters, for a stage-2 run with gradient accumulation and a stage-1 run with the frozen LLM
+same parameters (and exports), for a stage-2 run with gradient accumulation, a LoRA run, a stage-1 run with the frozen LLM
 replicated; under HSDP a resume from a checkpoint equals the uninterrupted run."""
 
 import os
@@ -54,8 +54,17 @@ def _assert_same_run(one: dict, other: dict, name: str) -> None:
 def test_one_and_two_processes_agree(tmp_path, one_process):
     two = _launch(tmp_path / "two", 2)
     one = one_process
-    for name in ("finetune", "align"):
+    for name in ("finetune", "align", "lora"):
         _assert_same_run(one[name], two[name], name)
+    # The stage-2 exports, gathered tensor by tensor from the shards of 2 ranks (LoRA: merged), are the
+    # 1-process exports.
+    from safetensors.torch import load_file
+    for name in ("finetune", "lora"):
+        exported = [load_file(Path(run[name]["export"]) / "model.safetensors") for run in (one, two)]
+        assert exported[0].keys() == exported[1].keys()
+        for key, value in exported[0].items():
+            torch.testing.assert_close(exported[1][key], value, rtol=1e-5, atol=2e-5, msg=f"{name} {key}")
+    assert (Path(two["lora"]["export"]).parent / "adapter" / "adapter_model.safetensors").is_file()
     # The runs did train: parameters moved away from the initialization.
     from train_tiny import tiny_model
     init = dict(tiny_model().named_parameters())

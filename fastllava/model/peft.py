@@ -1,0 +1,77 @@
+"""LoRA adapters in PEFT's on-disk format, for transformers' LlavaForConditionalGeneration.
+
+`adapter_config.json` + `adapter_model.safetensors` as `peft.PeftModel.save_pretrained` writes them for a
+LlavaForConditionalGeneration (transformers 5 module names), so
+
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+
+gives the fine-tuned model. Keys: `base_model.model.<module>.lora_A.weight` / `lora_B.weight` for each
+adapted layer, and the projector, trained in full, in `modules_to_save` as
+`base_model.model.model.multi_modal_projector.linear_{1,2}.{weight,bias}`. Only the mlp2x_gelu projector
+has a place in LlavaForConditionalGeneration; other projectors get the merged export alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .hf import _LLM, to_checkpoint_key
+
+_PREFIX = "base_model.model."
+_PROJECTOR = "multi_modal_projector"
+
+
+def transformers_module_name(name: str) -> str:
+    """Our parameter name -> LlavaForConditionalGeneration's (transformers 5) name of the same tensor."""
+    key = to_checkpoint_key(name)  # the llava-hf file layout (transformers 4 module names)
+    if key.startswith(_LLM):
+        return "model.language_model." + key[len(_LLM):]
+    if key.startswith(_PROJECTOR + "."):
+        return "model." + key
+    return key
+
+
+def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora, *,
+                      base_model: str | None = None) -> None:
+    """Write the adapters and the projector of `trained` (our name -> full tensor: the trainable parameters
+    of a LoRA run) as a PEFT LoRA adapter. lora: the run's LoRAConfig. base_model: recorded as
+    base_model_name_or_path (the checkpoint the adapters apply to)."""
+    if config.projector_type != "mlp2x_gelu":
+        raise ValueError(f"a PEFT adapter for LlavaForConditionalGeneration needs an mlp2x_gelu projector, not "
+                         f"{config.projector_type!r}; use the merged export")
+    tensors = {}
+    for name, t in trained.items():
+        if name.endswith((".lora_a", ".lora_b")):
+            module, kind = name.rsplit(".", 1)
+            module = transformers_module_name(module + ".weight").removesuffix(".weight")
+            tensors[f"{_PREFIX}{module}.lora_{kind[-1].upper()}.weight"] = t
+        elif name.startswith("projector."):
+            tensors[_PREFIX + transformers_module_name(name)] = t
+        else:
+            raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter nor the projector")
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        # The decoder's layers only (a regex: PEFT's suffix lists would also match the vision tower's).
+        "target_modules": rf".*language_model.*\.({'|'.join(lora.targets)})",
+        "modules_to_save": [_PROJECTOR],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
