@@ -1,0 +1,64 @@
+"""python -m fastllava.datagen: generate LLaVA instruction data from COCO-style annotations with any
+OpenAI-compatible chat endpoint. The API key comes from $FASTLLAVA_DATAGEN_API_KEY or $OPENAI_API_KEY."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .client import scrub
+from .messages import KINDS
+from .run import DatagenConfig, run
+
+EPILOG = """\
+Input: COCO captions_*.json / instances_*.json (files or a folder), or JSONL lines
+{"image", "id"?, "captions": [...], "boxes": [{"category", "bbox": [x1, y1, x2, y2] in [0, 1]}]}.
+Output: LLaVA training records appended to --out; unusable answers go to <out>.rejects.jsonl.
+Rerunning the same command skips images already in either file and retries failed requests.
+Exit status: 0 when every image was answered (written or rejected), 1 when requests failed, 2 on bad arguments.
+"""
+
+
+def parse_args(argv=None) -> DatagenConfig:
+    p = argparse.ArgumentParser(prog="python -m fastllava.datagen", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--annotations", nargs="+", required=True, metavar="PATH", help="annotation files or folders")
+    p.add_argument("--kind", required=True, choices=KINDS, help="what to generate")
+    p.add_argument("--endpoint", required=True, metavar="URL",
+                   help="OpenAI-compatible API base, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    p.add_argument("--model", required=True, help="model name sent to the endpoint")
+    p.add_argument("--out", required=True, metavar="FILE", help="output JSONL (appended to)")
+    p.add_argument("--prompts", metavar="DIR", help="prompt folder in LLaVA's layout (default: ours for --kind)")
+    p.add_argument("--image-prefix", default="", help="prefix for the output's image paths, e.g. coco/train2017/")
+    d = DatagenConfig.__dataclass_fields__
+    p.add_argument("--concurrency", type=int, default=d["concurrency"].default, help="requests in flight (default %(default)s)")
+    p.add_argument("--max-retries", type=int, default=d["max_retries"].default, help="retries per request (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=d["timeout"].default, help="seconds per request (default %(default)s)")
+    p.add_argument("--backoff", type=float, default=d["backoff"].default, help="seconds before the first retry, doubling (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d["temperature"].default, help="(default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=d["max_tokens"].default, help="(default %(default)s)")
+    p.add_argument("--limit", type=int, help="at most this many new images in this run")
+    args = p.parse_args(argv)
+    try:
+        return DatagenConfig(**vars(args))
+    except ValueError as e:
+        p.error(scrub(str(e)))
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        summary = run(cfg)
+    except ValueError as e:  # bad annotations, prompt folder or endpoint
+        print(f"error: {scrub(str(e))}", file=sys.stderr)
+        return 2
+    print(summary, file=sys.stderr)
+    if summary.failed:
+        print(f"{summary.failed} request(s) failed; rerun the same command to retry them "
+              "(images already done are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
