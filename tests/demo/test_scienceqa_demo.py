@@ -59,10 +59,14 @@ def test_answers_follow_the_drawn_scene(tmp_path):
 def test_reduced_run_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["--out", str(out), "--train", "48", "--test", "12", "--steps", "3", "--max-new-tokens", "8",
-                 "--no-progress", "demo.samples=32", "demo.eval_samples=1", "demo.tower_steps=1",
-                 "demo.tower_batch=8"]) == 0
-    printed = capsys.readouterr().out
+    # No loader worker processes: forked from a pytest process that has run other in-process trainings
+    # (their threads), a worker can deadlock; the demo itself runs in a fresh process.
+    status = main(["--out", str(out), "--train", "48", "--test", "12", "--steps", "3", "--max-new-tokens", "8",
+                   "--no-progress", "demo.samples=32", "demo.eval_samples=1", "demo.tower_steps=1",
+                   "demo.tower_batch=8", "data.num_workers=0"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    printed = captured.out
     scores = json.loads((out / "scores" / "scores.json").read_text())["scores"]
     assert set(scores) == {"accuracy", "img_accuracy", *SCIENCEQA_SUBSETS}
     assert all(0.0 <= v <= 100.0 for v in scores.values())
