@@ -38,8 +38,13 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         # fp32 like every trainable parameter (FSDP2 needs one dtype among a unit's trainable parameters);
         # on the base's device, so a meta model's adapters are materialized with it.
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        # A valid start even before init_lora_ (which a run calls after loading): drawn on the host from a
+        # generator of its own, so building a model never moves the global RNG.
+        a = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(0))
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty_like(a, device=device) if device.type == "meta" else a.to(device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
