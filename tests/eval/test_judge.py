@@ -55,21 +55,6 @@ class FakeOpenAI:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.setenv("FASTLLAVA_JUDGE_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    servers = []
-
-    def start(reply):
-        servers.append(FakeOpenAI(reply))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
-
 def _no_key_anywhere(tmp_path, caplog):
     for path in tmp_path.rglob("*"):
         if path.is_file():

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 from layout_vqa import make_scienceqa
-from test_judge import KEY, FakeOpenAI
+from test_judge import KEY
 
 from fastllava.eval import run as eval_run
 from fastllava.eval.judge import Judge
@@ -25,21 +25,6 @@ MODEL = ["B", "The answer is B.", "D.", "A. 7 kilograms"]
 # answer), 15 B (wrong, disagrees).
 LANGUAGE = {"4": "The answer is A.", "5": "The answer is B. It is steady.", "11": "The answer is D.",
             "15": "The answer is B."}
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.setenv("FASTLLAVA_JUDGE_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    servers = []
-
-    def start(reply):
-        servers.append(FakeOpenAI(reply))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def _reply(body):
