@@ -15,7 +15,10 @@ Input: COCO captions_*.json / instances_*.json (files or a folder), or JSONL lin
 {"image", "id"?, "captions": [...], "boxes": [{"category", "bbox": [x1, y1, x2, y2] in [0, 1]}]}.
 Output: LLaVA training records appended to --out; unusable answers go to <out>.rejects.jsonl.
 Rerunning the same command skips images already in either file and retries failed requests.
-Exit status: 0 when every image was answered (written or rejected), 1 when requests failed, 2 on bad arguments.
+With --kind detail, brief-description samples (an instruction answered by one of the image's captions, no
+request needed) are also appended to <out>.brief.jsonl.
+Exit status: 0 when every image was answered (written or rejected), 1 when requests failed, 2 on bad
+arguments or input, 130 when interrupted (Ctrl-C; rerun to continue).
 """
 
 
@@ -52,6 +55,10 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad annotations, prompt folder or endpoint
         print(f"error: {scrub(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # run() has kept every answer that came back
+        print(f"\ninterrupted: the answers received so far are in {cfg.out} and {cfg.rejects}; rerun the same "
+              "command to continue with the rest", file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C
     print(summary, file=sys.stderr)
     if summary.failed:
         print(f"{summary.failed} request(s) failed; rerun the same command to retry them "

@@ -76,8 +76,8 @@ def _field(path: str, what: str, index: int, record: object, key: str, types):
 
 
 def load_coco(paths: Sequence[str]) -> list[ImageContext]:
-    """Merge COCO captions and instances files into one context per image with at least one caption,
-    in image-id order (instances-only images have nothing for the conversation to be about)."""
+    """Merge COCO captions and instances files into one context per listed image, in image-id order. An
+    image without captions (an instances file alone) gets none; the run skips and counts it."""
     images: dict[int, dict] = {}
     captions: dict[int, list[str]] = {}
     boxes: dict[int, list[tuple[str, str, int, list]]] = {}
@@ -104,12 +104,13 @@ def load_coco(paths: Sequence[str]) -> list[ImageContext]:
                 boxes.setdefault(image_id, []).append((categories[cat], path, i, bbox))
             else:
                 raise ValueError(f"{path}: annotation {i} has neither 'caption' nor 'bbox'")
-    out = []
-    for image_id in sorted(captions):
+    for image_id in (*captions, *boxes):
         if image_id not in images:
-            raise ValueError(f"captions for image id {image_id} but no file lists that image in 'images'")
+            raise ValueError(f"annotations for image id {image_id} but no file lists that image in 'images'")
+    out = []
+    for image_id in sorted(images):
         im = images[image_id]
-        ctx = ImageContext(str(image_id), im["file_name"], captions[image_id])
+        ctx = ImageContext(str(image_id), im["file_name"], captions.get(image_id, []))
         for category, path, i, bbox in boxes.get(image_id, []):
             w, h = im.get("width"), im.get("height")
             if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):

@@ -8,7 +8,8 @@
    fastllava.datagen sends) and answers in the format fastllava.datagen.validate parses: questions and
    answers about the colours, counts and positions of the boxes.
 3. Runs fastllava.datagen's own main() against it (model "rule-based", a dummy API key), writing
-   OUT/<kind>.jsonl, and prints datagen's summary.
+   OUT/<kind>.jsonl (and, for --kind detail, the brief descriptions OUT/detail.brief.jsonl), and prints
+   datagen's summary.
 
 No network and no model: this shows what the pipeline does and checks that its pieces fit. Rerunning with
 the same arguments draws the same images and skips the ones already generated, as datagen does.
@@ -287,6 +288,8 @@ def main(argv=None) -> int:
                            "--timeout", "30", "--max-retries", "2", "--backoff", "0.1"])
     if rc == 0:
         print(f"output: {out} (image paths relative to {os.path.join(args.out, 'images')})", file=sys.stderr)
+        if args.kind == "detail":
+            print(f"brief descriptions: {os.path.splitext(out)[0]}.brief.jsonl", file=sys.stderr)
     return rc
 
 

@@ -12,7 +12,10 @@ turn (its conv), then a user turn with the image's context. Default folders for 
 fastllava/datagen/prompts/; our answers use the format validate.py parses (see there).
 
 The question of a `detail` sample is not generated: it is drawn from DETAIL_INSTRUCTIONS, deterministically
-per image id, as LLaVA draws it from the paper's list of detailed-description instructions (Table 9).
+per image id, as LLaVA draws it from the paper's list of detailed-description instructions (Table 9). The
+brief-description samples that `--kind detail` also writes need no model at all: one of the image's own
+captions answers an instruction drawn from BRIEF_INSTRUCTIONS, as the paper builds its caption data from
+its list of brief-description instructions (Table 8).
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ DETAIL_INSTRUCTIONS = (
     "Provide an in-depth description of what the image shows.",
     "Tell me about this image, covering the objects, their places and what they are doing.",
     "Characterize the scene in the picture in detail.",
+)
+
+# Our wording of the paper's instructions for a brief image description.
+BRIEF_INSTRUCTIONS = (
+    "Describe the image briefly.",
+    "Give a short description of this picture.",
+    "Summarize what the image shows in one sentence.",
+    "What does this photo show, in a few words?",
+    "Write a concise caption for the image.",
+    "Sum up the scene in the picture briefly.",
+    "Offer a brief account of the image's content.",
+    "In one sentence, what is in this image?",
+    "Provide a compact summary of the photo.",
+    "Caption this image.",
+    "Briefly state what is pictured here.",
 )
 
 
@@ -80,8 +98,14 @@ def default_prompt_dir(kind: str) -> str:
     return os.path.join(DEFAULT_DIR, kind)
 
 
+def pick(options, image_id: str, purpose: str):
+    """One of `options` for `image_id`: the same on every run and machine (a hash, not Python's salted
+    hash() or a shared random generator, so a resumed run draws what an uninterrupted one would), and
+    independent between purposes (the brief instruction does not decide the caption)."""
+    digest = hashlib.sha256(f"{purpose}\0{image_id}".encode("utf-8")).digest()
+    return options[int.from_bytes(digest[:8], "little") % len(options)]
+
+
 def detail_instruction(image_id: str) -> str:
-    """The instruction of `image_id`'s detail sample: the same for an id on every run and machine
-    (a hash, not Python's salted hash() or a shared random generator)."""
-    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
-    return DETAIL_INSTRUCTIONS[int.from_bytes(digest[:8], "little") % len(DETAIL_INSTRUCTIONS)]
+    """The instruction of `image_id`'s detail sample."""
+    return pick(DETAIL_INSTRUCTIONS, image_id, "detail")

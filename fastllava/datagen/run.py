@@ -4,7 +4,12 @@ Output: one JSON line per image appended to `out` ({"id", "image", "conversation
 fastllava.data.files reads) and flushed as it is written; unusable answers go, with their reason, to
 `<out without extension>.rejects.jsonl`. On start, ids already in either file are skipped, so a run that
 was interrupted continues where it stopped and never writes an image twice. A request that fails for good
-(retries spent) is counted and written nowhere: the next run asks again.
+(retries spent) is counted and written nowhere: the next run asks again. Images without captions are
+skipped, counted and listed: the captions are what the model writes from.
+
+`--kind detail` also appends one brief-description sample per image to `<out without extension>.brief.jsonl`
+before any request (an instruction from BRIEF_INSTRUCTIONS answered by one of the image's captions; the
+paper's caption data, what stage 1 trains on), with the same skip-what-is-there resume.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO
 
-from ..data.files import validate_entry
+from ..data.files import IMAGE_TAG, SampleError, validate_entry
 from ..progress import progress
 from .annotations import ImageContext, load_annotations
 from .client import ChatClient, RequestFailed, scrub
-from .messages import KINDS, default_prompt_dir, load_prompt
+from .messages import BRIEF_INSTRUCTIONS, KINDS, default_prompt_dir, load_prompt, pick
 from .validate import Invalid, to_conversations
 
 
@@ -63,11 +68,17 @@ class DatagenConfig:
     def rejects(self) -> str:
         return os.path.splitext(self.out)[0] + ".rejects.jsonl"
 
+    @property
+    def brief(self) -> str:
+        return os.path.splitext(self.out)[0] + ".brief.jsonl"
+
 
 @dataclass
 class Summary:
     images: int = 0  # in the annotations
+    uncaptioned: list[str] = field(default_factory=list)  # ids of images without captions (skipped)
     skipped: int = 0  # already in the output or rejects
+    brief: int = 0  # brief-description samples written (--kind detail)
     written: int = 0
     rejected: Counter = field(default_factory=Counter)
     failed: int = 0
@@ -81,10 +92,16 @@ class Summary:
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.rejected.items()))
-        return (f"datagen: {self.written} written, {sum(self.rejected.values())} rejected"
+        text = (f"datagen: {self.written} written, {sum(self.rejected.values())} rejected"
                 + (f" ({reasons})" if reasons else "")
                 + f", {self.failed} failed, {self.skipped} already done of {self.images} images; "
                 f"{self.requests} requests, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens")
+        if self.brief:
+            text += f"; {self.brief} brief descriptions written"
+        if self.uncaptioned:
+            ids = ", ".join(self.uncaptioned[:10]) + (", ..." if len(self.uncaptioned) > 10 else "")
+            text += f"\nskipped {len(self.uncaptioned)} image(s) without captions (ids {ids})"
+        return text
 
 
 def done_ids(path: str) -> set[str]:
@@ -126,12 +143,15 @@ def run(cfg: DatagenConfig, *, client: ChatClient | None = None, log: IO[str] | 
     """Generate `cfg.kind` samples for every image in `cfg.annotations` not yet in the output."""
     log = sys.stderr if log is None else log
     contexts = load_annotations(cfg.annotations)
+    summary = Summary(images=len(contexts), uncaptioned=[c.id for c in contexts if not c.captions])
+    contexts = [c for c in contexts if c.captions]
     prompt = load_prompt(cfg.prompts or default_prompt_dir(cfg.kind))
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    if cfg.kind == "detail":
+        summary.brief = write_brief(cfg, contexts)
     done = done_ids(cfg.out) | done_ids(cfg.rejects)
-    summary = Summary(images=len(contexts))
     todo = [c for c in contexts if c.id not in done]
-    summary.skipped = len(contexts) - len(todo)
+    summary.skipped = len(contexts) - len(todo) + len(summary.uncaptioned)
     todo = todo[: cfg.limit] if cfg.limit is not None else todo
     if client is None:
         client = ChatClient(cfg.endpoint, cfg.model, timeout=cfg.timeout, max_retries=cfg.max_retries,
@@ -175,6 +195,31 @@ def run(cfg: DatagenConfig, *, client: ChatClient | None = None, log: IO[str] | 
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return summary
+
+
+def brief_record(ctx: ImageContext, image_prefix: str = "") -> dict:
+    """The brief-description sample of one image: a drawn instruction, answered by a drawn caption."""
+    return {"id": ctx.id, "image": image_prefix + ctx.image, "conversations": [
+        {"from": "human", "value": IMAGE_TAG + "\n" + pick(BRIEF_INSTRUCTIONS, ctx.id, "brief")},
+        {"from": "gpt", "value": pick(ctx.captions, ctx.id, "caption")}]}
+
+
+def write_brief(cfg: DatagenConfig, contexts: list[ImageContext]) -> int:
+    """Append the brief samples of the images not yet in cfg.brief; returns how many were written."""
+    done = done_ids(cfg.brief)
+    n = 0
+    with open(cfg.brief, "a", encoding="utf-8") as f:
+        for ctx in contexts:
+            if ctx.id not in done:
+                record = brief_record(ctx, cfg.image_prefix)
+                try:
+                    validate_entry(record)
+                except SampleError as e:
+                    raise ValueError(f"image {ctx.id}: its brief-description sample is not a valid LLaVA "
+                                     f"record ({e}); record: {json.dumps(record)[:300]}") from None
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n += 1
+    return n
 
 
 def _record(cfg, ctx, reply, summary, out, rejects, bar) -> None:

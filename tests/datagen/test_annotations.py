@@ -6,12 +6,14 @@ import pytest
 
 from fastllava.datagen.annotations import load_annotations, normalize_coco_box
 from fastllava.datagen.messages import (
+    BRIEF_INSTRUCTIONS,
     DETAIL_INSTRUCTIONS,
     KINDS,
     default_prompt_dir,
     detail_instruction,
     load_prompt,
 )
+from fastllava.datagen.run import brief_record
 from fastllava.datagen.validate import Invalid, to_conversations
 
 
@@ -23,6 +25,19 @@ def test_coco_folder_merges_captions_and_normalized_boxes(tmp_path, write_coco):
     # [64, 48, 320, 240] px in 640x480 -> x1 = 64/640, y1 = 48/480, x2 = 384/640, y2 = 288/480
     assert contexts[0].boxes[0].bbox == (0.1, 0.1, 0.6, 0.6)
     assert contexts[0].text() == "cat 0 resting\nA cat 0 on a sofa.\n\ncat: [0.1, 0.1, 0.6, 0.6]"
+
+
+def test_coco_images_without_captions_are_kept_for_the_run_to_count(tmp_path, write_coco):
+    write_coco(tmp_path, 2)
+    data = json.loads((tmp_path / "instances_tiny.json").read_text())
+    data["images"].append({"id": 7, "file_name": "7.jpg", "width": 10, "height": 10})
+    (tmp_path / "instances_tiny.json").write_text(json.dumps(data))
+    contexts = load_annotations([str(tmp_path)])
+    assert [(c.id, len(c.captions)) for c in contexts] == [("7", 0), ("100", 2), ("101", 2)]
+    data["annotations"].append({"id": 5, "image_id": 8, "category_id": 17, "bbox": [1, 1, 2, 2]})
+    (tmp_path / "instances_tiny.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="annotations for image id 8 but no file lists that image"):
+        load_annotations([str(tmp_path)])
 
 
 def test_box_normalization_rounds_to_3_decimals_and_clamps():
@@ -118,3 +133,18 @@ def test_detail_question_is_deterministic_per_image_and_varies():
     turns = to_conversations("detail", "42", " A dog on grass. ")
     assert turns == [{"from": "human", "value": "<image>\n" + detail_instruction("42")},
                      {"from": "gpt", "value": "A dog on grass."}]
+
+
+def test_brief_sample_is_a_drawn_instruction_answered_by_one_of_the_captions(tmp_path, write_coco):
+    from fastllava.datagen.annotations import ImageContext
+
+    captions = ["A cat.", "A cat on a sofa.", "An orange cat resting."]
+    records = [brief_record(ImageContext(str(i), f"{i}.jpg", captions), "coco/") for i in range(300)]
+    assert records[5] == brief_record(ImageContext("5", "5.jpg", captions), "coco/")  # deterministic
+    questions = [r["conversations"][0]["value"] for r in records]
+    answers = [r["conversations"][1]["value"] for r in records]
+    assert all(q.startswith("<image>\n") for q in questions) and records[0]["image"] == "coco/0.jpg"
+    assert {q.removeprefix("<image>\n") for q in questions} == set(BRIEF_INSTRUCTIONS)  # every one used
+    assert set(answers) == set(captions)
+    # the instruction does not decide the caption: every pair occurs
+    assert len(set(zip(questions, answers))) == len(BRIEF_INSTRUCTIONS) * len(captions)

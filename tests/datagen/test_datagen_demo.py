@@ -73,6 +73,20 @@ def test_demo_writes_true_conversations_for_every_image(tmp_path, monkeypatch, c
     assert "0 written, 0 rejected, 0 failed, 6 already done of 6 images" in capsys.readouterr().err
 
 
+def test_demo_detail_writes_descriptions_and_caption_briefs(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FASTLLAVA_DATAGEN_API_KEY", raising=False)
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--images", "3", "--kind", "detail"]) == 0
+    assert f"brief descriptions: {out / 'detail.brief.jsonl'}" in capsys.readouterr().err
+    captions = {a["id"]: a["captions"] for a in map(json.loads, open(out / "annotations.jsonl"))}
+    for name in ("detail.jsonl", "detail.brief.jsonl"):
+        records = load_records([str(out / name)], rejects=RejectLog(strict=True), verbose=False,
+                               image_folder=str(out / "images"), check_images=True)
+        assert sorted(records.ids) == sorted(captions)
+    for brief in map(json.loads, open(out / "detail.brief.jsonl")):
+        assert brief["conversations"][1]["value"] in captions[brief["id"]]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rule_based_answers_parse_for_every_kind(kind):
     context = "Two red circles.\n\nred circle: [0.1, 0.1, 0.4, 0.4]\nred circle: [0.6, 0.6, 0.9, 0.9]"

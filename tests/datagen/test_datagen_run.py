@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +163,37 @@ def test_jsonl_input_detail_kind(endpoint, tmp_path, capsys):
     r = records[0]
     assert r["image"].startswith("demo/img") and r["conversations"][1]["value"] == "A dog is sitting on the grass in the sun."
     assert r["conversations"][0]["value"].startswith("<image>\n")
+    assert "3 brief descriptions written" in capsys.readouterr().err
+    brief = load_records([str(tmp_path / "detail.brief.jsonl")], rejects=RejectLog(strict=True), verbose=False)
+    assert sorted(brief.ids) == sorted(records.ids)
+    for b in brief:
+        assert b["conversations"][1]["value"] == f"picture {b['image'][len('demo/img'):-len('.jpg')]}"
+
+
+def test_detail_brief_samples_resume_and_images_without_captions_are_listed(endpoint, tmp_path, write_coco, capsys):
+    write_coco(tmp_path, 4)
+    data = json.loads((tmp_path / "instances_tiny.json").read_text())
+    data["images"].append({"id": 7, "file_name": "7.jpg", "width": 10, "height": 10})  # boxes only, no captions
+    (tmp_path / "instances_tiny.json").write_text(json.dumps(data))
+    endpoint.script = {"cat": [("ok", "An orange cat sleeps on a sofa.")]}
+    out = tmp_path / "detail.jsonl"
+    detail = argv(endpoint, tmp_path, out)
+    detail[detail.index("--kind") + 1] = "detail"
+    assert main(detail + ["--limit", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1 written" in err and "4 brief descriptions written" in err  # brief samples need no request
+    assert "skipped 1 image(s) without captions (ids 7)" in err
+    first = lines(tmp_path / "detail.brief.jsonl")
+    with open(tmp_path / "detail.brief.jsonl", "a") as f:  # killed while writing the brief file
+        f.write('{"id": "10')
+    assert main(detail) == 0
+    err = capsys.readouterr().err
+    assert "3 written" in err and "brief descriptions" not in err and "2 already done of 5 images" in err
+    brief = lines(tmp_path / "detail.brief.jsonl")
+    assert brief == first  # not rewritten, not duplicated, the cut line removed
+    assert all(b["conversations"][1]["value"] in {f"cat {int(b['id']) - 100} resting", f"A cat {int(b['id']) - 100} on a sofa."}
+               for b in brief)
+    assert len(endpoint.requests) == 4
 
 
 def test_bad_arguments_and_inputs_are_clear_errors(endpoint, tmp_path, capsys):
@@ -173,3 +208,34 @@ def test_bad_arguments_and_inputs_are_clear_errors(endpoint, tmp_path, capsys):
     assert main(bad) == 2
     captured = assert_no_key(capsys)
     assert "endpoint must be an http(s) URL" in captured.err
+
+
+def test_ctrl_c_keeps_the_answers_received_and_a_rerun_finishes_without_asking_twice(endpoint, tmp_path, write_coco,
+                                                                                   capsys):
+    """A real SIGINT to a real `python -m fastllava.datagen` process, mid-run."""
+    write_coco(tmp_path, 12)
+    endpoint.script = {"cat": [("delay", 0.4, GOOD)]}
+    out = tmp_path / "conv.jsonl"
+    env = {**os.environ, "FASTLLAVA_DATAGEN_API_KEY": KEY, "FASTLLAVA_PROGRESS_INTERVAL": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastllava.datagen",
+                             *argv(endpoint, tmp_path, out, "--concurrency", "2")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(lines(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"finished before the interrupt: {proc.communicate()}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: the answers received so far are in" in err and "Traceback" not in err
+    assert KEY not in err
+    kept = [r["id"] for r in lines(out)]  # every line complete (lines() parses each one)
+    assert 3 <= len(kept) < 12
+    asked_before = len(endpoint.requests)
+    assert asked_before == len(kept)  # each request that was in flight at Ctrl-C was waited for and kept
+
+    assert main(argv(endpoint, tmp_path, out)) == 0
+    assert f"{12 - len(kept)} written, 0 rejected, 0 failed, {len(kept)} already done of 12 images" in capsys.readouterr().err
+    assert sorted(r["id"] for r in lines(out)) == [str(100 + i) for i in range(12)]
+    asked = [b["messages"][-1]["content"].split(" resting")[0] for _, _, b in endpoint.requests]
+    assert sorted(asked) == sorted(f"cat {i}" for i in range(12))  # no image asked for twice
