@@ -12,7 +12,12 @@ The answer format our default prompts ask for (LLaVA's complex-reasoning example
     ...
 
 blocks separated by lines holding only "===", each starting with "Question:" or "Answer:" (the marker
-may share its line with the text). `conversation` needs alternating Question/Answer blocks starting with a
+may share its line with the text). An answer whose first character is "{" is read in the other format
+LLaVA's conversation prompts have used, one JSON object a line:
+
+    {"question": "How many dogs are there?", "answer": "Two."}
+
+so a prompt folder of either kind can be pointed at. `conversation` needs alternating Question/Answer blocks starting with a
 question and ending with an answer; `reasoning` exactly one of each; `detail` is the answer text itself,
 with the question drawn from the instruction list. Any answer that mentions raw box coordinates
 ("[0.12, 0.4, ...") is rejected: the image-grounded model cannot know them.
@@ -20,6 +25,7 @@ with the question drawn from the instruction list. Any answer that mentions raw 
 
 from __future__ import annotations
 
+import json
 import re
 
 from ..data.files import IMAGE_TAG
@@ -54,6 +60,23 @@ def parse_turns(text: str) -> list[tuple[str, str]]:
     return turns
 
 
+def parse_json_lines(text: str) -> list[tuple[str, str]]:
+    """The same turns from the JSON-lines format; raises Invalid."""
+    turns = []
+    for j, line in enumerate(line for line in text.splitlines() if line.strip()):
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Invalid("format", f"line {j} is not a JSON object ({e.msg}): {line.strip()[:80]!r}") from None
+        if not isinstance(pair, dict) or not {"question", "answer"} <= set(pair):
+            raise Invalid("format", f"line {j} is not a {{'question', 'answer'}} object: {line.strip()[:80]!r}")
+        for role in ("question", "answer"):
+            if not isinstance(pair[role], str) or not pair[role].strip():
+                raise Invalid("empty_turn", f"line {j}: the {role} is empty or not a string")
+            turns.append((role, pair[role].strip()))
+    return turns
+
+
 def to_conversations(kind: str, image_id: str, answer: str | None) -> list[dict[str, str]]:
     """LLaVA "conversations" for one image from the model's `answer`: alternating human/gpt turns, with
     "<image>\\n" at the front of the first human turn. Raises Invalid(reason, detail)."""
@@ -69,7 +92,7 @@ def to_conversations(kind: str, image_id: str, answer: str | None) -> list[dict[
             raise Invalid("format", "a detail answer is a description, not a Question/Answer block")
         pairs = [(detail_instruction(image_id), answer.strip())]
     else:
-        turns = parse_turns(answer)
+        turns = parse_json_lines(answer) if answer.lstrip().startswith("{") else parse_turns(answer)
         if not turns:
             raise Invalid("empty", "the answer holds only separators")
         for j, (role, _) in enumerate(turns):

@@ -109,7 +109,18 @@ def test_conversation_parsing():
         {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "On grass."}]
 
 
+def test_json_lines_answers_as_llava_older_conversation_prompts_ask():
+    answer = ('{"question": "What is it?", "answer": "A dog."}\n\n'
+              '{"question": "Where?", "answer": " On grass. "}\n')
+    assert to_conversations("conversation", "1", answer) == to_conversations(
+        "conversation", "1", "Question: What is it?\n===\nAnswer:\nA dog.\n===\nQuestion:\nWhere?\n===\nAnswer: On grass.")
+
+
 @pytest.mark.parametrize("kind, answer, reason", [
+    ("conversation", '{"question": "What?", "answer": "A dog."}\n{"question": "Why?"', "format"),
+    ("conversation", '{"question": "What?", "reply": "A dog."}', "format"),
+    ("conversation", '{"question": "What?", "answer": ""}', "empty_turn"),
+    ("reasoning", '{"question": "A?", "answer": "B."}\n{"question": "C?", "answer": "D."}', "roles"),
     ("conversation", "", "empty"),
     ("conversation", None, "empty"),
     ("conversation", "A dog on the grass.", "format"),
