@@ -217,7 +217,7 @@ def write_brief(cfg: DatagenConfig, contexts: list[ImageContext]) -> int:
                 except SampleError as e:
                     raise ValueError(f"image {ctx.id}: its brief-description sample is not a valid LLaVA "
                                      f"record ({e}); record: {json.dumps(record)[:300]}") from None
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                _append(f, record)
                 n += 1
     return n
 

@@ -17,9 +17,9 @@ LLaVA's conversation prompts have used, one JSON object a line:
 
     {"question": "How many dogs are there?", "answer": "Two."}
 
-so a prompt folder of either kind can be pointed at. `conversation` needs alternating Question/Answer blocks starting with a
-question and ending with an answer; `reasoning` exactly one of each; `detail` is the answer text itself,
-with the question drawn from the instruction list. Any answer that mentions raw box coordinates
+so a prompt folder of either kind can be pointed at. `conversation` needs alternating Question/Answer
+blocks starting with a question and ending with an answer; `reasoning` exactly one of each; `detail` is
+the answer text itself, with the question drawn from the instruction list. Any answer that mentions raw box coordinates
 ("[0.12, 0.4, ...") is rejected: the image-grounded model cannot know them.
 """
 
