@@ -4,7 +4,9 @@ OpenAI-compatible chat endpoint. The API key comes from $FASTLLAVA_DATAGEN_API_K
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .client import scrub
 from .messages import KINDS
@@ -18,7 +20,7 @@ Rerunning the same command skips images already in either file and retries faile
 With --kind detail, brief-description samples (an instruction answered by one of the image's captions, no
 request needed) are also appended to <out>.brief.jsonl.
 Exit status: 0 when every image was answered (written or rejected), 1 when requests failed, 2 on bad
-arguments or input, 130 when interrupted (Ctrl-C; rerun to continue).
+arguments or input, 130 on Ctrl-C and 143 on SIGTERM (the answers received are kept; rerun to continue).
 """
 
 
@@ -48,17 +50,30 @@ def parse_args(argv=None) -> DatagenConfig:
         p.error(scrub(str(e)))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job, `kill`), handled as Ctrl-C is."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         summary = run(cfg)
     except ValueError as e:  # bad annotations, prompt folder or endpoint
         print(f"error: {scrub(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # run() has kept every answer that came back
+    except KeyboardInterrupt as e:  # run() has kept every answer that came back
         print(f"\ninterrupted: the answers received so far are in {cfg.out} and {cfg.rejects}; rerun the same "
               "command to continue with the rest", file=sys.stderr)
-        return 130  # the shell's code for Ctrl-C
+        return 143 if isinstance(e, Terminated) else 130  # the shell's codes for SIGTERM and Ctrl-C
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(summary, file=sys.stderr)
     if summary.failed:
         print(f"{summary.failed} request(s) failed; rerun the same command to retry them "
