@@ -109,21 +109,29 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_generated_data_trains_through_the_finetune_pipeline(tmp_path, monkeypatch, llava_dir):
-    """The generated file is ordinary stage-2 data: train() (what recipes/finetune.py runs) reads it with
-    the vicuna_v1 template, rejects nothing and trains a tiny llava-hf checkpoint on it."""
+@pytest.mark.parametrize("kind, data, stage, template", [
+    ("conversation", "conversation.jsonl", "finetune", "vicuna_v1"),
+    ("detail", "detail.brief.jsonl", "align", "plain"),
+], ids=["conversations-stage2", "brief-stage1"])
+def test_generated_data_trains_through_the_finetune_pipeline(tmp_path, monkeypatch, llava_dir, kind, data, stage,
+                                                             template):
+    """The generated files are ordinary training data: train() (what recipes/finetune.py runs) reads the
+    conversations as stage-2 data (vicuna_v1) and the brief descriptions as stage-1 data (plain), rejects
+    nothing (strict) and trains a tiny llava-hf checkpoint on each."""
     from fastllava.config import load_config
     from fastllava.train import train
 
     monkeypatch.delenv("FASTLLAVA_DATAGEN_API_KEY", raising=False)
     out = tmp_path / "demo"
-    assert main(["--out", str(out), "--images", "8"]) == 0
+    assert main(["--out", str(out), "--images", "8", "--kind", kind]) == 0
     cfg = load_config(None, [
-        "model.source=pretrained", f"model.pretrained_path={llava_dir}", f"data.data_path={out / 'conversation.jsonl'}",
-        f"data.image_folder={out / 'images'}", "data.template=vicuna_v1", "data.strict=true", "data.num_workers=0",
+        "model.source=pretrained", f"model.pretrained_path={llava_dir}", f"train.stage={stage}",
+        f"data.data_path={out / data}", f"data.image_folder={out / 'images'}", f"data.template={template}",
+        "data.strict=true", "data.num_workers=0",
         "data.model_max_length=512", "data.max_tokens_per_pack=512", "train.global_batch_size=4", "train.max_steps=2",
         "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "parallel.activation_checkpointing=none",
         "logging.progress=false", "checkpoint.every_steps=0"])
     result = train(cfg)
     assert sorted(result.losses) == [1, 2] and all(math.isfinite(v) for v in result.losses.values())
-    assert (result.export / "config.json").is_file()
+    # stage 1 exports the projector alone, stage 2 a llava-hf checkpoint
+    assert (result.export.is_file() if stage == "align" else (result.export / "config.json").is_file())
