@@ -42,7 +42,8 @@ def parse_args(argv=None) -> DatagenConfig:
     p.add_argument("--backoff", type=float, default=d["backoff"].default, help="seconds before the first retry, doubling (default %(default)s)")
     p.add_argument("--temperature", type=float, default=d["temperature"].default, help="(default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=d["max_tokens"].default, help="(default %(default)s)")
-    p.add_argument("--limit", type=int, help="at most this many new images in this run")
+    p.add_argument("--limit", type=int, help="ask for at most this many new images in this run (--kind detail writes "
+                   "every brief sample regardless: they cost no request)")
     args = p.parse_args(argv)
     try:
         return DatagenConfig(**vars(args))

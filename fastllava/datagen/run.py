@@ -45,7 +45,7 @@ class DatagenConfig:
     backoff: float = 1.0  # seconds before the first retry; doubles each time
     temperature: float = 0.7
     max_tokens: int = 1024
-    limit: int | None = None  # at most this many new images in this run
+    limit: int | None = None  # ask for at most this many new images in this run (brief samples: all)
 
     def __post_init__(self):
         if self.kind not in KINDS:
