@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fastllava.data import packing
+from fastllava.data import packing, packing_reference
 
 from fastllava.data.profile import sample_lengths
 from fastllava.data.reference_sampler import reference_batches
@@ -107,8 +107,8 @@ def main():
     else:
         print("  C++ extension not built (pip install -e .)")
     if not args.skip_python:
-        t_py, _ = _time(lambda: packing._plan_epoch_py(lengths, args.global_batch, args.world, 16384, 0, 0), repeat=1)
-        t_ppy, _ = _time(lambda: packing._pack_epoch_py(lengths, 16384, args.world, 4096, 0, 0), repeat=1)
+        t_py, _ = _time(lambda: packing_reference.plan_epoch(lengths, args.global_batch, args.world, 16384, 0, 0), repeat=1)
+        t_ppy, _ = _time(lambda: packing_reference.pack_epoch(lengths, 16384, args.world, 4096, 0, 0), repeat=1)
         print(f"  Python references: plan_steps core {t_py[0] * 1e3:.0f} ms, plan_packs core {t_ppy[0] * 1e3:.0f} ms")
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 // Sequence-packing planners: assign the samples of one epoch to bins of at most `max_tokens` tokens.
 //
-// Bit-identical to the plain-Python references in fastllava/data/packing.py (`_plan_epoch_py`,
-// `_pack_epoch_py`); the tests compare them on random inputs, so any change here must be mirrored there.
+// Bit-identical to the plain-Python reference, fastllava/data/packing_reference.py (`plan_epoch`,
+// `pack_epoch`); the tests compare them on random inputs, so any change here must be mirrored there.
 //
 // plan_epoch (plan_steps: a fixed number of samples per group):
 //   1. shuffle sample indices with Fisher-Yates driven by splitmix64, seeded from (seed, epoch);

@@ -12,9 +12,9 @@ shuffled order until the gap left is under the window's mean length, and then cl
 (one or two of the window's samples chosen by length). The packs are dealt to ranks by load and the
 window's micro-steps shuffled. It returns a `PackPlan` of flat arrays (samples + pack offsets).
 
-The planners run in C++ (`fastllava._packing`, csrc/packing.cpp). `_plan_epoch_py` and `_pack_epoch_py`
-below are their plain-Python references, bit-identical (same splitmix64 + Fisher-Yates, same
-tie-breaks); the tests compare them. Without the extension the references run, with a warning.
+The planners run in C++ (`fastllava._packing`, csrc/packing.cpp). data/packing_reference.py is their
+plain-Python reference, bit-identical (same splitmix64 + Fisher-Yates, same tie-breaks); the tests
+compare them. Without the extension the reference runs, with a warning.
 
 Legend: n samples; R ranks; M micro-steps of a step; a "bin" (or pack) is one rank's pack in one
 micro-step.
@@ -22,223 +22,22 @@ micro-step.
 
 from __future__ import annotations
 
-import bisect
-import heapq
 import warnings
 import zlib
-from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..batch import PackedBatch
+from . import packing_reference
 
 try:
     from .. import _packing
 except ImportError:  # not built (e.g. a plain source checkout); the reference stands in
     _packing = None
 
-_MASK = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-_EPOCH_MUL = 0xD1B54A32D192ED03
 _warned_fallback = False
-
-
-# ----------------------------------------------------------------------------- Python reference
-
-
-def _fisher_yates_py(items: list, state: int) -> int:
-    """Shuffle `items` in place with Fisher-Yates over splitmix64 from `state`; returns the final state
-    (the generator continues from there), as csrc/packing.cpp."""
-    for i in range(len(items) - 1, 0, -1):
-        state = (state + _GOLDEN) & _MASK
-        z = state
-        z = ((z ^ (z >> 30)) * _MIX1) & _MASK
-        z = ((z ^ (z >> 27)) * _MIX2) & _MASK
-        z ^= z >> 31
-        j = z % (i + 1)
-        items[i], items[j] = items[j], items[i]
-    return state
-
-
-def _epoch_state(seed: int, epoch: int) -> int:
-    return (seed ^ (((epoch + 1) * _EPOCH_MUL) & _MASK)) & _MASK
-
-
-def _shuffle_py(n: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's sample order: Fisher-Yates over splitmix64, as csrc/packing.cpp."""
-    order = list(range(n))
-    _fisher_yates_py(order, _epoch_state(seed, epoch))
-    return order
-
-
-def _assign_lpt_py(sorted_lengths: list[int], nbins: int, max_tokens: int):
-    """(bin_of, load) placing each sample into the least-loaded bin, or None if one does not fit."""
-    heap = [(0, b) for b in range(nbins)]  # (load, bin): already a heap
-    load = [0] * nbins
-    bin_of = []
-    for length in sorted_lengths:
-        cur, b = heap[0]
-        if cur + length > max_tokens:
-            return None
-        load[b] = cur + length
-        bin_of.append(b)
-        heapq.heapreplace(heap, (cur + length, b))
-    return bin_of, load
-
-
-def _smallest_micro_steps_py(sorted_lengths: list[int], total: int, num_ranks: int, max_tokens: int):
-    g = len(sorted_lengths)
-    capacity = num_ranks * max_tokens
-    upper = max(1, -(-g // num_ranks))
-    lo, hi, step = 0, min(upper, max(1, -(-total // capacity))), 1
-    while (fit := _assign_lpt_py(sorted_lengths, hi * num_ranks, max_tokens)) is None:
-        lo, hi, step = hi, min(upper, hi + step), step * 2
-    if hi - lo <= 1:
-        return hi, fit
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        if _assign_lpt_py(sorted_lengths, mid * num_ranks, max_tokens) is not None:
-            hi = mid
-        else:
-            lo = mid
-    return hi, _assign_lpt_py(sorted_lengths, hi * num_ranks, max_tokens)
-
-
-def _plan_epoch_py(lengths: np.ndarray, group_size: int, num_ranks: int, max_tokens: int, seed: int, epoch: int):
-    """Reference of `_packing.plan_epoch`: (samples[n], bin_offsets[nbins + 1], group_bins[ngroups + 1])."""
-    lens = [int(x) for x in lengths]
-    n = len(lens)
-    order = _shuffle_py(n, seed, epoch)
-    samples: list[int] = []
-    bin_offsets = [0]
-    group_bins = [0]
-    for start in range(0, n, group_size):
-        members = order[start : start + group_size]
-        pos = sorted(range(len(members)), key=lambda p: (-lens[members[p]], p))
-        sorted_lengths = [lens[members[p]] for p in pos]
-        m, (bin_of, load) = _smallest_micro_steps_py(sorted_lengths, sum(sorted_lengths), num_ranks, max_tokens)
-        nbins = m * num_ranks
-        slot_of = _snake_slots_py(load, num_ranks)
-        bins: list[list[int]] = [[] for _ in range(nbins)]
-        for k, p in enumerate(pos):
-            bins[slot_of[bin_of[k]]].append(members[p])
-        for b in bins:
-            samples.extend(b)
-            bin_offsets.append(len(samples))
-        group_bins.append(group_bins[-1] + nbins)
-    as_np = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-    return as_np(samples), as_np(bin_offsets), as_np(group_bins)
-
-
-def _snake_slots_py(load: list[int], num_ranks: int) -> list[int]:
-    """bin -> output slot m*R + r: heaviest first, micro-step i's bins sorted positions i*R .. i*R+R-1,
-    reversed on odd i."""
-    slot_of = [0] * len(load)
-    for s, b in enumerate(sorted(range(len(load)), key=lambda b: (-load[b], b))):
-        micro, k = divmod(s, num_ranks)
-        slot_of[b] = micro * num_ranks + (k if micro % 2 == 0 else num_ranks - 1 - k)
-    return slot_of
-
-
-# How many first members of a pair the gap-closing search tries (csrc/packing.cpp, kPairTries): on the
-# 665K profile at 4096 tokens (100K samples, 8 ranks) 4, 16, 32 and 128 tries fill 99.66-99.73%.
-_PAIR_TRIES = 16
-
-
-def _pack_window_py(lens: list[int], max_tokens: int) -> list[list[int]]:
-    """Reference of csrc/packing.cpp's pack_window: the window's bins as lists of positions p (lens[p] in
-    shuffled order). Phase 1 takes samples in shuffled order while they leave a gap >= the window's
-    mean length (or fill the bin exactly); phase 2 closes the gap by the best single length or the best
-    pair found, repeated while anything fits. Equal lengths go earliest-first."""
-    g = len(lens)
-    lo = sum(lens) // g
-    fifo: dict[int, deque[int]] = {}
-    for p, x in enumerate(lens):
-        fifo.setdefault(x, deque()).append(p)
-    avail = sorted(fifo)  # lengths with an unused sample, ascending
-    used = [False] * g
-    bins: list[list[int]] = []
-
-    def take(x: int, into: list[int]) -> int:
-        p = fifo[x].popleft()
-        used[p] = True
-        into.append(p)
-        if not fifo[x]:
-            del avail[bisect.bisect_left(avail, x)]
-        return x
-
-    def largest_le(t: int) -> int:  # the largest available length <= t, or 0
-        k = bisect.bisect_right(avail, t) - 1
-        return avail[k] if k >= 0 else 0
-
-    q, remaining = 0, g
-    while remaining:
-        pack: list[int] = []
-        r = max_tokens
-        while q < g:  # phase 1
-            if used[q]:
-                q += 1
-                continue
-            x = lens[q]
-            if x != r and x + lo > r:
-                break
-            r -= take(x, pack)  # every earlier position is used, so q is the front of fifo[x]
-            q += 1
-        while avail and avail[0] <= r:  # phase 2
-            single = largest_le(r)
-            best, pair = single, None
-            if best != r:
-                k = bisect.bisect_right(avail, r - avail[0]) - 1
-                tries = 0
-                while k >= 0 and tries < _PAIR_TRIES and 2 * avail[k] > best:
-                    first = avail[k]
-                    k2 = bisect.bisect_right(avail, min(r - first, first)) - 1  # second <= first
-                    if k2 == k and len(fifo[first]) < 2:
-                        k2 -= 1
-                    if k2 >= 0 and first + avail[k2] > best:
-                        best, pair = first + avail[k2], (first, avail[k2])
-                        if best == r:
-                            break
-                    k -= 1
-                    tries += 1
-            if pair is not None:
-                r -= take(pair[0], pack)
-                r -= take(pair[1], pack)
-            else:
-                r -= take(single, pack)
-        remaining -= len(pack)
-        bins.append(pack)
-    return bins
-
-
-def _pack_epoch_py(lengths: np.ndarray, window: int, num_ranks: int, max_tokens: int, seed: int, epoch: int):
-    """Reference of `_packing.pack_epoch`: (samples[n], bin_offsets[nbins + 1]), nbins a multiple of R."""
-    lens = [int(x) for x in lengths]
-    n = len(lens)
-    order = list(range(n))
-    state = _fisher_yates_py(order, _epoch_state(seed, epoch))  # continues for the micro-step shuffles
-    samples: list[int] = []
-    bin_offsets = [0]
-    for start in range(0, n, window):
-        members = order[start : start + window]
-        bins = _pack_window_py([lens[i] for i in members], max_tokens)
-        micro = -(-len(bins) // num_ranks)
-        bins += [[] for _ in range(micro * num_ranks - len(bins))]
-        slot_of = _snake_slots_py([sum(lens[members[p]] for p in b) for b in bins], num_ranks)
-        bin_at = [0] * len(bins)
-        for b, slot in enumerate(slot_of):
-            bin_at[slot] = b
-        perm = list(range(micro))
-        state = _fisher_yates_py(perm, state)
-        for m in perm:
-            for r in range(num_ranks):
-                samples.extend(members[p] for p in bins[bin_at[m * num_ranks + r]])
-                bin_offsets.append(len(samples))
-    return np.asarray(samples, dtype=np.int64), np.asarray(bin_offsets, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -265,11 +64,11 @@ def _check_lengths(lengths: Sequence[int] | np.ndarray, max_tokens: int) -> np.n
     return lengths
 
 
-def _use_python(backend: str, seed: int, epoch: int) -> bool:
-    """Whether the Python reference plans (checks the arguments both planners share)."""
+def _planner(backend: str, seed: int, epoch: int):
+    """The module that plans, `_packing` or `packing_reference` (checks the arguments both share)."""
     if backend not in ("auto", "cpp", "python"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
-    if not 0 <= seed <= _MASK or epoch < 0:
+    if not 0 <= seed < 2**64 or epoch < 0:
         raise ValueError(f"seed must be in [0, 2**64) and epoch >= 0, got seed={seed}, epoch={epoch}")
     if backend == "cpp" and _packing is None:
         raise ValueError("backend='cpp' but fastllava._packing is not built; run `pip install -e .`")
@@ -282,25 +81,21 @@ def _use_python(backend: str, seed: int, epoch: int) -> bool:
                 stacklevel=4,
             )
             _warned_fallback = True
-    return backend == "python" or _packing is None
+    return packing_reference if backend == "python" or _packing is None else _packing
 
 
 def _plan_epoch(lengths: np.ndarray, group_size: int, num_ranks: int, max_tokens: int, seed: int, epoch: int,
                 backend: str):
     if group_size < 1 or num_ranks < 1:
         raise ValueError(f"group size and num_ranks must be >= 1, got {group_size} and {num_ranks}")
-    if _use_python(backend, seed, epoch):
-        return _plan_epoch_py(lengths, group_size, num_ranks, max_tokens, seed, epoch)
-    return _packing.plan_epoch(lengths, group_size, num_ranks, max_tokens, seed, epoch)
+    return _planner(backend, seed, epoch).plan_epoch(lengths, group_size, num_ranks, max_tokens, seed, epoch)
 
 
 def _pack_epoch(lengths: np.ndarray, window: int, num_ranks: int, max_tokens: int, seed: int, epoch: int,
                 backend: str):
     if window < 1 or num_ranks < 1:
         raise ValueError(f"shuffle_buffer and num_ranks must be >= 1, got {window} and {num_ranks}")
-    if _use_python(backend, seed, epoch):
-        return _pack_epoch_py(lengths, window, num_ranks, max_tokens, seed, epoch)
-    return _packing.pack_epoch(lengths, window, num_ranks, max_tokens, seed, epoch)
+    return _planner(backend, seed, epoch).pack_epoch(lengths, window, num_ranks, max_tokens, seed, epoch)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastllava.batch import IGNORE_INDEX
-from fastllava.data import packing
+from fastllava.data import packing, packing_reference
 from fastllava.data.profile import sample_lengths
 
 needs_cpp = pytest.mark.skipif(packing._packing is None, reason="fastllava._packing not built (pip install -e .)")
@@ -66,22 +66,22 @@ def test_cpp_equals_python_reference():
         ref = packing._plan_epoch(lengths, group, ranks, max_tokens, seed, epoch, "python")
         for a, b in zip(cpp, ref):
             np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}")
-    np.testing.assert_array_equal(packing._packing.shuffle(1000, 2**64 - 1, 3), packing._shuffle_py(1000, 2**64 - 1, 3))
+    np.testing.assert_array_equal(packing._packing.shuffle(1000, 2**64 - 1, 3), packing_reference.shuffle(1000, 2**64 - 1, 3))
 
 
 def test_shuffle_matches_splitmix64_spec():
     # splitmix64 from state 0 (Vigna's reference values): 0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4.
-    # seed = _EPOCH_MUL at epoch 0 gives state 0. Fisher-Yates on 3: i=2 swaps with out1 % 3,
+    # seed = EPOCH_MUL at epoch 0 gives state 0. Fisher-Yates on 3: i=2 swaps with out1 % 3,
     # then i=1 with out2 % 2.
     order = [0, 1, 2]
     j = 0xE220A8397B1DCDAF % 3
     order[2], order[j] = order[j], order[2]
     j = 0x6E789E6AA1B965F4 % 2
     order[1], order[j] = order[j], order[1]
-    assert packing._shuffle_py(3, packing._EPOCH_MUL, 0) == order
+    assert packing_reference.shuffle(3, packing_reference.EPOCH_MUL, 0).tolist() == order
     if packing._packing is not None:
-        assert packing._packing.shuffle(3, packing._EPOCH_MUL, 0).tolist() == order
-    assert sorted(packing._shuffle_py(500, 5, 1)) == list(range(500))
+        assert packing._packing.shuffle(3, packing_reference.EPOCH_MUL, 0).tolist() == order
+    assert sorted(packing_reference.shuffle(500, 5, 1).tolist()) == list(range(500))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
