@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..cache import cache_dir as default_cache_dir
+from ..cache_dir import cache_dir as default_cache_dir
 from ..progress import progress
 from .files import RejectLog, SampleError, default_rejects_path, image_list, load_records
 from .templates import get_template
@@ -49,7 +49,7 @@ class LlavaDataset(Dataset):
     num_image_tokens: positions one image occupies after expansion (576 for CLIP ViT-L/14 at 336 px).
     overlong: "truncate" (cut at model_max_length, never inside an image) or "reject".
     image_loader: callable(path, mode=, size=) -> (3, S, S) tensor; default fastllava.data.images.load_image.
-    cache_dir: where lengths() caches per-file results (default: fastllava.cache.cache_dir(), i.e.
+    cache_dir: where lengths() caches per-file results (default: fastllava.cache_dir.cache_dir(), i.e.
     $FASTLLAVA_CACHE or ~/.cache/fastllava; None disables).
 
     dataset[i] -> {"input_ids": (L,) int64 with one image token per image, "labels": (L,) int64,

@@ -1,5 +1,5 @@
 """The demo's world: a synthetic visual-question dataset of real JPEG files, and a tokenizer built from its
-corpus, generated once into the cache directory (fastllava/cache.py) with no network access.
+corpus, generated once into the cache directory (fastllava/cache_dir.py) with no network access.
 
 Each image is a neutral background of one of several NON-square sizes (so `pad` and `square` preprocessing
 differ) with 1 to 4 copies of ONE coloured shape, each centred in its own cell of a 2x2 grid ("top left",
@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from ..cache import cache_dir
+from ..cache_dir import cache_dir
 
 RESPONSE_FORMAT = "Answer the question using a single word or phrase."
 DESCRIBE_PROMPT = "Describe the image."

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from ..batch import IGNORE_INDEX, PackedBatch
-from .cache import CacheStep, KVCache
+from .kv_cache import CacheStep, KVCache
 from .sampling import next_tokens, prompt_generator
 
 # Decode attention backend for each varlen attention backend a model may be built with.

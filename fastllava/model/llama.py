@@ -2,7 +2,7 @@
 
 The forward takes embeddings (T, D) of samples back to back plus position_ids and cu_seqlens;
 attention is causal inside each sample and never crosses a boundary (fastllava.ops.varlen_attention).
-Generation passes a KV cache (fastllava.generate.cache): each layer stores its post-RoPE keys and values
+Generation passes a KV cache (fastllava.generate.kv_cache): each layer stores its post-RoPE keys and values
 there, and a decode step attends over the cache instead of over the pack.
 Shape legend: T tokens, D model width, Hq query heads, Hkv key/value heads, Dh head dim, F MLP width.
 Module names mirror Hugging Face's LlamaModel so checkpoints map key for key.
@@ -93,7 +93,7 @@ class LlamaDecoder(nn.Module):
     def forward(self, embeds_TD, position_ids, cu_seqlens, max_seqlen, cache=None):
         """(T, D) input embeddings of a packed sequence -> (T, D) final hidden states.
 
-        cache: a KV-cache step (fastllava.generate.cache.CacheStep) whose `layer(i)` each layer stores
+        cache: a KV-cache step (fastllava.generate.kv_cache.CacheStep) whose `layer(i)` each layer stores
         into and, when decoding, attends over; None in training."""
         cos_TD, sin_TD = rotary_cos_sin(self.cfg, position_ids, cu_seqlens, embeds_TD.dtype)
         x_TD = embeds_TD
