@@ -397,7 +397,8 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     """torch.nn.attention.varlen.varlen_attn: `scale=` and `window_size=(-1, 0)` for causal (torch >= 2.11;
     2.10's `is_causal` is gone). GQA: `enable_gqa` is in torch 2.12 and 2.13 (2.13's signature read here);
     it came with pytorch PR #179468 (April 2026), after the 2.11 branch was cut, so torch 2.11 most likely
-    lacks it: not checked against a 2.11 install. Without it, K/V heads are repeated."""
+    lacks it (not read from a 2.11 install). Without it, K/V heads are repeated. Both branches run on CPU
+    in tests/ops/test_varlen_attention.py against a stand-in varlen_attn with and without `enable_gqa`."""
     from torch.nn.attention.varlen import varlen_attn
 
     kw = dict(scale=softmax_scale, window_size=(-1, 0) if causal else (-1, -1))

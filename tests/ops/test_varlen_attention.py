@@ -9,6 +9,7 @@ Every buffer the launchers allocate is NaN-filled first (FASTLLAVA_POISON_OUTPUT
 """
 
 import importlib
+import inspect
 import sys
 import types
 
@@ -278,6 +279,69 @@ def test_xformers_glue_against_the_reference(monkeypatch, causal):
         assert (a - b).abs().max().item() < 1e-12, name
     empty = cu_of([0, 0])
     assert va._xformers(q[:0], k[:0], v[:0], empty, causal, None).shape == (0, 4, 32)
+
+
+def _stand_in_varlen_attn(with_gqa: bool):
+    """torch.nn.attention.varlen.varlen_attn as torch 2.13 documents it (`with_gqa`) or without
+    `enable_gqa`, as torch 2.11 most likely has it: one dense block-diagonal mask over the pack, with
+    flash-attn's window_size=(left, right) (-1 unbounded; (-1, 0) is causal), the scale default 1/sqrt(D),
+    and K/V heads shared by Hq / Hkv query heads only when asked. Its CUDA kernel has no CPU operator,
+    so this is how the glue's two GQA branches run on every torch."""
+
+    def attend(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), gqa=False):
+        assert cu_seq_k is cu_seq_q and max_q == max_k and q.dim() == 3, (max_q, max_k, q.shape)
+        if q.shape[1] != k.shape[1]:
+            assert gqa, f"{q.shape[1]} query heads, {k.shape[1]} key/value heads, enable_gqa not set"
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        lens = cu_seq_q.diff().long()
+        sample = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        local = torch.arange(q.shape[0]) - cu_seq_q[:-1].long().repeat_interleave(lens)
+        gap = local[:, None] - local[None, :]  # query position - key position inside a sample
+        left, right = window_size
+        allowed = (sample[:, None] == sample[None, :]) & ((gap <= left) | (left < 0)) & ((-gap <= right) | (right < 0))
+        o = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=allowed, scale=scale)
+        return o.transpose(0, 1)
+
+    if with_gqa:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                        enable_gqa=False):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                          gqa=enable_gqa)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)
+    return varlen_attn
+
+
+def test_torch_varlen_stand_in_takes_what_installed_torch_does():
+    """The stand-ins' keyword arguments are real ones of the installed varlen_attn (torch >= 2.12 has
+    enable_gqa), so the glue below is tested against the interface torch has."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    real = inspect.signature(varlen_attn).parameters
+    for with_gqa in (True, False):
+        stand_in = inspect.signature(_stand_in_varlen_attn(with_gqa)).parameters
+        assert set(stand_in) <= set(real), set(stand_in) - set(real)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("with_gqa", [True, False], ids=["enable_gqa", "torch-2.11-repeat"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2)])  # 2 K/V heads: repeat order matters
+def test_torch_varlen_glue_against_the_reference(monkeypatch, Hq, Hkv, with_gqa, causal):
+    """The torch_varlen backend's own code (window_size for causal, the scale, GQA through enable_gqa where
+    varlen_attn has it and K/V heads repeated where it does not, as on torch 2.11), forward and gradients,
+    on CPU with a stand-in for varlen_attn; float64 on both sides, so they agree to rounding."""
+    import torch.nn.attention.varlen as varlen_module
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", _stand_in_varlen_attn(with_gqa))
+    lengths = [5, 0, 17, 1, 0]
+    q, k, v, do = make_inputs(lengths, Hq, Hkv, 32, torch.float64, seed=7)
+    cu = cu_of(lengths)
+    ours = run(va._torch_varlen, torch.float64, causal, cu, 17, q, k, v, do, softmax_scale=0.3)
+    exact = run(va.varlen_attention_reference, torch.float64, causal, cu, 17, q, k, v, do, softmax_scale=0.3)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), ours, exact):
+        assert (a - b).abs().max().item() < 1e-12, name
 
 
 def test_aot_specs_cover_every_launch_config():
