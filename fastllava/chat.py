@@ -30,7 +30,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     for image in args.image:
         if not Path(image).is_file():
@@ -47,7 +47,7 @@ class Chat:
     def __init__(self, model, tokenizer, images: Sequence[str], args: argparse.Namespace):
         self.model, self.tokenizer, self.images, self.args = model, tokenizer, list(images), args
         self.turns: list[dict] = []
-        self.stop_str = get_template(args.template).stop_str
+        self.stop = get_template(args.template).stop_ids(tokenizer)  # where an answer ends (templates.py)
 
     def reply(self, text: str, out: TextIO) -> str:
         first = not self.turns
@@ -55,16 +55,11 @@ class Chat:
         prompt = make_prompt(self.turns, self.images, self.tokenizer, self.model, self.args.template)
         decoder, answer = StreamDecoder(self.tokenizer), ""
         events = Generator(self.model, max_batch_size=1).stream(
-            [prompt], max_new_tokens=self.args.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            [prompt], max_new_tokens=self.args.max_new_tokens, stop=self.stop,
             temperature=self.args.temperature, top_p=self.args.top_p, seed=self.args.seed + len(self.turns))
         for event in events:
             piece = decoder.push(event.tokens)
             answer += piece
-            cut = answer.find(self.stop_str)  # a template whose stop string is no single token (plain: "\n")
-            if cut >= 0:
-                out.write(piece[: max(0, len(piece) - (len(answer) - cut))])
-                answer = answer[:cut]
-                break
             out.write(piece)
             out.flush()
         out.write("\n")

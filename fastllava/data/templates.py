@@ -2,7 +2,8 @@
 
 A template renders the whole conversation to the exact text the model reads, and returns, next to it, the
 spans of that text whose tokens are trained on (each answer and the marker that ends it). Tokenization
-and label masking from those spans live in tokenize.py; nothing here knows about tokens.
+and label masking from those spans live in tokenize.py; here only `Template.stop_ids` asks it how the
+training text tokenizes the end of an answer (see "Where an answer ends" below).
 
 Registered templates (LLaVA's llava/conversation.py + llava/train/train.py, strings reproduced exactly):
 
@@ -34,6 +35,15 @@ conv.get_prompt() with the last assistant message None:
              ###Assistant:", a format its training code never builds)
   plain      the image tag(s) alone: "<image>" (stage 1 trains on "<image>" + caption + "\n"; LLaVA's
              conv_llava_plain.get_prompt() would give "<image>\nQ\n", a format stage 1 never trains on)
+
+Where an answer ends: every template's loss span closes with its `stop_str` (vicuna_v1 "</s>", v0 "###",
+plain "\n"), the marker the model is trained to emit after an answer. `Template.stop_ids(tokenizer)` gives
+the token-id sequences of that marker as the training text tokenizes it after an answer, plus EOS, and
+every generating path (eval, chat, the demo's scoring) hands them to the generator's `stop=`: one rule,
+in token ids, so that a model trained on v0 stops at "###" everywhere (LLaVA's KeywordsStoppingCriteria
+stops on the same string). The ids are read from the training text, not from tokenizing the marker
+alone, because context changes them: SentencePiece gives "###" alone a dummy-prefix "▁###", which the
+model never saw after "\n".
 """
 
 from __future__ import annotations
@@ -72,8 +82,30 @@ class Template:
 
     name: str
     render: Callable[[Sequence[dict]], Rendered]  # turns: [{"from": "human"|"gpt", "value": str}, ...]
-    stop_str: str  # what ends an answer (generation stops on it)
+    stop_str: str  # what ends an answer: the tail of every answer span (generation stops on it: stop_ids)
     required_tokens: tuple[str, ...] = ()  # strings the tokenizer must keep as one token (e.g. "</s>")
+
+    def stop_ids(self, tokenizer) -> list[list[int]]:
+        """Token-id sequences that end an answer, for the generator's `stop=`: [EOS] (where the tokenizer
+        has one) and `stop_str` as the training text tokenizes it right after an answer. Two stand-in answers,
+        one ending in a letter and one in ".", cover tokenizers that merge the marker with a preceding
+        period (a ".\n" token); where such a token ends an answer, its "." is cut with the marker."""
+        from .tokenize import tokenize_texts
+
+        stops = [] if tokenizer.eos_token_id is None else [[tokenizer.eos_token_id]]
+        for answer in ("Yes", "Yes."):
+            rendered = self.render([{"from": "human", "value": IMAGE_TAG + "\nIs it?"}, {"from": "gpt", "value": answer}])
+            end = rendered.answer_spans[0][1]
+            start = end - len(self.stop_str)
+            assert rendered.text[start:end] == self.stop_str, f"{self.name}: an answer span must end with stop_str"
+            # The image tag's id does not matter here: only the marker's tokens are kept.
+            ((ids_L, offsets_L2),) = tokenize_texts([rendered.text], tokenizer, -1, offsets=True)
+            # The tokens overlapping the marker (tokenize.py's overlap rule for loss spans).
+            covering = (offsets_L2[:, 0] < end) & (offsets_L2[:, 1].clip(min=offsets_L2[:, 0] + 1) > start)
+            ids = ids_L[covering].tolist()
+            if ids and ids not in stops:
+                stops.append(ids)
+        return stops
 
     def render_prompt(self, turns: Sequence[dict]) -> str:
         """The generation prompt for turns [{"from": "human"|"gpt", "value": str}, ...] that end with a
@@ -159,11 +191,6 @@ TEMPLATES: dict[str, Template] = {
     "vicuna_v1": Template("vicuna_v1", _render_vicuna_v1, stop_str="</s>", required_tokens=("</s>",)),
     "v0": Template("v0", _render_v0, stop_str="###"),
 }
-
-
-def register_template(template: Template) -> None:
-    """Add a template under template.name (replacing one of the same name)."""
-    TEMPLATES[template.name] = template
 
 
 def get_template(template: str | Template) -> Template:

@@ -4,7 +4,8 @@ scoring per question type.
 Every gpt turn of the evaluation file is one question. Its prompt is the conversation up to that turn,
 earlier answers taken from the file (teacher forcing), ending with "ASSISTANT:", tokenized by
 `tokenize_prompt`, the tokenization training used: the model sees exactly the context it was trained to
-answer from. `model.generate` (fastllava.generate: packed prefill, KV-cache decoding) answers them all.
+answer from. `model.generate` (fastllava.generate: packed prefill, KV-cache decoding) answers them all,
+each answer ending where the template's stop rule says (Template.stop_ids: EOS or the template's marker).
 With several processes each rank answers questions rank, rank + N, ... and the answers are gathered back
 in question order, so the scores are those of one process.
 
@@ -102,17 +103,6 @@ def _read_samples(eval_json, max_samples: int | None) -> tuple[list[dict], str]:
     return samples, source
 
 
-def _stop_token_ids(tokenizer, template) -> set[int]:
-    """EOS, and the template's end-of-answer marker when it is one token (vicuna_v1 "</s>", plain "\n")."""
-    from ..data.templates import get_template
-
-    stop = {tokenizer.eos_token_id}
-    marker = tokenizer.convert_tokens_to_ids(get_template(template).stop_str)
-    if marker not in (None, tokenizer.unk_token_id):
-        stop.add(marker)
-    return stop
-
-
 def _score(questions: Sequence[Question], answers: Sequence[list[int]], tokenizer, num_examples: int) -> dict:
     per_type: dict[str, dict] = {}
     mistakes = []
@@ -157,6 +147,7 @@ def evaluate_vqa(
     "table": str, "mistakes": [{"id", "type", "truth", "answer"}, ...] (up to num_examples)}.
     """
     from ..data.images import load_image
+    from ..data.templates import get_template
     from ..data.tokenize import tokenize_prompt
     from ..train.distributed import gather_interleaved
 
@@ -173,6 +164,6 @@ def evaluate_vqa(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = questions[rank::world]
     answers = model.generate([{"input_ids": q.prompt_ids, "pixel_values": q.pixel_values} for q in mine],
-                             max_new_tokens=max_new_tokens, eos_token_id=sorted(_stop_token_ids(tokenizer, template)),
+                             max_new_tokens=max_new_tokens, stop=get_template(template).stop_ids(tokenizer),
                              max_batch_size=batch_size)
     return _score(questions, gather_interleaved(answers, rank, world), tokenizer, num_examples)

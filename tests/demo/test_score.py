@@ -46,8 +46,8 @@ class FakeModel(torch.nn.Module):
     def _image_key(pixels):
         return None if pixels is None else round(float(pixels.double().sum()), 3)
 
-    def generate(self, prompts, *, max_new_tokens, eos_token_id, max_batch_size):
-        self.calls.append(dict(n=len(prompts), max_new_tokens=max_new_tokens, eos=eos_token_id))
+    def generate(self, prompts, *, max_new_tokens, stop, max_batch_size):
+        self.calls.append(dict(n=len(prompts), max_new_tokens=max_new_tokens, stop=stop))
         out = []
         for p in prompts:
             text = self.tok.decode(p["input_ids"], skip_special_tokens=False)
@@ -76,8 +76,8 @@ def test_oracle_scores_everything(demo):
     assert {t: v["total"] for t, v in r["per_type"].items()} == counts
     assert r["accuracy"] == 1.0 and not r["mistakes"]
     assert "overall" in r["table"] and "100.0%" in r["table"]
-    # One generator call for all questions, stopping at </s> (the tokenizer's EOS).
-    assert model.calls == [dict(n=r["num_questions"], max_new_tokens=32, eos=[tok.eos_token_id])]
+    # One generator call for all questions, stopping at </s> (the tokenizer's EOS): vicuna_v1's stop rule.
+    assert model.calls == [dict(n=r["num_questions"], max_new_tokens=32, stop=[[tok.eos_token_id]])]
 
 
 def test_wrong_answers_fail_per_type(demo):
