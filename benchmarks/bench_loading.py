@@ -119,7 +119,7 @@ def worker(path: Path, kind: str, export_kind: str | None = None) -> None:
     """One rank of a multi-rank measurement (run by torchrun): prints one JSON line."""
     from fastllava.config import load_config
     from fastllava.data.tokenize import TokenizerIds
-    from fastllava.model.hf import read_config
+    from fastllava.model.safetensors_io import read_config
     from fastllava.train.build import build_model
     from fastllava.train.distributed import init_distributed
     from fastllava.train.freeze import set_trainable

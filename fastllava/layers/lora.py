@@ -8,8 +8,9 @@ two more parameters, `lora_a` (r, in) and `lora_b` (out, r):
 
 `apply_lora` swaps them in before FSDP2 wraps the model (adapters shard with their decoder block);
 `init_lora_` gives every adapter its starting value after the model is materialized and loaded (A
-Kaiming-uniform as nn.Linear and PEFT start it, B zero, so the first forward is the base model's), on
-plain tensors and FSDP2 shards alike, from one generator so every rank draws the same full tensors.
+Kaiming-uniform as nn.Linear and PEFT start it, B zero, so the first forward is the base model's), from
+one generator so every rank draws the same full tensors; a sharded model passes the function that keeps
+a rank's shard of them (train/sharded_load.py `copy_full_`).
 LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05, every linear layer of the LLM but the LM head.
 """
 
@@ -87,19 +88,20 @@ def is_adapter(name: str) -> bool:
 
 
 @torch.no_grad()
-def init_lora_(model: nn.Module, seed: int) -> None:
+def init_lora_(model: nn.Module, seed: int, copy_full_=None) -> None:
     """Every adapter's starting value: A Kaiming-uniform (a = sqrt(5)), B zero. The full tensors are drawn
-    from one generator in module order on the host, then each rank keeps its shard (FSDP2 DTensors) or
-    all of it, so any number of ranks starts from the same adapters."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from one generator in module order on the host, so any number of ranks starts from the same adapters.
 
+    copy_full_(param, full): how a parameter takes its full value; default a plain copy. A sharded model
+    passes train/sharded_load.py's, which keeps only the rank's shard (layers/ know no FSDP)."""
+    copy_full_ = copy_full_ or _copy_full_
     gen = torch.Generator().manual_seed(seed)
     for module in lora_modules(model).values():
         full_a = torch.empty(module.lora_a.shape)
         nn.init.kaiming_uniform_(full_a, a=math.sqrt(5), generator=gen)
-        for param, full in ((module.lora_a, full_a), (module.lora_b, torch.zeros(module.lora_b.shape))):
-            full = full.to(param.device, param.dtype)
-            if isinstance(param, DTensor):  # this rank's shard of the full tensor, no communication
-                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-                param = param.to_local()
-            param.copy_(full)
+        copy_full_(module.lora_a, full_a)
+        copy_full_(module.lora_b, torch.zeros(module.lora_b.shape))
+
+
+def _copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    param.copy_(full.to(param.device, param.dtype))

@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .hf import _LLM, to_checkpoint_key
+from .keys import LLM, to_checkpoint_key
 
 _PREFIX = "base_model.model."
 _PROJECTOR = "multi_modal_projector"
 
 
-def transformers_module_name(name: str) -> str:
+def transformers_module_name(name: str, config) -> str:
     """Our parameter name -> LlavaForConditionalGeneration's (transformers 5) name of the same tensor."""
-    key = to_checkpoint_key(name)  # the llava-hf file layout (transformers 4 module names)
-    if key.startswith(_LLM):
-        return "model.language_model." + key[len(_LLM):]
+    key = to_checkpoint_key(name, config)  # the llava-hf file layout (transformers 4 module names)
+    if key.startswith(LLM):
+        return "model.language_model." + key[len(LLM):]
     if key.startswith(_PROJECTOR + "."):
         return "model." + key
     return key
@@ -48,10 +48,10 @@ def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora
     for name, t in trained.items():
         if name.endswith((".lora_a", ".lora_b")):
             module, kind = name.rsplit(".", 1)
-            module = transformers_module_name(module + ".weight").removesuffix(".weight")
+            module = transformers_module_name(module + ".weight", config).removesuffix(".weight")
             tensors[f"{_PREFIX}{module}.lora_{kind[-1].upper()}.weight"] = t
         elif name.startswith("projector."):
-            tensors[_PREFIX + transformers_module_name(name)] = t
+            tensors[_PREFIX + transformers_module_name(name, config)] = t
         else:
             raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter nor the projector")
     adapter_config = {

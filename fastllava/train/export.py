@@ -9,7 +9,7 @@ every rank calls `export`; rank 0 writes.
 
 Memory: the parameters are gathered one at a time, in the same order on every rank (each DTensor's
 all-gather is a collective), and handed to rank 0's writer as they come; the writer holds at most one
-safetensors shard (model/hf.py ShardWriter, 5 GiB by default) plus the tensor in hand, never the model.
+safetensors shard (model/safetensors_io.py ShardWriter, 5 GiB by default) plus the tensor in hand, never the model.
 The tensors the forward never uses (`model.carried`) are kept by rank 0 only after a sharded load
 (train/sharded_load.py): rank 0 is the only writer.
 """
@@ -24,8 +24,8 @@ from torch.distributed.tensor import DTensor
 
 from ..layers.lora import is_adapter, lora_modules
 from ..model import Llava
-from ..model.hf import _unwrapped_name
 from .distributed import DistEnv, barrier
+from .sharded_load import unwrapped_name
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -38,9 +38,9 @@ def gathered_parameters(model, keep: bool) -> Iterator[tuple[str, torch.Tensor]]
     """(name, full tensor on the host) of every parameter, one at a time, names without wrapper parts.
     A LoRA layer's weight comes merged, W + (alpha / r) B A in its stored dtype, and its adapters are left
     out. Collective: every rank must exhaust the iterator; ranks with `keep` False receive nothing."""
-    adapted = {_unwrapped_name(n): m for n, m in lora_modules(model).items()}
+    adapted = {unwrapped_name(n): m for n, m in lora_modules(model).items()}
     for name, param in model.named_parameters():
-        name = _unwrapped_name(name)
+        name = unwrapped_name(name)
         if is_adapter(name):
             continue
         full = _full(param)
@@ -80,7 +80,7 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
         if lora is not None:
             from ..model.peft import save_peft_adapter
 
-            trained = {_unwrapped_name(n): _full(p).detach().cpu()
+            trained = {unwrapped_name(n): _full(p).detach().cpu()
                        for n, p in model.named_parameters() if p.requires_grad}
             if env.is_main:
                 save_peft_adapter(model.config, out / "adapter", trained, lora, base_model=base_model)

@@ -36,7 +36,7 @@ from .export import export
 from .freeze import set_trainable, trainable_parameters
 from .metrics import Meter, StepRecord, format_summary, make_writers
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
-from .sharded_load import parallelize_and_load
+from .sharded_load import copy_full_, parallelize_and_load
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Trainer:
         self.loader.stop_step = self.run_steps
         self.model = parallelize_and_load(model, cfg.parallel, env.device, stage=cfg.train.stage)
         if cfg.lora.enabled:
-            init_lora_(self.model, seed=cfg.model.init_seed)
+            init_lora_(self.model, seed=cfg.model.init_seed, copy_full_=copy_full_)
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.schedule_steps or self.run_steps)

@@ -9,7 +9,7 @@ from tiny_llava import IMAGE_TOKEN, hf_logits_per_sample, make_samples, pack, re
 from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from fastllava import Llava
-from fastllava.model.hf import canonical_llava_key
+from fastllava.model.keys import canonical_llava_key
 
 
 def logits(model, samples):
@@ -228,6 +228,23 @@ def test_unknown_architecture_and_missing_files(hf_llava_dir, tmp_path):
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors: shard named in .* is missing"):
         Llava.from_pretrained(path)
+
+
+def test_component_directories_of_no_known_family(hf_llava_dir, tmp_path):
+    """A tower or decoder directory is read by the family its model_type names (model/families/): another
+    model_type, or a key its family does not know, is an error naming the file."""
+    Llava.from_pretrained(hf_llava_dir[0]).save_components(tmp_path / "clip", tmp_path / "llama")
+    for part, model_type, expected in (("clip", "siglip_vision_model", "'clip' or 'clip_vision_model'"),
+                                       ("llama", "qwen2", "'llama'")):
+        config_file = tmp_path / part / "config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "model_type": model_type}))
+        with pytest.raises(ValueError, match=rf"{part}/config.json: model_type '{model_type}', expected {expected}"):
+            Llava.from_components(tmp_path / "clip", tmp_path / "llama")
+        config_file.write_text(json.dumps(config))
+    rewrite(tmp_path / "llama", lambda s: s.update({"transformer.h.0.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"model.safetensors: unexpected key 'transformer.h.0.weight' in a LLaMA"):
+        Llava.from_components(tmp_path / "clip", tmp_path / "llama")
 
 
 def test_projector_file_errors(hf_llava_dir, tmp_path):

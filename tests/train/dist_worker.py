@@ -64,11 +64,10 @@ def sharded_all(out: Path) -> dict:
     from test_sharded_load import layouts
 
     from fastllava.data.tokenize import TokenizerIds
-    from fastllava.model.hf import _local_part
     from fastllava.train.build import build_model
     from fastllava.train.distributed import init_distributed
     from fastllava.train.freeze import set_trainable
-    from fastllava.train.sharded_load import parallelize_and_load
+    from fastllava.train.sharded_load import local_part, parallelize_and_load
 
     env = init_distributed("cpu")
     ids = TokenizerIds(image_token_id=299, pad_token_id=0, vocab_size=310)  # 300 rows grow to 320
@@ -83,7 +82,7 @@ def sharded_all(out: Path) -> dict:
         parallelize_and_load(model, cfg.parallel, env.device, stage=cfg.train.stage)
         differ, sharded = [], 0
         for n, p in model.named_parameters():
-            index, local = _local_part(p)
+            index, local = local_part(p)
             sharded += local.numel() < p.numel()
             if not torch.equal(local, full_params[n][index].to(local.dtype)):
                 differ.append(n)
