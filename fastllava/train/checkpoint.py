@@ -28,7 +28,6 @@ ValueError naming the file, anything that is or looks like a pickle (an old-form
 from __future__ import annotations
 
 import base64
-import inspect
 import json
 import os
 import random
@@ -56,7 +55,6 @@ COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.json"
 FORMAT_VERSION = 1
-_RNG_FILE = re.compile(r"^rng_rank(\d+)\.json$")
 _TENSORS_SUFFIX = ".safetensors"
 # Names that pickle-based checkpoints use: DCP's default format, torch.save, pickle.
 _PICKLE_NAMES = re.compile(r"(^\.metadata$|^__\d+_?\.metadata$|\.(distcp|pt|pth|pkl|pickle|bin|ckpt)$)")
@@ -247,11 +245,9 @@ def _merge_param_groups(current: list[dict], saved: list[dict], where: Path) -> 
 
 
 def _hf_writer(path: Path) -> HuggingFaceStorageWriter:
-    # Every rank writes its own shards (no rank-0 gather, no consolidation). The flag is save_distributed
-    # in torch 2.11 and 2.13 (hf_storage.py is the same file in both); an older version named it save_sharded.
-    params = inspect.signature(HuggingFaceStorageWriter.__init__).parameters
-    flag = "save_distributed" if "save_distributed" in params else "save_sharded"
-    return HuggingFaceStorageWriter(str(path), **{flag: True})
+    # Every rank writes its own shards (no rank-0 gather, no consolidation). torch >= 2.11 (pyproject's
+    # floor) names the flag save_distributed.
+    return HuggingFaceStorageWriter(str(path), save_distributed=True)
 
 
 # --- listing ---------------------------------------------------------------------------------------------
