@@ -100,13 +100,17 @@ def test_sampling_is_seeded_per_prompt():
     model = tiny_model()
     prompts = _prompts(5)
     a = model.generate(prompts, max_new_tokens=6, temperature=1.0, seed=7)
-    b = model.generate(prompts[::-1], max_new_tokens=6, temperature=1.0, seed=7, max_batch_size=2)[::-1]
     assert a[0] == model.generate(prompts[:1], max_new_tokens=6, temperature=1.0, seed=7)[0]
+    # A prompt's draws come from (seed, its index): the same list in batches of 2 gets what it gets in one
+    # batch of 5, though its prompts share batches with others and finish in another order.
+    reversed_ = prompts[::-1]
+    in_twos = model.generate(reversed_, max_new_tokens=6, temperature=1.0, seed=7, max_batch_size=2)
+    assert in_twos == model.generate(reversed_, max_new_tokens=6, temperature=1.0, seed=7)
+    assert in_twos[2] == a[2]  # the middle prompt keeps index 2, so its stream
     assert a != model.generate(prompts, max_new_tokens=6, temperature=1.0, seed=8)
     greedy = model.generate(prompts, max_new_tokens=6)
     # A nucleus this small keeps only the most likely token: sampling becomes greedy.
     assert model.generate(prompts, max_new_tokens=6, temperature=1.0, top_p=1e-6) == greedy
-    assert len(b) == 5
 
 
 def test_stop_sequences_and_streaming():
