@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..extras import MissingExtra
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104), LLaVA's expand2square fill
@@ -40,9 +42,10 @@ _pipelines: dict = {}
 try:
     import nvidia.dali  # noqa: F401
 
-    HAS_DALI = True
-except ImportError:
-    HAS_DALI = False
+    _DALI_ERROR = None
+except ImportError as e:  # backend "auto" goes through Pillow, as the docstring says; "dali" is an error
+    _DALI_ERROR = e
+HAS_DALI = _DALI_ERROR is None
 
 
 class ImageError(ValueError):
@@ -83,7 +86,7 @@ def _check_args(mode: str, size: int, backend: str) -> None:
     if backend not in ("auto", "dali", "pil"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'pil', got {backend!r}")
     if backend == "dali" and not HAS_DALI:
-        raise ValueError("backend='dali' but nvidia.dali is not installed: pip install nvidia-dali-cuda120")
+        raise MissingExtra("image backend 'dali'", "nvidia.dali", _DALI_ERROR)
 
 
 # ----------------------------------------------------------------------------- Pillow

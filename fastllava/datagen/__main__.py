@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 
-from .client import scrub
+from ..extras import cli
+from .client import openai_module, scrub
 from .messages import KINDS
 from .run import DatagenConfig, run
 
@@ -19,8 +20,10 @@ Output: LLaVA training records appended to --out; unusable answers go to <out>.r
 Rerunning the same command skips images already in either file and retries failed requests.
 With --kind detail, brief-description samples (an instruction answered by one of the image's captions, no
 request needed) are also appended to <out>.brief.jsonl.
+Needs the openai package: pip install "fastllava[datagen]".
 Exit status: 0 when every image was answered (written or rejected), 1 when requests failed, 2 on bad
-arguments or input, 130 on Ctrl-C and 143 on SIGTERM (the answers received are kept; rerun to continue).
+arguments or input or without openai, 130 on Ctrl-C and 143 on SIGTERM (the answers received are kept;
+rerun to continue).
 """
 
 
@@ -59,8 +62,10 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+@cli
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    openai_module()  # before any work: --kind detail writes its brief samples before the first request
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:

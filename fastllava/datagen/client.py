@@ -17,9 +17,16 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..extras import require
+
 KEY_ENV = ("FASTLLAVA_DATAGEN_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_WAIT = 60.0  # seconds: a cap on one backoff, whatever Retry-After says
+
+
+def openai_module():
+    """The openai package (the `datagen` extra), or MissingExtra saying how to install it."""
+    return require("openai", "python -m fastllava.datagen")
 
 
 def api_key() -> str | None:
@@ -54,9 +61,7 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, *, timeout: float = 120.0, max_retries: int = 5,
                  backoff: float = 1.0, temperature: float = 0.7, max_tokens: int = 1024,
                  sleep: Callable[[float], None] = time.sleep):
-        import openai
-
-        self._openai = openai
+        self._openai = openai = openai_module()
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"endpoint must be an http(s) URL such as https://api.openai.com/v1, got "

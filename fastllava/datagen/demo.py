@@ -28,7 +28,9 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..demo.world import DEFAULT_IMAGE_SIZES, describe, draw_scene
+from ..extras import cli
 from .annotations import BOX_DECIMALS
+from .client import openai_module
 from .messages import KINDS
 
 MODEL = "rule-based"
@@ -269,8 +271,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@cli
 def main(argv=None) -> int:
     args = parse_args(argv)
+    openai_module()  # datagen's client: checked before any scene is drawn
     from .__main__ import main as datagen_main
 
     try:

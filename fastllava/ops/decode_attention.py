@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from ..extras import require
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 from ._library import custom_op, has_values, host_list
@@ -265,13 +266,9 @@ def _torch_decode(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, scale):
 def _flash_attn(q_BHD, k_cache_SLKD, v_cache_SLKD, slots_B, lengths_B, scale):
     """flash-attn's decode kernel. With one query row, causal=True aligns it with the last cached
     position (flash-attn aligns the causal mask bottom-right), so it sees all `lengths` positions."""
-    try:
-        from flash_attn import flash_attn_with_kvcache
-    except ImportError as e:
-        raise ValueError("decode_attention: backend='flash_attn' needs the flash-attn package "
-                         "(pip install flash-attn; CUDA only)") from e
-    o_B1HD = flash_attn_with_kvcache(q_BHD[:, None], k_cache_SLKD, v_cache_SLKD, cache_seqlens=lengths_B,
-                                     cache_batch_idx=slots_B, softmax_scale=scale, causal=True)
+    flash_attn = require("flash_attn", "decode_attention(backend='flash_attn')")
+    o_B1HD = flash_attn.flash_attn_with_kvcache(q_BHD[:, None], k_cache_SLKD, v_cache_SLKD, cache_seqlens=lengths_B,
+                                                cache_batch_idx=slots_B, softmax_scale=scale, causal=True)
     return o_B1HD[:, 0]
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 from torch.utils.flop_counter import register_flop_formula
 
+from ..extras import require
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
 from ._library import custom_op, sum_sq_lengths
@@ -411,26 +412,31 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
 
+# Backends that call another library -> the module each imports (fastllava/extras.py: the extra to install).
+LIBRARY_MODULES = {"flash_attn": "flash_attn", "xformers": "xformers.ops"}
+
+
+def require_backend(backend: str, feature: str | None = None):
+    """The library module that `backend` calls, imported (None for a backend of torch or ours); MissingExtra
+    naming `feature` (default: this op with that backend) and the extra when the library is not installed."""
+    module = LIBRARY_MODULES.get(backend)
+    if module is None:
+        return None
+    return require(module, feature or f"varlen_attention(backend={backend!r})")
+
+
 def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError as e:
-        raise ValueError("varlen_attention: backend='flash_attn' needs the flash-attn package "
-                         "(pip install flash-attn; CUDA only)") from e
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                  softmax_scale=softmax_scale, causal=causal)
+    flash_attn = require_backend("flash_attn")
+    return flash_attn.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                             softmax_scale=softmax_scale, causal=causal)
 
 
 def _xformers(q, k, v, cu_seqlens, causal, softmax_scale):
     """xformers' memory_efficient_attention on the pack as one (1, T, H, D) batch with a block-diagonal
     mask (causal inside each block when `causal`). GQA: K/V heads repeated to Hq (the autograd of the
     repeat sums their gradients back), which costs (group - 1) extra copies of K and V."""
-    try:
-        from xformers.ops import memory_efficient_attention
-        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask, BlockDiagonalMask
-    except ImportError as e:
-        raise ValueError("varlen_attention: backend='xformers' needs the xformers package "
-                         "(pip install xformers; CUDA only)") from e
+    memory_efficient_attention = require_backend("xformers").memory_efficient_attention
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask, BlockDiagonalMask
     # Host sync: the mask is built from the sample lengths as Python ints, so cu_seqlens is read back
     # from the GPU on every call (the triton and torch_varlen backends never do this).
     bounds = cu_seqlens.tolist()

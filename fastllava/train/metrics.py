@@ -12,7 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ..extras import install_command, require
 from ..progress import Progress, progress
+
+# logging.<key>=true -> the module its writer needs (fastllava/extras.py names the extra that installs it)
+WRITER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
 
 
 @dataclass
@@ -117,7 +121,9 @@ class Meter:
         series = {"loss": [r.loss for r in self.records], "learning rate": [r.lr for r in self.records],
                   "tokens/s": [r.tokens_per_s for r in self.records]}
         written = plot_run(path, [r.step for r in self.records], series, title=path.parent.name)
-        return f"plot: {written}" if written else "no plot: matplotlib is not installed (pip install matplotlib)"
+        if written is None:
+            return f"no plot: matplotlib is not installed ({install_command('matplotlib')})"
+        return f"plot: {written}"
 
 
 def format_summary(s: dict) -> str:
@@ -137,21 +143,22 @@ def format_summary(s: dict) -> str:
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
 
 
+def writer_modules(cfg_logging) -> dict:
+    """{key: module} for each writer `cfg_logging` turns on, imported; MissingExtra names a missing package.
+    fastllava.train.main calls it before any model is built: the writers themselves start on rank 0 only,
+    after the model, where a missing package would stop one rank and leave the others waiting."""
+    return {key: require(module, f"logging.{key}=true") for key, module in WRITER_MODULES.items()
+            if getattr(cfg_logging, key)}
+
+
 def make_writers(cfg_logging, output_dir: str, config_dict: dict) -> list:
     """TensorBoard / W&B scalar writers, each a callable (step, {name: value}); rank 0 only."""
     writers = []
-    if cfg_logging.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ValueError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
-        tb = SummaryWriter(log_dir=f"{output_dir}/tensorboard")
+    modules = writer_modules(cfg_logging)
+    if "tensorboard" in modules:
+        tb = modules["tensorboard"].SummaryWriter(log_dir=f"{output_dir}/tensorboard")
         writers.append(lambda step, d: [tb.add_scalar(f"train/{k}", v, step) for k, v in d.items()])
-    if cfg_logging.wandb:
-        try:
-            import wandb
-        except ImportError as e:
-            raise ValueError("logging.wandb=true needs the wandb package: pip install wandb") from e
-        run = wandb.init(project=cfg_logging.wandb_project, name=cfg_logging.run_name, config=config_dict)
+    if "wandb" in modules:
+        run = modules["wandb"].init(project=cfg_logging.wandb_project, name=cfg_logging.run_name, config=config_dict)
         writers.append(lambda step, d: run.log({f"train/{k}": v for k, v in d.items()}, step=step))
     return writers

@@ -29,7 +29,7 @@ def plot_run(path: str | Path, steps: Sequence[int], series: Mapping[str, Sequen
         log_scale: names of series drawn on a log y-axis when every finite value is > 0.
 
     Returns the path written, or None when nothing was drawn: no steps or no series, or matplotlib is not
-    installed (the caller can suggest `pip install matplotlib`).
+    installed (the caller can suggest `pip install "fastllava[plot]"`).
     Raises ValueError naming the series whose length differs from `steps`.
     """
     steps = list(steps)

@@ -23,6 +23,7 @@ from tolerance import DEVICE as DEV
 from tolerance import assert_within_rule
 
 da = importlib.import_module("fastllava.ops.decode_attention")
+from fastllava.extras import MissingExtra  # noqa: E402
 from fastllava.ops import decode_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -233,7 +234,7 @@ def test_flash_attn_without_the_package_says_how_to_install(monkeypatch):
     made to fail whether or not flash-attn is installed."""
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     a = _args()
-    with pytest.raises(ValueError, match="pip install flash-attn"):
+    with pytest.raises(MissingExtra, match=r'pip install "fastllava\[flash-attn\]"'):
         da._flash_attn(a["q"], a["k"], a["v"], a["slots"], a["lengths"], 0.125)
 
 

@@ -10,6 +10,7 @@ Every buffer the launchers allocate is NaN-filled first (FASTLLAVA_POISON_OUTPUT
 
 import importlib
 import inspect
+import re
 import sys
 import types
 
@@ -20,6 +21,7 @@ from tolerance import DEVICE as DEV
 from tolerance import assert_within_rule
 
 va = importlib.import_module("fastllava.ops.varlen_attention")
+from fastllava.extras import MissingExtra  # noqa: E402
 from fastllava.ops import varlen_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -210,14 +212,21 @@ def test_argument_errors(over, message):
         varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], backend=a["backend"])
 
 
-def test_xformers_without_the_package_says_how_to_install(monkeypatch):
+LIBRARY_GLUE = {  # each library backend's own code, called as varlen_attention calls it
+    "flash_attn": lambda a: va._flash_attn(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], True, None),
+    "xformers": lambda a: va._xformers(a["q"], a["k"], a["v"], a["cu_seqlens"], True, None),
+}
+
+
+@pytest.mark.parametrize("backend, package", [("flash_attn", "flash-attn"), ("xformers", "xformers")])
+def test_library_backend_without_its_package_says_how_to_install(monkeypatch, backend, package):
     """Reached on CUDA tensors only (the device check comes first); called directly here, with the import
-    made to fail whether or not xformers is installed."""
-    monkeypatch.setitem(sys.modules, "xformers", None)
-    monkeypatch.setitem(sys.modules, "xformers.ops", None)
-    a = _args()
-    with pytest.raises(ValueError, match="pip install xformers"):
-        va._xformers(a["q"], a["k"], a["v"], a["cu_seqlens"], True, None)
+    made to fail whether or not the library is installed. The extra has the package's name."""
+    monkeypatch.setitem(sys.modules, backend, None)
+    expected = (f"varlen_attention(backend='{backend}') needs the {package} package, which is not installed: "
+                f'pip install "fastllava[{package}]"')
+    with pytest.raises(MissingExtra, match=re.escape(expected)):
+        LIBRARY_GLUE[backend](_args())
 
 
 def _stand_in_xformers():
