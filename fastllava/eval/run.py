@@ -4,6 +4,10 @@ file, score it as LLaVA does, and print the scores next to the published LLaVA-1
 Under `torchrun --nproc_per_node=N` every rank holds a whole model and answers questions rank, rank + N,
 ...; rank 0 gathers the answers back into question order, so the answers file and the scores are those
 of one process (greedy decoding is batch-invariant: see fastllava/generate/engine.py).
+
+Without --model it scores what exists: `--answers FILE` (an answers jsonl, LLaVA's or ours, joined to the
+questions as answers.py says; no image is read) or, for llava_bench and mmvet, `--reviews FILE...` (the
+judge's review or grade files; no question file, image or judge call).
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..data.files import IMAGE_TAG
+from ..data.templates import get_template
 from ..generate import Generator
 from ..generate.inputs import load_model, make_prompt
 from ..progress import progress
-from ..train.distributed import gather_interleaved
+from ..train.distributed import destroy_distributed, gather_interleaved, init_distributed
+from .answers import join_answers, read_answers
 from .judge import JudgeError
 from .tasks import TASKS, make_task
 from .tasks.base import EvalDataError, EvalQuestion, Task
+
+REVIEWED = ("llava_bench", "mmvet")  # the tasks whose judge output --reviews scores
 
 log = logging.getLogger("fastllava.eval")
 
@@ -36,11 +42,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m fastllava.eval",
         description="Evaluate a LLaVA model on one of LLaVA-1.5's benchmarks, read from LLaVA's "
                     "playground/data/eval layout and scored as LLaVA scores it.")
-    parser.add_argument("--model", required=True, help="llava-hf model directory with its tokenizer")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="llava-hf model directory with its tokenizer: answer the questions")
+    source.add_argument("--answers", metavar="FILE", help="score this answers jsonl instead (LLaVA's model_vqa*.py "
+                                                          "format or ours); no model, no image files")
+    source.add_argument("--reviews", metavar="FILE", nargs="+",
+                        help="llava_bench: review files of eval_gpt_review_bench.py (each scored, the mean "
+                             "reported); mmvet: grade files of MM-Vet's evaluator (the mean of their runs)")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), metavar="TASK",
                         help=f"one of: {', '.join(sorted(TASKS))}")
-    parser.add_argument("--data", required=True, help="the folder LLaVA calls playground/data/eval")
+    parser.add_argument("--data", default=None, help="the folder LLaVA calls playground/data/eval (not needed "
+                                                     "with --reviews; mmvet reads mm-vet.json there if given)")
     parser.add_argument("--output", required=True, help="folder for answers.jsonl, scores and submission files")
+    parser.add_argument("--missing-as-wrong", action="store_true",
+                        help="--answers: score questions without an answer as wrong (default: an error)")
     parser.add_argument("--split", default=None, help="for vqav2 and vizwiz: a split with answers, scored locally "
                                                        "(default: LLaVA's test split, written for upload)")
     parser.add_argument("--template", default="vicuna_v1", help="conversation template of the prompts (LLaVA-1.5: vicuna_v1)")
@@ -49,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="token budget of one packed prefill")
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a smoke run)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint scoring llava_bench / mmvet "
                                                           "(key from $FASTLLAVA_JUDGE_API_KEY or $OPENAI_API_KEY)")
     parser.add_argument("--judge-model", default=None, help="the judge's model name at --judge-url")
@@ -81,7 +96,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             check_format(args.sqa_format)
         except ValueError as e:
             parser.error(f"--sqa-format: {e}")
-    if not Path(args.data).is_dir():
+    try:
+        get_template(args.template)
+    except ValueError as e:
+        parser.error(f"--template: {e}")
+    if args.reviews is not None:
+        if args.task not in REVIEWED:
+            parser.error(f"--reviews: only {' and '.join(REVIEWED)} are scored from judge output; --task "
+                         f"{args.task} is scored from --answers")
+        if args.judge_url is not None:
+            parser.error("--reviews scores existing judge output; --judge-url judges again (give it --answers)")
+        for path in args.reviews:
+            if not Path(path).is_file():
+                parser.error(f"--reviews {path}: file not found")
+    elif args.data is None:
+        parser.error("--data is required (except with --reviews)")
+    if args.answers is not None and not Path(args.answers).is_file():
+        parser.error(f"--answers {args.answers}: file not found")
+    if args.missing_as_wrong and args.answers is None:
+        parser.error("--missing-as-wrong goes with --answers")
+    if args.data is not None and not Path(args.data).is_dir():
         parser.error(f"--data {args.data}: not a directory")
     return args
 
@@ -116,9 +150,10 @@ def answer(questions: Sequence[EvalQuestion], model, tokenizer, args, max_new_to
         turns = [{"from": "human", "value": (IMAGE_TAG + "\n") * len(q.images) + q.text}]
         prompts.append(make_prompt(turns, q.images, tokenizer, model, args.template))
     generator = Generator(model, max_batch_size=args.max_batch_size, prefill_tokens=args.prefill_tokens)
+    stop = get_template(args.template).stop_ids(tokenizer)  # where an answer ends: EOS or the template's marker
     ids: list[list[int]] = [[] for _ in questions]
     with progress(len(questions), desc=args.task, unit="q", enabled=show_progress) as bar:
-        for event in generator.stream(prompts, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id):
+        for event in generator.stream(prompts, max_new_tokens=max_new_tokens, stop=stop):
             ids[event.index] += event.tokens
             if event.done:
                 bar.update(1)
@@ -136,6 +171,17 @@ def write_answers(path: Path, questions: Sequence[EvalQuestion], texts: Sequence
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
+def write_scores(task: Task, scores: dict[str, float], model_id: str, output: Path, **extra) -> str:
+    """scores.json ({"task", "model", "scores", **extra}) and scores.md (score_table) in output; returns the
+    table (or the line saying there is no local score)."""
+    output.mkdir(parents=True, exist_ok=True)
+    table = score_table(task, scores, model_id) if scores else f"{task.name}: no local score (see the submission file in {output})"
+    (output / "scores.json").write_text(json.dumps({"task": task.name, "model": model_id, "scores": scores, **extra},
+                                                   indent=2) + "\n")
+    (output / "scores.md").write_text(table + "\n")
+    return table
+
+
 def score_table(task: Task, scores: dict[str, float], model_id: str) -> str:
     """Markdown: each metric, ours next to LLaVA-1.5-7B/13B's published value where there is one."""
     published = task.published
@@ -150,13 +196,10 @@ def score_table(task: Task, scores: dict[str, float], model_id: str) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Everything after argument parsing; returns the scores (rank 0) or {} (other ranks)."""
-    import os
-
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    if args.model is None:
+        return score_existing(args)
+    env = init_distributed(args.device)
+    rank, world = env.rank, env.world_size
     task = task_for(args)
     data, output = Path(args.data), Path(args.output)
     questions = task.load(data)
@@ -164,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
     questions = questions[: args.limit] if args.limit else questions
     if not questions:
         raise EvalDataError(data, None, f"task {task.name} found no questions")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=env.device)
     model_id = Path(args.model).resolve().name
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     start = time.perf_counter()
@@ -178,13 +221,40 @@ def run(args: argparse.Namespace) -> dict:
     write_answers(output / "answers.jsonl", questions, texts, model_id)
     scores = task.score(questions, texts, output)
     summary = speed_summary(len(questions), wall, all_stats)
-    table = score_table(task, scores, model_id) if scores else f"{task.name}: no local score (see the submission file in {output})"
-    (output / "scores.json").write_text(json.dumps({"task": task.name, "model": model_id, "scores": scores,
-                                                    "speed": summary}, indent=2) + "\n")
-    (output / "scores.md").write_text(table + "\n")
-    print(table)
+    print(write_scores(task, scores, model_id, output, speed=summary))
     print(format_speed(summary))
     print(f"answers: {output / 'answers.jsonl'}")
+    return scores
+
+
+def score_existing(args: argparse.Namespace) -> dict:
+    """--answers: the task's questions (no images) joined to the file's answers and scored; --reviews: the
+    judge's files scored, and the mean over files reported. One process; nothing is generated."""
+    task, output = task_for(args), Path(args.output)
+    if args.reviews is not None:
+        per_file = task.score_reviews([Path(p) for p in args.reviews], None if args.data is None else Path(args.data))
+        # The mean over files of each metric every file has (the published LLaVA-Bench number is a mean of three).
+        metrics = [m for m in per_file[0] if all(m in f for f in per_file)]
+        scores = {m: sum(f[m] for f in per_file) / len(per_file) for m in metrics}
+        model_id = Path(args.reviews[0]).stem
+        print(write_scores(task, scores, model_id, output,
+                           reviews=[{"file": str(p), "scores": f} for p, f in zip(args.reviews, per_file)]))
+        if len(per_file) > 1:
+            for path, f in zip(args.reviews, per_file):
+                print(f"{path}: " + ", ".join(f"{m} {f[m]:.2f}" for m in metrics[:4]))
+        return scores
+    data, answers_path = Path(args.data), Path(args.answers)
+    questions = task.load(data, images=False)
+    check_unique(questions, task, data)
+    questions = questions[: args.limit] if args.limit else questions
+    if not questions:
+        raise EvalDataError(data, None, f"task {task.name} found no questions")
+    rows = read_answers(answers_path)
+    texts = join_answers(questions, rows, answers_path, missing_as_wrong=args.missing_as_wrong,
+                         unanswered=task.unanswered)
+    model_id = str(rows[0][1].get("model_id") or answers_path.stem) if rows else answers_path.stem
+    scores = task.score(questions, texts, output)
+    print(write_scores(task, scores, model_id, output, answers=str(answers_path)))
     return scores
 
 
@@ -213,6 +283,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy_distributed()
     return 0

@@ -15,31 +15,23 @@ from ..data.tokenize import load_tokenizer, prepare_tokenizer, tokenize_prompt
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(name: str) -> torch.device:
-    """"auto" -> the CUDA device of this process (LOCAL_RANK under torchrun) when there is one, else CPU."""
-    import os
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch.cuda.is_available() is False")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def load_model(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
+def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.device = "auto"):
     """(model, tokenizer) from a llava-hf (or original LLaVA) directory that holds its tokenizer.
 
-    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16". The tokenizer's <image> id must
-    be the model's image token id."""
+    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16". device: a torch.device, or a name
+    read as training reads it (train.distributed.local_device: auto, cpu or cuda). The tokenizer's <image>
+    id must be the model's image token id."""
     from ..model import Llava
+    from ..train.distributed import local_device
 
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"--model {path}: {'not a directory' if path.exists() else 'does not exist'} (expected "
+                         "a llava-hf directory, e.g. a training run's <output_dir>/final)")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json there (expected a llava-hf directory, e.g. a "
                          "training run's <output_dir>/final)")
-    dev = pick_device(device)
+    dev = device if isinstance(device, torch.device) else local_device(device)
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in DTYPES:

@@ -58,3 +58,8 @@ def test_bad_arguments_exit_with_a_reason(llava_dir, tmp_path, capsys):
     assert e.value.code == 2 and "missing.png: no such file" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--prompt", "hi"]) == 1
     assert "no config.json" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
+    assert f"--model {tmp_path / 'nope'}: does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(llava_dir), "--device", "tpu", "--prompt", "hi"])
+    assert e.value.code == 2 and "--device: invalid choice: 'tpu'" in capsys.readouterr().err

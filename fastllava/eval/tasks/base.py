@@ -65,10 +65,16 @@ class Task:
     # A task with splits takes `split` in its constructor.
     splits: ClassVar[tuple[str, ...]] = ()
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         """All questions, in question-file order. Raises EvalDataError (file, line, what was expected) for a
-        missing file or image, a duplicate question id, a malformed line."""
+        missing file, a duplicate question id, a malformed line, and with `images` (answering) a missing
+        image file. Scoring an existing answers file loads with images=False: it needs no image."""
         raise NotImplementedError
+
+    def unanswered(self, question: EvalQuestion) -> str:
+        """The answer scored for a question an answers file lacks when it counts as wrong
+        (`--missing-as-wrong`): empty, which every local scorer counts wrong (POPE overrides it)."""
+        return ""
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
         """Metrics of `answers` (answers[i] answers questions[i]), as LLaVA computes them; writes any

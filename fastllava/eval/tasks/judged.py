@@ -2,7 +2,9 @@
 
 Both are answered by llava/eval/model_vqa.py (max_new_tokens 1024, the question text as is). The judge
 runs only when the task is given one (`--judge-url`/`--judge-model`); without it, score() leaves what the
-official graders read and returns {}:
+official graders read and returns {}. Judge output that exists already is scored by `score_reviews`, from
+the review or grade files alone (`python -m fastllava.eval --reviews FILE...`; no question file, image or
+judge call):
 
 * LLaVA-Bench (scripts/v1_5/eval/llavabench.sh): eval_gpt_review_bench.py reads the answers file itself,
   next to the reference answers. With a judge: GPT-4's review of each answer against the reference
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import llava_bench_summary, mmvet_totals
 from .base import EvalDataError, EvalQuestion, Task
-from .files import image_file, read_jsonl
+from .reading import image_file, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -54,7 +56,7 @@ class LLaVABench(Task):
     def __init__(self, judge: Judge | None = None):
         self.judge = judge
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "llava-bench-in-the-wild"
         path = root / "questions.jsonl"
         captions, references = {}, {}
@@ -72,7 +74,7 @@ class LLaVABench(Task):
         for line, obj in read_jsonl(path, required=("question_id", "image", "text", "category")):
             qid = obj["question_id"]
             _unique(qid, seen, path, line)
-            image = image_file(root / "images", obj["image"], path, line)
+            image = image_file(root / "images", obj["image"], path, line, check=images)
             truth = {"category": obj["category"], "question": obj["text"]}
             if self.judge is not None:
                 if obj["category"] not in ("conv", "detail", "complex"):
@@ -111,6 +113,27 @@ class LLaVABench(Task):
         return llava_bench_summary(reviews)
 
 
+    def score_reviews(self, paths: Sequence[Path], data_dir: Path | None = None) -> list[dict[str, float]]:
+        """summarize_gpt_review.py's numbers of each review file ({"question_id", "category", "tuple":
+        [reference score, answer score], ...} per line, as eval_gpt_review_bench.py writes it), in order. The
+        published LLaVA-Bench numbers are the mean over three such files. `data_dir` is not needed."""
+        out = []
+        for path in paths:
+            reviews = []
+            for line, obj in read_jsonl(Path(path), what="a LLaVA-Bench review file (eval_gpt_review_bench.py)",
+                                        required=("question_id", "category", "tuple")):
+                pair = obj["tuple"]
+                if not (isinstance(pair, list) and len(pair) == 2
+                        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
+                    raise EvalDataError(path, line, f'expected "tuple": [reference score, answer score], got {pair!r}')
+                reviews.append(obj)
+            if not reviews:
+                raise EvalDataError(path, None, "no reviews in the file")
+            out.append(llava_bench_summary(reviews))
+            log.info("llava_bench: %s: %d reviews, overall %s", path, len(reviews), out[-1].get("overall"))
+        return out
+
+
 class MMVet(Task):
     """MM-Vet: 218 open questions graded 0-1 by GPT-4 against ground truth, reported per capability."""
 
@@ -123,7 +146,7 @@ class MMVet(Task):
     def __init__(self, judge: Judge | None = None):
         self.judge = judge
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         roots = [Path(data_dir) / folder for folder in self.folders]
         root = next((r for r in roots if (r / "llava-mm-vet.jsonl").is_file()), roots[0])
         path = root / "llava-mm-vet.jsonl"
@@ -135,9 +158,42 @@ class MMVet(Task):
             key = f"v1_{qid}"  # convert_mmvet_for_eval.py's key: mm-vet.json's sample ids
             if self._meta is not None and key not in self._meta:
                 raise EvalDataError(path, line, f"question_id {qid!r}: no sample {key!r} in mm-vet.json")
-            image = image_file(root / "images", obj["image"], path, line)
+            image = image_file(root / "images", obj["image"], path, line, check=images)
             questions.append(EvalQuestion(question_id=qid, text=obj["text"], images=[image], truth={"key": key}))
         return questions
+
+    def score_reviews(self, paths: Sequence[Path], data_dir: Path | None = None) -> list[dict[str, float]]:
+        """Each grade file's scores, in order: the mean over its runs of what the official evaluator computes
+        per run (grade file: {"v1_<n>": {"score": [one per run], ...}}, as mm-vet_evaluator.py writes it).
+        Without mm-vet.json (under data_dir) only "total" is known, over the graded samples; with it, each
+        capability too, over all of mm-vet.json's samples (an ungraded one counts 0, as the evaluator's
+        counts do)."""
+        capabilities = None
+        if data_dir is not None:
+            found = [Path(data_dir) / f / "mm-vet.json" for f in self.folders if (Path(data_dir) / f / "mm-vet.json").is_file()]
+            capabilities = {k: s["capability"] for k, s in self._metadata(found[0]).items()} if found else None
+        out = []
+        for path in paths:
+            grades = read_json(Path(path), dict)
+            runs = set()
+            for key, grade in grades.items():
+                scores = grade.get("score") if isinstance(grade, dict) else None
+                if not (isinstance(scores, list) and scores
+                        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)):
+                    raise EvalDataError(path, None, f'sample {key!r}: expected {{"score": [a number per run], ...}}')
+                runs.add(len(scores))
+            if len(runs) != 1:
+                raise EvalDataError(path, None, f"samples graded a different number of times ({sorted(runs)}): an "
+                                                "unfinished run of the evaluator")
+            n_runs = runs.pop() if runs else 0
+            if not n_runs:
+                raise EvalDataError(path, None, "no grades in the file")
+            caps = capabilities or {key: [] for key in grades}
+            per_run = [mmvet_totals({k: g["score"][i] for k, g in grades.items()}, caps) for i in range(n_runs)]
+            out.append({m: sum(r[m] for r in per_run) / n_runs for m in per_run[0]})
+            log.info("mmvet: %s: %d samples, %d run(s), total per run %s", path, len(grades), n_runs,
+                     ", ".join(f"{r['total']:.1f}" for r in per_run))
+        return out
 
     @staticmethod
     def _metadata(path: Path) -> dict[str, dict]:

@@ -83,7 +83,7 @@ class MMBench(Task):
         candidates = [Path(data_dir) / folder / f"{self.split}.tsv" for folder in self.folders]
         return next((p for p in candidates if p.is_file()), candidates[0])
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         path = self._path(data_dir)
         header, rows = read_tsv(path)
         missing = [c for c in ("index", "question", "hint", "A", "B", "image") if c not in header]

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..scorers import mme_scores
 from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, Task
-from .files import image_file, read_jsonl
+from .reading import image_file, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class MME(Task):
     # docs/MODEL_ZOO.md (and the LLaVA-1.5 paper, Table 4): the MME perception score.
     published = {"llava-v1.5-7b": {"perception": 1510.7}, "llava-v1.5-13b": {"perception": 1531.3}}
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "MME"
         path, bench = root / "llava_mme.jsonl", root / "MME_Benchmark_release_version"
         truths: dict[Path, dict[str, str]] = {}
@@ -45,7 +45,7 @@ class MME(Task):
             if (qid, text) in seen:
                 raise EvalDataError(path, line, f"question {qid!r} {text!r} repeats line {seen[qid, text]}")
             seen[qid, text] = line
-            image = image_file(bench, obj["image"], path, line)
+            image = image_file(bench, obj["image"], path, line, check=images)
             # convert_answer_to_mme.py: the subtask is the id's first folder, the ground-truth file is the
             # id's file name up to its first dot, plus ".txt".
             category, txt_name = qid.split("/")[0], qid.split("/")[-1].split(".")[0] + ".txt"

@@ -3,6 +3,10 @@
 Questions as scripts/v1_5/eval/pope.sh passes them to model_vqa_loader.py (max_new_tokens 128); each
 question's "category" names its split, and its label is the line at the same position among that split's
 questions in POPE's coco/coco_pope_<split>.json -- eval_pope.py pairs answers and labels by position.
+
+The labels must be the release LLaVA's numbers use: POPE's repository at commit e3e3926 (LLaVA's
+docs/Evaluation.md links output/coco there); POPE's later files list other questions, which the line-by-line
+check below reports as a mismatch naming that release.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ from typing import Sequence
 
 from ..scorers import pope_metrics
 from .base import EvalDataError, EvalQuestion, Task
-from .files import read_jsonl, read_questions
+from .reading import read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
+
+# Where LLaVA's docs/Evaluation.md sends users for the label files its published POPE numbers were scored on.
+LABEL_RELEASE = ("POPE's repository at commit e3e3926 (https://github.com/AoiDragon/POPE/tree/"
+                 "e3e39262c85a6a83f26cf5094022a782cb0df58d/output/coco), the release LLaVA's docs/Evaluation.md names")
 
 _METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
@@ -39,10 +47,10 @@ class POPE(Task):
     published = {"llava-v1.5-7b": {"f1": 85.9}, "llava-v1.5-13b": {"f1": 85.9}}
     subsets = ("adversarial", "popular", "random")  # all three are answered and scored: no --split
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "pope"
         path = root / "llava_pope_test.jsonl"
-        rows = read_questions(path, root / "val2014")
+        rows = read_questions(path, root / "val2014", images=images)
         by_split: dict[str, list] = {}
         for number, rec, image in rows:
             if not isinstance(rec.get("category"), str):
@@ -69,7 +77,8 @@ class POPE(Task):
         lines = list(read_jsonl(path, what=f"POPE labels of split {split!r}"))
         if len(lines) != len(items):
             raise EvalDataError(path, None, f"expected one label per {split!r} question of {question_file} "
-                                            f"({len(items)}), found {len(lines)} lines")
+                                            f"({len(items)}), found {len(lines)} lines; use the labels of "
+                                            f"{LABEL_RELEASE}")
         out = {}
         for (number, obj), (q_number, rec, _) in zip(lines, items):
             if obj.get("label") not in ("yes", "no"):
@@ -77,9 +86,15 @@ class POPE(Task):
             if obj.get("image") != rec["image"] or not rec["text"].startswith(str(obj.get("text"))):
                 raise EvalDataError(path, number, f"expected the label of {question_file} line {q_number} "
                                                   f"({rec['image']}: {rec['text'].splitlines()[0]!r}), got "
-                                                  f"{obj.get('image')}: {obj.get('text')!r}")
+                                                  f"{obj.get('image')}: {obj.get('text')!r}: these labels are "
+                                                  f"not those of LLaVA's questions; use {LABEL_RELEASE}")
             out[q_number] = obj["label"]
         return out
+
+    def unanswered(self, question: EvalQuestion) -> str:
+        """The answer opposite to the label (any text reads as yes or no, so none is wrong for both)."""
+        label = question.truth.get("label")
+        return "" if label is None else "no" if label == "yes" else "yes"
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
         if len(questions) != len(answers):

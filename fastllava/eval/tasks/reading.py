@@ -1,5 +1,7 @@
 """Reading LLaVA's evaluation files: jsonl question files, JSON documents, image paths. Every error names
-the file, the 1-based line where there is one, and what was expected (EvalDataError)."""
+the file, the 1-based line where there is one, and what was expected (EvalDataError).
+
+(Named reading.py, not files.py: fastllava/data/files.py reads and validates training data.)"""
 
 from __future__ import annotations
 
@@ -46,21 +48,22 @@ def read_json(path: Path, kind: type) -> Any:
     return obj
 
 
-def image_file(folder: Path, name: str, path: Path, line: int) -> Path:
-    """folder / name, which must be a file (else EvalDataError naming the question file and line)."""
+def image_file(folder: Path, name: str, path: Path, line: int | None, *, check: bool = True) -> Path:
+    """folder / name; with `check` (answering) it must be a file, else EvalDataError naming the question file
+    and line. Scoring existing answers passes check=False: it reads no image."""
     image = folder / name
-    if not image.is_file():
+    if check and not image.is_file():
         raise EvalDataError(path, line, f"image {name!r} not found: expected the file {image}")
     return image
 
 
 def read_questions(path: Path, image_dir: Path, *, key: Callable[[dict], Any] | None = None,
-                   what: str = "LLaVA question file") -> list[tuple[int, dict, Path]]:
+                   what: str = "LLaVA question file", images: bool = True) -> list[tuple[int, dict, Path]]:
     """(line number, record, image path) per line of a LLaVA question jsonl ({"question_id", "image",
     "text", ...}, as model_vqa_loader.py reads it).
 
     Checks what LLaVA's loader relies on: question_id, image and text present, image and text strings,
-    the image file present under `image_dir`, and `key(record)` (default: question_id) unique in the
+    the image file present under `image_dir` (with `images`; see image_file), and `key(record)` (default: question_id) unique in the
     file; a ValueError from `key` becomes an EvalDataError naming the line.
     """
     key = key or (lambda rec: rec["question_id"])
@@ -77,5 +80,5 @@ def read_questions(path: Path, image_dir: Path, *, key: Callable[[dict], Any] | 
         if k in seen:
             raise EvalDataError(path, number, f"duplicate question {k!r} (first on line {seen[k]})")
         seen[k] = number
-        rows.append((number, rec, image_file(image_dir, rec["image"], path, number)))
+        rows.append((number, rec, image_file(image_dir, rec["image"], path, number, check=images)))
     return rows

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import scienceqa_breakdown, scienceqa_choice, scienceqa_ensemble, scienceqa_letter
 from .base import EvalDataError, EvalQuestion, Task
-from .files import read_json, read_jsonl
+from .reading import read_json, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -87,7 +87,7 @@ class ScienceQA(Task):
         self.judge, self.language_only = judge, None if language_only is None else Path(language_only)
         self._language_answers: dict[str, str] | None = None
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "scienceqa"
         path = root / f"llava_test_{self.question_format}.json"
         entries = read_json(path, list)
@@ -112,16 +112,16 @@ class ScienceQA(Task):
             text = value.replace("<image>", "").strip()
             if self.question_format == DEFAULT_FORMAT:
                 text += "\n" + SINGLE_PRED_PROMPT
-            images, prompt = [], text
+            files, prompt = [], text
             if "image" in entry:
                 image = root / "images" / "test" / entry["image"]
-                if not image.is_file():
+                if images and not image.is_file():
                     raise EvalDataError(path, None,
                                         f"{where}: image {entry['image']!r} not found: expected the file {image}")
-                images, prompt = [image], "<image>\n" + text
+                files, prompt = [image], "<image>\n" + text
             # Scoring walks the split's problems (a question outside it is logged there, as LLaVA ignores it).
             truth = {} if answer_key is None else {"key": answer_key}
-            questions.append(EvalQuestion(qid, text, images, record={"prompt": prompt}, truth=truth))
+            questions.append(EvalQuestion(qid, text, files, record={"prompt": prompt}, truth=truth))
         return questions
 
     def _answer_key(self, root: Path) -> dict | None:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from ..scorers import seed_accuracy
 from .base import EvalDataError, EvalQuestion, Task
-from .files import image_file, read_jsonl
+from .reading import image_file, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class SEED(Task):
     # LLaVA-1.5-13B at 61.6 overall, 68.2 image, 42.7 video).
     published = {"llava-v1.5-7b": {"accuracy": 58.6}, "llava-v1.5-13b": {"accuracy": 61.6}}
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "seed_bench"
         annotation = self._annotation(root / "SEED-Bench.json")
         self._all = annotation
@@ -49,7 +49,7 @@ class SEED(Task):
             seen[key] = line
             if key not in annotation:
                 raise EvalDataError(path, line, f"question_id {obj['question_id']!r} is not in SEED-Bench.json")
-            image = image_file(root, obj["image"], path, line)
+            image = image_file(root, obj["image"], path, line, check=images)
             questions.append(EvalQuestion(question_id=obj["question_id"], text=obj["text"], images=[image],
                                           truth=annotation[key]))
         unasked = len(annotation) - len(questions)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from ..scorers import gqa_prediction, normalize_vqa_answer, textvqa_question, vqa_accuracy
 from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, Task
-from .files import image_file, read_json, read_jsonl, read_questions
+from .reading import image_file, read_json, read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,20 @@ class VQAv2(Task):
     def __init__(self, split: str = "test-dev"):
         self.split = _check_split(self, split)
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "vqav2"
         if self.split == "val":
-            return self._load_val(root)
+            return self._load_val(root, images)
         full = root / f"{self.full_file}.jsonl"
         # Checked now, not after hours of generation: the upload cannot be written without it.
         if not full.is_file():
             raise EvalDataError(full, None, "missing LLaVA's list of all test2015 questions, needed for the "
                                             "EvalAI upload file (it ships in LLaVA's eval.zip)")
-        rows = read_questions(root / f"{self.question_file}.jsonl", root / "test2015")
+        rows = read_questions(root / f"{self.question_file}.jsonl", root / "test2015", images=images)
         return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"full_split": str(full)})
                 for _, rec, image in rows]
 
-    def _load_val(self, root: Path) -> list[EvalQuestion]:
+    def _load_val(self, root: Path, images: bool) -> list[EvalQuestion]:
         path, ann_path = root / self.val_questions, root / self.val_annotations
         entries = _json_list(path, "questions", "VQAv2 questions")
         answers = {}
@@ -139,7 +139,8 @@ class VQAv2(Task):
             seen[qid] = i
             if qid not in answers:
                 raise EvalDataError(path, None, f"{where}: no annotation with this question_id in {ann_path}")
-            image = image_file(root / "val2014", f"COCO_val2014_{entry['image_id']:012d}.jpg", path, None)
+            image = image_file(root / "val2014", f"COCO_val2014_{entry['image_id']:012d}.jpg", path, None,
+                               check=images)
             questions.append(EvalQuestion(qid, f"{entry['question']}\n{SHORT_ANSWER}", [image],
                                           truth={"answers": answers[qid]}))
         return questions
@@ -201,16 +202,16 @@ class VizWiz(Task):
     def __init__(self, split: str = "test"):
         self.split = _check_split(self, split)
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "vizwiz"
         if self.split == "val":
-            return self._load_val(root)
+            return self._load_val(root, images)
         path = root / "llava_test.jsonl"
-        rows = read_questions(path, root / "test")
+        rows = read_questions(path, root / "test", images=images)
         return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"image": rec["image"], "file": str(path)})
                 for _, rec, image in rows]
 
-    def _load_val(self, root: Path) -> list[EvalQuestion]:
+    def _load_val(self, root: Path, images: bool) -> list[EvalQuestion]:
         path = root / self.val_file
         questions, seen = [], {}
         for i, entry in enumerate(read_json(path, list)):
@@ -224,7 +225,7 @@ class VizWiz(Task):
                                                 "image names the question")
             seen[name] = i
             answers = _human_answers(entry, path, where)
-            image = image_file(root / "val", name, path, None)
+            image = image_file(root / "val", name, path, None, check=images)
             text = f"{entry['question']}\n{VIZWIZ_UNANSWERABLE}\n{SHORT_ANSWER}"
             questions.append(EvalQuestion(name, text, [image], truth={"image": name, "answers": answers}))
         return questions
@@ -265,10 +266,10 @@ class GQA(Task):
     published = {"llava-v1.5-7b": {"accuracy": 62.0}, "llava-v1.5-13b": {"accuracy": 63.3}}
     gold_file = "testdev_balanced_questions.json"
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "gqa"
         path = root / "llava_gqa_testdev_balanced.jsonl"
-        rows = read_questions(path, root / "data" / "images")
+        rows = read_questions(path, root / "data" / "images", images=images)
         gold_path = root / "data" / self.gold_file
         gold = read_json(gold_path, dict) if gold_path.is_file() else None
         if gold is None:
@@ -332,14 +333,14 @@ class TextVQA(Task):
     published = {"llava-v1.5-7b": {"accuracy": 58.2}, "llava-v1.5-13b": {"accuracy": 61.3}}
     annotation_file = "TextVQA_0.5.1_val.json"
 
-    def load(self, data_dir: Path) -> list[EvalQuestion]:
+    def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "textvqa"
         path = root / "llava_textvqa_val_v051_ocr.jsonl"
 
         def key(rec: dict) -> tuple:  # what eval_textvqa.py looks annotations up by
             return rec["question_id"], textvqa_question(rec["text"])
 
-        rows = read_questions(path, root / "train_images", key=key)
+        rows = read_questions(path, root / "train_images", key=key, images=images)
         annotations = self._annotations(root / self.annotation_file)
         questions, per_image = [], {}
         for number, rec, image in rows:
