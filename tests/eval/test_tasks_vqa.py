@@ -375,13 +375,16 @@ def test_pope_shifted_labels(tmp_path):
     with pytest.raises(EvalDataError, match="expected the label of") as e:
         POPE().load(data)
     assert e.value.line == 1 and e.value.path.endswith("coco_pope_random.json")
+    # The error says which label release LLaVA's questions (and published numbers) go with.
+    assert "POPE's repository at commit e3e3926" in str(e.value) and "/output/coco" in str(e.value)
 
 
 def test_pope_label_count(tmp_path):
     data = make_pope(tmp_path)
     path = data / "pope" / "coco" / "coco_pope_adversarial.json"
     path.write_text(path.read_text().splitlines()[0] + "\n")
-    with pytest.raises(EvalDataError, match=r"expected one label per 'adversarial' question .*\(2\), found 1"):
+    with pytest.raises(EvalDataError, match=r"expected one label per 'adversarial' question .*\(2\), found 1 lines; "
+                                            r"use the labels of POPE's repository at commit e3e3926"):
         POPE().load(data)
 
 
