@@ -31,6 +31,9 @@ EXTRAS = {
     "flash_attn": ("flash-attn", "flash-attn"),
     "xformers": ("xformers", "xformers"),
 }
+# flash-attn builds against the installed torch, which pip's isolated build environment does not have
+# (its README installs it with --no-build-isolation).
+PIP_OPTIONS = {"flash-attn": "--no-build-isolation "}
 
 
 def _entry(module: str) -> tuple[str, str]:
@@ -45,7 +48,8 @@ def _entry(module: str) -> tuple[str, str]:
 
 def install_command(module: str) -> str:
     """The pip command that installs `module`'s extra: 'pip install "fastllava[plot]"'."""
-    return f'pip install "fastllava[{_entry(module)[1]}]"'
+    extra = _entry(module)[1]
+    return f'pip install {PIP_OPTIONS.get(extra, "")}"fastllava[{extra}]"'
 
 
 class MissingExtra(ImportError):

@@ -20,8 +20,8 @@ from fastllava.extras import MissingExtra, require
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def missing_line(feature: str, package: str, extra: str) -> str:
-    return f'error: {feature} needs the {package} package, which is not installed: pip install "fastllava[{extra}]"'
+def missing_line(feature: str, package: str, command: str) -> str:
+    return f"error: {feature} needs the {package} package, which is not installed: {command}"
 
 
 def run_without(blocked: list[str], target: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -49,26 +49,27 @@ def test_datagen_without_openai_stops_before_any_work(tmp_path):
     out = tmp_path / "out" / "detail.jsonl"
     proc = run_without(["openai"], "fastllava.datagen", "--annotations", str(annotations), "--kind", "detail",
                        "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), cwd=tmp_path)
-    assert_stops_with(proc, missing_line("python -m fastllava.datagen", "openai", "datagen"))
+    assert_stops_with(proc, missing_line("python -m fastllava.datagen", "openai", 'pip install "fastllava[datagen]"'))
     assert not (tmp_path / "out").exists()
 
 
 def test_datagen_demo_without_openai_stops_before_drawing(tmp_path):
     proc = run_without(["openai"], "fastllava.datagen.demo", "--out", str(tmp_path / "demo"), cwd=tmp_path)
-    assert_stops_with(proc, missing_line("python -m fastllava.datagen", "openai", "datagen"))
+    assert_stops_with(proc, missing_line("python -m fastllava.datagen", "openai", 'pip install "fastllava[datagen]"'))
     assert not (tmp_path / "demo").exists()
 
 
-RECIPE_CASES = [  # override, module made unimportable, pip package, extra
-    ("logging.tensorboard=true", "tensorboard", "tensorboard", "logging"),
-    ("logging.wandb=true", "wandb", "wandb", "logging"),
-    ("model.backends.attention=flash_attn", "flash_attn", "flash-attn", "flash-attn"),
-    ("model.backends.attention=xformers", "xformers", "xformers", "xformers"),
+RECIPE_CASES = [  # override, module made unimportable, pip package, install command
+    ("logging.tensorboard=true", "tensorboard", "tensorboard", 'pip install "fastllava[logging]"'),
+    ("logging.wandb=true", "wandb", "wandb", 'pip install "fastllava[logging]"'),
+    ("model.backends.attention=flash_attn", "flash_attn", "flash-attn",
+     'pip install --no-build-isolation "fastllava[flash-attn]"'),
+    ("model.backends.attention=xformers", "xformers", "xformers", 'pip install "fastllava[xformers]"'),
 ]
 
 
-@pytest.mark.parametrize("override, blocked, package, extra", RECIPE_CASES, ids=[c[0] for c in RECIPE_CASES])
-def test_recipe_asking_for_a_missing_package_stops_at_configuration(tmp_path, override, blocked, package, extra):
+@pytest.mark.parametrize("override, blocked, package, command", RECIPE_CASES, ids=[c[0] for c in RECIPE_CASES])
+def test_recipe_asking_for_a_missing_package_stops_at_configuration(tmp_path, override, blocked, package, command):
     """Checked with the configuration, before anything is built: the data file need not even exist."""
     config = tmp_path / "run.yaml"
     config.write_text("model: {source: scratch, architecture: {}}\n"
@@ -76,7 +77,7 @@ def test_recipe_asking_for_a_missing_package_stops_at_configuration(tmp_path, ov
                       "train: {stage: finetune}\n")
     proc = run_without([blocked], str(ROOT / "recipes" / "finetune.py"), "--config", str(config), override,
                        cwd=tmp_path)
-    assert_stops_with(proc, missing_line(override, package, extra))
+    assert_stops_with(proc, missing_line(override, package, command))
 
 
 # ----------------------------------------------------------------------------- the features without a command
@@ -101,7 +102,8 @@ def test_dali_backend_without_dali_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "_DALI_ERROR", ModuleNotFoundError("No module named 'nvidia'", name="nvidia"))
     with pytest.raises(MissingExtra) as e:
         images.load_image(tmp_path / "a.png", backend="dali")
-    assert f"error: {e.value}" == missing_line("image backend 'dali'", "nvidia-dali-cuda120", "dali")
+    assert f"error: {e.value}" == missing_line("image backend 'dali'", "nvidia-dali-cuda120",
+                                                         'pip install "fastllava[dali]"')
 
 
 # ----------------------------------------------------------------------------- the module itself
@@ -116,7 +118,7 @@ def test_a_package_that_fails_to_import_says_why(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     with pytest.raises(MissingExtra, match=re.escape(
             "attention needs the flash-attn package, which fails to import (libcudart.so.12: cannot open shared "
-            'object file): pip install "fastllava[flash-attn]"')):
+            'object file): pip install --no-build-isolation "fastllava[flash-attn]"')):
         require("flash_attn", "attention")
 
 
