@@ -41,7 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fastllava.eval",
         description="Evaluate a LLaVA model on one of LLaVA-1.5's benchmarks, read from LLaVA's "
-                    "playground/data/eval layout and scored as LLaVA scores it.")
+                    "playground/data/eval layout and scored as LLaVA scores it; or, without a model, score an "
+                    "existing answers file (--answers) or the judge's review/grade files (--reviews).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="llava-hf model directory with its tokenizer: answer the questions")
     source.add_argument("--answers", metavar="FILE", help="score this answers jsonl instead (LLaVA's model_vqa*.py "
