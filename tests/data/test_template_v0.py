@@ -207,3 +207,15 @@ def test_differences_from_llavas_length_arithmetic(request, tok_name):
     # each sentence alone costs "<s>" more, and with SentencePiece also the dummy-prefix "▁" before "###"
     assert counted - (len(ids) - n_closing) == len(sentences) * {"llama_tok": 2, "bpe_tok": 1}[tok_name]
     assert labels != theirs.tolist()  # so its masks are not even its intended ones here
+
+
+@pytest.mark.parametrize("tok_name, hashes", [("llama_tok", ["<0x23>"] * 3), ("bpe_tok", ["#"] * 3)])
+def test_v0_stops_on_the_training_texts_marker(request, tok_name, hashes):
+    """Generation stops on "###" as the training text tokenizes it after an answer (the tokens of SP_STOP /
+    BPE_STOP above), not as "###" tokenizes alone, and on EOS."""
+    tok = request.getfixturevalue(tok_name)
+    alone = tok("###", add_special_tokens=False)["input_ids"]
+    stops = get_template("v0").stop_ids(tok)
+    assert stops == [[tok.eos_token_id], tok.convert_tokens_to_ids(hashes)]
+    if tok_name == "llama_tok":  # SentencePiece puts a dummy-prefix "▁" before "###" alone
+        assert alone not in stops
