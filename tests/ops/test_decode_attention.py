@@ -315,6 +315,6 @@ def test_gpu_triton_is_batch_invariant():
 
 @pytest.mark.gpu
 def test_gpu_flash_attn_backend():
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed (pip install flash-attn)")
+    pytest.importorskip("flash_attn", reason='flash-attn is not installed (pip install --no-build-isolation "fastllava[flash-attn]")')
     case = make_case([700, 1, 1300, 64], 32, 8, 128, S=6, L=1400, seed=7)
     check(case, torch.bfloat16, "flash_attn", scale=0.1)

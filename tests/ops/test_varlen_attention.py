@@ -402,7 +402,7 @@ def test_gpu_torch_varlen_backend_agrees():
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_xformers_backend(causal):
     """xformers against the float64 reference, forward and backward, GQA, empty samples, a custom scale."""
-    pytest.importorskip("xformers.ops", reason="xformers is not installed (pip install xformers)")
+    pytest.importorskip("xformers.ops", reason='xformers is not installed (pip install "fastllava[xformers]")')
 
     def xformers_fn(*args, **kw):
         return varlen_attention(*args, backend="xformers", **kw)
