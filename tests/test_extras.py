@@ -6,6 +6,7 @@ that is not installed), whether or not it is installed here; the table of extras
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,13 +25,16 @@ def missing_line(feature: str, package: str, command: str) -> str:
     return f"error: {feature} needs the {package} package, which is not installed: {command}"
 
 
-def run_without(blocked: list[str], target: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m target args` (or `python target args` for a .py path) with the `blocked` modules unimportable."""
+def run_without(blocked: list[str], target: str, *args: str, cwd: Path, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
+    """`python -m target args` (or `python target args` for a .py path) with the `blocked` modules unimportable
+    (`env`: variables added to this process's environment)."""
     run = (f"runpy.run_path({target!r}, run_name='__main__')" if target.endswith(".py")
            else f"runpy.run_module({target!r}, run_name='__main__', alter_sys=True)")
     code = (f"import runpy, sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
             f"sys.argv = [{target!r}, *{list(args)!r}]\n{run}\n")
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def assert_stops_with(proc: subprocess.CompletedProcess, line: str) -> None:
@@ -78,6 +82,21 @@ def test_recipe_asking_for_a_missing_package_stops_at_configuration(tmp_path, ov
     proc = run_without([blocked], str(ROOT / "recipes" / "finetune.py"), "--config", str(config), override,
                        cwd=tmp_path)
     assert_stops_with(proc, missing_line(override, package, command))
+
+
+def test_scienceqa_demo_asking_for_a_missing_package_stops_before_training(tmp_path):
+    """The ScienceQA demo builds its configuration itself, after its release, conversion and components
+    (whose progress lines come first): the same check runs there, before any model is built."""
+    out = tmp_path / "run"
+    proc = run_without(["wandb"], "fastllava.demo.scienceqa", "--out", str(out), "--train", "8", "--test", "4",
+                       "--steps", "1", "--no-progress", "demo.samples=16", "demo.eval_samples=1",
+                       "demo.tower_steps=1", "demo.tower_batch=8", "logging.wandb=true", cwd=tmp_path,
+                       env={"FASTLLAVA_CACHE": str(tmp_path / "cache")})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == missing_line("logging.wandb=true", "wandb",
+                                                                'pip install "fastllava[logging]"')
+    assert proc.returncode == 2, proc.stderr
+    assert not (out / "train").exists()
 
 
 # ----------------------------------------------------------------------------- the features without a command

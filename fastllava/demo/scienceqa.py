@@ -21,7 +21,7 @@ Each has a lecture (one sentence per kind) and a solution (the fact that answers
 
 `main` then: converts with QCM-LEA; trains stage 2 from the embedded demo's cached tower and random LLM
 (demo.run.prepare: its world, components and settings, the same `demo.*` overrides), with a tokenizer trained
-on this corpus (world.build_tokenizer: the LLM is at its random initialization, so any vocabulary that fits
+on this corpus (world.train_demo_tokenizer: the LLM is at its random initialization, so any vocabulary that fits
 serves; the demo world's own has no "(", ")", "B" or "C"); and evaluates the export with the paper's protocol
 (--sqa-format QCM-LEA), printing the score table next to the chance level of each column.
 """
@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .world import COLORS, DEFAULT_IMAGE_SIZES, POSITIONS, SHAPES, build_tokenizer, corpus_texts, describe, draw_scene
+from ..extras import cli
+from .world import COLORS, DEFAULT_IMAGE_SIZES, POSITIONS, SHAPES, corpus_texts, describe, draw_scene, train_demo_tokenizer
 
 KINDS = ("color", "shape", "count", "cell", "text", "word")
 COUNTS = ("1", "2", "3", "4")
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     """Generate, convert, train, evaluate; returns {"scores", "chance", "table", "export", "seconds"}."""
     from ..data import scienceqa as convert
     from ..eval import run as evaluate
-    from ..train import train
+    from ..train import require_extras, train
     from .run import prepare
 
     start = time.perf_counter()
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     entries = [e for name in ("train_QCM-LEA", "test_QCM-LEA", "test_CQM-A")
                for e in json.loads((data / "scienceqa" / f"llava_{name}.json").read_text())]
     tokenizer_dir = out / "tokenizer"
-    build_tokenizer(corpus_texts(entries), tokenizer_dir)
+    train_demo_tokenizer(corpus_texts(entries), tokenizer_dir)
 
     overrides = list(args.overrides) + ([] if any(o.startswith("logging.progress=") for o in args.overrides)
                                         else [f"logging.progress={str(not args.no_progress).lower()}"])
@@ -211,6 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg.train = dataclasses.replace(cfg.train, max_steps=args.steps, epochs=max(1, -(-args.steps * cfg.train.global_batch_size // args.train)),
                                     output_dir=str(out / "train"))
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, every_steps=0, resume="none")
+    require_extras(cfg)  # e.g. logging.wandb=true without wandb: before the model is built
     result = train(cfg)
     if result.export is None:
         raise RuntimeError("training was interrupted before its export")
@@ -226,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
             "seconds": time.perf_counter() - start}
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
