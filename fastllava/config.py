@@ -368,10 +368,18 @@ def load_config(path: str | Path | None = None, overrides=(), schema: type = Con
         raise ValueError(f"{e}{_where(path, overrides)}") from None
 
 
-def usage(schema: type = Config) -> str:
-    """The command line and every key with its default, for --help."""
-    return ("usage: [--config FILE.yaml] [section.key=value ...]\n\nkeys and defaults:\n"
-            + OmegaConf.to_yaml(OmegaConf.structured(schema)))
+def usage(tree: DictConfig | dict | None = None, source: str = "defaults") -> str:
+    """The command line and every key with the value a run would take, for --help: `tree` (a merged
+    configuration or its plain container, `source` saying where its values come from) or the defaults.
+
+    With model.source=components only the connector fields of model.architecture are shown: the tower's and
+    the LLM's sizes come from their checkpoints, so the defaults' (ViT-L, 7B) would misstate the run."""
+    shown = tree if isinstance(tree, dict) else OmegaConf.to_container(tree or OmegaConf.structured(Config))
+    model = shown["model"]
+    if model["source"] == "components" and model["architecture"] is not None:
+        model["architecture"] = {k: model["architecture"][k] for k in CONNECTOR_FIELDS}
+    return (f"usage: [--config FILE.yaml] [section.key=value ...]\n\nkeys and their values ({source}):\n"
+            + OmegaConf.to_yaml(shown))
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -14,4 +14,4 @@ from fastllava.train import main
 
 if __name__ == "__main__":
     main(sys.argv[1:], "align", description=__doc__, without_config=demo.prepare,
-         without_config_help=demo.help_text())
+         without_config_help=demo.help_text)

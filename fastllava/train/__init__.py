@@ -5,9 +5,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
+from typing import NoReturn
 
-from ..config import Config, load_config, split_args, usage
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ..config import Config, load_config, merge_config, split_args, usage
 from ..extras import MissingExtra
 from ..ops.varlen_attention import require_backend
 from .distributed import destroy_distributed
@@ -17,6 +23,7 @@ from .trainer import Trainer, TrainResult, train
 __all__ = ["Trainer", "TrainResult", "check_stage", "main", "train"]
 
 RECIPES = {"align": "pretrain", "finetune": "finetune"}
+HELP = ("-h", "--help")
 
 
 def check_stage(cfg: Config, stage: str) -> None:
@@ -33,18 +40,23 @@ def require_extras(cfg: Config) -> None:
     writer_modules(cfg.logging)
 
 
+@record  # any other failure: its traceback in the summary torchrun prints last, not a pointer to the docs
 def main(argv: list[str], stage: str, *, description: str = "", without_config=None,
-         without_config_help: str = "") -> TrainResult:
+         without_config_help=None) -> TrainResult | None:
     """`[--config FILE] [section.key=value ...]`: load and check the configuration, train, tear the process
     group down. Without --config, `without_config(overrides, stage)` supplies the configuration and what to
     do with the result, `(cfg, after)` (the recipes' default without a file). A configuration mistake, or a
-    missing package that it asks for, exits with its message (no traceback) and status 2."""
-    if any(a in ("-h", "--help") for a in argv):
-        print("\n\n".join(t for t in (description.strip(), usage(), without_config_help) if t))
-        raise SystemExit(0)
+    missing package that it asks for, exits with its message (no traceback) and status 2.
+
+    --help prints every key with the value this command line would run: the file's and the overrides' over
+    the defaults, or without --config `without_config_help(overrides, stage)`."""
+    wants_help = any(a in HELP for a in argv)
     after = None
     try:
-        config_path, overrides = split_args(argv)
+        config_path, overrides = split_args([a for a in argv if a not in HELP])
+        if wants_help:
+            print(_help(description, config_path, overrides, stage, without_config_help))
+            return None
         if config_path is not None:
             cfg = load_config(config_path, overrides)
         elif without_config is not None:
@@ -54,9 +66,7 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
         check_stage(cfg, stage)
         require_extras(cfg)
     except (ValueError, MissingExtra) as e:
-        print(f"error: {e}", file=sys.stderr)
-        destroy_distributed()
-        raise SystemExit(2) from None
+        config_error(str(e))
     try:
         result = train(cfg)
         if after is not None:
@@ -64,3 +74,32 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
         return result
     finally:
         destroy_distributed()
+
+
+def _help(description: str, config_path, overrides, stage: str, without_config_help) -> str:
+    if config_path is not None:
+        where = f"{config_path}{' and the command line' if overrides else ''} over the defaults"
+        body = usage(merge_config(config_path, overrides), where)
+    elif without_config_help is not None:
+        body = without_config_help(overrides, stage)
+    else:
+        body = usage()
+    return "\n\n".join(t for t in (description.strip(), body) if t)
+
+
+def config_error(message: str) -> NoReturn:
+    """Stop on a configuration mistake (or a missing package it asks for): `error: message` on stderr, exit status 2, no traceback.
+
+    Under torchrun the message also goes to this worker's error file (TORCHELASTIC_ERROR_FILE, in the format
+    of torch.distributed.elastic's ErrorHandler.record_exception): torchrun ends every failed launch with
+    its ChildFailedError summary, and the summary's "traceback :" line then shows this message instead of a
+    link to the elastic docs, so the message is the last thing a torchrun user reads."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        text = f"error: {message}"
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
+                                                                   "timestamp": str(int(time.time()))}}}, f)
+    destroy_distributed()
+    raise SystemExit(2)

@@ -1,13 +1,17 @@
 """The demo's entry: it builds its own configuration, world and components, then runs the ordinary trainer;
 what it cannot honour is an error that says how to train on one's own data."""
 
+import json
 import os
+import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fastllava.demo import components
 from fastllava.demo.run import CONFIGS, DemoConfig, DemoSettings, prepare
@@ -31,6 +35,38 @@ def test_shipped_demo_configs_load():
     pretrain = load_config(CONFIGS["align"], ["model.vision_path=v", "model.llm_path=l"], schema=DemoConfig)
     assert (pretrain.train.stage, pretrain.data.template, pretrain.data.image_mode) == ("align", "plain", "square")
     assert pretrain.demo == finetune.demo  # the same world and components
+    # The demo's own values: DemoSettings' defaults are what runs, the YAML files do not restate them.
+    assert finetune.demo == DemoSettings() and (finetune.demo.text_fraction, finetune.demo.tower_steps) == (0.2, 1500)
+    assert finetune.demo.text.hidden_size == 128 and finetune.demo.vision.hidden_size == 64
+
+
+def shown_values(text: str) -> dict:
+    """The YAML that --help prints after its "keys and their values (...)" line."""
+    return yaml.safe_load(text.split("keys and their values", 1)[1].split("\n", 1)[1])
+
+
+# train.main's @record enables faulthandler on stderr, which pytest's capture has no file descriptor for.
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+@pytest.mark.parametrize("recipe, stage", [("finetune", "finetune"), ("pretrain", "align")])
+def test_help_shows_what_the_demo_will_run(recipe, stage, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"recipes/{recipe}.py", "--help", "optim.lr=0.25", "demo.samples=64"])
+    runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
+    shown = shown_values(capsys.readouterr().out)
+    runs = load_config(CONFIGS[stage], ["optim.lr=0.25", "demo.samples=64", "model.vision_path=v", "model.llm_path=l"],
+                       schema=DemoConfig).to_dict()
+    runs = json.loads(json.dumps(runs))  # tuples as YAML shows them, lists
+    for section in ("optim", "train", "parallel", "lora", "checkpoint", "logging"):
+        assert shown[section] == runs[section], section
+    assert shown["demo"] == {**runs["demo"], "text": {**runs["demo"]["text"], "vocab_size": shown["demo"]["text"]["vocab_size"]}}
+    # The values a user asked about: the demo's, not the general defaults (0.1, 500, ViT-L, 7B, 2e-5, plain,
+    # outputs/run).
+    assert (shown["demo"]["text_fraction"], shown["demo"]["tower_steps"], shown["demo"]["samples"]) == (0.2, 1500, 64)
+    assert shown["demo"]["vision"]["hidden_size"] == 64 and shown["demo"]["text"]["hidden_size"] == 128
+    assert shown["optim"]["lr"] == 0.25 and shown["train"]["output_dir"] == f"outputs/demo-{recipe}"
+    assert shown["data"]["template"] == ("vicuna_v1" if stage == "finetune" else "plain")
+    assert shown["model"]["architecture"] == {"projector_type": "mlp2x_gelu", "vision_feature_layer": -1,
+                                              "vision_feature_select": "patch"}  # no ViT-L / 7B sizes
+    assert shown["model"]["llm_path"] == shown["data"]["data_path"] == "<made by the demo>"
 
 
 @pytest.mark.parametrize("override", ["data.data_path=/nonexistent.json", "model.llm_path=/models/vicuna",
@@ -50,7 +86,19 @@ def test_recipe_command_line_errors_and_help():
     assert typo.returncode == 2 and "unknown key optim.lrr" in typo.stderr, typo.stderr
     shown = subprocess.run([sys.executable, "recipes/finetune.py", "--help"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and "tower_steps" in shown.stdout and "max_tokens_per_pack" in shown.stdout
+    assert shown.returncode == 0 and "tower_steps: 1500" in shown.stdout and "max_tokens_per_pack" in shown.stdout
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_config_error_is_the_last_thing_shown():
+    """torchrun ends a failed launch with its own traceback and a failure summary; the summary shows what the
+    worker wrote to its error file, so the one-line message must be there (not a link to torch's docs)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "recipes/finetune.py",
+                          "train.max_steps=-1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode != 0
+    last = [line.strip() for line in run.stderr.strip().splitlines()[-3:]]
+    assert "traceback : error: train.max_steps must be > 0, got -1" in last, run.stderr[-2000:]
 
 
 def test_demo_trains_through_the_ordinary_trainer_and_scores(tmp_path, monkeypatch, capsys):
@@ -62,7 +110,21 @@ def test_demo_trains_through_the_ordinary_trainer_and_scores(tmp_path, monkeypat
     scores = after(result)
     assert (result.export / "config.json").is_file()
     assert set(scores["per_type"]) == {"color", "count", "position", "shape", "text"}
-    assert "overall" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "overall" in out
+    # The output ends with a chat command on the model it just trained, a held-out image and a held-out question
+    # in the training wording; it runs as printed.
+    command = shlex.split(out[out.index("python -m fastllava.chat"):])
+    args = dict(zip(command[3::2], command[4::2]))
+    first = next(s for s in json.loads(Path(cfg.data.data_path).with_name("eval.json").read_text()) if "image" in s)
+    assert args["--model"] == str(result.export) and args["--temperature"] == "0"
+    assert args["--image"] == str(Path(cfg.data.image_folder) / first["image"]) and "/eval/" in args["--image"]
+    assert "<image>\n" + args["--prompt"] == first["conversations"][0]["value"]
+    assert args["--prompt"].endswith("\nAnswer the question using a single word or phrase.")
+    chat = subprocess.run([sys.executable] + command[1:], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    # Two training steps teach no answer (it may be empty): the command is checked to run, not to be right.
+    assert chat.returncode == 0 and "error" not in chat.stderr, chat.stderr[-2000:]
 
 
 def test_components_are_made_once_per_setting(tmp_path, monkeypatch):

@@ -1,10 +1,14 @@
 """Configuration: YAML + overrides are typed and validated by OmegaConf and the dataclasses; every shipped
 recipe config loads; mistakes name the key and what is allowed."""
 
+import json
 import re
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fastllava.config import load_config, split_args
 
@@ -150,3 +154,20 @@ def test_lora_recipes_and_errors():
                          (["lora.dropout=1.0"], "lora.dropout must be in [0, 1)")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_config(None, BASE + bad)
+
+
+# train.main's @record enables faulthandler on stderr, which pytest's capture has no file descriptor for.
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+def test_help_with_a_config_shows_its_values(monkeypatch, capsys):
+    config = CONFIGS / "llava15_7b_finetune.yaml"
+    monkeypatch.setattr(sys, "argv", ["recipes/finetune.py", "--config", str(config), "optim.lr=1e-4", "--help"])
+    runpy.run_path(str(CONFIGS.parent / "finetune.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"keys and their values ({config} and the command line over the defaults)" in out
+    shown = yaml.safe_load(out.split("keys and their values", 1)[1].split("\n", 1)[1])
+    runs = json.loads(json.dumps(load_config(config, ["optim.lr=1e-4"]).to_dict()))
+    # A components run reads only the connector fields of model.architecture: the sizes come from the checkpoints.
+    runs["model"]["architecture"] = runs["model"]["architecture"] and {
+        k: runs["model"]["architecture"][k] for k in ("projector_type", "vision_feature_layer", "vision_feature_select")}
+    assert shown == runs
+    assert shown["optim"]["lr"] == 1e-4 and shown["model"]["llm_path"].endswith("vicuna-7b-v1.5")
