@@ -1,7 +1,8 @@
 """python -m fastllava.datagen.demo: the datagen pipeline end to end, offline, on the demo world.
 
-1. Draws N demo-world scenes (fastllava.demo.world.draw_scene) into OUT/images/ and writes their exact
-   symbolic descriptions to OUT/annotations.jsonl in datagen's simple JSONL format:
+1. Draws N demo-world scenes (fastllava.demo.world.draw_scene) into OUT/images/ (OUT: --out, default
+   outputs/datagen-demo) and writes their exact symbolic descriptions to OUT/annotations.jsonl in
+   datagen's simple JSONL format:
    {"image", "id", "captions": [...], "boxes": [{"category": "red circle", "bbox": [x1, y1, x2, y2]}]}.
 2. Starts a rule-based stand-in for an OpenAI-compatible chat endpoint on 127.0.0.1 (a free port, a
    thread). It reads only the last user message (the captions and "category: [x1, y1, x2, y2]" lines that
@@ -34,6 +35,7 @@ from .client import openai_module
 from .messages import KINDS
 
 MODEL = "rule-based"
+DEFAULT_OUT = os.path.join("outputs", "datagen-demo")  # beside the training demo's outputs/demo-*
 DUMMY_KEY = "rule-based-demo-key"
 KEY_ENV = "FASTLLAVA_DATAGEN_API_KEY"
 
@@ -255,8 +257,9 @@ def _dummy_key():
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastllava.datagen.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder for images/, annotations.jsonl and <kind>.jsonl (created if missing)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="folder for images/, annotations.jsonl and <kind>.jsonl (created if missing; "
+                        "default %(default)s)")
     p.add_argument("--images", type=int, default=8, metavar="N", help="scenes to draw (default %(default)s)")
     p.add_argument("--kind", choices=KINDS, default="conversation", help="what to generate (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default %(default)s)")

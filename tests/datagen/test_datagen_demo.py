@@ -87,6 +87,19 @@ def test_demo_detail_writes_descriptions_and_caption_briefs(tmp_path, monkeypatc
         assert brief["conversations"][1]["value"] in captions[brief["id"]]
 
 
+def test_runs_as_is_into_outputs_datagen_demo(tmp_path, monkeypatch, capsys):
+    """`python -m fastllava.datagen.demo` with no arguments (the README's command) writes under the current
+    folder's outputs/datagen-demo, which its --help names."""
+    monkeypatch.delenv("FASTLLAVA_DATAGEN_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    written = [json.loads(line) for line in open(tmp_path / "outputs" / "datagen-demo" / "conversation.jsonl")]
+    assert len(written) == 8 and (tmp_path / "outputs" / "datagen-demo" / "images" / written[0]["image"]).is_file()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "default outputs/datagen-demo" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rule_based_answers_parse_for_every_kind(kind):
     context = "Two red circles.\n\nred circle: [0.1, 0.1, 0.4, 0.4]\nred circle: [0.6, 0.6, 0.9, 0.9]"
@@ -98,8 +111,7 @@ def test_rule_based_answers_parse_for_every_kind(kind):
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     for argv, message in ((["--out", str(tmp_path), "--images", "0"], "--images must be >= 1"),
-                          (["--out", str(tmp_path), "--kind", "poem"], "invalid choice"),
-                          ([], "--out")):
+                          (["--out", str(tmp_path), "--kind", "poem"], "invalid choice")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
