@@ -21,7 +21,7 @@ Each has a lecture (one sentence per kind) and a solution (the fact that answers
 
 `main` then: converts with QCM-LEA; trains stage 2 from the embedded demo's cached tower and random LLM
 (demo.run.prepare: its world, components and settings, the same `demo.*` overrides), with a tokenizer trained
-on this corpus (world.build_tokenizer: the LLM is at its random initialization, so any vocabulary that fits
+on this corpus (world.train_demo_tokenizer: the LLM is at its random initialization, so any vocabulary that fits
 serves; the demo world's own has no "(", ")", "B" or "C"); and evaluates the export with the paper's protocol
 (--sqa-format QCM-LEA), printing the score table next to the chance level of each column.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..extras import cli
-from .world import COLORS, DEFAULT_IMAGE_SIZES, POSITIONS, SHAPES, build_tokenizer, corpus_texts, describe, draw_scene
+from .world import COLORS, DEFAULT_IMAGE_SIZES, POSITIONS, SHAPES, corpus_texts, describe, draw_scene, train_demo_tokenizer
 
 KINDS = ("color", "shape", "count", "cell", "text", "word")
 COUNTS = ("1", "2", "3", "4")
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     entries = [e for name in ("train_QCM-LEA", "test_QCM-LEA", "test_CQM-A")
                for e in json.loads((data / "scienceqa" / f"llava_{name}.json").read_text())]
     tokenizer_dir = out / "tokenizer"
-    build_tokenizer(corpus_texts(entries), tokenizer_dir)
+    train_demo_tokenizer(corpus_texts(entries), tokenizer_dir)
 
     overrides = list(args.overrides) + ([] if any(o.startswith("logging.progress=") for o in args.overrides)
                                         else [f"logging.progress={str(not args.no_progress).lower()}"])

@@ -271,7 +271,7 @@ def corpus_texts(samples: Iterable[dict]) -> Iterable[str]:
                 yield "\n" + value
 
 
-def build_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 1000):
+def train_demo_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 1000):
     """Train a small BPE tokenizer on `texts` and save it to `out_dir` as a fast tokenizer.
 
     LLaMA-like: SentencePiece-style "▁" word prefixes (so decoding restores spaces exactly), BOS "<s>"
@@ -414,7 +414,7 @@ def make_demo_dataset(
         )
         for name, data in (("train.json", train), ("eval.json", evals), ("pretrain.json", pretrain)):
             (tmp / name).write_text(json.dumps(data))
-        build_tokenizer(corpus_texts(train + evals), tmp / "tokenizer")
+        train_demo_tokenizer(corpus_texts(train + evals), tmp / "tokenizer")
         (tmp / "COMPLETE.json").write_text(json.dumps(_fingerprint(**params)))
         _move_into_place(tmp, root, stale, params)
     finally:
