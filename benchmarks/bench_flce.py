@@ -8,8 +8,8 @@ ignored (prompt and image tokens), reduction "sum".
 Providers: triton (ours), eager (fused_linear_cross_entropy_reference), compile (torch.compile of it).
 Modes: fwd, fwd+bwd. Our Triton path computes the gradients inside its forward when they are needed,
 so its "fwd" time holds all the work and its backward only scales the stored gradients.
-FLOPs (extra_info["flops"]): the logits GEMM 2 T V D forward; fwd+bwd adds the two gradient GEMMs,
-6 T V D in all. On CUDA, extra_info["peak_extra_bytes"] shows what the op is for: eager keeps the
+FLOPs (extra_info["flops"]): fastllava.flops.linear_cross_entropy_flops: the logits GEMM 2 T V D
+forward; fwd+bwd adds the two gradient GEMMs, 6 T V D in all. On CUDA, extra_info["peak_extra_bytes"] shows what the op is for: eager keeps the
 (T, V) logits in bf16 and fp32 and their gradient.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastllava.flops import linear_cross_entropy_flops
 from fastllava.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 CUDA = torch.cuda.is_available()
@@ -49,6 +50,6 @@ def test_flce(measure, provider_fn, shape, provider, mode):
     def forward():
         return op(hidden, weight, labels)
     fn = forward if mode == "fwd" else (lambda: forward().backward())
-    flops = 2.0 * T * V * D * (1 if mode == "fwd" else 3)
+    flops = linear_cross_entropy_flops(T, D, V, gemms=1 if mode == "fwd" else 3)
     measure(fn, group=f"flce {shape} {mode}", flops=flops, grads_of=(hidden, weight), tokens=T, vocab=V, dim=D,
             dtype=str(DTYPE).split(".")[-1])

@@ -7,8 +7,8 @@ GPU: 16 and 64 images x 576 tokens, CLIP-L features (Din=1024) -> 4096 -> 4096 (
 Features frozen (no dx), weights trained: the stage-1 and stage-2 case.
 Providers: triton (ours), eager (fused_mlp_projector_reference), compile (torch.compile of that
 reference, static shapes). Modes: fwd, fwd+bwd.
-FLOPs (extra_info["flops"]): forward 2 N (Din Dh + Dh Dout); the backward without dx adds dA = dy w2,
-dW2 = dy^T a and dW1 = dh^T x: 2 N (2 Dh Dout + Din Dh).
+FLOPs (extra_info["flops"]): fastllava.flops.mlp_projector_flops, the op's own FLOP formula: forward
+2 N (Din Dh + Dh Dout); the backward without dx adds dA = dy w2, dW2 = dy^T a and dW1 = dh^T x.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastllava.flops import mlp_projector_flops
 from fastllava.ops.fused_mlp_projector import fused_mlp_projector, fused_mlp_projector_reference
 
 CUDA = torch.cuda.is_available()
@@ -40,9 +41,10 @@ def setup(n_tokens: int, din: int, dh: int, dtype=DTYPE, device=DEVICE):
     return x, [w1, b1, w2, b2], dy
 
 
-def projector_flops(n: int, din: int, dh: int, dout: int, mode: str) -> float:
-    fwd = 2.0 * n * (din * dh + dh * dout)
-    return fwd if mode == "fwd" else fwd + 2.0 * n * (2 * dh * dout + din * dh)
+def projector_flops(n: int, din: int, dh: int, mode: str) -> int:
+    """Frozen features: no dx GEMM in the backward."""
+    backward = ("da", "dw2", "dw1") if mode != "fwd" else ()
+    return mlp_projector_flops(n, din, dh, dh) + (mlp_projector_flops(n, din, dh, dh, backward=backward) if backward else 0)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -56,5 +58,5 @@ def test_projector(measure, provider_fn, shape, provider, mode):
     def forward():
         return op(x, *params)
     fn = forward if mode == "fwd" else (lambda: torch.autograd.backward(forward(), dy))
-    measure(fn, group=f"projector {shape} {mode}", flops=projector_flops(n, din, dh, dh, mode), grads_of=params,
+    measure(fn, group=f"projector {shape} {mode}", flops=projector_flops(n, din, dh, mode), grads_of=params,
             tokens=n, din=din, dh=dh, dout=dh, dtype=str(DTYPE).split(".")[-1])

@@ -5,6 +5,10 @@ Per optimizer step, following docs/training.md ("What you see") and the design n
                 4 N when it is frozen (stage 1: no weight-gradient GEMMs); N = non-embedding params
                 incl. the LM head. LoRA: 4 N + 6 r (in + out) per adapted layer (the adapters train).
   LLM attention causal forward 2 L d sum(l_i^2); backward twice the forward (both stages need dQ/dK/dV).
+                The convention (backward 2x, not the 2.5x a flash kernel executes) is written once, in
+                fastllava/ops/_library.py, and re-exported here: the ops' FlopCounterMode formulas, this
+                model and the benchmarks' TFLOP/s all count attention, the projector and the LM head
+                with those functions.
   vision tower  forward only when frozen: 2 N_vit per token + non-causal attention 4 L C S^2 per image,
                 S = patches (+ CLS) per image, only the layers that run, + the patch embedding
                 (2 x 3 p^2 C per patch); x3 when it trains (x2 for the patch embedding: no pixel grads).
@@ -19,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .model.config import LlavaConfig
+from .ops._library import ATTENTION_BACKWARD_FACTOR, attention_flops, linear_cross_entropy_flops, mlp_projector_flops
+
+__all__ = ["ATTENTION_BACKWARD_FACTOR", "FlopModel", "attention_flops", "linear_cross_entropy_flops",
+           "mlp_projector_flops", "pack_stats"]
 
 
 @dataclass
@@ -47,7 +55,9 @@ class FlopModel:
         llm_factor = 6 if stage == "finetune" and not adapters else 4
         if adapters:
             llm_factor += 6 * t.num_hidden_layers * lora.rank * sum(sum(shapes[n]) for n in lora.targets) / n_llm
-        attn = 3 * 2 * t.num_hidden_layers * q  # forward 2 L d l^2 (causal), backward 2x
+        # per unit of sum(l_i^2): forward (2 L d, causal) + backward, every layer
+        attn = t.num_hidden_layers * sum(attention_flops(t.num_attention_heads, t.attention_head_dim, 1, causal=True,
+                                                         backward=b) for b in (False, True))
 
         c = v.hidden_size
         vit_layers = config.num_vision_layers_run
@@ -64,7 +74,8 @@ class FlopModel:
             llm_attn_coeff=attn,
             # The patch embedding never needs an input gradient (pixels): x2, not x3, when it trains.
             vision_matmul_per_image=vit_factor * 2 * n_vit * s + (2 if unfreeze_vision else 1) * patch_embed,
-            vision_attn_per_image=vit_factor * 4 * vit_layers * c * s * s,
+            vision_attn_per_image=vit_factor * vit_layers * attention_flops(v.num_attention_heads, c // v.num_attention_heads,
+                                                                            s * s, causal=False),
             projector_per_image=proj_per_token * config.num_image_tokens,
         )
 

@@ -71,3 +71,47 @@ def host_list(x: torch.Tensor) -> list:
     """x.tolist() of a real tensor, also while a FakeTensorMode is active (which refuses it)."""
     with unset_fake_temporarily():
         return x.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP counts: the one convention. The ops' registered formulas, fastllava/flops.py (MFU, the planner)
+# and the benchmarks' TFLOP/s all call these, so one number means one thing everywhere.
+#
+# Useful FLOPs: 2 per multiply-add of the math the op computes. A backward counts the GEMMs autograd of
+# the plain math runs: attention's backward is twice its forward (dP = dO V^T, dV = P^T dO, dQ = dS K,
+# dK = dS^T Q: 4 matmuls against the forward's 2), which is what FlopCounterMode gives for autograd
+# through plain matmuls and what MFU divides (PaLM appendix B, nanoGPT). FlashAttention-style kernels
+# (ours, FA2) also recompute S = Q K^T in the backward, 5 matmuls, 2.5x: FA2's
+# benchmarks/benchmark_flash_attention.py counts that executed work ("bwd" 2.5 f, "fwd_bwd" 3.5 f), and
+# torch's sdpa_backward_flop_count does too. It is recomputation, like activation checkpointing, so it is
+# not counted here: a TFLOP/s of ours is 3/3.5 = 0.86x the FA2 convention's for a forward + backward.
+# Causal attention counts half of the l^2 query-key pairs (l^2 / 2, FA2's convention too).
+# ----------------------------------------------------------------------------------------------------
+
+ATTENTION_BACKWARD_FACTOR = 2
+
+
+def attention_flops(heads: int, head_dim: int, pairs: int, *, causal: bool, backward: bool = False) -> int:
+    """FLOPs of attention over `pairs` = sum_i q_len_i * k_len_i query-key pairs (sum_i l_i^2 for
+    self-attention on samples of lengths l_i; sum of cache lengths for one decode step), `heads` query
+    heads of `head_dim`: Q K^T and P V, 2 x 2 x head_dim per pair and head, halved when causal; the
+    backward ATTENTION_BACKWARD_FACTOR times that."""
+    forward = 4 * heads * head_dim * pairs // (2 if causal else 1)
+    return ATTENTION_BACKWARD_FACTOR * forward if backward else forward
+
+
+def mlp_projector_flops(tokens: int, din: int, dh: int, dout: int, *, backward: tuple = ()) -> int:
+    """Linear(din, dh) -> GELU -> Linear(dh, dout) on `tokens` rows: the forward's two GEMMs, or with
+    `backward` the GEMMs named in it: "da" (dy w2, the hidden's gradient), "dw2", "dw1", "dx"."""
+    if not backward:
+        return 2 * tokens * (din * dh + dh * dout)
+    sizes = {"da": dh * dout, "dw2": dh * dout, "dw1": din * dh, "dx": din * dh}
+    unknown = set(backward) - set(sizes)
+    assert not unknown, f"unknown projector GEMMs {unknown}"
+    return 2 * tokens * sum(sizes[g] for g in backward)
+
+
+def linear_cross_entropy_flops(tokens: int, dim: int, vocab: int, gemms: int = 1) -> int:
+    """The LM head's (tokens, dim) x (dim, vocab) GEMM `gemms` times: 1 for the logits, +1 for the hidden
+    states' gradient, +1 for the weight's."""
+    return 2 * tokens * dim * vocab * gemms

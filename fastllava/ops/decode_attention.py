@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..extras import require
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
-from ._library import custom_op, has_values, host_list
+from ._library import attention_flops, custom_op, has_values, host_list
 from .varlen_attention_kernels import LOG2E, _fwd_kv_step
 
 BACKENDS = ("triton", "torch", "flash_attn")
@@ -336,7 +336,7 @@ def _flops(q, k_cache, v_cache, slots, lengths, scale, backend, *, out_val=None)
     are unknown: every row is counted at the cache capacity L (an upper bound)."""
     B, Hq, D = q.shape
     total = sum(host_list(lengths)) if has_values(lengths) else B * k_cache.shape[1]
-    return 4 * total * Hq * D
+    return attention_flops(Hq, D, total, causal=False)
 
 
 # ----------------------------------------------------------------------------------------------------

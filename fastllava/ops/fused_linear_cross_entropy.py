@@ -23,7 +23,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
-from ._library import custom_op, has_values, no_tensor
+from ._library import custom_op, has_values, linear_cross_entropy_flops, no_tensor
 
 BACKENDS = ("torch", "triton")
 
@@ -259,7 +259,7 @@ def _flops(hidden_shape, weight_shape, labels_shape, ignore_index, reduction, ne
     each for dhidden and dweight). The torch backward's GEMMs are aten.mm calls, counted by torch."""
     (T, D), V = hidden_shape, weight_shape[0]
     grads = (need_dhidden + need_dweight) if backend == "triton" else 0
-    return 2 * T * D * V * (1 + grads)
+    return linear_cross_entropy_flops(T, D, V, 1 + grads)
 
 
 def _check_inputs(hidden, weight, labels, backend):

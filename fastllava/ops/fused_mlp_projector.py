@@ -25,7 +25,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
-from ._library import custom_op, no_tensor, or_none
+from ._library import custom_op, mlp_projector_flops, no_tensor, or_none
 
 BACKENDS = ("torch", "triton")
 
@@ -354,7 +354,7 @@ _projector_op.register_autograd(_backward, setup_context=_setup_context)
 @register_flop_formula(torch.ops.fastllava.fused_mlp_projector)
 def _forward_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, *args, out_shape=None, **kwargs):
     (n, din), (dh, dout) = x_shape, (w1_shape[0], w2_shape[0])
-    return 2 * n * din * dh + 2 * n * dh * dout
+    return mlp_projector_flops(n, din, dh, dout)
 
 
 @register_flop_formula(torch.ops.fastllava.fused_mlp_projector_backward)
@@ -364,7 +364,8 @@ def _backward_flops(dy_shape, x_shape, w1_shape, w2_shape, h_shape, needs, backe
     (n, din), dh, dout = x_shape, w1_shape[0], w2_shape[0]
     need_x, need_w1, need_b1, need_w2, _ = needs
     da = need_x or need_w1 or need_b1 or (need_w2 and backend == "triton")
-    return 2 * n * dh * (dout * (da + need_w2) + din * (need_w1 + need_x))
+    gemms = [g for g, run in (("da", da), ("dw2", need_w2), ("dw1", need_w1), ("dx", need_x)) if run]
+    return mlp_projector_flops(n, din, dh, dout, backward=tuple(gemms))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..extras import require
 from ._aot import TL_DTYPE_NAMES, KernelSpec
 from ._backend import new_output, pick_backend
-from ._library import custom_op, sum_sq_lengths
+from ._library import attention_flops, custom_op, sum_sq_lengths
 from .varlen_attention_kernels import (
     _varlen_bwd_delta_kernel,
     _varlen_bwd_dkdv_kernel,
@@ -323,22 +323,20 @@ def _backward(ctx, do, _dlse):
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention_flops(q_shape, cu_seqlens, max_seqlen, causal) -> int:
-    """Forward FLOPs of varlen attention, counted as fastllava/flops.py does: 2 matmuls of 2 Hq D l^2
-    per sample, halved when causal (2 Hq D sum(l_i^2), flops.py's `2 L d sum(l_i^2)` per layer); the
-    backward counts twice the forward, as flops.py does."""
-    T, Hq, D = q_shape
-    return (2 if causal else 4) * Hq * D * sum_sq_lengths(cu_seqlens, T, max_seqlen)
+def _op_flops(q, cu_seqlens, max_seqlen, causal, backward) -> int:
+    """In the one convention of _library.attention_flops (causal: half of sum_i l_i^2 pairs; backward 2x)."""
+    T, Hq, D = q.shape
+    return attention_flops(Hq, D, sum_sq_lengths(cu_seqlens, T, max_seqlen), causal=causal, backward=backward)
 
 
 @register_flop_formula(torch.ops.fastllava.varlen_attention, get_raw=True)
 def _forward_flops(q, k, v, cu_seqlens, max_seqlen, causal, scale, backend, *, out_val=None):
-    return attention_flops(q.shape, cu_seqlens, max_seqlen, causal)
+    return _op_flops(q, cu_seqlens, max_seqlen, causal, backward=False)
 
 
 @register_flop_formula(torch.ops.fastllava.varlen_attention_backward, get_raw=True)
 def _backward_flops(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, backend, *, out_val=None):
-    return 2 * attention_flops(q.shape, cu_seqlens, max_seqlen, causal)
+    return _op_flops(q, cu_seqlens, max_seqlen, causal, backward=True)
 
 
 # ----------------------------------------------------------------------------------------------------
