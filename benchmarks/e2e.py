@@ -1,11 +1,14 @@
 """End-to-end training throughput: fastllava against the reference LLaVA recipe, same device, same run.
 
-Both paths train the same model shape on the same synthetic samples (lengths drawn from the 665K mix
-or 558K caption profile, random tokens and pixels) for whole optimizer steps:
+Both paths train the same model shape on the same synthetic samples (fastllava.reference.make_samples:
+lengths drawn from the 665K mix or 558K caption profile, random tokens and pixels) for whole optimizer
+steps:
 
-- reference: transformers' LlavaForConditionalGeneration, SDPA attention, gradient checkpointing on,
-  per-device batches of 16 formed as LLaVA's modality-grouped length sampler forms them, right-padded
-  to the longest sample, AdamW;
+- reference: LLaVA's training step on transformers' LlavaForConditionalGeneration (fastllava/reference.py,
+  the same builder the FLOP audit counts): per-device batches of 16 formed as LLaVA's modality-grouped
+  length sampler forms them, right-padded to the longest sample, image features written into the
+  embeddings, gradient checkpointing on, FlashAttention-2 as LLaVA trains when flash-attn is installed
+  (SDPA otherwise; the report names which), AdamW;
 - fastllava: fastllava.Llava on packs planned by fastllava.data.packing.plan_steps, kernels chosen by
   `auto` (Triton on CUDA), no activation checkpointing, AdamW.
 
@@ -34,17 +37,13 @@ import torch
 
 from fastllava import Llava, LlavaConfig, PackedBatch
 from fastllava.data.packing import plan_steps
-from fastllava.data.profile import sample_lengths
-from fastllava.data.reference_sampler import reference_batches
+from fastllava.data.profile import STAGE_PROFILES
 from fastllava.flops import FlopModel
 from fastllava.hardware import peak_tflops
 from fastllava.plan import recipe_config
+from fastllava.reference import REFERENCE_DEVICE_BATCH, build_reference, make_samples, pad_batch, reference_loss, step_batches
 from fastllava.testing import tiny_config
 from fastllava.train.freeze import set_trainable
-
-IMAGE_TOKEN = 3
-PAD = 0
-REFERENCE_DEVICE_BATCH = 16
 
 
 @dataclass
@@ -59,43 +58,29 @@ def make_shape(name: str, layers: int | None) -> Shape:
     if name == "tiny":
         config = tiny_config(vision=dict(hidden_size=64, intermediate_size=128, image_size=56),
                              text=dict(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                       num_hidden_layers=layers or 2), image_token_id=IMAGE_TOKEN)
+                                       num_hidden_layers=layers or 2))
         return Shape(config, 256, 1024, 16)
     if name == "7b":
         config = recipe_config("llava-1.5-7b")
         text = replace(config.text, num_hidden_layers=layers or 4)
-        return Shape(replace(config, text=text, image_token_id=IMAGE_TOKEN), 2048, 16384, 128)
+        return Shape(replace(config, text=text), 2048, 16384, 128)
     raise ValueError(f"unknown shape {name!r}: tiny or 7b")
 
 
-def make_samples(shape: Shape, profile: str, n: int, seed: int) -> list[dict]:
-    """Samples of modelled lengths: BOS, the image (one token, expanded when packed), random text;
-    the last 40% of each sample carries a loss, like an answer."""
-    cfg = shape.config
-    lengths, has_image = sample_lengths(profile, n=n, seed=seed, num_image_tokens=cfg.num_image_tokens,
-                                        model_max_length=shape.max_length)
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for length, image in zip(lengths.tolist(), has_image.tolist()):
-        text = length - 1 - (cfg.num_image_tokens if image else 0)
-        ids = torch.cat([torch.tensor([1] + ([IMAGE_TOKEN] if image else [])),
-                         torch.randint(4, cfg.text.vocab_size, (max(text, 1),), generator=g)])
-        labels = ids.clone()
-        labels[: int(len(ids) * 0.6)] = -100
-        labels[ids == IMAGE_TOKEN] = -100
-        pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) if image else None
-        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels,
-                        "length": len(ids) + (cfg.num_image_tokens - 1 if image else 0)})
-    return samples
+def shape_samples(shape: Shape, stage: str, n: int, seed: int) -> list[dict]:
+    """`n` samples of the stage's profile at the shape's longest length (fastllava.reference.make_samples)."""
+    return make_samples(shape.config, STAGE_PROFILES[stage], n, seed, max_length=shape.max_length)
 
 
-def expanded(sample: dict, n_img: int) -> PackedBatch:
-    return PackedBatch.from_samples([sample], image_token_id=IMAGE_TOKEN, num_image_tokens=n_img)
-
-
-# The parts of transformers' LlavaForConditionalGeneration, for fastllava's one freezing rule.
-HF_PARTS = {"projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head"),
-            "vision": ("model.vision_tower",)}
+def reference_attention(device: torch.device) -> str:
+    """LLaVA trains with FlashAttention-2 (train_mem.py); where flash-attn cannot run, SDPA."""
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
 
 
 def sync(device):
@@ -110,39 +95,21 @@ class ReferencePath:
     name = "reference"
 
     def __init__(self, shape: Shape, stage: str, device: torch.device, dtype: torch.dtype):
-        from transformers import LlavaConfig as HFLlavaConfig
-        from transformers import LlavaForConditionalGeneration
-
-        hf_config = HFLlavaConfig.from_dict(shape.config.to_hf_llava())
         with torch.device(device):
-            self.model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.train()
-        set_trainable(self.model, stage, parts=HF_PARTS)
+            self.model = build_reference(shape.config, stage, attn_implementation=reference_attention(device),
+                                         dtype=dtype)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
         self.shape, self.device, self.dtype = shape, device, dtype
 
     def _micro(self, samples, accum):
         """One padded per-device batch; returns the tokens it computed (padding included)."""
-        seqs = [expanded(s, self.shape.config.num_image_tokens) for s in samples]
-        longest = max(s.num_tokens for s in seqs)
-        ids = torch.full((len(seqs), longest), PAD, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, : s.num_tokens], labels[row, : s.num_tokens], mask[row, : s.num_tokens] = s.input_ids, s.labels, 1
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        kwargs = {"pixel_values": torch.cat(pixels).to(self.device, self.dtype)} if pixels else {}
-        d = self.device
-        loss = self.model(input_ids=ids.to(d), attention_mask=mask.to(d), labels=labels.to(d), **kwargs).loss
-        (loss / accum).backward()
-        return len(seqs) * longest
+        batch = pad_batch(self.shape.config, samples).to(self.device, self.dtype)
+        (reference_loss(self.model, self.shape.config, batch) / accum).backward()
+        return batch.input_ids.numel()
 
     def steps(self, samples: list[dict]):
-        lengths = np.array([s["length"] for s in samples])
-        has_image = np.array([s["pixel_values"] is not None for s in samples])
-        batches = reference_batches(lengths, has_image, batch_size=REFERENCE_DEVICE_BATCH, world_size=1)
+        batches = step_batches(samples, world=1)
         accum = self.shape.global_batch // REFERENCE_DEVICE_BATCH
 
         def step(group):
@@ -172,7 +139,7 @@ class FastllavaPath:
         lengths = np.array([s["length"] for s in samples])
 
         def step(plan):
-            packs = [PackedBatch.from_samples([samples[i] for i in b], image_token_id=IMAGE_TOKEN,
+            packs = [PackedBatch.from_samples([samples[i] for i in b], image_token_id=self.shape.config.image_token_id,
                                               num_image_tokens=n_img) for b in plan.rank(0) if b]
             # The step's loss is normalized by its label tokens across all packs (as the trainer does).
             total_labels = sum(p.num_label_tokens() for p in packs)
@@ -249,21 +216,22 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "dtype": str(dtype).removeprefix("torch."),
+        "reference_attention": reference_attention(device),
         "shape": {"name": args.shape or ("7b" if device.type == "cuda" else "tiny"),
                   "decoder_layers": shape.config.text.num_hidden_layers, "hidden": shape.config.text.hidden_size,
                   "global_batch": shape.global_batch, "pack_tokens": shape.pack_tokens},
         "stages": {},
     }
     for stage in args.stages:
-        profile = "pretrain558k" if stage == "align" else "mix665k"
-        samples = make_samples(shape, profile, args.steps * shape.global_batch, seed=1)
-        warmup = make_samples(shape, profile, shape.global_batch, seed=2)
+        samples = shape_samples(shape, stage, args.steps * shape.global_batch, seed=1)
+        warmup = shape_samples(shape, stage, shape.global_batch, seed=2)
         results = {p.name: measure(p, shape, stage, samples, warmup, device, dtype, peak)
                    for p in (ReferencePath, FastllavaPath)}
         results["speedup"] = results["fastllava"]["real_tokens_per_s"] / results["reference"]["real_tokens_per_s"]
         report["stages"][stage] = results
 
-    print(f"device {report['device']}, {report['dtype']}, shape {report['shape']}")
+    print(f"device {report['device']}, {report['dtype']}, shape {report['shape']}, "
+          f"reference attention {report['reference_attention']}")
     print("| stage | path | real tok/s | samples/s | step s | computed/real tokens | MFU | peak mem GB |")
     print("|---|---|---|---|---|---|---|---|")
     for stage, results in report["stages"].items():

@@ -1,4 +1,5 @@
-"""Peak memory per rank and executed FLOPs of a recipe's optimizer step, measured without a GPU.
+"""Peak memory per rank of a recipe's optimizer step, measured without a GPU (the FLOP audit is
+fastllava/flop_audit.py).
 
 Memory (`estimate_memory`): the real `Llava` at the recipe's shape is built under FakeTensorMode (shapes,
 no values), frozen by `set_trainable`, wrapped by the trainer's own `parallelize` (activation checkpointing,
@@ -12,32 +13,23 @@ layers and extrapolates each phase exactly to the full depth (every layer adds t
 Byte counts do not depend on the device, so the plan runs on device "cpu"; fastllava's ops contribute
 what their fake implementations allocate (the GPU kernels' outputs and saved tensors). Not modelled: the
 CUDA caching allocator's fragmentation and the CUDA context / NCCL buffers (~1-3 GiB), hence the margin.
-
-FLOPs (`audit_flops`): one optimizer step of the stage's global batch under FlopCounterMode, for fastllava
-(its packs for all ranks, its checkpointing mode) and for the reference path (transformers'
-LlavaForConditionalGeneration, LLaVA's modality-grouped padded batches of 16, gradient checkpointing,
-full logits), on the same samples, against the useful FLOPs of fastllava/flops.py. Decoder layers are
-identical, so counts are exactly affine in the layer count: the audit runs 1 and 2 layers and extrapolates
-(exact, and 16-20x cheaper than the full depth).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from .batch import PackedBatch
-from .data.profile import sample_lengths
+from .data.profile import STAGE_PROFILES, sample_lengths
 from .model import Backends, Llava, LlavaConfig
+from .reference import make_sample
 
 CHECKPOINTING = ("none", "selective", "full")
 PACK_TOKENS = (2048, 4096, 8192, 16384)
-PROFILES = {"align": "pretrain558k", "finetune": "mix665k"}
-GLOBAL_BATCH = {"align": 256, "finetune": 128}
 # The order "fastest" follows: least recomputation first.
 RECOMPUTE_RANK = {"none": 0, "selective": 1, "full": 2}
 # The tracker's categories, in the order of the table.
@@ -68,19 +60,6 @@ class MemEstimate:
         return self.peak <= (1 - margin) * memory_gib * GiB
 
 
-def _sample(config: LlavaConfig, text: int, image: bool, g: torch.Generator) -> dict:
-    """A training sample of `text` random text tokens (plus one image token and zero pixels if `image`),
-    the second half labelled."""
-    ids = torch.randint(4, min(config.text.vocab_size, config.image_token_id), (text,), generator=g)
-    if image:
-        ids = torch.cat([ids[:1], torch.tensor([config.image_token_id]), ids[1:]])
-    labels = ids.clone()
-    labels[: len(ids) // 2] = -100
-    labels[ids == config.image_token_id] = -100
-    size = config.vision.image_size
-    return {"input_ids": ids, "labels": labels, "pixel_values": torch.zeros(1, 3, size, size) if image else None}
-
-
 def full_pack(config: LlavaConfig, profile: str, max_tokens: int, seed: int = 0) -> PackedBatch:
     """A pack of exactly `max_tokens` tokens: samples drawn from `profile` in order while they fit, the
     remainder closed by one text sample (a full pack is the worst case a rank sees). Host-side tensors."""
@@ -95,7 +74,7 @@ def full_pack(config: LlavaConfig, profile: str, max_tokens: int, seed: int = 0)
     if max_tokens - total >= 2:
         chosen.append((max_tokens - total, False))
     g = torch.Generator().manual_seed(seed)
-    samples = [_sample(config, length - (n_img if image else 0), image, g) for length, image in chosen]
+    samples = [make_sample(config, length, image, g) for length, image in chosen]
     return PackedBatch.from_samples(samples, image_token_id=config.image_token_id, num_image_tokens=n_img)
 
 
@@ -194,13 +173,13 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
     pcfg = ParallelConfig(activation_checkpointing=checkpointing, param_dtype="bfloat16", replicate=replicate)
     device = torch.device(device)
     on_gpu = device.type == "cuda" and not fake
-    pack_fn = pack_fn or (lambda t: full_pack(config, PROFILES[stage], t))
+    pack_fn = pack_fn or (lambda t: full_pack(config, STAGE_PROFILES[stage], t))
     packs = {t: pack_fn(t).to(device) for t in max_tokens_list}  # made outside the fake mode
     labels = {t: max(p.num_label_tokens(), 1) for t, p in packs.items()}
     # The mesh outside the fake mode (init_device_mesh reads values); parallelize then uses it.
     mesh = device_mesh(pcfg, device)
     out = []
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else _Null()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     start = time.perf_counter()
     with mode:
         # One model per call; each pack size gets its own tracker, which counts what exists when it starts.
@@ -210,12 +189,7 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
         if lora_rank:  # LLaVA's alpha = 2 r and dropout 0.05 (dropout keeps its masks and outputs for backward)
             apply_lora(model, lora_rank, 2.0 * lora_rank, dropout=0.05)
         set_trainable(model, stage)
-        # Module.to() of fake parameters would swap tensors, which FakeTensorMode's weak references forbid;
-        # they are on the planning device already.
-        model.to = lambda *a, **k: model
-        with _mesh_of(mesh):
-            parallelize(model, pcfg, device, stage=stage)
-        del model.to
+        parallelize(model, pcfg, device, stage=stage, mesh=mesh)
         optimizer = build_optimizer(model, OptimConfig())
         for i, t in enumerate(max_tokens_list):
             cuda_peaks = [] if on_gpu else None
@@ -225,27 +199,6 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
             out.append(_from_phases(stage, t, checkpointing, replicate, phases, now - start, cuda_peaks))
             start = now
     return out
-
-
-@contextmanager
-def _mesh_of(mesh):
-    """parallelize() with a mesh made beforehand, outside FakeTensorMode."""
-    from .train import distributed
-
-    made = distributed.device_mesh
-    distributed.device_mesh = lambda cfg, device: mesh
-    try:
-        yield
-    finally:
-        distributed.device_mesh = made
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def estimate_memory_scaled(config: LlavaConfig, stage: str, max_tokens_list, checkpointing: str, *,
@@ -320,160 +273,3 @@ def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: f
                 lines.append(f"  {name} ({gib:g} GiB): {named(choose(estimates, gib, margin))}")
             lines.append("")
     return "\n".join(lines), chosen
-
-
-# --- FLOP audit ---------------------------------------------------------------------------------
-
-
-def _profile_samples(config: LlavaConfig, profile: str, n: int, seed: int) -> list[dict]:
-    """`n` samples of the stage's length profile (random ids, one image token per image, zero pixels)."""
-    n_img = config.num_image_tokens
-    lengths, has_image = sample_lengths(profile, n=n, seed=seed, num_image_tokens=n_img, model_max_length=2048)
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for length, image in zip(lengths.tolist(), has_image.tolist()):
-        sample = _sample(config, max(length - (n_img if image else 0), 2), image, g)
-        samples.append({**sample, "length": len(sample["input_ids"]) + (n_img - 1 if image else 0)})
-    return samples
-
-
-def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
-def _count(fn) -> int:
-    """FlopCounterMode's total for fn(). torch has no formula for the CPU flash-attention op that SDPA
-    picks on this planning device (the vision tower's attention, and the reference's LLM attention);
-    it is counted analytically with torch's own SDPA formulas (full s_q x s_k: no causal discount, as a
-    padded batch's masked attention executes on the GPU)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _fastllava_flops(config, stage, samples, packs, checkpointing) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .train.distributed import apply_activation_checkpointing
-    from .train.freeze import set_trainable
-
-    labels = max(sum(p.num_label_tokens() for p in packs), 1)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = Llava(config, Backends(attention="torch", projector="torch", merge="torch", loss="torch"))
-        set_trainable(model, stage)
-        if checkpointing != "none":
-            layers = model.language_model.layers
-            for i, block in enumerate(layers):
-                layers[i] = apply_activation_checkpointing(block, checkpointing)
-
-        def step():
-            for pack in packs:
-                (model(pack).loss_sum / labels).backward()
-        return _count(step)
-
-
-def _reference_flops(config, stage, samples, batches) -> int:
-    """transformers' Llava, gradient checkpointing, padded batches; image features fed as embeddings (its
-    masked_scatter merge checks counts by value, which fake tensors cannot): the vision tower and projector
-    run through the model's own get_image_features, the scatter is an index_put at host-known positions."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import LlavaConfig as HFLlavaConfig
-    from transformers import LlavaForConditionalGeneration
-
-    from .train.freeze import set_trainable
-
-    parts = {"projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head"),
-             "vision": ("model.vision_tower",)}
-    inputs = []
-    for b in batches:
-        seqs = [PackedBatch.from_samples([samples[i]], image_token_id=config.image_token_id,
-                                         num_image_tokens=config.num_image_tokens) for i in b]
-        longest = max(s.num_tokens for s in seqs)
-        ids = torch.zeros((len(seqs), longest), dtype=torch.long)
-        lab, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, : s.num_tokens], lab[row, : s.num_tokens], mask[row, : s.num_tokens] = s.input_ids, s.labels, 1
-        pixels = [samples[i]["pixel_values"] for i in b if samples[i]["pixel_values"] is not None]
-        where = (ids == config.image_token_id).nonzero(as_tuple=True)
-        inputs.append((ids.clamp(max=config.text.vocab_size - 1), lab, mask, torch.cat(pixels) if pixels else None,
-                       where))
-    hf_config = HFLlavaConfig.from_dict(config.to_hf_llava())
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        set_trainable(model, stage, parts=parts)
-
-        def step():
-            for ids, lab, mask, pixels, where in inputs:
-                embeds = model.get_input_embeddings()(ids)
-                if pixels is not None:
-                    feats = model.model.get_image_features(pixel_values=pixels,
-                                                           vision_feature_layer=config.vision_feature_layer,
-                                                           vision_feature_select_strategy="default")
-                    feats = getattr(feats, "pooler_output", feats)  # transformers 5: projected features here
-                    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-                    embeds = embeds.index_put(where, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-                loss = model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
-                (loss / len(inputs)).backward()
-        return _count(step)
-
-
-@dataclass
-class FlopAudit:
-    stage: str
-    useful: float  # FlopModel's FLOPs of the step's samples
-    fastllava: float  # executed, FlopCounterMode
-    reference: float
-    images: int = 0  # images in the step
-
-    def ratios(self) -> tuple[float, float]:
-        return self.fastllava / self.useful, self.reference / self.useful
-
-
-def audit_flops(config: LlavaConfig, stage: str, *, world: int = 8, max_tokens: int = 8192,
-                checkpointing: str = "selective", global_batch: int | None = None, seed: int = 0,
-                depths: tuple[int, int] = (1, 2)) -> FlopAudit:
-    """Executed FLOPs of one optimizer step (all ranks) of both paths on the same samples, and the useful
-    FLOPs; counts at two decoder depths a < b extrapolated exactly to the config's depth (affine in L)."""
-    from .data.packing import plan_steps
-    from .data.reference_sampler import reference_batches
-    from .flops import FlopModel
-
-    n = global_batch or GLOBAL_BATCH[stage]
-    samples = _profile_samples(config, PROFILES[stage], n, seed)
-    lengths = np.array([s["length"] for s in samples])
-    has_image = np.array([s["pixel_values"] is not None for s in samples])
-    plan = plan_steps(lengths, n, max_tokens, num_ranks=world, seed=seed)[0]
-    packs = [PackedBatch.from_samples([samples[i] for i in b], image_token_id=config.image_token_id,
-                                      num_image_tokens=config.num_image_tokens)
-             for r in range(world) for b in plan.rank(r) if b]
-    batches = reference_batches(lengths, has_image, batch_size=16, world_size=world, seed=seed)
-    stepped = set(np.concatenate([np.asarray(b) for b in batches]).tolist())
-    assert stepped == set(range(n)), "the reference's step must hold the same samples"
-    L = config.text.num_hidden_layers
-    counts = []
-    for d in (depths if L > depths[1] else (L,)):
-        c = replace(config, text=replace(config.text, num_hidden_layers=d))
-        counts.append((_fastllava_flops(c, stage, samples, packs, checkpointing), _reference_flops(c, stage, samples, batches)))
-    if len(counts) == 2:
-        (fa, ra), (fb, rb) = counts
-        a, b = depths
-        counts = [(fa + (L - a) * (fb - fa) / (b - a), ra + (L - a) * (rb - ra) / (b - a))]
-    (fast, ref), = counts
-    useful = FlopModel.build(config, stage).flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()),
-                                                  int(has_image.sum()))
-    return FlopAudit(stage, useful, fast, ref, int(has_image.sum()))

@@ -6,11 +6,13 @@ divided by what the GPUs deliver at a measured or assumed MFU, beside the paper'
 
     python -m fastllava.plan --flops --recipe llava-1.5-7b --gpus 8 --gpu A100-80G
 
---flops counts the FLOPs one optimizer step executes (FlopCounterMode under fake tensors) for fastllava
-and for the reference path on the same samples, and projects both stages' wall clock from the executed
-FLOPs at one hardware FLOP rate (peak x --mfu) for both paths. --memory measures the peak memory per rank of every candidate (pack size x activation checkpointing) by
-running the real model's optimizer step under fake tensors (fastllava/memplan.py) and names the fastest
-configuration that fits.
+--flops counts the FLOPs one optimizer step executes (FlopCounterMode under fake tensors,
+fastllava/flop_audit.py) for fastllava and for the reference as LLaVA trains (FlashAttention-2, padded
+batches of 16, gradient checkpointing) on the same samples, projects both stages' wall clock from the
+executed FLOPs at one hardware FLOP rate (peak x --mfu) for both paths, and splits the reference's
+overhead into what padding, full-length logits and recomputation add. --memory measures the peak memory
+per rank of every candidate (pack size x activation checkpointing) by running the real model's optimizer
+step under fake tensors (fastllava/memplan.py) and names the fastest configuration that fits.
 
 FLOPs are counted exactly as the trainer counts them for MFU (fastllava/flops.py), per sample of the
 modelled length profiles (fastllava.data.profile); peaks come from fastllava/hardware.py. With packing there is no padding, so
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.profile import sample_lengths
+from .data.profile import STAGE_PROFILES, sample_lengths
 from .data.reference_sampler import padding_efficiency, reference_batches
 from .flops import FlopModel
 from .hardware import BY_NAME, GPUS
@@ -41,7 +43,7 @@ VICUNA = {
 }
 # LLaVA-1.5 paper (Improved Baselines), 8x A100: stage 1 + stage 2 hours.
 PAPER_HOURS = {"llava-1.5-7b": (3.5, 10.0), "llava-1.5-13b": (5.5, 20.0)}
-STAGES = (("align", "pretrain558k"), ("finetune", "mix665k"))
+STAGES = tuple(STAGE_PROFILES.items())  # (stage, its data profile), in training order
 # Assumed MFU when nothing was measured: a placeholder until benchmarks/e2e.py runs on the target GPU.
 DEFAULT_MFU = 0.40
 
@@ -143,31 +145,37 @@ def main(argv=None) -> None:
     print(format_table(args.recipe, args.gpus, args.gpu, plan(args.recipe, args.gpus, args.gpu, mfu), source))
 
 
-# The recipes' pack sizes and checkpointing (recipes/configs/*.yaml): what --flops audits by default.
-RECIPE_PACK = {"align": 16384, "finetune": 8192}
+# The recipes' data.max_tokens_per_pack per stage (recipes/configs/llava15_*_{pretrain,finetune}.yaml, all
+# with activation checkpointing none): what --flops audits by default.
+RECIPE_PACK = {"llava-1.5-7b": {"align": 8192, "finetune": 8192}, "llava-1.5-13b": {"align": 8192, "finetune": 4096}}
 
 
 def _flops(parser, args) -> None:
-    from . import memplan
+    from .flop_audit import audit_flops, format_breakdown
 
     if args.gpus < 1 or args.mfu is not None and not 0 < args.mfu <= 1:
         parser.error(f"--gpus must be >= 1 and --mfu in (0, 1]; got {args.gpus} and {args.mfu}")
     mfu = args.mfu or DEFAULT_MFU
-    mode = (args.checkpointing or ["selective"])[0]
+    mode = (args.checkpointing or ["none"])[0]
     config = recipe_config(args.recipe)
     stages = {s.stage: s for s in plan(args.recipe, args.gpus, args.gpu, {st: mfu for st, _ in STAGES})}
     print(f"{args.recipe} on {args.gpus}x {args.gpu}: one optimizer step under FlopCounterMode (fake tensors), "
-          f"fastllava with activation checkpointing {mode}; wall clock = executed FLOPs / (GPUs x peak x {mfu:.2f})\n")
+          f"fastllava with activation checkpointing {mode}, the reference as LLaVA trains (FlashAttention-2, "
+          f"gradient checkpointing); wall clock = executed FLOPs / (GPUs x peak x {mfu:.2f})\n")
     print("| stage | useful TFLOP/step | fastllava executed / useful | reference executed / useful "
           "| fastllava projected | reference projected |")
     print("|---|---|---|---|---|---|")
+    audits = []
     for stage in args.stages:
-        pack = (args.pack_tokens or [RECIPE_PACK[stage]])[0]
-        audit = memplan.audit_flops(config, stage, world=args.gpus, max_tokens=pack, checkpointing=mode)
+        pack = (args.pack_tokens or [RECIPE_PACK[args.recipe][stage]])[0]
+        audit = audit_flops(config, stage, world=args.gpus, max_tokens=pack, checkpointing=mode)
+        audits.append(audit)
         fast, ref = audit.ratios()
         hours = stages[stage].hours  # useful FLOPs at the MFU; executed = useful x ratio at the same rate
         print(f"| {stage} | {audit.useful / 1e12:,.0f} | {fast:.3f} | {ref:.3f} | {hours * fast:.2f} h "
-              f"| {hours * ref:.2f} h |")
+              f"| {hours * ref:.2f} h |", flush=True)
+    print("\nWhere the reference's FLOPs go (each line: what one of its choices adds, x useful):\n")
+    print(format_breakdown(audits))
 
 
 def _memory(parser, args) -> None:

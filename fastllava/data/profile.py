@@ -76,6 +76,9 @@ PRETRAIN558K = (
 )
 
 PROFILES = {"mix665k": (MIX665K, SYSTEM_TOKENS, ROUND_OVERHEAD), "pretrain558k": (PRETRAIN558K, 1, 1)}
+# The data each LLaVA-1.5 training stage runs on: stage 1 (align) the 558K captions, stage 2 (finetune) the
+# 665K instruction mix. The planner, the memory and FLOP plans and benchmarks/e2e.py read it from here.
+STAGE_PROFILES = {"align": "pretrain558k", "finetune": "mix665k"}
 
 
 def _proportional_counts(counts: np.ndarray, n: int) -> np.ndarray:

@@ -133,18 +133,25 @@ def device_mesh(cfg: ParallelConfig, device: torch.device):
     return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, stage: str) -> nn.Module:
+def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, stage: str,
+                mesh=None) -> nn.Module:
     """Checkpointing -> compile -> fully_shard, in place. Returns the (same) model, now an FSDPModule.
 
     Decoder blocks are each one FSDP unit (all-gather one block at a time, overlapped with compute);
     the vision tower's blocks too; the root unit holds the rest (embeddings, projector, norm, head).
+    mesh: the DeviceMesh to shard over; default `device_mesh(cfg, device)`. The memory planner passes
+    one made outside its FakeTensorMode (making a mesh reads values).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = device_mesh(cfg, device)
+    mesh = mesh if mesh is not None else device_mesh(cfg, device)
     param_dtype = _resolve_param_dtype(cfg, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, cfg.reduce_dtype))
-    if not next(model.parameters()).is_meta:  # a meta model (sharded loading) is materialized after sharding
+    # A meta model (sharded loading) is materialized after sharding. Moving only what is elsewhere also
+    # leaves fake parameters (the memory planner's, already on its device) alone: Module.to would swap
+    # them, which FakeTensorMode forbids.
+    tensors = (*model.parameters(), *model.buffers())
+    if not tensors[0].is_meta and any(t.device != device for t in tensors):
         model.to(device)
     if lora_modules(model):
         # LoRA: the frozen base is only ever read in the compute dtype, so it is stored in it (half the

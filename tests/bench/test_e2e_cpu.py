@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastllava import PackedBatch
 from fastllava.data.reference_sampler import reference_batches
 
 E2E = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
@@ -28,13 +29,15 @@ def test_tiny_shape_both_stages(e2e, tmp_path, capsys):
     out = tmp_path / "e2e.json"
     report = e2e.main(["--steps", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert report["device"] == "cpu" and report["shape"]["name"] == "tiny"
+    assert report["device"] == "cpu" and report["shape"]["name"] == "tiny" and report["reference_attention"] == "sdpa"
     shape = e2e.make_shape("tiny", None)
-    for stage, profile in (("align", "pretrain558k"), ("finetune", "mix665k")):
+    cfg = shape.config
+    for stage in ("align", "finetune"):
         ref, ours = report["stages"][stage]["reference"], report["stages"][stage]["fastllava"]
         # The samples main() timed (seed 1, one step), measured here by packing each alone.
-        samples = e2e.make_samples(shape, profile, shape.global_batch, seed=1)
-        lengths = np.array([e2e.expanded(s, shape.config.num_image_tokens).num_tokens for s in samples])
+        samples = e2e.shape_samples(shape, stage, shape.global_batch, seed=1)
+        lengths = np.array([PackedBatch.from_samples([s], image_token_id=cfg.image_token_id,
+                                                     num_image_tokens=cfg.num_image_tokens).num_tokens for s in samples])
         has_image = np.array([s["pixel_values"] is not None for s in samples])
         assert ref["real_tokens"] == ours["real_tokens"] == lengths.sum()
         assert ours["computed_tokens"] == lengths.sum()  # packs carry no padding

@@ -1,5 +1,6 @@
 """The memory plan (fastllava/memplan.py) and its command line: the fake-tensor estimate is the tracker's
-figure on real CPU tensors, extrapolation in depth is exact, and the CLI rejects bad arguments."""
+figure on real CPU tensors, extrapolation in depth is exact, and the CLI rejects bad arguments. The FLOP
+audit is tests/plan/test_flop_audit.py."""
 
 import subprocess
 import sys
@@ -73,14 +74,3 @@ def test_cli_help_and_bad_arguments():
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code != 0
-
-
-def test_flop_audit_at_a_tiny_shape():
-    """One optimizer step of both paths on the same samples: fastllava executes exactly the useful FLOPs,
-    the reference's padded batches, gradient-checkpoint recomputation and full logits execute more."""
-    from fastllava.memplan import audit_flops
-
-    cfg = tiny_config()
-    audit = audit_flops(cfg, "finetune", world=2, max_tokens=2048, checkpointing="none", global_batch=32)
-    assert audit.fastllava == pytest.approx(audit.useful, rel=1e-9)  # no checkpointing: nothing recomputed
-    assert audit.reference > 1.5 * audit.fastllava

@@ -1,0 +1,138 @@
+"""The reference every comparison runs against: LLaVA-1.5's training step as LLaVA's code runs it, here on
+transformers' LlavaForConditionalGeneration, and the synthetic samples both paths train on. The FLOP
+audit (fastllava/flop_audit.py, fake tensors) and benchmarks/e2e.py (timed) both build it from here.
+
+What LLaVA does (llava/train/train.py, train_mem.py, llava/model/llava_arch.py, scripts/v1_5/*.sh):
+- per-device batches of 16 from its modality-grouped length sampler (fastllava/data/reference_sampler.py),
+  each right-padded to its longest sample, with an attention mask;
+- the image features computed first and written into the text embeddings
+  (prepare_inputs_labels_for_multimodal); the LLM then runs on those embeddings. The tower runs under
+  no_grad (CLIPVisionTower.forward), all its layers, and the second-to-last one's patch features
+  (mm_vision_select_layer -2, CLS dropped) go through the projector. Here: the model's own tower and
+  projector, then an index_put at the image placeholders (which also keeps transformers' masked_scatter
+  merge, whose count check reads values, out of a fake-tensor run);
+- gradient checkpointing on every decoder layer (--gradient_checkpointing True). transformers'
+  non-reentrant checkpoint (its default today) stops recomputing a layer once the backward has what it
+  needs, so each layer's last GEMM (down_proj) is not recomputed; LLaVA's pinned transformers 4.37 used
+  the reentrant one, which recomputes it too;
+- attention by FlashAttention-2 (train_mem.py: attn_implementation="flash_attention_2"): transformers
+  unpads the batch and runs causal varlen attention on the real tokens; every linear layer and the LM
+  head still run on the padding;
+- logits and the loss over every position of the padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import PackedBatch
+from .data.profile import sample_lengths
+from .data.reference_sampler import reference_batches
+from .model import LlavaConfig
+
+REFERENCE_DEVICE_BATCH = 16  # LLaVA-1.5's per_device_train_batch_size (scripts/v1_5/finetune.sh, 8 GPUs)
+# The parts of transformers' LlavaForConditionalGeneration, for fastllava's one freezing rule.
+HF_PARTS = {"projector": ("model.multi_modal_projector",), "llm": ("model.language_model", "lm_head"),
+            "vision": ("model.vision_tower",)}
+# The labelled share of every synthetic sample (its tail, as an answer). It changes no FLOP count and no
+# GEMM: both paths run the LM head on every position, only the loss's normalization sees it.
+LABEL_FRACTION = 0.4
+BOS = 1
+
+
+def make_sample(config: LlavaConfig, length: int, image: bool, g: torch.Generator) -> dict:
+    """A training sample of `length` tokens once its image is expanded: BOS, the image token if `image`,
+    random text ids (never the image token), the last LABEL_FRACTION labelled, random pixels.
+    Returns {"input_ids", "labels", "pixel_values" (1, 3, S, S) or None, "length"}."""
+    n_img = config.num_image_tokens if image else 0
+    text = torch.randint(4, config.text.vocab_size - 1, (max(length - 1 - n_img, 1),), generator=g)
+    text += (text >= config.image_token_id).long()  # skip the image token's id
+    ids = torch.cat([torch.tensor([BOS] + ([config.image_token_id] if image else [])), text])
+    labels = ids.clone()
+    labels[: len(ids) - int(len(ids) * LABEL_FRACTION)] = -100
+    labels[ids == config.image_token_id] = -100
+    size = config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=g) if image else None
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "length": len(ids) + max(n_img - 1, 0)}
+
+
+def make_samples(config: LlavaConfig, profile: str, n: int, seed: int, max_length: int = 2048) -> list[dict]:
+    """`n` samples with lengths drawn from `profile` (fastllava.data.profile), truncated to max_length."""
+    lengths, has_image = sample_lengths(profile, n=n, seed=seed, num_image_tokens=config.num_image_tokens,
+                                        model_max_length=max_length)
+    g = torch.Generator().manual_seed(seed)
+    return [make_sample(config, length, image, g) for length, image in zip(lengths.tolist(), has_image.tolist())]
+
+
+def step_batches(samples: list[dict], world: int, seed: int = 0) -> list[np.ndarray]:
+    """The reference's per-device batches of `samples` (indices), in the order LLaVA's sampler deals
+    them to `world` ranks: batches k*world .. (k+1)*world - 1 run as one step."""
+    lengths = np.array([s["length"] for s in samples])
+    has_image = np.array([s["pixel_values"] is not None for s in samples])
+    return reference_batches(lengths, has_image, batch_size=REFERENCE_DEVICE_BATCH, world_size=world, seed=seed)
+
+
+@dataclass
+class PaddedBatch:
+    """One per-device batch of B samples right-padded to the longest, S tokens, images expanded."""
+
+    input_ids: torch.Tensor  # (B, S) int64, 0 in the padding
+    labels: torch.Tensor  # (B, S) int64, -100 in the padding
+    attention_mask: torch.Tensor  # (B, S) int64, 1 on real tokens
+    pixel_values: torch.Tensor | None  # (N, 3, H, W), the batch's images in order
+    image_positions: tuple[torch.Tensor, torch.Tensor]  # (rows, columns) of the N x num_image_tokens placeholders
+    lengths: list[int]  # real tokens per row
+
+    def to(self, device, dtype=None) -> "PaddedBatch":
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device, dtype)
+        return PaddedBatch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), pixels,
+                           tuple(i.to(device) for i in self.image_positions), self.lengths)
+
+
+def pad_batch(config: LlavaConfig, samples: list[dict]) -> PaddedBatch:
+    """`samples` (make_sample's) as LLaVA batches them: each expanded, right-padded to the longest."""
+    seqs = [PackedBatch.from_samples([s], image_token_id=config.image_token_id,
+                                     num_image_tokens=config.num_image_tokens) for s in samples]
+    longest = max(s.num_tokens for s in seqs)
+    ids = torch.zeros((len(seqs), longest), dtype=torch.long)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, : s.num_tokens], labels[row, : s.num_tokens], mask[row, : s.num_tokens] = s.input_ids, s.labels, 1
+    pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    where = (ids == config.image_token_id).nonzero(as_tuple=True)
+    return PaddedBatch(ids, labels, mask, torch.cat(pixels) if pixels else None, where,
+                       [s.num_tokens for s in seqs])
+
+
+def build_reference(config: LlavaConfig, stage: str, *, attn_implementation="sdpa", checkpointing: bool = True,
+                    dtype: torch.dtype | None = None):
+    """transformers' LlavaForConditionalGeneration at `config`'s shape, random weights, frozen as `stage`
+    trains it, gradient checkpointing on (LLaVA's recipe; off only to measure what it costs). Built on
+    the current default device (a `with torch.device(...)` or a FakeTensorMode around the call)."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    from .train.freeze import set_trainable
+
+    hf_config = HFLlavaConfig.from_dict(config.to_hf_llava())
+    model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    set_trainable(model, stage, parts=HF_PARTS)
+    return model
+
+
+def reference_loss(model, config: LlavaConfig, batch: PaddedBatch) -> torch.Tensor:
+    """The batch's mean loss over its label tokens, as LLaVA's forward computes it: image features
+    written into the text embeddings, the LLM and the LM head over the padded batch."""
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    if batch.pixel_values is not None:
+        with torch.no_grad():  # LLaVA's CLIPVisionTower.forward
+            tower = model.model.vision_tower(batch.pixel_values.to(embeds.dtype), output_hidden_states=True)
+        feats = model.model.multi_modal_projector(tower.hidden_states[config.vision_feature_layer][:, 1:])
+        embeds = embeds.index_put(batch.image_positions, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False).loss
