@@ -52,9 +52,8 @@ def test_steps_invariants(backend, num_ranks, global_batch, max_tokens):
     assert stats["micro_balance_mean"] > 0.9, stats
 
 
+@needs_cpp
 def test_cpp_equals_python_reference():
-    if packing._packing is None:
-        pytest.skip("fastllava._packing not built")
     rng = np.random.default_rng(1)
     for trial in range(40):
         max_tokens = int(rng.integers(20, 5000))
@@ -138,9 +137,8 @@ def test_plan_packs_deterministic_and_seed_dependent(backend):
     assert not np.array_equal(a.samples, c.samples) and not np.array_equal(a.samples, d.samples)
 
 
+@needs_cpp
 def test_pack_cpp_equals_python_reference():
-    if packing._packing is None:
-        pytest.skip("fastllava._packing not built")
     rng = np.random.default_rng(2)
     for trial in range(150):
         max_tokens = int(rng.integers(1, 5000))

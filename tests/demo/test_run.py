@@ -76,6 +76,7 @@ def test_overrides_the_demo_cannot_honour_are_errors(override):
         prepare([override], "finetune")
 
 
+@pytest.mark.slow
 def test_recipe_command_line_errors_and_help():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bad = subprocess.run([sys.executable, "recipes/finetune.py", "data.data_path=/nonexistent.json"], cwd=ROOT,

@@ -66,6 +66,7 @@ def shape_probe(tower, pixels, labels, n_fit):
     return (guess == labels[n_fit:]).float().mean().item()
 
 
+@pytest.mark.slow
 def test_pretraining_teaches_the_tower_what_captions_name(demo):
     tok = load_tokenizer(str(demo.tokenizer_dir))
     data = contrastive.load_captioned_images(str(demo.pretrain_json), str(demo.image_folder), tok,

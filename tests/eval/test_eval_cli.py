@@ -69,6 +69,7 @@ def test_answers_are_llava_prompts_decoded_greedily(llava_dir, tmp_path):
     assert _answers(out)[0]["text"] == tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_writes(llava_dir, tmp_path):
     data = layout_vqa.make_pope(tmp_path / "data")
     assert _run("pope", llava_dir, data, tmp_path / "one") == 0

@@ -85,6 +85,7 @@ def test_cached_logits_equal_full_recompute():
         assert err <= 1e-5, f"prompt {i}: cached vs recomputed logits differ by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_batch_invariance_alone_batched_any_order():
     model = tiny_model(tiny_config(text={"num_key_value_heads": 2}))
     prompts = _prompts(64, seed=3)

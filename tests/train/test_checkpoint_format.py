@@ -205,6 +205,7 @@ def test_save_load_exact_one_process(tmp_path, monkeypatch):
     assert (tmp_path / "ok_world1").is_file()
 
 
+@pytest.mark.slow
 def test_save_load_exact_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(

@@ -106,6 +106,7 @@ def two_ranks(tmp_path_factory):
     return out, [torch.load(out / f"results_{r}.pt", weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_every_rank_shard_equals_the_full_load_and_trains_the_same(two_ranks):
     _, ranks = two_ranks
     for r in ranks:
@@ -125,6 +126,7 @@ def test_every_rank_shard_equals_the_full_load_and_trains_the_same(two_ranks):
         assert r["export_state_keys"] == (r["rank"] == 0), r["rank"]
 
 
+@pytest.mark.slow
 def test_broken_checkpoints_raise_the_full_loaders_errors(two_ranks):
     from fastllava.config import load_config
     from fastllava.data.tokenize import TokenizerIds

@@ -65,6 +65,7 @@ print("interrupted", r.interrupted, r.checkpoint, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     # A progress line per step (stdout is a pipe, not a terminal): the test waits for step 2 in the log.

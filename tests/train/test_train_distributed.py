@@ -51,6 +51,7 @@ def _assert_same_run(one: dict, other: dict, name: str) -> None:
         torch.testing.assert_close(other["params"][key], value, rtol=1e-5, atol=2e-5, msg=f"{name} {key}")
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_agree(tmp_path, one_process):
     two = _launch(tmp_path / "two", 2)
     one = one_process
@@ -76,6 +77,7 @@ def test_one_and_two_processes_agree(tmp_path, one_process):
     assert Path(two["finetune"]["checkpoint"]).name == "step_00000003"
 
 
+@pytest.mark.slow
 def test_hsdp_two_by_two_agrees_with_one_process_and_resumes(tmp_path, one_process):
     hsdp = _launch(tmp_path / "hsdp", 4, "hsdp")
     for name in ("finetune", "align"):
