@@ -96,8 +96,9 @@ class ReferencePath:
 
     def __init__(self, shape: Shape, stage: str, device: torch.device, dtype: torch.dtype):
         with torch.device(device):
-            self.model = build_reference(shape.config, stage, attn_implementation=reference_attention(device),
-                                         dtype=dtype)
+            llm = reference_attention(device)  # the tower keeps SDPA (LLaVA's runs CLIP's own attention)
+            self.model = build_reference(shape.config, stage, dtype=dtype,
+                                         attn_implementation={"": "sdpa", "text_config": llm, "vision_config": "sdpa"})
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
         self.shape, self.device, self.dtype = shape, device, dtype
