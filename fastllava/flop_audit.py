@@ -15,7 +15,7 @@ reference's overhead is split into what each of its choices adds (`FlopAudit.bre
 tower's last layer (transformers' and LLaVA's towers run every layer and take the second-to-last one's
 output; fastllava stops there), padding in the decoder layers, the LM head and loss over the padding (full-length logits), gradient checkpointing's
 recomputed forward, and, for comparison, what counting attention as full-square SDPA over the padded
-length (torch's formulas, backward 2.5x: this audit until 2026-12-06) added on top.
+length (torch's formulas, backward 2.5x: how this audit counted it until 2026-12-06) adds on top.
 
 Decoder layers are identical, so every count is exactly affine in the layer count: the audit runs 1 and
 2 layers and extrapolates (exact, and 16-20x cheaper than the full depth).
@@ -43,8 +43,8 @@ BREAKDOWN = (("useful", "useful FLOPs (flops.py)"),
              ("logits", "full-length logits: LM head + loss on the padded rows"),
              ("recompute", "recomputation: gradient checkpointing's second forward"),
              ("executed", "= reference executed (FlashAttention-2, as LLaVA trains)"),
-             ("sdpa_square", "attention counted as SDPA over the padded square, backward 2.5x"),
-             ("as_sdpa", "= the audit's figure until 2026-12-06"))
+             ("sdpa_square", "attention as SDPA on the padded square: no causal half, backward 2.5x"),
+             ("as_sdpa", "= with attention counted that way (this audit until 2026-12-06)"))
 
 
 def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -102,10 +102,10 @@ def _register_fa2(current: list[_Unpadded]) -> None:
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         B, H, S, D = query.shape
-
-        def unpad(x):
-            return x.transpose(1, 2).reshape(B * S, x.shape[1], D)[batch.rows]
         batch = current[0]
+
+        def unpad(x):  # (B, heads, S, D) -> (real tokens, heads, D)
+            return x.transpose(1, 2).reshape(B * S, x.shape[1], D)[batch.rows]
         out = varlen_attention(unpad(query), unpad(key), unpad(value), batch.cu_seqlens, batch.max_seqlen,
                                causal=True, softmax_scale=scaling, backend="torch")
         return out.new_zeros(B * S, H, D).index_copy(0, batch.rows, out).view(B, S, H, D), None
