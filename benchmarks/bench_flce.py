@@ -9,8 +9,8 @@ Providers: triton (ours), eager (fused_linear_cross_entropy_reference), compile 
 Modes: fwd, fwd+bwd. Our Triton path computes the gradients inside its forward when they are needed,
 so its "fwd" time holds all the work and its backward only scales the stored gradients.
 FLOPs (extra_info["flops"]): fastllava.flops.linear_cross_entropy_flops: the logits GEMM 2 T V D
-forward; fwd+bwd adds the two gradient GEMMs, 6 T V D in all. On CUDA, extra_info["peak_extra_bytes"] shows what the op is for: eager keeps the
-(T, V) logits in bf16 and fp32 and their gradient.
+forward; fwd+bwd adds the two gradient GEMMs, 6 T V D in all. On CUDA, extra_info["peak_extra_bytes"]
+shows what the op is for: eager keeps the (T, V) logits in bf16 and fp32 and their gradient.
 """
 
 from __future__ import annotations

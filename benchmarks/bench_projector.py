@@ -43,8 +43,8 @@ def setup(n_tokens: int, din: int, dh: int, dtype=DTYPE, device=DEVICE):
 
 def projector_flops(n: int, din: int, dh: int, mode: str) -> int:
     """Frozen features: no dx GEMM in the backward."""
-    backward = ("da", "dw2", "dw1") if mode != "fwd" else ()
-    return mlp_projector_flops(n, din, dh, dh) + (mlp_projector_flops(n, din, dh, dh, backward=backward) if backward else 0)
+    forward = mlp_projector_flops(n, din, dh, dh)
+    return forward if mode == "fwd" else forward + mlp_projector_flops(n, din, dh, dh, backward=("da", "dw2", "dw1"))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import sys
 import time
@@ -41,7 +42,14 @@ from fastllava.data.profile import STAGE_PROFILES
 from fastllava.flops import FlopModel
 from fastllava.hardware import peak_tflops
 from fastllava.plan import recipe_config
-from fastllava.reference import REFERENCE_DEVICE_BATCH, build_reference, make_samples, pad_batch, reference_loss, step_batches
+from fastllava.reference import (
+    REFERENCE_DEVICE_BATCH,
+    build_reference,
+    make_samples,
+    pad_batch,
+    reference_loss,
+    step_batches,
+)
 from fastllava.testing import tiny_config
 from fastllava.train.freeze import set_trainable
 
@@ -74,13 +82,8 @@ def shape_samples(shape: Shape, stage: str, n: int, seed: int) -> list[dict]:
 
 def reference_attention(device: torch.device) -> str:
     """LLaVA trains with FlashAttention-2 (train_mem.py); where flash-attn cannot run, SDPA."""
-    if device.type != "cuda":
-        return "sdpa"
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return "sdpa"
-    return "flash_attention_2"
+    usable = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if usable else "sdpa"
 
 
 def sync(device):

@@ -13,9 +13,10 @@ attention function that does the same (gather the real tokens, fastllava's varle
 back), counted by the op's formula; the linear layers and the LM head still run on the padding. The
 reference's overhead is split into what each of its choices adds (`FlopAudit.breakdown`): the vision
 tower's last layer (transformers' and LLaVA's towers run every layer and take the second-to-last one's
-output; fastllava stops there), padding in the decoder layers, the LM head and loss over the padding (full-length logits), gradient checkpointing's
-recomputed forward, and, for comparison, what counting attention as full-square SDPA over the padded
-length (torch's formulas, backward 2.5x: how this audit counted it until 2026-12-06) adds on top.
+output; fastllava stops there), padding in the decoder layers, the LM head and loss over the padding
+(full-length logits), gradient checkpointing's recomputed forward, and, for comparison, what counting
+attention as full-square SDPA over the padded length (torch's formulas, backward 2.5x: how this audit
+counted it until 2026-12-06) adds on top.
 
 Decoder layers are identical, so every count is exactly affine in the layer count: the audit runs 1 and
 2 layers and extrapolates (exact, and 16-20x cheaper than the full depth).

@@ -74,8 +74,8 @@ class FlopModel:
             llm_attn_coeff=attn,
             # The patch embedding never needs an input gradient (pixels): x2, not x3, when it trains.
             vision_matmul_per_image=vit_factor * 2 * n_vit * s + (2 if unfreeze_vision else 1) * patch_embed,
-            vision_attn_per_image=vit_factor * vit_layers * attention_flops(v.num_attention_heads, c // v.num_attention_heads,
-                                                                            s * s, causal=False),
+            vision_attn_per_image=vit_factor * vit_layers * attention_flops(
+                v.num_attention_heads, c // v.num_attention_heads, s * s, causal=False),
             projector_per_image=proj_per_token * config.num_image_tokens,
         )
 

@@ -37,7 +37,8 @@ def test_tiny_shape_both_stages(e2e, tmp_path, capsys):
         # The samples main() timed (seed 1, one step), measured here by packing each alone.
         samples = e2e.shape_samples(shape, stage, shape.global_batch, seed=1)
         lengths = np.array([PackedBatch.from_samples([s], image_token_id=cfg.image_token_id,
-                                                     num_image_tokens=cfg.num_image_tokens).num_tokens for s in samples])
+                                                     num_image_tokens=cfg.num_image_tokens).num_tokens
+                            for s in samples])
         has_image = np.array([s["pixel_values"] is not None for s in samples])
         assert ref["real_tokens"] == ours["real_tokens"] == lengths.sum()
         assert ours["computed_tokens"] == lengths.sum()  # packs carry no padding

@@ -1,8 +1,10 @@
 """The FLOP audit (fastllava/flop_audit.py) at a tiny shape, against independent counts: fastllava executes
 exactly FlopModel's useful FLOPs; transformers' Llava, unpadded and without recomputation, does too but
-for its vision tower's unused last layer; and each line of the reference's breakdown is the hand count of what that choice adds: the decoder layers and
-the LM head on the padded rows, and a second forward of every decoder layer whose attention runs causal
-on the real tokens only (FlashAttention-2's unpadded path, not SDPA over the padded square)."""
+for its vision tower's unused last layer; and each line of the reference's breakdown is the hand count
+of what that choice adds: the decoder layers and the LM head on the padded rows, and a second forward of
+every decoder layer whose attention runs causal on the real tokens only (FlashAttention-2's unpadded
+path, not SDPA over the padded square). Counted as SDPA over the padded square (the audit before
+2026-12-06), the unpadded line already fails."""
 
 import numpy as np
 import pytest
