@@ -59,9 +59,10 @@ def join_answers(questions: Sequence[EvalQuestion], rows: Sequence[tuple[int, di
         texts.append(queue.popleft() if queue else None)
         if texts[-1] is None:
             missing.append(q)
-    extra = sum(len(queue) for queue in by_id.values())
+    extra = [qid for qid, queue in by_id.items() for _ in queue]
     if extra:
-        log.warning("%s: %d answer line(s) match no question of the task and are not scored", path, extra)
+        log.warning("%s: %d answer line(s) match no question of the task and are not scored (question_id %s%s)",
+                    path, len(extra), ", ".join(extra[:5]), ", ..." if len(extra) > 5 else "")
     if missing:
         first = ", ".join(repr(llava_id(q)) for q in missing[:5])
         if not missing_as_wrong:

@@ -132,6 +132,15 @@ def test_missing_answers_are_named_or_counted_wrong(tmp_path, capsys):
     assert scores["scores"]["random_f1"] == pytest.approx(200 / 3) and scores["scores"]["random_accuracy"] == 50
 
 
+
+def test_answers_without_a_question_are_counted_and_named(tmp_path, caplog):
+    data = layout_vqa.make_pope(tmp_path / "data")
+    _pope_answers(tmp_path / "answers.jsonl", {**POPE_ANSWERS, 77: "yes", 78: "no"})
+    with caplog.at_level("WARNING"):
+        code, scores = _score("pope", data, tmp_path / "answers.jsonl", tmp_path / "out")
+    assert code == 0 and scores["scores"]["f1"] == pytest.approx((200 / 3 + 100 + 0) / 3)  # as without them
+    assert "2 answer line(s) match no question of the task and are not scored (question_id 77, 78)" in caplog.text
+
 def _reviews(path, pairs):
     """eval_gpt_review_bench.py's review lines: [(category, [reference score, answer score])]."""
     path.write_text("".join(json.dumps({"id": i + 1, "question_id": i, "answer1_id": f"ref{i}", "answer2_id": f"a{i}",
