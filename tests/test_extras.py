@@ -142,6 +142,10 @@ def test_a_package_that_fails_to_import_says_why(tmp_path, monkeypatch):
 
 
 def test_submodules_find_their_package_and_unknown_modules_are_refused(monkeypatch):
+    # An earlier test may have imported the submodule: import_module would then hand it back from
+    # sys.modules without looking at its blocked parent.
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtra, match=re.escape('pip install "fastllava[plot]"')):
         require("matplotlib.backends.backend_agg", "the plot")
