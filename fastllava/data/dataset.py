@@ -30,12 +30,12 @@ from torch.utils.data import Dataset
 from ..cache_dir import cache_dir as default_cache_dir
 from ..progress import progress
 from .files import RejectLog, SampleError, default_rejects_path, image_list, load_records
+from .lengths import cache_lock, length_workers, pooled_lengths
 from .templates import get_template
-from .tokenize import (OVERLONG_POLICIES, Fit, batch_lengths, encode_sample, load_tokenizer, prepare_tokenizer,
+from .tokenize import (OVERLONG_POLICIES, Fit, encode_sample, load_tokenizer, prepare_tokenizer,
                        tokenizer_fingerprint)
 
 _LENGTHS_CACHE_VERSION = 1
-_LENGTH_CHUNK = 2048  # conversations per batched tokenizer call
 IMAGE_MODES = ("pad", "square")
 
 
@@ -50,7 +50,10 @@ class LlavaDataset(Dataset):
     overlong: "truncate" (cut at model_max_length, never inside an image) or "reject".
     image_loader: callable(path, mode=, size=) -> (3, S, S) tensor; default fastllava.data.images.load_image.
     cache_dir: where lengths() caches per-file results (default: fastllava.cache_dir.cache_dir(), i.e.
-    $FASTLLAVA_CACHE or ~/.cache/fastllava; None disables).
+    $FASTLLAVA_CACHE or ~/.cache/fastllava; None disables). Processes sharing it compute a file's lengths
+    one at a time, so the first computes and the others read its cache (data/lengths.py).
+    length_workers: processes that tokenize for lengths() (default: $FASTLLAVA_LENGTH_WORKERS, else this
+    process's cores; without a cache, divided among the LOCAL_WORLD_SIZE ranks that all compute).
 
     dataset[i] -> {"input_ids": (L,) int64 with one image token per image, "labels": (L,) int64,
                    "pixel_values": (n_images, 3, S, S) float or None, "id": str}  or None if rejected.
@@ -60,7 +63,8 @@ class LlavaDataset(Dataset):
                  image_size: int = 336, num_image_tokens: int = 576, model_max_length: int = 2048,
                  overlong: str = "truncate", strict: bool = False, rejects_path=None,
                  image_loader: Callable | None = None, check_images: bool = False,
-                 cache_dir: str | os.PathLike | None | bool = True, verbose: bool = True):
+                 cache_dir: str | os.PathLike | None | bool = True, verbose: bool = True,
+                 length_workers: int | None = None):
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
         if overlong not in OVERLONG_POLICIES:
@@ -84,6 +88,8 @@ class LlavaDataset(Dataset):
         self.cache_dir = (os.fspath(default_cache_dir()) if cache_dir is True
                           else os.fspath(cache_dir) if cache_dir else None)
         self.verbose = verbose
+        self.length_workers = length_workers
+        self.lengths_computed = 0  # files whose lengths this process tokenized (the others came from the cache)
         self.rejects = RejectLog(rejects_path if rejects_path is not None else default_rejects_path(paths),
                                  strict=strict)
         self.records = load_records(paths, rejects=self.rejects, image_folder=self.image_folder,
@@ -147,29 +153,34 @@ class LlavaDataset(Dataset):
         A cached file covers every valid entry, so a different check_images setting still finds it whole."""
         cache = self._cache_path(path)
         entries = self.records.entry_ix[rows]
-        if cache is not None and os.path.exists(cache):
-            with np.load(cache) as z:
-                per_entry, cut = z["lengths"], z["truncated"]
-                errors = {int(k): tuple(v) for k, v in json.loads(str(z["errors"])).items()}
-            if len(entries) == 0 or (per_entry.size > entries.max() and
-                                     all(per_entry[e] > 0 or e in errors for e in entries.tolist())):
-                return per_entry, cut, errors
+        lock = None if cache is None else os.path.join(self.cache_dir, "locks", os.path.basename(cache) + ".lock")
+        with cache_lock(lock, verbose=self.verbose):  # one process at a time: the others find its cache
+            if cache is not None and os.path.exists(cache):
+                with np.load(cache) as z:
+                    per_entry, cut = z["lengths"], z["truncated"]
+                    errors = {int(k): tuple(v) for k, v in json.loads(str(z["errors"])).items()}
+                if len(entries) == 0 or (per_entry.size > entries.max() and
+                                         all(per_entry[e] > 0 or e in errors for e in entries.tolist())):
+                    return per_entry, cut, errors
+            return self._compute_file_lengths(cache, path, rows)
+
+    def _compute_file_lengths(self, cache: str | None, path: str, rows: np.ndarray):
+        entries = self.records.entry_ix[rows]
         n_entries = int(entries.max()) + 1 if len(entries) else 0
         per_entry = np.zeros(n_entries, dtype=np.int64)
         cut = np.zeros(n_entries, dtype=bool)
-        errors: dict[int, tuple[str, str]] = {}
+        workers = length_workers(self.length_workers)
+        if cache is None and self.length_workers is None:  # every rank of the node computes at once
+            workers = max(1, workers // int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1))
         bar = progress(len(rows), desc=f"lengths of {os.path.basename(path)}", unit="sample", file=sys.stderr,
                        enabled=self.verbose and len(rows) > 20000)
-        for lo in range(0, len(rows), _LENGTH_CHUNK):
-            chunk = rows[lo : lo + _LENGTH_CHUNK]
-            turns = [self.records[int(r)]["conversations"] for r in chunk]
-            lens, cuts, errs = batch_lengths(turns, self.tokenizer, self.template, self.fit)
-            per_entry[self.records.entry_ix[chunk]] = lens
-            cut[self.records.entry_ix[chunk]] = cuts
-            for k, e in errs.items():
-                errors[int(self.records.entry_ix[chunk[k]])] = (e.reason, e.detail)
-            bar.update(len(chunk))
+        lens, cuts, errs = pooled_lengths(len(rows), lambda k: self.records[int(rows[k])]["conversations"],
+                                          self.tokenizer, self.template, self.fit, workers=workers,
+                                          on_chunk=bar.update)
         bar.close()
+        per_entry[entries], cut[entries] = lens, cuts
+        errors = {int(entries[k]): (e.reason, e.detail) for k, e in errs.items()}
+        self.lengths_computed += 1
         if cache is not None:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             tmp = f"{cache}.{os.getpid()}.tmp.npz"
@@ -179,6 +190,13 @@ class LlavaDataset(Dataset):
         return per_entry, cut, errors
 
     # ------------------------------------------------------------------------------------------ samples
+
+    def describe_sample(self, i: int) -> str:
+        """Where sample i comes from, for messages: file, entry (line), id and image paths."""
+        file, index, line = self.records.source(i)
+        images = [os.path.join(self.image_folder or "", p) for p in image_list(self.records[i])]
+        return (f"{file} entry {index}" + (f" (line {line})" if line else "") + f", id {self.records.ids[i]!r}"
+                + (f", images {images}" if images else ""))
 
     def _reject(self, i: int, reason: str, detail: str) -> None:
         self.rejects.add(self.records.reject(i, reason, detail))  # raises in strict mode

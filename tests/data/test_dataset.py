@@ -117,12 +117,12 @@ def test_lengths_cache_is_used_and_invalidated(tmp_path, llama_tok_dir, monkeypa
     ds = make(tmp_path, llama_tok_dir)
     expected = ds.lengths().copy()
     (cache,) = os.listdir(tmp_path / "cache" / "lengths")
-    import fastllava.data.dataset as dataset_mod
+    import fastllava.data.lengths as lengths_mod
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
 
-    monkeypatch.setattr(dataset_mod, "batch_lengths", boom)
+    monkeypatch.setattr(lengths_mod, "batch_lengths", boom)
     again = LlavaDataset(tmp_path / "data.json", None, ds.tokenizer, "vicuna_v1", num_image_tokens=20,
                          cache_dir=tmp_path / "cache", verbose=False)
     assert np.array_equal(again.lengths(), expected)
