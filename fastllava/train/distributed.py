@@ -6,12 +6,18 @@ this order (torchtitan's order): activation checkpointing -> torch.compile per b
 per block and at the root. With `parallel.replicate=R > 1` the mesh is 2D (HSDP, see `device_mesh`);
 every rank still reads its own data shard, so the data-parallel world, the loss and gradient scaling and
 the statistics' all-reduces stay over all ranks.
+
+A collective waits at most `parallel.timeout_s` for every rank. The loop's own collectives
+(`all_reduce_sum`, `barrier`) record in the process group's store which one each rank last entered, so a
+timeout raises `CollectiveTimeout` naming the op, where it was called and the ranks that did not arrive:
+gloo's own error names neither ("Timed out waiting 5000ms for recv operation to complete").
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +55,10 @@ def local_device(device: str = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join (or create) the default process group on `local_device(device)`: NCCL on CUDA, gloo on CPU."""
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join (or create) the default process group on `local_device(device)`: NCCL on CUDA, gloo on CPU.
+    timeout_s: how long a collective waits for every rank (`parallel.timeout_s`); a process group that
+    already exists keeps its own."""
     dev = local_device(device)
     use_cuda = dev.type == "cuda"
     rank = int(os.environ.get("RANK", 0))
@@ -66,16 +74,36 @@ def init_distributed(device: str = "auto") -> DistEnv:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        # Long timeout: rank 0 may spend minutes on one-off work (dataset generation, exports).
-        timeout = datetime.timedelta(minutes=30)
+        timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    device_id=dev if use_cuda else None)
+                                    store=_restart_store(timeout), device_id=dev if use_cuda else None)
         else:
             if world != 1:
                 raise ValueError(f"WORLD_SIZE={world} without MASTER_ADDR: launch multi-process runs with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        _ARRIVALS.reset(timeout_s)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _restart_store(timeout: datetime.timedelta):
+    """The store for init_process_group under torchrun --max-restarts, None (its env:// default) otherwise.
+
+    torchrun shares its rendezvous store with the workers (TORCHELASTIC_USE_AGENT_STORE=True) and keeps it
+    across restarts, and env:// reads the process group's keys from it without any per-attempt prefix: the
+    restarted workers found the dead ones' addresses and failed ("Gloo connectFullMesh failed ... Connection
+    refused", torch 2.13; pytorch#135712, #167288). On one node torchrun's restart count is the same for every
+    worker and isolates the attempts; across nodes it is not (only the failed node's agent counts the restart),
+    so there torchrun must give each attempt its own store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts == 0:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        raise ValueError("torchrun --max-restarts on several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+                         "torchrun on every node, or a restart cannot form the new process group (its workers would "
+                         "read the failed attempt's addresses from torchrun's shared store); see docs/training.md")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"fastllava/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def destroy_distributed() -> None:
@@ -193,18 +221,82 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, 
     return model
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few scalars over ranks in one collective (fp64 so token counts stay exact)."""
+class CollectiveTimeout(RuntimeError):
+    """A collective that some rank did not reach within parallel.timeout_s; the message names the op, where
+    it was called and those ranks."""
+
+
+class _Arrivals:
+    """Which of the loop's collectives each rank entered last, kept in the process group's store (one small
+    write per collective, a few per step): after a timeout, the ranks whose count is behind this rank's
+    are the ones that did not arrive, and their record says where they were last seen."""
+
+    PREFIX = "fastllava/arrived/"
+
+    def __init__(self):
+        self.reset(None)
+
+    def reset(self, timeout_s: float | None) -> None:
+        self.count, self.timeout_s = 0, timeout_s
+
+    def enter(self, op: str, where: str) -> int:
+        """Count and record this rank's next collective (called on every rank, in the same order)."""
+        self.count += 1
+        # The caller of all_reduce_sum / barrier (frames: enter, _collective, those, the caller): which of
+        # the loop's collectives this is.
+        frame = sys._getframe(3)
+        site = f"{frame.f_code.co_qualname} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+        record = f"{self.count}|{op} in {site}{', ' + where if where else ''}"
+        dist.distributed_c10d._get_default_store().set(f"{self.PREFIX}{dist.get_rank()}", record)
+        return self.count
+
+    def report(self, count: int, error: Exception) -> str:
+        """The message of a timed-out collective: the op, this rank, and each rank that did not arrive."""
+        store, rank, world = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+        own = store.get(f"{self.PREFIX}{rank}").decode().split("|", 1)[1]
+        missing = []
+        for r in range(world):
+            key = f"{self.PREFIX}{r}"
+            if not store.check([key]):  # check does not wait; get would, for the whole timeout
+                missing.append(f"rank {r} (no collective entered yet)")
+                continue
+            n, last = store.get(key).decode().split("|", 1)
+            if int(n) < count:
+                missing.append(f"rank {r} (last seen in collective #{n}: {last})")
+        who = "; ".join(missing) or "every rank entered it (a rank may have died or lost its connection)"
+        after = f" after {self.timeout_s:g} s" if self.timeout_s else ""
+        return (f"collective #{count} {own} timed out{after} on rank {rank} of {world} (parallel.timeout_s): "
+                f"did not arrive: {who}. Look at what those ranks were doing (data loading, a filesystem, a "
+                f"GPU); if they only needed longer, raise parallel.timeout_s. Backend error: {error}")
+
+
+_ARRIVALS = _Arrivals()
+
+
+def _collective(op: str, where: str, fn):
+    """Run `fn` (a collective over all ranks) with its arrival recorded; a timeout becomes CollectiveTimeout."""
+    count = _ARRIVALS.enter(op, where)
+    try:
+        return fn()
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise CollectiveTimeout(_ARRIVALS.report(count, e)) from e
+
+
+def all_reduce_sum(values: list[float], device: torch.device, *, where: str = "") -> list[float]:
+    """Sum a few scalars over ranks in one collective (fp64 so token counts stay exact). where: said in
+    the message if it times out (e.g. the step)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        _collective("all_reduce_sum", where, lambda: dist.all_reduce(t))
     return t.tolist()
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing to wait for in a world of one)."""
+def barrier(*, where: str = "") -> None:
+    """Wait for every rank (nothing to wait for in a world of one); where: as in all_reduce_sum."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        _collective("barrier", where, dist.barrier)
 
 
 def gather_interleaved(shard: list, rank: int, world: int) -> list:

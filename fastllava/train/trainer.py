@@ -85,7 +85,7 @@ class StopSignal:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) training as configured."""
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     cfg.parallel.mesh_shape(env.world_size)  # a bad parallel.replicate fails now, not after loading the model
     tokenizer, special_ids = build_tokenizer(cfg)
     model = build_model(cfg, special_ids, meta=env.world_size > 1)  # > 1: each rank reads only its shard
@@ -100,7 +100,7 @@ class Trainer:
         """Freeze for the stage, plan the data, shard the model, build optimizer and schedule, resume.
         `model` is a Llava not yet parallelized; `dataset` has LlavaDataset's lengths() and __getitem__."""
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.env = env = env or init_distributed(cfg.train.device)
+        self.env = env = env or init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         torch.manual_seed(cfg.train.seed)
         if cfg.lora.enabled:  # before FSDP wraps the blocks: adapters shard with their block
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
@@ -147,7 +147,8 @@ class Trainer:
         whether any rank asked to stop."""
         env, t0 = self.env, time.perf_counter()
         # Global label-token count of the whole step, before any backward (one small collective).
-        (global_labels,) = all_reduce_sum([sum(mb.batch.num_label_tokens() for mb in micro_batches)], env.device)
+        (global_labels,) = all_reduce_sum([sum(mb.batch.num_label_tokens() for mb in micro_batches)], env.device,
+                                          where=f"step {step + 1}")
         scale = env.world_size / max(global_labels, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         tokens = sum_sq = images = samples = 0
