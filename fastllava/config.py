@@ -155,9 +155,14 @@ class TrainConfig:
     seed: int = 0  # data order
     output_dir: str = "outputs/run"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Optimizer steps in a row with a non-finite loss or gradient norm (each one skipped: no update) after which
+    # the run stops with a checkpoint of its last good weights. One bad sample spoils one step; 5 in a row,
+    # each on different samples, means the data stream or the run itself is broken, and costs only 5 steps.
+    max_bad_steps: int = 5
 
     def __post_init__(self):
         _positive("train.global_batch_size", self.global_batch_size)
+        _positive("train.max_bad_steps", self.max_bad_steps)
         _positive("train.epochs", self.epochs)
         if self.max_steps is not None:
             _positive("train.max_steps", self.max_steps)

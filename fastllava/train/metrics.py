@@ -31,6 +31,7 @@ class StepRecord:
     samples: int
     flops: float  # over all ranks
     seconds: float
+    skipped: bool = False  # a non-finite loss or gradient norm: no update (trainer.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,6 +101,7 @@ class Meter:
         """The run's totals and means (the numbers of format_summary)."""
         train_s = sum(r.seconds for r in self.records)
         tokens = sum(r.tokens for r in self.records)
+        good = [r for r in self.records if not r.skipped]
         return {
             "steps": len(self.records),
             "wall_clock_s": time.perf_counter() - self._t0,
@@ -108,7 +110,8 @@ class Meter:
             "tokens": tokens,
             "tokens_per_s": tokens / train_s if train_s > 0 else float("nan"),
             "mfu": self.mfu(sum(r.flops for r in self.records), train_s),
-            "final_loss": self.records[-1].loss if self.records else float("nan"),
+            "final_loss": good[-1].loss if good else float("nan"),
+            "bad_steps": len(self.records) - len(good),  # skipped, their compute counted in tokens/s and MFU
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }
 
@@ -130,6 +133,7 @@ def format_summary(s: dict) -> str:
     """The summary as an aligned two-column table."""
     rows = [
         ("optimizer steps", f"{s['steps']}"),
+        ("skipped (non-finite)", f"{s.get('bad_steps', 0)}"),
         ("wall clock", _fmt_time(s["wall_clock_s"])),
         ("samples", f"{s['samples']:,}"),
         ("tokens", f"{s['tokens']:,}"),

@@ -13,10 +13,18 @@ reduce-scatters.
 
 `train(cfg)` builds tokenizer, model and dataset from the configuration; `Trainer(cfg, model, dataset)`
 takes them ready-made (tests, notebooks, other entry points).
+
+A step whose loss or gradient norm is not finite (a corrupt sample, an overflow) updates nothing: no
+optimizer or scheduler step, its gradients dropped, logged with the samples of the packs whose loss was
+not finite. All ranks decide alike, from the global gradient norm and the all-reduced loss, at the one
+host sync the step has anyway. `train.max_bad_steps` such steps in a row stop the run with a checkpoint
+of the last good weights. An export is refused if any weight is not finite; an out-of-memory step
+names the pack size, the checkpointing mode and the memory plan's command.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,6 +41,7 @@ from .build import build_dataset, build_model, build_tokenizer
 from .checkpoint import Checkpointer, find_resume
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .export import export
+from .faults import NonFiniteError, bad_packs, check_finite, explain_oom, give_up_message
 from .freeze import set_trainable, trainable_parameters
 from .metrics import Meter, StepRecord, format_summary, make_writers
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -45,6 +54,7 @@ class TrainResult:
 
     losses: dict[int, float] = field(default_factory=dict)  # optimizer step (1-based) -> loss
     grad_norms: dict[int, float] = field(default_factory=dict)
+    bad_steps: dict[int, str] = field(default_factory=dict)  # skipped step -> what was not finite, and where
     summary: dict = field(default_factory=dict)
     interrupted: bool = False  # stopped by SIGTERM/SIGINT after saving a checkpoint
     checkpoint: Path | None = None  # the last checkpoint written
@@ -142,15 +152,18 @@ class Trainer:
 
     # --- step --------------------------------------------------------------------------------------
 
-    def train_step(self, step: int, micro_batches: list[MicroBatch], stop_requested: bool) -> tuple[StepRecord, bool]:
-        """One optimizer step over this rank's micro-batches; returns its record (summed over ranks) and
-        whether any rank asked to stop."""
+    def train_step(self, step: int, micro_batches: list[MicroBatch],
+                   stop_requested: bool) -> tuple[StepRecord, bool, str | None]:
+        """One optimizer step over this rank's micro-batches; returns its record (summed over ranks), whether
+        any rank asked to stop, and, for a step skipped as not finite, what was not finite and where."""
         env, t0 = self.env, time.perf_counter()
         # Global label-token count of the whole step, before any backward (one small collective).
         (global_labels,) = all_reduce_sum([sum(mb.batch.num_label_tokens() for mb in micro_batches)], env.device,
                                           where=f"step {step + 1}")
         scale = env.world_size / max(global_labels, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        # Each pack's loss stays on the device: read once with the step's statistics, so a bad pack costs
+        # no host sync per micro-step.
+        pack_losses = torch.zeros(len(micro_batches), dtype=torch.float64, device=env.device)
         tokens = sum_sq = images = samples = 0
         hsdp = self.cfg.parallel.replicate > 1
         for i, mb in enumerate(micro_batches):
@@ -158,24 +171,39 @@ class Trainer:
                 # HSDP: every micro-step reduce-scatters within its shard group (sharded gradients
                 # accumulate), the cross-replica all-reduce (the inter-node one) runs once, after the last.
                 self.model.set_requires_all_reduce(i == len(micro_batches) - 1)
-            out = self.model(mb.batch.to(env.device, non_blocking=True))
-            (out.loss_sum * scale).backward()
-            loss_sum += out.loss_sum.detach().double()
+            with self._explain_oom(f"the forward/backward of micro-step {i + 1}/{len(micro_batches)} of step "
+                                   f"{step + 1}", mb.batch):
+                out = self.model(mb.batch.to(env.device, non_blocking=True))
+                (out.loss_sum * scale).backward()
+            pack_losses[i] = out.loss_sum.detach()
             t, s2, n_img = pack_stats(mb.batch)
             tokens, sum_sq, images = tokens + t, sum_sq + s2, images + n_img
             samples += mb.batch.num_samples - mb.filler
-        grad_norm = clip_grad_norm(self.params, self.cfg.optim.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._explain_oom(f"the gradient clipping of step {step + 1}"):
+            grad_norm = clip_grad_norm(self.params, self.cfg.optim.max_grad_norm)  # global: the same on every rank
         # One collective for the step's statistics and the stop decision (signals may reach ranks at
-        # different moments; all ranks must stop at the same step to save together).
+        # different moments; all ranks must stop at the same step to save together). Before the update: the
+        # all-reduced loss decides, with the global gradient norm, whether there is one.
         loss_total, tokens, sum_sq, images, samples, stop_votes = all_reduce_sum(
-            [float(loss_sum), tokens, sum_sq, images, samples, float(stop_requested)], env.device)
+            [float(pack_losses.sum()), tokens, sum_sq, images, samples, float(stop_requested)], env.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        bad = None
+        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            with self._explain_oom(f"the optimizer step of step {step + 1} (AdamW's state is allocated at the first)"):
+                self.optimizer.step()
+            self.scheduler.step()
+        else:
+            bad = (f"step {step + 1}: loss {loss_total / max(global_labels, 1.0)}, gradient norm {grad_norm}: update "
+                   f"skipped; {bad_packs(self.loader, env, step, pack_losses)}")
+        self.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
         record = StepRecord(step + 1, loss_total / max(global_labels, 1.0), lr, grad_norm, int(tokens), int(samples),
-                            self.flop_model.flops(int(tokens), int(sum_sq), int(images)), time.perf_counter() - t0)
-        return record, stop_votes > 0
+                            self.flop_model.flops(int(tokens), int(sum_sq), int(images)), time.perf_counter() - t0,
+                            skipped=bad is not None)
+        return record, stop_votes > 0, bad
+
+    def _explain_oom(self, where: str, batch=None):
+        """A context in which torch.OutOfMemoryError is re-raised with oom_message's account of it."""
+        return explain_oom(self.cfg, self.env, where, batch, llm_hidden=self.model.config.text.hidden_size)
 
     def save(self, step: int) -> Path:
         """A resumable checkpoint of `step` (collective); returns its directory."""
@@ -186,25 +214,37 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        """Train from the resume point to the last step, or until a stop signal; then finish()."""
+        """Train from the resume point to the last step, or until a stop signal; then finish(). NonFiniteError
+        after train.max_bad_steps skipped steps in a row, once their checkpoint is written."""
         cfg, env = self.cfg, self.env
         result = TrainResult(is_main=env.is_main, model=self.model, optimizer=self.optimizer, tokenizer=self.tokenizer)
         meter = self._meter()
+        streak: list[str] = []  # the skipped steps since the last good one
         self.model.train()
         with StopSignal() as stop:
             for step, micro_batches in self.loader:
-                record, stopping = self.train_step(step, micro_batches, stop.requested)
+                record, stopping, bad = self.train_step(step, micro_batches, stop.requested)
                 meter.update(record, log=record.step % cfg.logging.log_every == 0)
                 result.losses[record.step], result.grad_norms[record.step] = record.loss, record.grad_norm
+                streak = streak + [bad] if bad else []
+                if bad:
+                    result.bad_steps[record.step] = bad
+                    if env.is_main:
+                        meter.write(f"non-finite {bad} ({len(streak)} in a row; train.max_bad_steps="
+                                    f"{cfg.train.max_bad_steps})")
+                give_up = len(streak) >= cfg.train.max_bad_steps
                 periodic = cfg.checkpoint.every_steps and record.step % cfg.checkpoint.every_steps == 0
                 final = record.step == self.run_steps and cfg.checkpoint.save_final
-                if stopping or periodic or final:
-                    result.checkpoint = self.save(record.step)
+                if stopping or periodic or final or give_up:
+                    result.checkpoint = saved = self.save(record.step)
                 if stopping:
                     result.interrupted = True
                     meter.write(f"stop signal: saved {result.checkpoint} at step {record.step}; "
                                 "resume with checkpoint.resume=auto")
                     break
+                if give_up:
+                    meter.close()
+                    raise NonFiniteError(give_up_message(streak, record.step, saved))
         meter.close()
         return self.finish(result, meter)
 
@@ -236,6 +276,7 @@ class Trainer:
             print(format_summary(result.summary), line, sep="\n", flush=True)
         done = self.start_step + len(meter.records) >= self.run_steps
         if not result.interrupted and done:
+            check_finite(self.model, env)  # an export must never hold a NaN or inf
             lora = cfg.lora if cfg.lora.enabled else None
             if lora is not None and self.model.config.projector_type != "mlp2x_gelu" and env.is_main:
                 print(f"no PEFT adapter: LlavaForConditionalGeneration has no {self.model.config.projector_type} "
