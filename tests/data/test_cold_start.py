@@ -1,5 +1,6 @@
-"""The cold start's lengths (data/lengths.py): tokenized over a pool of processes they equal the serial
-lengths and encode_sample's, sample by sample; processes sharing a cache compute a file once."""
+"""The cold start: lengths tokenized over a pool of processes (data/lengths.py) equal the serial lengths and
+encode_sample's, sample by sample; processes sharing a cache compute a file once; a JSON list is parsed once,
+each entry kept as the file spells it (data/files.py)."""
 
 import json
 import multiprocessing as mp
@@ -10,7 +11,7 @@ import pytest
 
 import fastllava.data.lengths as lengths_mod
 from fastllava.data.dataset import LlavaDataset
-from fastllava.data.files import SampleError
+from fastllava.data.files import SampleError, load_records
 from fastllava.data.lengths import length_workers, pooled_lengths
 from fastllava.data.templates import get_template
 from fastllava.data.tokenize import Fit, batch_lengths, encode_sample, image_token_id
@@ -63,7 +64,8 @@ def test_pooled_lengths_equal_serial_and_encode_sample(setup, tmp_path, monkeypa
     assert len(workers) == 2 and str(os.getpid()) not in workers
     assert sum(seen) == len(turns) and len(seen) == 11
     assert lens.dtype == np.int64 and np.array_equal(lens, serial[0]) and np.array_equal(cut, serial[1])
-    assert {k: (e.reason, e.detail) for k, e in errors.items()} == {k: (e.reason, e.detail) for k, e in serial[2].items()}
+    described = {k: (e.reason, e.detail) for k, e in errors.items()}
+    assert described == {k: (e.reason, e.detail) for k, e in serial[2].items()}
     assert 0 < len(errors) and 0 < cut.sum() < len(turns)  # the file has rejects and truncations
     # the independent reference: the per-sample path with offsets and labels
     for i, t in enumerate(turns):
@@ -112,3 +114,23 @@ def test_length_workers_setting(monkeypatch):
         length_workers()
     with pytest.raises(ValueError, match=">= 1"):
         length_workers(0)
+
+
+def test_json_list_entries_keep_their_text(tmp_path):
+    entries = [{"id": i, "image": f"{i}.jpg", "conversations": t, "note": ["é", {"x": None}, 1.5]}
+               for i, t in enumerate(conversations(40))]
+    for e in entries:
+        if "<image>" not in e["conversations"][0]["value"]:
+            del e["image"]
+    path = tmp_path / "d.json"
+    for indent, ascii_ in ((None, True), (3, False)):
+        path.write_text(" \n" + json.dumps(entries, indent=indent, ensure_ascii=ascii_) + "\n")
+        records = load_records(path, verbose=False)
+        assert [records[i] for i in range(len(records))] == entries
+        assert records.ids == [str(i) for i in range(40)]
+    path.write_text("[]")
+    assert len(load_records(path, verbose=False)) == 0
+    for bad, line in (('[{"id": 1},\n {"id": 2}\n', 3), ('[{"id": 1}]\n]', 2), ('[{"id": 1},]', 1)):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=f"d\\.json: malformed JSON at line {line}"):
+            load_records(path, verbose=False)
