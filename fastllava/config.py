@@ -250,10 +250,15 @@ class CheckpointConfig:
     resume: str = "auto"  # "auto": newest complete checkpoint if any; "none"; or a checkpoint path
     keep_last: int = 2  # 0 keeps all
     save_final: bool = False  # also write a resumable checkpoint at the end
+    # A checkpoint that cannot be written (full disk, I/O error): "stop" the run with the error (exit status 1),
+    # or "continue" training without it (logged); either way the previous complete checkpoint stays loadable.
+    on_write_error: str = "stop"
 
     def __post_init__(self):
         if self.every_steps < 0 or self.keep_last < 0:
             raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
+        if self.on_write_error not in ("stop", "continue"):
+            raise ValueError(f"checkpoint.on_write_error={self.on_write_error!r}: choose stop or continue")
 
 
 @dataclass

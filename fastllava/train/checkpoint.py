@@ -17,6 +17,13 @@ All of it is first written to `step_00000123.tmp/`; after a barrier rank 0 write
 the directory, which is atomic on one filesystem. `resume=auto` only ever considers renamed
 directories that hold COMPLETE, so a run killed mid-write never loads a half-written checkpoint.
 
+A write that fails (a full disk, an I/O error, on any rank) raises CheckpointWriteError on every rank:
+after each phase (prepare, write, mark complete) the ranks exchange their outcome, so none is left
+waiting in a barrier for a rank that gave up. The error names the file, the checkpoint's size and the
+free space; the partial directory is removed and the previous complete checkpoint is untouched. Before
+writing, every rank checks that its filesystem has room for the whole checkpoint (all ranks may share
+it), so a write that cannot fit is not started.
+
 Why not DCP's default format or torch.save: DCP's FileSystemReader unpickles `.metadata` with
 pickle.load and its default planner loads non-tensor items with torch.load(weights_only=False); a
 pickle can run any code when loaded. Here DCP only ever sees tensors and reads its metadata from the
@@ -28,6 +35,7 @@ ValueError naming the file, anything that is or looks like a pickle (an old-form
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
@@ -38,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -48,7 +58,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .distributed import barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -250,6 +259,75 @@ def _hf_writer(path: Path) -> HuggingFaceStorageWriter:
     return HuggingFaceStorageWriter(str(path), save_distributed=True)
 
 
+# --- failed writes ---------------------------------------------------------------------------------------
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written on some rank (full disk, I/O error); raised on every rank."""
+
+
+def checkpoint_bytes(flat: dict) -> int:
+    """Bytes of the tensors of a checkpoint, all ranks together (a DTensor counts its full shape), which is
+    what the files hold, less their small headers and JSON."""
+    return sum(t.numel() * t.element_size() for t in flat.values())
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem of `path` (or of its nearest existing parent); None where the
+    filesystem reports no size (some network and FUSE mounts report 0 total), which is no evidence of
+    a full disk."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    usage = shutil.disk_usage(path)
+    return usage.free if usage.total > 0 else None
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e9:.2f} GB ({n:,} bytes)"
+
+
+def gather_failures(failure: str | None) -> list[tuple[int, str]]:
+    """Collective: (rank, what failed) of every rank whose `failure` is not None, the same list on every
+    rank, so that all of them raise together instead of some waiting for a rank that gave up."""
+    outcomes = [failure]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, failure)
+    return [(r, text) for r, text in enumerate(outcomes) if text is not None]
+
+
+def failures_text(failed: list[tuple[int, str]], needed: int, where: Path) -> str:
+    """The failures of gather_failures, the bytes the write needs and the free space at `where`."""
+    free = free_bytes(where)
+    return ("; ".join(f"rank {r}: {text}" for r, text in failed)
+            + f". It needs about {size_text(needed)}; {where} has "
+            + (f"{size_text(free)} free" if free is not None else "no free-space figure"))
+
+
+def attempt_write(phase) -> str | None:
+    """Run `phase` (a save's or an export's writing); None, or what failed as a line. Only write failures
+    (OSError, here or inside DCP, which gathers the ranks' failures itself) are caught: anything else is a
+    bug to raise."""
+    try:
+        phase()
+    except OSError as e:
+        return describe_write_error(e)
+    except CheckpointException as e:
+        causes = [exc for exc, _ in e.failures.values()]
+        if not all(isinstance(c, OSError) for c in causes):
+            raise
+        # DCP raises on every rank with every rank's failure; each rank reports its own (or none).
+        mine = e.failures.get(dist.get_rank() if dist.is_initialized() else 0)
+        return describe_write_error(mine[0]) if mine else None
+    return None
+
+
+def describe_write_error(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    return f"could not write{where}: {e.strerror or e}" + (f" (errno {e.errno})" if e.errno else "")
+
+
 # --- listing ---------------------------------------------------------------------------------------------
 
 
@@ -290,36 +368,66 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
         """Collective: every rank calls it. `trainer_state` must be JSON-serializable (dicts with str
         keys, lists, tuples -> lists, str, int, float, bool, None); rank 0 writes it. Returns the final
-        directory."""
+        directory. A failed write raises CheckpointWriteError on every rank (module docstring)."""
         # Checked on every rank before any collective, so a bad value raises everywhere instead of hanging.
         _check_json(trainer_state, "trainer_state")
         flat, osd = _flat_state(model, optimizer)
         groups = _param_groups_json(osd)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left over by a run killed while writing this very step
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        barrier()
-        dcp.save(flat, storage_writer=_hf_writer(tmp))
-        _write_json(tmp / f"rng_rank{self.rank}.json", rng_state())
-        if self.rank == 0:
-            _write_json(tmp / OPTIMIZER, {"format": FORMAT_VERSION, "param_groups": groups})
-            _write_json(tmp / TRAINER_STATE, trainer_state)
-        barrier()  # every rank's files are on disk before the checkpoint is declared complete
-        if self.rank == 0:
-            with open(tmp / COMPLETE, "w") as f:
-                f.write(f"{step}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # an older run's checkpoint of the same step
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        barrier()
+        needed = checkpoint_bytes(flat)
+
+        def prepare():
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():  # left over by a run killed while writing this very step
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            free = free_bytes(self.root)
+            if free is not None and free < needed:
+                raise OSError(errno.ENOSPC, "not enough free space for the checkpoint (checked before writing)",
+                              str(self.root))
+
+        def write():
+            dcp.save(flat, storage_writer=_hf_writer(tmp))
+            _write_json(tmp / f"rng_rank{self.rank}.json", rng_state())
+            if self.rank == 0:
+                _write_json(tmp / OPTIMIZER, {"format": FORMAT_VERSION, "param_groups": groups})
+                _write_json(tmp / TRAINER_STATE, trainer_state)
+
+        def complete():
+            if self.rank == 0:
+                with open(tmp / COMPLETE, "w") as f:
+                    f.write(f"{step}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                if final.exists():  # an older run's checkpoint of the same step
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._prune()
+
+        # Each exchange also stands for the barrier the phase needs: rank 0 has made the directory before
+        # anyone writes; every rank's files are on disk before the checkpoint is declared complete.
+        for phase in (prepare, write, complete):
+            self._agree(attempt_write(phase), step, tmp, needed)
         return final
+
+    def _agree(self, failure: str | None, step: int, tmp: Path, needed: int) -> None:
+        """Collective: every rank learns every rank's outcome of a phase; if any failed, rank 0 removes the
+        partial directory and every rank raises the same CheckpointWriteError."""
+        failed = gather_failures(failure)
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_complete(self.root)
+        raise CheckpointWriteError(
+            f"checkpoint of step {step} not written: {failures_text(failed, needed, self.root)}. "
+            "The partial directory is removed; "
+            + (f"the newest complete checkpoint, {previous[-1][1]}, is untouched and is what "
+               "checkpoint.resume=auto loads" if previous else "there is no earlier complete checkpoint")
+            + ". Free space or point checkpoint.dir at a larger disk; checkpoint.on_write_error=continue "
+            "trains on without the checkpoints that fail.")
 
     def load(self, path: Path, model, optimizer) -> dict:
         """Collective. Restores model (trainable weights), optimizer (state and param_groups'

@@ -12,10 +12,15 @@ all-gather is a collective), and handed to rank 0's writer as they come; the wri
 safetensors shard (model/safetensors_io.py ShardWriter, 5 GiB by default) plus the tensor in hand, never the model.
 The tensors the forward never uses (`model.carried`) are kept by rank 0 only after a sharded load
 (train/sharded_load.py): rank 0 is the only writer.
+
+A failed write (a full disk, an I/O error) raises ExportWriteError on every rank, naming the file, the
+export's size and the free space, and removes what it had written: rank 0 still takes part in the rest of
+the all-gathers and the ranks then exchange the outcome, so no rank waits forever for the writer.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from ..layers.lora import is_adapter, lora_modules
 from ..model import Llava
+from .checkpoint import attempt_write, failures_text, gather_failures
 from .distributed import DistEnv, barrier
 from .sharded_load import unwrapped_name
 
@@ -53,36 +59,62 @@ def gathered_parameters(model, keep: bool) -> Iterator[tuple[str, torch.Tensor]]
             yield name, full.detach().cpu()
 
 
+class ExportWriteError(RuntimeError):
+    """The export could not be written (full disk, I/O error); raised on every rank."""
+
+
 def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=None, lora=None,
            base_model: str | None = None) -> Path:
     """Write the stage's export; returns its path (on every rank). lora: the run's LoRAConfig when
-    adapters were trained (also writes `adapter/`, for `base_model`, the checkpoint the run started from)."""
+    adapters were trained (also writes `adapter/`, for `base_model`, the checkpoint the run started from).
+    Raises ExportWriteError on every rank if rank 0 cannot write it."""
     out = Path(output_dir)
+    failure = None  # rank 0's write error; the collectives go on without its writer
     if stage == "align":
         # Only the projector is needed: gathering it alone keeps stage 1's export tiny.
         state = {n: _full(p).detach().cpu() for n, p in model.projector.named_parameters()}
-        path = out / "projector.safetensors"
+        path, written = out / "projector.safetensors", [out / "projector.safetensors"]
         if env.is_main:
             with torch.device("meta"):
                 shell = Llava(model.config)
             shell.projector.load_state_dict(state, assign=True)
-            shell.save_projector(path)
+            failure = attempt_write(lambda: shell.save_projector(path))
     else:
-        path = out / "final"
+        path, written = out / "final", [out / "final"]
         parameters = gathered_parameters(model, keep=env.is_main)
         if env.is_main:
-            model.save_pretrained(path, state=parameters)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(path))
-        else:
-            for _ in parameters:  # the all-gathers rank 0's writer consumes
-                pass
+            failure = attempt_write(lambda: _save_final(model, path, parameters, tokenizer))
+        for _ in parameters:  # the all-gathers rank 0's writer consumed (all of them, unless its write failed)
+            pass
         if lora is not None:
             from ..model.peft import save_peft_adapter
 
             trained = {unwrapped_name(n): _full(p).detach().cpu()
                        for n, p in model.named_parameters() if p.requires_grad}
-            if env.is_main:
-                save_peft_adapter(model.config, out / "adapter", trained, lora, base_model=base_model)
+            written.append(out / "adapter")
+            if env.is_main and failure is None:
+                failure = attempt_write(
+                    lambda: save_peft_adapter(model.config, out / "adapter", trained, lora, base_model=base_model))
+    failed = gather_failures(failure)
+    if failed:
+        if env.is_main:  # a half-written export must not pass for a whole one
+            for p in written:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        tensors = model.projector.parameters() if stage == "align" else [*model.parameters(), *model.carried.values()]
+        needed = sum(t.numel() * t.element_size() for t in tensors)  # a DTensor counts its full shape
+        raise ExportWriteError(
+            f"export to {path} failed: {failures_text(failed, needed, out)}. What it had written is removed. "
+            "Free space (or choose another train.output_dir) and run the same command again: it resumes "
+            "from the newest complete checkpoint (checkpoint.resume=auto; with checkpoint.save_final=true "
+            "that is the last step, and the run only exports).")
     barrier()
     return path
+
+
+def _save_final(model, path: Path, parameters, tokenizer) -> None:
+    model.save_pretrained(path, state=parameters)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))

@@ -38,7 +38,7 @@ from ..flops import FlopModel, pack_stats
 from ..hardware import peak_tflops
 from ..layers.lora import apply_lora, init_lora_
 from .build import build_dataset, build_model, build_tokenizer
-from .checkpoint import Checkpointer, find_resume
+from .checkpoint import Checkpointer, CheckpointWriteError, find_resume
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .export import export
 from .faults import NonFiniteError, bad_packs, check_finite, explain_oom, give_up_message
@@ -205,11 +205,20 @@ class Trainer:
         """A context in which torch.OutOfMemoryError is re-raised with oom_message's account of it."""
         return explain_oom(self.cfg, self.env, where, batch, llm_hidden=self.model.config.text.hidden_size)
 
-    def save(self, step: int) -> Path:
-        """A resumable checkpoint of `step` (collective); returns its directory."""
+    def save(self, step: int, log=print) -> Path | None:
+        """A resumable checkpoint of `step` (collective); returns its directory. One that cannot be written
+        raises CheckpointWriteError on every rank, or with checkpoint.on_write_error=continue is logged
+        (rank 0, through `log`) and gives None."""
         state = {"step": step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "config": self.cfg.to_dict()}
-        return self.checkpointer.save(step, self.model, self.optimizer, state)
+        try:
+            return self.checkpointer.save(step, self.model, self.optimizer, state)
+        except CheckpointWriteError as e:
+            if self.cfg.checkpoint.on_write_error == "stop":
+                raise
+            if self.env.is_main:
+                log(f"warning: {e} Training goes on (checkpoint.on_write_error=continue).")
+            return None
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -236,11 +245,12 @@ class Trainer:
                 periodic = cfg.checkpoint.every_steps and record.step % cfg.checkpoint.every_steps == 0
                 final = record.step == self.run_steps and cfg.checkpoint.save_final
                 if stopping or periodic or final or give_up:
-                    result.checkpoint = saved = self.save(record.step)
+                    saved = self.save(record.step, log=meter.write)
+                    result.checkpoint = saved or result.checkpoint
                 if stopping:
                     result.interrupted = True
-                    meter.write(f"stop signal: saved {result.checkpoint} at step {record.step}; "
-                                "resume with checkpoint.resume=auto")
+                    meter.write(f"stop signal: {f'saved {saved}' if saved else 'no checkpoint written'} at step "
+                                f"{record.step}; resume with checkpoint.resume=auto")
                     break
                 if give_up:
                     meter.close()
