@@ -31,11 +31,21 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104), LLaVA's expand2square fill
 
-# Decompression bombs: we decide here instead of relying on Pillow's warning. 2**28 pixels (e.g.
-# 16384 x 16384, 768 MiB as RGB) is above any photo in LLaVA's data; an 8000 x 6000 image is 48 MP.
-MAX_IMAGE_PIXELS = 1 << 28
+# Decompression bombs and huge images: an image is refused from its header, before anything is
+# decoded, when the pixels its preprocessing holds exceed this: width x height, or in mode "pad" the
+# square canvas, side = the long side (a 12000 x 8 strip, 96 K pixels on disk, pads to 144 M).
+# 2**26 (67 M pixels, 192 MiB as RGB) keeps decode + canvas + resize of one image under ~0.5 GB per
+# loader worker (8 workers x 8 ranks share a node's memory), and is far above LLaVA-1.5's images
+# (COCO's are at most 640 px on a side, the largest of the mix a few thousand); a 48 MP photo
+# (8000 x 6000, 64 M pixels padded) loads. Preprocessing for much larger sources (AnyRes tiles of
+# scanned pages) may raise it: it is read at every call; set it before the loader's workers start.
+MAX_IMAGE_PIXELS = 1 << 26
 
 _MODES = ("pad", "square")
+# DALI reads a whole file into memory: only files of plausible size for their pixels go to it. An 8-bit
+# RGB JPEG or PNG is at most ~3 bytes a pixel plus its metadata (EXIF, ICC, XMP segments).
+_MAX_FILE_BYTES_PER_PIXEL = 4
+_MAX_METADATA_BYTES = 16 << 20
 _DALI_MODES = {"RGB", "L"}  # decoded identically by DALI; anything else goes through Pillow
 _pipelines: dict = {}
 
@@ -92,23 +102,36 @@ def _check_args(mode: str, size: int, backend: str) -> None:
 # ----------------------------------------------------------------------------- Pillow
 
 
-def _open(path) -> Image.Image:
-    """Open lazily (header only) with our own pixel limit instead of Pillow's bomb warning."""
+def _open(path, mode: str) -> Image.Image:
+    """Open lazily (the header only) and refuse what _check_pixels refuses, before any decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(path, f"exceeds Pillow's decompression-bomb limit ({e})") from None
+    except Image.DecompressionBombError as e:  # above twice Pillow's own limit: ours is lower anyway
+        raise ImageError(path, f"refused before decoding, a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"cannot identify or read the image ({e})") from None
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise ImageError(path, f"{img.width}x{img.height} exceeds MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
-    if img.width < 1 or img.height < 1:
-        raise ImageError(path, f"empty image {img.width}x{img.height}")
+    try:
+        _check_pixels(path, img.width, img.height, mode)
+    except ImageError:
+        img.close()
+        raise
     return img
+
+
+def _check_pixels(path, width: int, height: int, mode: str) -> None:
+    """ImageError unless preprocessing a width x height image holds at most MAX_IMAGE_PIXELS pixels."""
+    if width < 1 or height < 1:
+        raise ImageError(path, f"empty image {width}x{height}")
+    (_, _, side_w, side_h), _, _ = resize_geometry(width, height, mode, 1)
+    if side_w * side_h > MAX_IMAGE_PIXELS:
+        padded = f" (padded to {side_w}x{side_h} in mode 'pad')" if (side_w, side_h) != (width, height) else ""
+        raise ImageError(path, f"{width}x{height}{padded} is {side_w * side_h:,} pixels, above "
+                               f"fastllava.data.images.MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS:,}: refused before "
+                               "decoding, a possible decompression bomb")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -125,9 +148,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
 
 
-def pil_decode(path) -> Image.Image:
-    """Decode fully to an RGB PIL image with EXIF orientation applied; ImageError on any failure."""
-    img = _open(path)
+def pil_decode(path, mode: str = "square") -> Image.Image:
+    """Decode fully to an RGB PIL image with EXIF orientation applied; ImageError on any failure,
+    and before decoding for an image whose preprocessing in `mode` would exceed MAX_IMAGE_PIXELS."""
+    img = _open(path, mode)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -219,9 +243,9 @@ def _has_end_marker(data: bytes, fmt: str | None) -> bool:
     return False
 
 
-def _dali_ready(path):
+def _dali_ready(path, mode: str):
     """(encoded bytes, (w, h)) if DALI can decode this file exactly as Pillow would, else None."""
-    img = _open(path)  # raises ImageError for missing / unreadable headers, with the path
+    img = _open(path, mode)  # ImageError for missing or unreadable headers and bombs, with the path
     if img.format not in ("JPEG", "PNG") or img.mode not in _DALI_MODES or "transparency" in img.info:
         return None
     try:
@@ -231,6 +255,8 @@ def _dali_ready(path):
         return None  # unreadable metadata: Pillow decodes it and names the file if it is broken
     size, fmt = img.size, img.format
     img.close()
+    if os.path.getsize(path) > _MAX_FILE_BYTES_PER_PIXEL * size[0] * size[1] + _MAX_METADATA_BYTES:
+        return None  # far more bytes than pixels (trailing data?): Pillow reads only what it decodes
     with open(path, "rb") as f:
         data = f.read()
     return (data, size) if _has_end_marker(data, fmt) else None
@@ -238,7 +264,7 @@ def _dali_ready(path):
 
 def _load_dali(paths: Sequence, mode: str, size: int, out: list, num_threads: int) -> None:
     """Fill out[i] for every path DALI can take; leave the others None."""
-    ready = {i: r for i, p in enumerate(paths) if (r := _dali_ready(p)) is not None}
+    ready = {i: r for i, p in enumerate(paths) if (r := _dali_ready(p, mode)) is not None}
     if not ready:
         return
     idx = list(ready)
@@ -285,7 +311,7 @@ def load_images(paths: Sequence, mode: str = "pad", size: int = 336, backend: st
         _load_dali(paths, mode, size, out, num_threads or min(4, os.cpu_count() or 1))
     for i, p in enumerate(paths):
         if out[i] is None:
-            out[i] = preprocess_pil(pil_decode(p), mode, size)
+            out[i] = preprocess_pil(pil_decode(p, mode), mode, size)
     return torch.stack(out)
 
 
@@ -293,5 +319,5 @@ def load_image(path, mode: str = "pad", size: int = 336, backend: str = "auto") 
     """Load and preprocess one image -> (3, size, size) float32 (see the module docstring)."""
     _check_args(mode, size, backend)
     if backend == "pil" or not HAS_DALI:
-        return preprocess_pil(pil_decode(path), mode, size)
+        return preprocess_pil(pil_decode(path, mode), mode, size)
     return load_images([path], mode, size, backend)[0]
