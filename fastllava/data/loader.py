@@ -9,16 +9,26 @@ Every rank must take part in every micro-step's collectives (FSDP2 all-gathers, 
 with the same modules: a pack that would skip the vision tower (text-only samples) or be empty (a
 short last step, rejected samples) gets a filler sample: one zero image behind one image token (or one
 pad token), all labels ignored. It adds no loss and no label tokens, so the gradient is unchanged.
+
+A worker that dies (killed by a signal, e.g. the OOM killer, or a crash inside an image decoder) is
+reported as WorkerCrashed naming the pack it was loading and its samples, instead of torch's bare
+"DataLoader worker (pid ...) exited unexpectedly": each worker writes the pack it is loading into a
+shared table, read when torch reports the death.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..batch import IGNORE_INDEX, PackedBatch
 from .packing import PackingPlanner, collate_pack
@@ -32,6 +42,8 @@ class SampleSource(Protocol):
     def lengths(self) -> np.ndarray: ...  # (n,) tokens per sample after image expansion
 
     def __getitem__(self, i: int) -> dict | None: ...  # input_ids, labels, pixel_values|None; None = rejected
+
+    # Optional: describe_sample(i) -> str names sample i (file, entry, id, images) in WorkerCrashed.
 
 
 @dataclass
@@ -50,18 +62,40 @@ class MicroBatch:
         return MicroBatch(self.step, self.micro, self.num_micro, self.batch.pin_memory(), self.rejected, self.filler)
 
 
-class _BinDataset(Dataset):
-    """Item k = the k-th bin of this rank, from the resume point on; returns a MicroBatch."""
+class WorkerCrashed(RuntimeError):
+    """A DataLoader worker died while loading a pack; `samples` are the dataset indices it held."""
 
-    def __init__(self, source, keys, image_token_id, num_image_tokens, filler_image, pad_token_id):
+    def __init__(self, message: str, samples: list[int]):
+        super().__init__(message)
+        self.samples = samples
+
+
+class _BinDataset(Dataset):
+    """Item k = the k-th bin of this rank, from the resume point on; returns a MicroBatch.
+
+    loading: None, or (num_workers, 2) int64 in shared memory: row w = (pid, k) while worker w loads
+    item k, k = -1 between items (what a dead worker held, see WorkerCrashed)."""
+
+    def __init__(self, source, keys, image_token_id, num_image_tokens, filler_image, pad_token_id,
+                 loading: torch.Tensor | None = None):
         self.source, self.keys = source, keys
         self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
         self.filler_image, self.pad_token_id = filler_image, pad_token_id
+        self.loading = loading
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, k: int) -> MicroBatch:
+        worker = get_worker_info()
+        if self.loading is None or worker is None:
+            return self._load(k)
+        self.loading[worker.id, 0], self.loading[worker.id, 1] = os.getpid(), k
+        batch = self._load(k)
+        self.loading[worker.id, 1] = -1
+        return batch
+
+    def _load(self, k: int) -> MicroBatch:
         step, micro, num_micro, indices = self.keys[k]
         samples = [self.source[i] for i in indices]
         batch, rejected = collate_pack(samples, self.image_token_id, self.num_image_tokens)
@@ -83,6 +117,71 @@ class _BinDataset(Dataset):
 
 def _identity(x):
     return x
+
+
+# torch's two reports of a dead worker: "DataLoader worker (pid(s) 12, 13) exited unexpectedly" from the
+# iterator, "DataLoader worker (pid 12) is killed by signal: Killed." from its SIGCHLD handler.
+_DEAD_PIDS = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+
+
+def _crash_error(exc: BaseException, data: _BinDataset, rank: int) -> WorkerCrashed | None:
+    """torch's report of a dead worker of `data`'s loader as a WorkerCrashed naming the pack(s) it was
+    loading; None for any other error. If torch's wording ever changes, every pack in a worker is named."""
+    if data.loading is None or not isinstance(exc, RuntimeError) or "DataLoader worker" not in str(exc):
+        return None
+    match = _DEAD_PIDS.search(str(exc))
+    dead = None if match is None else {int(p) for p in match.group(1).replace(",", " ").split()}
+    rows = [(pid, k) for pid, k in data.loading.tolist() if pid >= 0 and (dead is None or pid in dead)]
+    if not rows:
+        return None  # a worker of another DataLoader
+    held = [k for _, k in rows if k >= 0]
+    if not held:
+        return WorkerCrashed(f"a DataLoader worker of rank {rank} died between packs, holding no sample "
+                             f"(torch: {exc})", [])
+    describe = getattr(data.source, "describe_sample", None)
+    lines, samples = [], []
+    for k in held:
+        step, micro, num_micro, indices = data.keys[k]
+        lines.append(f"step {step}, micro-step {micro + 1}/{num_micro}:")
+        lines += [f"  sample {i}" + (f": {describe(i)}" if describe else "") for i in indices]
+        samples += list(indices)
+    which = "while loading" if dead is not None else "with these packs in its workers (which one died is unknown)"
+    return WorkerCrashed(
+        f"a DataLoader worker of rank {rank} died {which}\n" + "\n".join(lines) + "\n"
+        "A crash inside an image decoder or the kernel's OOM killer (dmesg names it) are the usual causes: "
+        "load these samples' images alone (fastllava.data.load_image), or set data.num_workers=0 so that "
+        f"the main process shows the failing call. torch: {exc}", samples)
+
+
+def _raise_named(exc: RuntimeError, data: _BinDataset, rank: int):
+    named = _crash_error(exc, data, rank)
+    if named is None:
+        raise exc
+    raise named from exc
+
+
+@contextmanager
+def _naming_crashes(data: _BinDataset, rank: int):
+    """While the loader runs, name the pack of a worker that dies. torch's SIGCHLD handler reports a dead
+    worker by raising from wherever the main thread is, most often inside the training step, out of the
+    loader's reach; a handler chained in front of it (as torch chains its own) renames that error."""
+    previous = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+    if data.loading is None or not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield  # no handler of torch's to wrap (no workers, Windows, a thread): the iterator's errors only
+        return
+
+    def handler(signum, frame):
+        try:
+            previous(signum, frame)
+        except RuntimeError as e:
+            _raise_named(e, data, rank)
+
+    signal.signal(signal.SIGCHLD, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGCHLD) is handler:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 class StepLoader:
@@ -149,8 +248,11 @@ class StepLoader:
     def __iter__(self) -> Iterator[tuple[int, list[MicroBatch]]]:
         start = self.next_step
         stop = self.total_steps if self.stop_step is None else min(self.stop_step, self.total_steps)
+        loading = None  # (pid, pack) per worker, see _BinDataset
+        if self.num_workers:
+            loading = torch.full((self.num_workers, 2), -1, dtype=torch.int64).share_memory_()
         data = _BinDataset(self.source, self._keys(start, stop), self.image_token_id,
-                           self.num_image_tokens, self.filler_image, self.pad_token_id)
+                           self.num_image_tokens, self.filler_image, self.pad_token_id, loading)
         # A generator of its own: DataLoader draws its workers' base seed from it when iteration starts,
         # which would otherwise advance the global torch RNG (dropout's) at a different point of a resumed
         # run than of the uninterrupted one. Nothing the workers do is random.
@@ -158,11 +260,19 @@ class StepLoader:
                             collate_fn=_identity, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.num_workers else None,
                             persistent_workers=False, generator=torch.Generator().manual_seed(0))
+        batches = iter(loader)  # starts the workers, and torch's SIGCHLD handler with them
         pending: list[MicroBatch] = []
-        for mb in loader:
-            pending.append(mb)
-            if len(pending) == mb.num_micro:
-                assert all(p.step == mb.step for p in pending)
-                self.next_step = mb.step + 1
-                yield mb.step, pending
-                pending = []
+        with _naming_crashes(data, self.rank):
+            while True:
+                try:
+                    mb = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    _raise_named(e, data, self.rank)
+                pending.append(mb)
+                if len(pending) == mb.num_micro:
+                    assert all(p.step == mb.step for p in pending)
+                    self.next_step = mb.step + 1
+                    yield mb.step, pending
+                    pending = []
