@@ -299,13 +299,21 @@ def barrier(*, where: str = "") -> None:
         _collective("barrier", where, dist.barrier)
 
 
+def all_gather_objects(obj, *, where: str = "") -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a world of one. where: as in all_reduce_sum."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    objs: list = [None] * dist.get_world_size()
+    _collective("all_gather_objects", where, lambda: dist.all_gather_object(objs, obj))
+    return objs
+
+
 def gather_interleaved(shard: list, rank: int, world: int) -> list:
     """Every rank's `shard` merged back into one list, where rank r held items r, r + world, ... (how
     evaluation splits its questions), so N processes give the list one process gives. Call on every rank."""
     if world == 1:
         return list(shard)
-    shards: list = [None] * world
-    dist.all_gather_object(shards, shard)
+    shards = all_gather_objects(shard)
     merged: list = [None] * sum(len(s) for s in shards)
     for r, s in enumerate(shards):
         merged[r::world] = s

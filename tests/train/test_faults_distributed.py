@@ -77,3 +77,20 @@ def test_timeout_must_be_a_positive_finite_number_of_seconds(value):
 
     with pytest.raises(ValueError, match="parallel.timeout_s must be a finite number of seconds > 0"):
         load_config(None, [f"parallel.timeout_s={value}"])
+
+
+def test_restarts_across_nodes_need_their_own_store_per_attempt(monkeypatch):
+    # torchrun's shared store outlives an attempt and only the failed node's agent counts the restart: a
+    # several-node run with restarts must say how to get a fresh store per attempt, before any work.
+    from fastllava.train.distributed import _restart_store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        _restart_store(None)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: torchrun's store as it is
+    assert _restart_store(None) is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert _restart_store(None) is None
