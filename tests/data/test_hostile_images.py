@@ -3,6 +3,7 @@ PNG headers, zero-byte files (each refused and named from its header, in bounded
 Pillow and DALI), and a loader worker that dies while it holds a pack (named with its samples)."""
 
 import json
+import multiprocessing
 import os
 import signal
 import struct
@@ -169,11 +170,12 @@ def test_dali_leaves_files_far_larger_than_their_pixels_to_pillow(tmp_path, good
 
 class _Dying:
     """A text-only source whose sample `victim` kills the worker process that loads it (as the OOM killer
-    or a segfault in a decoder would); the main process would load it normally."""
+    or a segfault in a decoder would) once `go` is set; the main process would load it normally."""
 
     def __init__(self, n=96):
         self._lengths = np.full(n, 50)
         self.victim = -1
+        self.go = multiprocessing.Event()
 
     def __len__(self):
         return len(self._lengths)
@@ -186,7 +188,7 @@ class _Dying:
 
     def __getitem__(self, i):
         if i == self.victim and torch.utils.data.get_worker_info() is not None:
-            time.sleep(1)  # the other worker delivers step 0 meanwhile
+            self.go.wait(timeout=60)
             os.kill(os.getpid(), signal.SIGKILL)
         return {"input_ids": torch.full((50,), i), "labels": torch.full((50,), IGNORE_INDEX), "pixel_values": None}
 
@@ -200,11 +202,14 @@ def test_dead_worker_is_named_with_its_samples(main_is):
     pack = sorted(int(i) for i in loader.plan(1).rank(0)[0])  # step 1's first pack: loaded during step 0
     loader.source.victim = pack[-1]
     in_step = False
+    if main_is == "loading":
+        loader.source.go.set()
     with pytest.raises(WorkerCrashed) as info:
         for step, _ in loader:
             assert step == 0, "the pack of the dead worker was delivered"
             if main_is == "training":
                 in_step, deadline = True, time.monotonic() + 20
+                loader.source.go.set()
                 while time.monotonic() < deadline:
                     time.sleep(0.01)  # a "step": the worker dies meanwhile
                 pytest.fail("no error in the 20 s after the worker died")
