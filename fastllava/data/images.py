@@ -32,8 +32,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104), LLaVA's expand2square fill
 
 # Decompression bombs and huge images: an image is refused from its header, before anything is
-# decoded, when the pixels its preprocessing holds exceed this: width x height, or in mode "pad" the
-# square canvas, side = the long side (a 12000 x 8 strip, 96 K pixels on disk, pads to 144 M).
+# decoded, when an image its preprocessing holds exceeds this many pixels: the decoded one, the pad
+# canvas (side = the long side) or the resized one before the crop (long side scaled by size / short).
+# A 12000 x 8 strip, 96 K pixels and 200 bytes on disk, pads to 144 M or resizes to 504000 x 336.
 # 2**26 (67 M pixels, 192 MiB as RGB) keeps decode + canvas + resize of one image under ~0.5 GB per
 # loader worker (8 workers x 8 ranks share a node's memory), and is far above LLaVA-1.5's images
 # (COCO's are at most 640 px on a side, the largest of the mix a few thousand); a 48 MP photo
@@ -102,7 +103,7 @@ def _check_args(mode: str, size: int, backend: str) -> None:
 # ----------------------------------------------------------------------------- Pillow
 
 
-def _open(path, mode: str) -> Image.Image:
+def _open(path, mode: str, size: int) -> Image.Image:
     """Open lazily (the header only) and refuse what _check_pixels refuses, before any decoding."""
     try:
         with warnings.catch_warnings():
@@ -115,21 +116,24 @@ def _open(path, mode: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"cannot identify or read the image ({e})") from None
     try:
-        _check_pixels(path, img.width, img.height, mode)
+        _check_pixels(path, img.width, img.height, mode, size)
     except ImageError:
         img.close()
         raise
     return img
 
 
-def _check_pixels(path, width: int, height: int, mode: str) -> None:
-    """ImageError unless preprocessing a width x height image holds at most MAX_IMAGE_PIXELS pixels."""
+def _check_pixels(path, width: int, height: int, mode: str, size: int) -> None:
+    """ImageError unless every image that preprocessing a width x height one holds has at most
+    MAX_IMAGE_PIXELS pixels."""
     if width < 1 or height < 1:
         raise ImageError(path, f"empty image {width}x{height}")
-    (_, _, side_w, side_h), _, _ = resize_geometry(width, height, mode, 1)
-    if side_w * side_h > MAX_IMAGE_PIXELS:
-        padded = f" (padded to {side_w}x{side_h} in mode 'pad')" if (side_w, side_h) != (width, height) else ""
-        raise ImageError(path, f"{width}x{height}{padded} is {side_w * side_h:,} pixels, above "
+    (_, _, side_w, side_h), resized, _ = resize_geometry(width, height, mode, size)
+    held = [(width * height, ""), (side_w * side_h, f" padded to {side_w}x{side_h} in mode 'pad'"),
+            (resized[0] * resized[1], f" resized to {resized[0]}x{resized[1]} before the centre crop")]
+    pixels, stage = max(held, key=lambda h: h[0])  # the first of equals: the decoded image's own size
+    if pixels > MAX_IMAGE_PIXELS:
+        raise ImageError(path, f"{width}x{height}{stage} is {pixels:,} pixels, above "
                                f"fastllava.data.images.MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS:,}: refused before "
                                "decoding, a possible decompression bomb")
 
@@ -148,10 +152,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
 
 
-def pil_decode(path, mode: str = "square") -> Image.Image:
-    """Decode fully to an RGB PIL image with EXIF orientation applied; ImageError on any failure,
-    and before decoding for an image whose preprocessing in `mode` would exceed MAX_IMAGE_PIXELS."""
-    img = _open(path, mode)
+def pil_decode(path, mode: str = "square", size: int = 336) -> Image.Image:
+    """Decode fully to an RGB PIL image with EXIF orientation applied; ImageError on any failure, and
+    before decoding when preprocessing it (`mode`, `size`) would hold more than MAX_IMAGE_PIXELS."""
+    img = _open(path, mode, size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -243,9 +247,9 @@ def _has_end_marker(data: bytes, fmt: str | None) -> bool:
     return False
 
 
-def _dali_ready(path, mode: str):
+def _dali_ready(path, mode: str, size: int):
     """(encoded bytes, (w, h)) if DALI can decode this file exactly as Pillow would, else None."""
-    img = _open(path, mode)  # ImageError for missing or unreadable headers and bombs, with the path
+    img = _open(path, mode, size)  # ImageError for missing or unreadable headers and bombs, with the path
     if img.format not in ("JPEG", "PNG") or img.mode not in _DALI_MODES or "transparency" in img.info:
         return None
     try:
@@ -264,7 +268,7 @@ def _dali_ready(path, mode: str):
 
 def _load_dali(paths: Sequence, mode: str, size: int, out: list, num_threads: int) -> None:
     """Fill out[i] for every path DALI can take; leave the others None."""
-    ready = {i: r for i, p in enumerate(paths) if (r := _dali_ready(p, mode)) is not None}
+    ready = {i: r for i, p in enumerate(paths) if (r := _dali_ready(p, mode, size)) is not None}
     if not ready:
         return
     idx = list(ready)
@@ -311,7 +315,7 @@ def load_images(paths: Sequence, mode: str = "pad", size: int = 336, backend: st
         _load_dali(paths, mode, size, out, num_threads or min(4, os.cpu_count() or 1))
     for i, p in enumerate(paths):
         if out[i] is None:
-            out[i] = preprocess_pil(pil_decode(p, mode), mode, size)
+            out[i] = preprocess_pil(pil_decode(p, mode, size), mode, size)
     return torch.stack(out)
 
 
@@ -319,5 +323,5 @@ def load_image(path, mode: str = "pad", size: int = 336, backend: str = "auto") 
     """Load and preprocess one image -> (3, size, size) float32 (see the module docstring)."""
     _check_args(mode, size, backend)
     if backend == "pil" or not HAS_DALI:
-        return preprocess_pil(pil_decode(path, mode), mode, size)
+        return preprocess_pil(pil_decode(path, mode, size), mode, size)
     return load_images([path], mode, size, backend)[0]

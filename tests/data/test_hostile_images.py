@@ -67,7 +67,8 @@ def hostile(tmp_path_factory):
         "bomb_30k.png": _png(d / "bomb_30k.png", 30000, 30000, bit_depth=1),
         # 144 M pixels: Pillow only warns below 179 M, and decoding takes ~0.6 GB and over a second
         "bomb_12k.png": _png(d / "bomb_12k.png", 12000, 12000),
-        # 96 K pixels on disk, but pad-to-square makes a 12000 x 12000 canvas (~0.5 GB)
+        # 96 K pixels on disk, but pad-to-square makes a 12000 x 12000 canvas (~0.5 GB) and a resize of the
+        # short side to 336 a 504000 x 336 image
         "strip.png": _png(d / "strip.png", 12000, 8),
         "header_30k.jpg": _jpeg_claiming(d / "header_30k.jpg", 30000, 30000),
         "bad_crc.png": d / "bad_crc.png",
@@ -103,10 +104,12 @@ def test_hostile_files_are_refused_and_named(hostile, good, backend):
             assert "before decoding" in str(info.value), (name, str(info.value))
         # the header alone decides: milliseconds (decoding a bomb takes over a second here)
         assert time.perf_counter() - start < 0.5, name
-    with pytest.raises(images.ImageError, match=r"12000x8 \(padded to 12000x12000"):
+    with pytest.raises(images.ImageError, match=r"12000x8 padded to 12000x12000 .* is 144,000,000 pixels"):
         images.load_image(hostile["strip.png"], "pad", backend=backend)
-    # stage 1 does not pad: the strip is a legal 96 K-pixel image there
-    assert images.load_image(hostile["strip.png"], "square", 336, backend=backend).shape == (3, 336, 336)
+    # stage 1 does not pad, but the shortest side goes to 336 before the crop
+    with pytest.raises(images.ImageError, match=r"12000x8 resized to 504000x336 .* is 169,344,000 pixels"):
+        images.load_image(hostile["strip.png"], "square", 336, backend=backend)
+    assert images.load_image(hostile["strip.png"], "square", 8, backend=backend).shape == (3, 8, 8)
 
 
 _MEASURE = """
@@ -117,12 +120,13 @@ images.load_images([good], "pad", 336, backend=backend)  # warm: imports, DALI's
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 seconds = {}
 for p in paths:
-    start = time.perf_counter()
-    try:
-        images.load_images([p], "pad", 336, backend=backend)
-    except images.ImageError:
-        pass
-    seconds[p] = time.perf_counter() - start
+    for mode in ("pad", "square"):
+        start = time.perf_counter()
+        try:
+            images.load_images([p], mode, 336, backend=backend)
+        except images.ImageError:
+            pass
+        seconds[f"{p} {mode}"] = time.perf_counter() - start
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # ru_maxrss is in KiB on Linux
 print(json.dumps({"grown": grown, "seconds": seconds}))
 """
@@ -131,7 +135,8 @@ print(json.dumps({"grown": grown, "seconds": seconds}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's convention")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hostile_files_take_bounded_memory(hostile, good, backend):
-    """A fresh process's peak memory: decoding the 12k bomb or padding the strip would add ~0.5 GB or more."""
+    """A fresh process's peak memory: decoding the 12k bomb, padding or resizing the strip would add
+    ~0.5 GB or more."""
     out = subprocess.run([sys.executable, "-c", _MEASURE, backend, str(good), *map(str, hostile.values())],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
