@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .distributed import all_gather_objects
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -290,10 +291,7 @@ def size_text(n: int) -> str:
 def gather_failures(failure: str | None) -> list[tuple[int, str]]:
     """Collective: (rank, what failed) of every rank whose `failure` is not None, the same list on every
     rank, so that all of them raise together instead of some waiting for a rank that gave up."""
-    outcomes = [failure]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        outcomes = [None] * dist.get_world_size()
-        dist.all_gather_object(outcomes, failure)
+    outcomes = all_gather_objects(failure, where="a checkpoint write's outcome")
     return [(r, text) for r, text in enumerate(outcomes) if text is not None]
 
 

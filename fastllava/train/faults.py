@@ -26,15 +26,12 @@ class NonFiniteError(RuntimeError):
 
 
 def sample_names(source, indices, limit: int = 8) -> str:
-    """Samples by dataset index, with their id and file entry where the dataset keeps its records
-    (LlavaDataset's `records`); at most `limit`, then how many more."""
-    records = getattr(source, "records", None)
+    """Samples by dataset index, with where they come from where the dataset can say (LlavaDataset's
+    describe_sample: file entry, id, images); at most `limit`, then how many more."""
+    describe = getattr(source, "describe_sample", None)
 
     def name(i: int) -> str:
-        if records is None:
-            return f"#{i}"
-        file, index, _ = records.source(i)
-        return f"#{i} (id {records.ids[i]!r}, {file} entry {index})"
+        return f"#{i}" if describe is None else f"#{i} ({describe(i)})"
 
     shown = ", ".join(name(int(i)) for i in indices[:limit])
     return shown + (f" and {len(indices) - limit} more" if len(indices) > limit else "")

@@ -177,7 +177,7 @@ def test_samples_are_named_by_id_and_file_entry(tmp_path):
     dataset = LlavaDataset(path, None, str(write_llama_tokenizer(tmp_path / "tok")), "vicuna_v1", verbose=False,
                            num_image_tokens=4, cache_dir=None)
     assert len(dataset) == 2
-    assert sample_names(dataset, [1, 0]) == f"#1 (id 'third', {path} entry 2), #0 (id 'first', {path} entry 0)"
+    assert sample_names(dataset, [1, 0]) == f"#1 ({path} entry 2, id 'third'), #0 ({path} entry 0, id 'first')"
     assert sample_names(ToyDataset(9), list(range(9)), limit=3) == "#0, #1, #2 and 6 more"
 
 
