@@ -5,7 +5,8 @@ chunk's result is the serial one (batch_lengths treats every conversation on its
 bit-identical for any worker count. Fork, as torch's DataLoader workers do from the same training
 process: the workers inherit the records, tokenizer and template instead of unpickling them, and no
 module is re-imported (spawn would re-run a training script that lacks an `if __name__ == "__main__"`
-guard). Measured on a 50K-entry mix665k-shaped file (2-core CPU, 2026-12-06): ~14 s serial.
+guard). On a 665K-entry mix665k-shaped file (benchmarks/bench_startup.py, 2-core CPU, 2026-12-06) the
+lengths took 123 s with 2 workers, 264 s serially.
 
 `cache_lock` makes the ranks of a node (every process that shares the cache directory) take turns: the
 first computes and writes the cache, the others block in flock and then read it, instead of all of them
