@@ -43,9 +43,15 @@ class Backends:
             _choice(f"{name} backend", getattr(self, name), ("auto",) + allowed)
 
 
+# The tower layouts (model/vision.py): CLIP's has a CLS token, a pre-layernorm and a patch convolution without
+# bias; SigLIP's (fixed-resolution SiglipVisionModel) has none of the first two and a bias on the convolution.
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
 @dataclass
 class VisionConfig:
-    """The CLIP vision transformer (defaults: ViT-L/14 at 336 px), as CLIPVisionConfig names its fields."""
+    """The vision transformer (defaults: CLIP ViT-L/14 at 336 px), as CLIPVisionConfig / SiglipVisionConfig
+    name their fields; `model_type` says which layout."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -56,29 +62,36 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     num_channels: int = 3
+    model_type: str = "clip_vision_model"
 
     def __post_init__(self):
+        _choice("vision model_type", self.model_type, VISION_MODEL_TYPES)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"vision hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        _choice("vision hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
+        _choice("vision hidden_act", self.hidden_act, ("quick_gelu", "gelu", "gelu_pytorch_tanh"))
 
     @property
     def num_patches(self) -> int:
         """Patch tokens per image (CLS not counted)."""
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the tower puts a CLS token before the patches (CLIP) or not (SigLIP)."""
+        return self.model_type == "clip_vision_model"
+
     @classmethod
     def from_hf(cls, d: dict) -> "VisionConfig":
-        """From a CLIPVisionConfig dict (unknown keys ignored)."""
+        """From a CLIPVisionConfig or SiglipVisionConfig dict (unknown keys ignored)."""
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def to_hf(self) -> dict:
-        """A CLIPVisionConfig dict."""
-        return {"model_type": "clip_vision_model", **asdict(self)}
+        """A CLIPVisionConfig or SiglipVisionConfig dict."""
+        return asdict(self)
 
 
 @dataclass
@@ -166,6 +179,9 @@ class LlavaConfig:
         if not PROJECTOR_PATTERN.match(self.projector_type) or self.projector_type == "mlp0x_gelu":
             raise ValueError(f"projector_type must be 'linear' or 'mlpNx_gelu' (N >= 1), got {self.projector_type!r}")
         _choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
+        if self.vision_feature_select == "cls_patch" and not self.vision.has_class_token:
+            raise ValueError(f"vision_feature_select 'cls_patch' needs a CLS token, which a {self.vision.model_type} "
+                             "tower does not have: use 'patch' (every token of the tower is a patch)")
         n = self.vision.num_hidden_layers
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for {n} vision layers")
@@ -197,15 +213,21 @@ class LlavaConfig:
         layer = d.get("vision_feature_layer", -2)
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer must be one integer layer, got {layer!r}")
+        from .families import find  # the families read their configs through this module
+
+        vision = find("tower", d["vision_config"].get("model_type", "clip_vision_model"),
+                      "vision_config").read_config(d["vision_config"])
         strategy = d.get("vision_feature_select_strategy", "default")
-        selects = {"default": "patch", "full": "cls_patch"}
+        # transformers' "default" drops the first token, "full" keeps all: a tower without CLS needs "full"
+        selects = {"default": "patch", "full": "cls_patch"} if vision.has_class_token else {"full": "patch"}
         if strategy not in selects:
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+            raise ValueError(f"vision_feature_select_strategy must be {' or '.join(map(repr, selects))} for a "
+                             f"{vision.model_type} tower, got {strategy!r}")
         text = TextConfig.from_hf(d["text_config"])
         if "tie_word_embeddings" in d:
             text.tie_word_embeddings = d["tie_word_embeddings"]
         kwargs = dict(
-            vision=VisionConfig.from_hf(d["vision_config"]),
+            vision=vision,
             text=text,
             projector_type="mlp2x_gelu",
             vision_feature_layer=layer,
@@ -236,10 +258,14 @@ class LlavaConfig:
             "projector_hidden_act": "gelu",
             "multimodal_projector_bias": True,
             "vision_feature_layer": self.vision_feature_layer,
-            "vision_feature_select_strategy": {"patch": "default", "cls_patch": "full"}[self.vision_feature_select],
+            "vision_feature_select_strategy": self._feature_select_strategy(),
             "tie_word_embeddings": self.text.tie_word_embeddings,
             "pad_token_id": self.pad_token_id,
         }
+
+    def _feature_select_strategy(self) -> str:
+        """transformers' name of the selection: "default" drops the first token (the CLS), "full" keeps all."""
+        return "default" if self.vision_feature_select == "patch" and self.vision.has_class_token else "full"
 
     def to_original_llava(self, vision_tower: str) -> dict:
         """An original LLaVA `LlavaLlamaForCausalLM` config.json dict (haotian-liu/LLaVA llava_llama.py): the

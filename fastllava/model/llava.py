@@ -17,7 +17,7 @@ from ..ops import fused_linear_cross_entropy, merge_visual_tokens
 from .config import Backends, LlavaConfig
 from .init import init_projector_, init_transformer_
 from .llama import LlamaDecoder
-from .vision import CLIPVisionTower
+from .vision import VisionTower
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Llava(nn.Module):
         super().__init__()
         self.config = config
         self.backends = backends or Backends()
-        self.vision_tower = CLIPVisionTower(config)
+        self.vision_tower = VisionTower(config)
         self.projector = Projector(
             config.vision.hidden_size, config.text.hidden_size, config.projector_depth, backend=self.backends.projector
         )

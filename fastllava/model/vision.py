@@ -1,10 +1,14 @@
-"""CLIP ViT vision tower (pre-layernorm, quick-GELU MLPs), run only up to the selected feature layer.
+"""The ViT vision tower, CLIP's (CLS token, pre-layernorm, quick-GELU) or SigLIP's (no CLS, no pre-layernorm,
+tanh-GELU), run only up to the selected feature layer.
 
 Shape legend: N images, P patch tokens per image (+1 for CLS), C vision width.
-Module names mirror Hugging Face's CLIPVisionTransformer so checkpoints map key for key.
+Module names mirror Hugging Face's CLIPVisionTransformer / SiglipVisionTransformer so checkpoints map key
+for key. Both share the encoder layer; VisionConfig.has_class_token says which embeddings and pre-norm.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -18,23 +22,31 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class CLIPEmbeddings(nn.Module):
-    """CLIP's patch embedding (a stride-p convolution, no bias), the CLS token and learned positions."""
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+class VisionEmbeddings(nn.Module):
+    """The patch embedding (a stride-p convolution: without bias in CLIP, with bias in SigLIP), CLIP's CLS
+    token, and learned positions (for CLS and the patches, or the patches only)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        cls = cfg.has_class_token
+        if cls:
+            self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(
-            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=not cls
         )
-        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches + cls, cfg.hidden_size)
 
     def forward(self, pixels_N3HW: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) pixels -> (N, P + 1, C): CLS first, then the patches in raster order."""
+        """(N, 3, H, W) pixels -> (N, P (+ 1), C): CLS first if the tower has one, then the patches in raster
+        order."""
         patches_NCP = self.patch_embedding(pixels_N3HW.to(self.patch_embedding.weight.dtype)).flatten(2)
-        patches_NPC = patches_NCP.transpose(1, 2)
-        cls_N1C = self.class_embedding.expand(patches_NPC.shape[0], 1, -1)
-        return torch.cat([cls_N1C, patches_NPC], dim=1) + self.position_embedding.weight
+        x_NPC = patches_NCP.transpose(1, 2)
+        if hasattr(self, "class_embedding"):
+            x_NPC = torch.cat([self.class_embedding.expand(x_NPC.shape[0], 1, -1), x_NPC], dim=1)
+        return x_NPC + self.position_embedding.weight
 
 
 class CLIPAttention(nn.Module):
@@ -58,13 +70,13 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    """fc1 -> quick-GELU (or GELU) -> fc2."""
+    """fc1 -> the config's GELU (quick, exact or tanh) -> fc2."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
+        self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., C)."""
@@ -87,24 +99,28 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPVisionTower(nn.Module):
+class VisionTower(nn.Module):
     """Returns the hidden state of `vision_feature_layer`; the layers after it are not built.
 
-    Their checkpoint weights (and post_layernorm, which feature extraction never uses) are carried by
-    the Llava model as plain tensors so an export stays complete.
+    Their checkpoint weights (and post_layernorm, which feature extraction never uses, and SigLIP's pooling
+    head) are carried by the Llava model as plain tensors so an export stays complete. transformers' Llava
+    selects `hidden_states[k]` too, which for k = -1 is the last layer's output before post_layernorm.
     """
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         v = cfg.vision
-        self.embeddings = CLIPEmbeddings(v)
-        self.pre_layrnorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)  # sic: HF's spelling
+        self.embeddings = VisionEmbeddings(v)
+        if v.has_class_token:
+            self.pre_layrnorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)  # sic: HF's spelling
         self.layers = nn.ModuleList(CLIPEncoderLayer(v) for _ in range(cfg.num_vision_layers_run))
-        self.keep_cls = cfg.vision_feature_select == "cls_patch"
+        self.drop_cls = v.has_class_token and cfg.vision_feature_select == "patch"
 
     def forward(self, pixels_N3HW: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, C) features of the selected layer (P includes CLS for cls_patch)."""
-        x = self.pre_layrnorm(self.embeddings(pixels_N3HW))
+        x = self.embeddings(pixels_N3HW)
+        if hasattr(self, "pre_layrnorm"):
+            x = self.pre_layrnorm(x)
         for layer in self.layers:
             x = layer(x)
-        return x if self.keep_cls else x[:, 1:]
+        return x[:, 1:] if self.drop_cls else x

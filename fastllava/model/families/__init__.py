@@ -10,8 +10,9 @@ from __future__ import annotations
 from .clip import CLIP
 from .family import ROLES, Family
 from .llama import LLAMA
+from .siglip import SIGLIP
 
-FAMILIES = (CLIP, LLAMA)
+FAMILIES = (CLIP, SIGLIP, LLAMA)
 
 _REGISTRY: dict[tuple[str, str], Family] = {}
 for _family in FAMILIES:

@@ -1,0 +1,95 @@
+"""The SigLIP tower against transformers' SiglipVisionModel, alone and inside LlavaForConditionalGeneration."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_hf_interop import save_as_llama
+from tiny_llava import hf_logits_per_sample, make_samples, pack, rel_err
+from transformers import LlavaForConditionalGeneration, SiglipVisionModel
+
+from fastllava import Llava
+from fastllava.model import LlavaConfig
+from fastllava.testing import tiny_config, tiny_hf_llava
+
+SIGLIP = {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+PATCHES = 4  # 28 px / 14 px patches, no CLS
+
+
+def siglip_config(layer=-2, **text):
+    return tiny_config(vision=SIGLIP, text=text, vision_feature_layer=layer)
+
+
+def logits(model, samples):
+    with torch.no_grad():
+        return model(pack(samples, PATCHES), return_logits=True).logits
+
+
+@pytest.mark.parametrize("layer", [-2, -1, 1])
+def test_tower_features_are_the_hidden_state_llava_selects(tmp_path, layer):
+    hf = tiny_hf_llava(siglip_config(layer))
+    hf.save_pretrained(tmp_path)
+    model = Llava.from_pretrained(tmp_path)
+    assert model.num_image_tokens == PATCHES and not hasattr(model.vision_tower.embeddings, "class_embedding")
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.vision_tower(pixels)
+        out = hf.model.vision_tower(pixels, output_hidden_states=True)
+    expected = out.hidden_states[layer]  # transformers' Llava: every token for "full", no post_layernorm
+    assert ours.shape == expected.shape == (3, PATCHES, 32)
+    assert rel_err(ours, expected) <= 1e-6
+    if layer == -1:  # the last hidden state is taken before post_layernorm, which pooling alone uses
+        assert rel_err(ours, out.last_hidden_state) > 0.1
+
+
+@pytest.mark.parametrize("layer,tie", [(-2, False), (-1, True)])
+def test_packed_logits_match_transformers_and_export_reads_back(tmp_path, layer, tie):
+    hf = tiny_hf_llava(siglip_config(layer, num_key_value_heads=2, tie_word_embeddings=tie))
+    assert type(hf.model.vision_tower).__name__ == "SiglipVisionModel"
+    assert hf.config.vision_feature_select_strategy == "full"
+    hf.save_pretrained(tmp_path / "hf")
+    model = Llava.from_pretrained(tmp_path / "hf").eval()
+    samples = make_samples()
+    assert rel_err(logits(model, samples), hf_logits_per_sample(hf, samples, PATCHES)) <= 1e-5
+
+    model.save_pretrained(tmp_path / "ours")
+    back, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for a, b in zip(hf.state_dict().values(), back.state_dict().values()):  # the carried head and norm too
+        assert torch.equal(a, b)
+    assert rel_err(logits(model, samples), hf_logits_per_sample(back.eval(), samples, PATCHES)) <= 1e-5
+
+
+def test_from_components_reads_siglip_and_llama_directories(tmp_path):
+    hf = tiny_hf_llava(siglip_config())
+    hf.save_pretrained(tmp_path / "hf")
+    tower = SiglipVisionModel(hf.config.vision_config)
+    prefix = "model.vision_tower."
+    tower.load_state_dict({k[len(prefix):]: v for k, v in hf.state_dict().items() if k.startswith(prefix)},
+                          strict=True)
+    tower.save_pretrained(tmp_path / "siglip")
+    save_as_llama(hf, tmp_path / "llama")
+
+    model = Llava.from_components(tmp_path / "siglip", tmp_path / "llama", image_token_id=hf.config.image_token_index)
+    assert model.config.vision.model_type == "siglip_vision_model" and model.num_image_tokens == PATCHES
+    # The stage-1 model has a new projector; with the llava-hf one in its place it is the llava-hf model.
+    model.projector.load_state_dict(Llava.from_pretrained(tmp_path / "hf").projector.state_dict())
+    samples = make_samples(2)
+    assert rel_err(logits(model.eval(), samples), hf_logits_per_sample(hf, samples, PATCHES)) <= 1e-5
+
+
+def test_model_from_scratch_exports_completely(tmp_path):
+    model = Llava.from_config(siglip_config(), seed=3)
+    model.save_pretrained(tmp_path)
+    assert "vision_tower.vision_model.head.probe" in load_file(tmp_path / "model.safetensors")
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    samples = make_samples(4)
+    assert rel_err(logits(model, samples), hf_logits_per_sample(hf.eval(), samples, PATCHES)) <= 1e-5
+
+
+def test_selections_that_need_a_cls_token_are_refused():
+    with pytest.raises(ValueError, match="'cls_patch' needs a CLS token.*siglip_vision_model"):
+        tiny_config(vision=SIGLIP, vision_feature_select="cls_patch")
+    hf_config = siglip_config().to_hf_llava()
+    with pytest.raises(ValueError, match="must be 'full' for a siglip_vision_model tower, got 'default'"):
+        LlavaConfig.from_hf_llava({**hf_config, "vision_feature_select_strategy": "default"})
