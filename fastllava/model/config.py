@@ -96,7 +96,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """The LLaMA-family decoder (defaults: LLaMA-2 / Vicuna 7B), as LlamaConfig names its fields."""
+    """The decoder (defaults: LLaMA-2 / Vicuna 7B), as LlamaConfig names its fields. model_type is its family
+    (model/families/: "llama", "qwen2"), which its family's read_config sets with the fields where its block
+    differs (qkv_bias); a config written by hand sets them together."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -112,6 +114,8 @@ class TextConfig:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    model_type: str = "llama"
+    qkv_bias: bool = False  # bias on the q/k/v projections, not on o_proj (Qwen2); implied by model_type in HF
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -134,28 +138,31 @@ class TextConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, d: dict) -> "TextConfig":
-        """From a LlamaConfig dict of transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)."""
-        d = dict(d)
+    def from_hf(cls, d: dict, **fields: Any) -> "TextConfig":
+        """From a LlamaConfig-shaped dict of transformers 4.x (rope_theta, rope_scaling) or 5.x
+        (rope_parameters); its model_type is ignored: the family reading it (families/) passes model_type and
+        the fields its block sets as `fields`."""
+        d = {k: v for k, v in d.items() if k != "model_type"}
         # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x keeps them apart.
         rope = d.pop("rope_parameters", None)
         if rope:
             rope = dict(rope)
             d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
             d.setdefault("rope_scaling", rope if rope.get("rope_type", "default") != "default" else None)
-        if "model_type" in d and d["model_type"] not in ("llama", "vicuna", "llava", "llava_llama"):
-            raise ValueError(f"unknown language model architecture {d['model_type']!r}: expected a LLaMA-family model")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return cls(**{**{k: d[k] for k in cls.__dataclass_fields__ if k in d}, **fields})
 
     def to_hf(self) -> dict:
-        """A LlamaConfig dict in transformers 5's form (rope_parameters)."""
+        """The config dict of its family's transformers class (LlamaConfig, Qwen2Config) in transformers 5's
+        form (rope_parameters); qkv_bias is not written: the model_type implies it."""
         d = asdict(self)
+        model_type = d.pop("model_type")
+        d.pop("qkv_bias")
         d["head_dim"] = self.attention_head_dim
         rope = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
         if d["rope_scaling"]:
             rope.update(d["rope_scaling"])
         d.pop("rope_scaling")
-        return {"model_type": "llama", "hidden_act": "silu", "rope_parameters": rope, **d}
+        return {"model_type": model_type, "hidden_act": "silu", "rope_parameters": rope, **d}
 
 
 @dataclass
@@ -223,7 +230,8 @@ class LlavaConfig:
         if strategy not in selects:
             raise ValueError(f"vision_feature_select_strategy must be {' or '.join(map(repr, selects))} for a "
                              f"{vision.model_type} tower, got {strategy!r}")
-        text = TextConfig.from_hf(d["text_config"])
+        text_config = d["text_config"]
+        text = find("decoder", text_config.get("model_type", "llama"), "text_config").read_config(text_config)
         if "tie_word_embeddings" in d:
             text.tie_word_embeddings = d["tie_word_embeddings"]
         kwargs = dict(
@@ -273,6 +281,9 @@ class LlavaConfig:
         them, and the mm_* fields of its model arguments. Holds any projector (mm_projector_type "linear" or
         "mlpNx_gelu"). vision_tower: what mm_vision_tower names, a CLIP directory (LLaVA: a hub id or a path).
         image_token_index records our <image> id; LLaVA itself uses IMAGE_TOKEN_INDEX -200 in place of it."""
+        if self.text.model_type != "llama":
+            raise ValueError(f"the original LLaVA layout holds a LLaMA decoder (LlavaLlamaForCausalLM); this model's "
+                             f"is {self.text.model_type!r}: write it in the llava-hf layout (an mlp2x_gelu projector)")
         text = self.text.to_hf()
         rope = text.pop("rope_parameters")
         text["rope_theta"] = rope.pop("rope_theta")

@@ -1,4 +1,5 @@
-"""LLaMA-family decoder over a packed sequence: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+"""LLaMA-family decoder over a packed sequence: RMSNorm, RoPE, SwiGLU, grouped-query attention; Qwen2 is the
+same block with a bias on the q/k/v projections (TextConfig.qkv_bias).
 
 The forward takes embeddings (T, D) of samples back to back plus position_ids and cu_seqlens;
 attention is causal inside each sample and never crosses a boundary (fastllava.ops.varlen_attention).
@@ -26,9 +27,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.backend = backend
 

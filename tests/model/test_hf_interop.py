@@ -235,7 +235,7 @@ def test_component_directories_of_no_known_family(hf_llava_dir, tmp_path):
     model_type, or a key its family does not know, is an error naming the file."""
     Llava.from_pretrained(hf_llava_dir[0]).save_components(tmp_path / "clip", tmp_path / "llama")
     for part, model_type, expected in (("clip", "dinov2", "'clip' or 'clip_vision_model' or 'siglip' or 'siglip_vision_model'"),
-                                       ("llama", "qwen2", "'llama'")):
+                                       ("llama", "gpt2", "'llama' or 'qwen2'")):
         config_file = tmp_path / part / "config.json"
         config = json.loads(config_file.read_text())
         config_file.write_text(json.dumps({**config, "model_type": model_type}))

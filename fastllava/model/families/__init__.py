@@ -11,8 +11,9 @@ from .clip import CLIP
 from .family import ROLES, Family
 from .llama import LLAMA
 from .siglip import SIGLIP
+from .qwen2 import QWEN2
 
-FAMILIES = (CLIP, SIGLIP, LLAMA)
+FAMILIES = (CLIP, SIGLIP, LLAMA, QWEN2)
 
 _REGISTRY: dict[tuple[str, str], Family] = {}
 for _family in FAMILIES:
