@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from test_hf_interop import save_as_llama
 from tiny_llava import hf_logits_per_sample, make_samples, pack, rel_err
-from transformers import LlavaForConditionalGeneration, SiglipVisionModel
+from transformers import LlavaForConditionalGeneration, SiglipConfig, SiglipModel, SiglipVisionModel
 
 from fastllava import Llava
 from fastllava.model import LlavaConfig
@@ -59,13 +59,19 @@ def test_packed_logits_match_transformers_and_export_reads_back(tmp_path, layer,
     assert rel_err(logits(model, samples), hf_logits_per_sample(back.eval(), samples, PATCHES)) <= 1e-5
 
 
-def test_from_components_reads_siglip_and_llama_directories(tmp_path):
+@pytest.mark.parametrize("whole", [False, True], ids=["SiglipVisionModel", "SiglipModel"])
+def test_from_components_reads_siglip_and_llama_directories(tmp_path, whole):
     hf = tiny_hf_llava(siglip_config())
     hf.save_pretrained(tmp_path / "hf")
-    tower = SiglipVisionModel(hf.config.vision_config)
     prefix = "model.vision_tower."
-    tower.load_state_dict({k[len(prefix):]: v for k, v in hf.state_dict().items() if k.startswith(prefix)},
-                          strict=True)
+    state = {k[len(prefix):]: v for k, v in hf.state_dict().items() if k.startswith(prefix)}
+    if whole:  # both towers: the text half is skipped
+        tower = SiglipModel(SiglipConfig(vision_config=hf.config.vision_config.to_dict(), text_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)))
+        tower.vision_model.load_state_dict(state, strict=True)
+    else:
+        tower = SiglipVisionModel(hf.config.vision_config)
+        tower.load_state_dict(state, strict=True)
     tower.save_pretrained(tmp_path / "siglip")
     save_as_llama(hf, tmp_path / "llama")
 

@@ -32,14 +32,23 @@ def write_config(config) -> dict:
     return {"architectures": ["CLIPVisionModel"], **config.vision.to_hf()}
 
 
-def standard_key(key: str) -> str | None:
-    if key.startswith(_PREFIX):
-        return key
-    if key.startswith(_PARTS):  # transformers 5 writes CLIPVisionModel without the prefix
-        return _PREFIX + key
-    if key.startswith(_OTHER_HALF):
-        return None
-    raise LookupError(key)
+def standard_keys(parts: tuple[str, ...], other_half: tuple[str, ...]):
+    """standard_key of a tower whose transformers class writes `vision_model.<part>` keys (transformers 5 leaves
+    the prefix out), in a directory that may hold a whole two-tower model whose `other_half` LLaVA skips."""
+
+    def standard_key(key: str) -> str | None:
+        if key.startswith(_PREFIX):
+            return key
+        if key.startswith(parts):
+            return _PREFIX + key
+        if key.startswith(other_half):
+            return None
+        raise LookupError(key)
+
+    return standard_key
+
+
+standard_key = standard_keys(_PARTS, _OTHER_HALF)
 
 
 def module_name(key: str, config) -> str | None:

@@ -32,16 +32,6 @@ def write_config(config) -> dict:
     return {"architectures": ["SiglipVisionModel"], **config.vision.to_hf()}
 
 
-def standard_key(key: str) -> str | None:
-    if key.startswith(_PREFIX):
-        return key
-    if key.startswith(_PARTS):  # transformers 5 writes SiglipVisionModel without the prefix
-        return _PREFIX + key
-    if key.startswith(_OTHER_HALF):
-        return None
-    raise LookupError(key)
-
-
 def module_name(key: str, config) -> str | None:
     if key.startswith(_PREFIX + "head."):
         return None
@@ -67,5 +57,5 @@ def unused_tensors(config, gen: torch.Generator, *, dtype, device) -> dict[str, 
 
 
 SIGLIP = Family(name="SigLIP", role="tower", model_types=("siglip", "siglip_vision_model"), read_config=read_config,
-                write_config=write_config, standard_key=standard_key, module_name=module_name,
-                checkpoint_key=clip.checkpoint_key, unused_tensors=unused_tensors)
+                write_config=write_config, standard_key=clip.standard_keys(_PARTS, _OTHER_HALF),
+                module_name=module_name, checkpoint_key=clip.checkpoint_key, unused_tensors=unused_tensors)
