@@ -132,3 +132,18 @@ def test_lora_keeps_qkv_bias_frozen_and_equals_peft(tmp_path):
     assert rel_err(ours, hf_logits_per_sample(adapted, samples, 4)) <= 1e-5
     assert rel_err(ours, hf_logits_per_sample(LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"),
                                               samples, 4)) > 1e-2  # the adapters changed the model
+
+
+def test_greedy_generation_matches_transformers_generate(hf_qwen2_dir):
+    """KV-cache decoding stores the biased keys and values: greedy tokens equal transformers' generate."""
+    path, hf = hf_qwen2_dir
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    model = Llava.from_pretrained(path).eval()
+    for sample in make_samples(9):
+        prompt = {"input_ids": sample["input_ids"].tolist(), "pixel_values": sample["pixel_values"]}
+        ids = pack([sample], 4).input_ids[None]
+        extra = {} if sample["pixel_values"] is None else {"pixel_values": sample["pixel_values"]}
+        expected = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                               do_sample=False, **extra)[0, ids.shape[1]:].tolist()
+        assert model.generate([prompt], max_new_tokens=10) == [expected]
