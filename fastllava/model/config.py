@@ -70,13 +70,15 @@ class VisionConfig:
             raise ValueError(
                 f"vision hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        # Not a multiple is allowed: the stride-p convolution drops the last image_size % patch_size pixels, as
+        # transformers does (siglip-so400m-patch14-384: 27 x 27 patches of 14 px cover 378 of the 384).
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         _choice("vision hidden_act", self.hidden_act, ("quick_gelu", "gelu", "gelu_pytorch_tanh"))
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image (CLS not counted)."""
+        """Patch tokens per image (CLS not counted): 729 for siglip-so400m-patch14-384, 576 for CLIP-L/14-336."""
         return (self.image_size // self.patch_size) ** 2
 
     @property

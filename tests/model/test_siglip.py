@@ -24,13 +24,16 @@ def logits(model, samples):
         return model(pack(samples, PATCHES), return_logits=True).logits
 
 
-@pytest.mark.parametrize("layer", [-2, -1, 1])
-def test_tower_features_are_the_hidden_state_llava_selects(tmp_path, layer):
-    hf = tiny_hf_llava(siglip_config(layer))
+# 32 px in 14 px patches: 2 x 2 patches and 4 pixels the convolution drops, as so400m-patch14-384's 27 x 27 do
+@pytest.mark.parametrize("layer,size", [(-2, 28), (-1, 28), (1, 28), (-2, 32)])
+def test_tower_features_are_the_hidden_state_llava_selects(tmp_path, layer, size):
+    config = siglip_config(layer)
+    config.vision.image_size = size
+    hf = tiny_hf_llava(config)
     hf.save_pretrained(tmp_path)
     model = Llava.from_pretrained(tmp_path)
     assert model.num_image_tokens == PATCHES and not hasattr(model.vision_tower.embeddings, "class_embedding")
-    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model.vision_tower(pixels)
         out = hf.model.vision_tower(pixels, output_hidden_states=True)
