@@ -62,7 +62,7 @@ class FlopModel:
         c = v.hidden_size
         vit_layers = config.num_vision_layers_run
         n_vit = vit_layers * (4 * c * c + 2 * c * v.intermediate_size)
-        s = v.num_patches + 1  # CLIP runs on the CLS token too
+        s = v.num_patches + int(v.has_class_token)  # CLIP runs on its CLS token too; SigLIP has none
         patch_embed = 2 * v.num_channels * v.patch_size**2 * c * v.num_patches
         vit_factor = 3 if unfreeze_vision else 1
         depth = config.projector_depth

@@ -102,3 +102,20 @@ def test_selections_that_need_a_cls_token_are_refused():
     hf_config = siglip_config().to_hf_llava()
     with pytest.raises(ValueError, match="must be 'full' for a siglip_vision_model tower, got 'default'"):
         LlavaConfig.from_hf_llava({**hf_config, "vision_feature_select_strategy": "default"})
+
+
+@pytest.mark.parametrize("vision", [{}, SIGLIP], ids=["clip", "siglip"])
+def test_flop_model_counts_the_tower_as_it_runs(vision):
+    """FlopModel's frozen-tower FLOPs per image equal FlopCounterMode's count of the tower's forward: a
+    SigLIP tower has no CLS token, so it runs on the patches alone (counted as CLIP's patches + 1, the audit
+    and the plan would credit work that never runs)."""
+    from fastllava.flop_audit import _count  # FlopCounterMode with a formula for CPU SDPA, as the audit counts
+    from fastllava.flops import FlopModel
+
+    config = tiny_config(vision=vision)
+    model = Llava(config)
+    pixels = torch.randn(2, 3, config.vision.image_size, config.vision.image_size)
+    with torch.no_grad():
+        counted = _count(lambda: model.vision_tower(pixels))["total"]
+    flop_model = FlopModel.build(config, "finetune")
+    assert counted == 2 * (flop_model.vision_matmul_per_image + flop_model.vision_attn_per_image)
