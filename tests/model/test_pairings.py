@@ -1,0 +1,88 @@
+"""Any tower with any decoder: each pairing against transformers' LlavaForConditionalGeneration, on tiny random
+configs whose norms and biases are random (fastllava.testing.tiny_hf_llava), so a missed one shows.
+
+Per pairing: the packed logits equal transformers run one sample at a time, the export read back by
+transformers gives them again, and greedy KV-cache generation equals transformers' generate token for token.
+A new family is one line of TOWERS or DECODERS; PAIRINGS names the combinations run here. Covered elsewhere:
+CLIP x LLaMA (test_llava_parity.py, tests/generate/test_generate.py), CLIP x Qwen2 (test_qwen2.py).
+"""
+
+import pytest
+import torch
+from test_qwen2 import QWEN2
+from test_siglip import SIGLIP
+from tiny_llava import hf_logits_per_sample, make_samples, pack, rel_err
+from transformers import LlavaForConditionalGeneration
+
+from fastllava import Llava
+from fastllava.testing import tiny_config, tiny_hf_llava
+
+# name -> VisionConfig fields over fastllava.testing's TINY_VISION (28 px, 14 px patches: 4 image tokens)
+TOWERS = {
+    "clip": {},
+    "siglip": SIGLIP,
+}
+# name -> TextConfig fields over TINY_TEXT; grouped-query attention everywhere (4 query heads, 2 KV heads)
+DECODERS = {
+    "llama": {"num_key_value_heads": 2},
+    "qwen2": {**QWEN2, "tie_word_embeddings": False},
+    "qwen2_tied": {**QWEN2, "tie_word_embeddings": True},
+}
+PAIRINGS = [
+    ("siglip", "llama"),
+    ("siglip", "qwen2"),
+    ("siglip", "qwen2_tied"),
+]
+
+
+def pairing_config(tower: str, decoder: str):
+    # SigLIP has no CLS token to drop: llava-hf's "full" (every token) is its only selection, our "patch".
+    return tiny_config(vision=TOWERS[tower], text=DECODERS[decoder], vision_feature_layer=-2)
+
+
+def logits(model, samples):
+    with torch.no_grad():
+        return model(pack(samples, model.num_image_tokens), return_logits=True).logits
+
+
+@pytest.fixture(params=PAIRINGS, ids=["-".join(p) for p in PAIRINGS])
+def pairing(request, tmp_path):
+    """(our model loaded from the saved llava-hf directory, the transformers model it came from, directory)."""
+    tower, decoder = request.param
+    hf = tiny_hf_llava(pairing_config(tower, decoder), seed=len(tower) * 7 + len(decoder))
+    hf.save_pretrained(tmp_path / "hf")
+    model = Llava.from_pretrained(tmp_path / "hf").eval()
+    # The families read are the ones written: a fallback to CLIP or LLaMA would still run, and wrongly.
+    assert type(hf.model.vision_tower).__name__ == {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[tower]
+    assert model.config.vision.to_hf()["model_type"] == hf.config.vision_config.model_type
+    assert model.config.text.to_hf()["model_type"] == hf.config.text_config.model_type
+    assert (model.lm_head.weight is model.language_model.embed_tokens.weight) == decoder.endswith("_tied")
+    return model, hf, tmp_path
+
+
+def test_packed_logits_and_export_match_transformers(pairing):
+    model, hf, tmp_path = pairing
+    samples = make_samples(1)
+    expected = hf_logits_per_sample(hf, samples, model.num_image_tokens)
+    assert rel_err(logits(model, samples), expected) <= 1e-5
+
+    model.save_pretrained(tmp_path / "ours")
+    back, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(back.model.language_model) is type(hf.model.language_model)
+    assert rel_err(hf_logits_per_sample(back.eval(), samples, model.num_image_tokens), expected) <= 1e-5
+
+
+def test_greedy_generation_matches_transformers_generate(pairing):
+    model, hf, _ = pairing
+    hf.generation_config.eos_token_id = None  # 10 tokens each, wherever the random model would stop
+    hf.generation_config.pad_token_id = 0
+    prompts, expected = [], []
+    for sample in make_samples(2):
+        ids = pack([sample], model.num_image_tokens).input_ids[None]
+        extra = {} if sample["pixel_values"] is None else {"pixel_values": sample["pixel_values"]}
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                          **extra)
+        expected.append(out[0, ids.shape[1]:].tolist())
+        prompts.append({"input_ids": sample["input_ids"].tolist(), "pixel_values": sample["pixel_values"]})
+    assert model.generate(prompts, max_new_tokens=10) == expected  # the three decoded together
