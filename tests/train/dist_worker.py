@@ -5,7 +5,8 @@ parameters.
 `dist_worker.py OUT hsdp` runs the same two under HSDP (parallel.replicate=2), the stage-2 run in two
 micro-steps per rank and writing a checkpoint at step 2, then a third run that resumes from it and does step 3.
 
-`dist_worker.py OUT sharded` loads the checkpoints test_sharded_load.py wrote under OUT/ckpt both ways,
+`dist_worker.py OUT sharded [MODULE]` loads the checkpoints test_sharded_load.py (or the test module MODULE,
+by its `layouts`) wrote under OUT/ckpt both ways,
 whole then sharded by FSDP (build_model meta=False) and built on the meta device with each rank reading
 its shard (meta=True), compares every rank's shards, trains 2 steps each way, and records the errors of
 broken checkpoints through the sharded path; every rank saves its results."""
@@ -57,11 +58,11 @@ def run_all(out: Path, runs: dict | None = None) -> dict:
     return results
 
 
-def sharded_all(out: Path) -> dict:
-    """Per layout: the names whose local shard differs from the full load's slice (none expected), the
-    carried keys, and both paths' losses; per broken checkpoint, the sharded path's error message."""
+def sharded_all(out: Path, layouts) -> dict:
+    """Per layout of `layouts(root)` (name -> config overrides): the names whose local shard differs from the
+    full load's slice (none expected), the carried keys, and both paths' losses; per broken checkpoint, the
+    sharded path's error message."""
     import torch.distributed as dist
-    from test_sharded_load import layouts
 
     from fastllava.data.tokenize import TokenizerIds
     from fastllava.train.build import build_model
@@ -100,7 +101,8 @@ def sharded_all(out: Path) -> dict:
             results["export_state_keys"] = bool(state)
         results["layouts"][name] = {"differ": differ, "sharded_params": sharded, "carried": sorted(model.carried),
                                     "carried_equal": carried_equal, "full_carried": sorted(full.carried),
-                                    "vocab": model.config.text.vocab_size, "losses": losses}
+                                    "vocab": model.config.text.vocab_size, "losses": losses,
+                                    "tied": model.lm_head.weight is model.language_model.embed_tokens.weight}
     for name, overrides in layouts(out / "broken").items():
         cfg = tiny_config(out / name, *overrides)
         try:
@@ -118,8 +120,10 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     import torch.distributed as dist
 
-    if sys.argv[2:] == ["sharded"]:
-        results = sharded_all(out)
+    if sys.argv[2:3] == ["sharded"]:
+        import importlib
+
+        results = sharded_all(out, importlib.import_module(sys.argv[3] if sys.argv[3:] else "test_sharded_load").layouts)
         torch.save(results, out / f"results_{dist.get_rank()}.pt")
     else:
         hsdp = sys.argv[2:] == ["hsdp"]
