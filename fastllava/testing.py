@@ -124,6 +124,62 @@ def write_bpe_tokenizer(path: Path) -> Path:
     return path
 
 
+# The pre-tokenizer regexes of the real tokenizer.json files: Llama-3's (tiktoken's cl100k: digits in runs of
+# up to 3) and Qwen2's (one digit per token).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _write_regex_bpe(path: Path, split: str, specials: list[str], bos: str | None, **tokens: str) -> Path:
+    """A byte-level BPE with a regex pre-tokenizer as Llama-3's and Qwen2's tokenizer.json have it, trained on
+    TOKENIZER_CORPUS and the LLaVA-NeXT system prompts, its special tokens added after the learned vocabulary
+    (their ids are the last, as in the real ones), BOS put in front by the post-processor when `bos` is set.
+    tokens: bos_token / eos_token / pad_token names for transformers."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data.templates import LLAMA3_SYSTEM, QWEN_SYSTEM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    # The role names as the chat formats write them (after a special token, before "\n" or "\n\n").
+    roles = "system\n\nuser\nassistant\n\n"
+    tok.train_from_iterator((TOKENIZER_CORPUS + [LLAMA3_SYSTEM, QWEN_SYSTEM, roles]) * 30, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if bos is not None:
+        steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                   special_tokens=[(bos, tok.token_to_id(bos))]))
+    tok.post_processor = processors.Sequence(steps)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **tokens).save_pretrained(str(path))
+    return path
+
+
+def write_llama3_tokenizer(path: Path) -> Path:
+    """A byte-level BPE shaped like Llama-3.x Instruct's: Llama-3's pre-tokenizer regex, BOS <|begin_of_text|>
+    put in front by the post-processor, <|end_of_text|> <|start_header_id|> <|end_header_id|> <|eot_id|>
+    special, EOS <|eot_id|> (the Instruct models' tokenizer_config), no unk and no pad."""
+    return _write_regex_bpe(Path(path), LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                       "<|end_header_id|>", "<|eot_id|>"],
+                            "<|begin_of_text|>", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def write_qwen2_tokenizer(path: Path) -> Path:
+    """A byte-level BPE shaped like Qwen2/2.5 Instruct's: Qwen2's pre-tokenizer regex, ChatML's <|im_start|>
+    <|im_end|> and <|endoftext|> special, no BOS, EOS <|im_end|>, pad <|endoftext|> (the Instruct models'
+    tokenizer_config), no unk."""
+    return _write_regex_bpe(Path(path), QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
+                            eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
 def write_tiny_llava(path: Path, *, seed: int = 0) -> Path:
     """A tiny random Llava saved as a llava-hf directory WITH a tokenizer (write_llama_tokenizer's, <image>
     added as LLaVA adds it): what `python -m fastllava.chat` and `python -m fastllava.eval` load. Its

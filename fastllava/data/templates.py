@@ -23,6 +23,26 @@ Registered templates (LLaVA's llava/conversation.py + llava/train/train.py, stri
              (_mask_targets) also trains the "###" opening the first human turn and every "### Assistant:"
              header; docs/data.md ("The v0 template") lists the differences.
 
+LLaVA-NeXT's templates (LLaVA-VL/LLaVA-NeXT llava/conversation.py + llava/train/train.py), for decoders whose
+instruct models were trained on their own chat format. The <image> tag goes as LLaVA-NeXT's
+preprocess_multimodal puts it: a turn's single tag not already at its front is moved there followed by "\n";
+a turn opening with its tag, or with several, keeps them where they stand.
+
+  llama3     conv_llava_llama_3 + preprocess_llama3 (Meta-Llama-3-8B-Instruct's chat template, every message
+             stripped as its `| trim` does): H(role) = "<|start_header_id|>" + role + "<|end_header_id|>\n\n",
+             H("system") + LLAMA3_SYSTEM + "<|eot_id|>" + H("user") + q1 + "<|eot_id|>" + H("assistant") + a1
+             + "<|eot_id|>" + H("user") + ...; BOS "<|begin_of_text|>" is the tokenizer's, as for every
+             template. Loss on each answer + its "<|eot_id|>".
+  qwen       conv_qwen + preprocess_qwen (ChatML): "<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n" +
+             "<|im_start|>user\n" + q1 + "<|im_end|>\n" + "<|im_start|>assistant\n" + a1 + "<|im_end|>\n" +
+             "<|im_start|>user\n" ...; no BOS (Qwen's tokenizer adds none). Loss on each answer + its
+             "<|im_end|>"; the "\n" after it, which generation never reaches, carries none.
+  mistral    conv_mistral_instruct (SeparatorStyle.LLAMA_2, empty system, sep "", sep2 "</s>") + preprocess_llama_2:
+             "[INST] " + q1 + " [/INST]" + " " + a1 + " " + "</s>" + "[INST] " + q2 + ...; BOS by the tokenizer.
+             Loss on " " + each answer + " </s>" (the spaces as conv_mistral_instruct writes them).
+  LLaVA-NeXT's own masks train more than these (role headers, every end token, "\n"s): docs/data.md,
+  "The LLaVA-NeXT templates".
+
 `Template.render(turns)` never adds BOS: the tokenizer does, as at inference.
 
 `Template.render_prompt(turns)` is the generation prompt for turns that end with a human turn: the text
@@ -35,9 +55,14 @@ conv.get_prompt() with the last assistant message None:
              ###Assistant:", a format its training code never builds)
   plain      the image tag(s) alone: "<image>" (stage 1 trains on "<image>" + caption + "\n"; LLaVA's
              conv_llava_plain.get_prompt() would give "<image>\nQ\n", a format stage 1 never trains on)
+  llama3     ... + H("user") + "<image>\nQ" + "<|eot_id|>" + H("assistant"): its tokenizer.apply_chat_template
+             with add_generation_prompt=True, conv_llava_llama_3.get_prompt()
+  qwen       ... + "<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\n", conv_qwen.get_prompt()
+  mistral    "[INST] <image>\nQ1 [/INST] A1 </s>[INST] Q2 [/INST]", conv_mistral_instruct.get_prompt()
 
 Where an answer ends: every template's loss span closes with its `stop_str` (vicuna_v1 "</s>", v0 "###",
-plain "\n"), the marker the model is trained to emit after an answer. `Template.stop_ids(tokenizer)` gives
+plain "\n", llama3 "<|eot_id|>", qwen "<|im_end|>", mistral "</s>"), the marker the model is trained to emit
+after an answer. `Template.stop_ids(tokenizer)` gives
 the token-id sequences of that marker as the training text tokenizes it after an answer, plus EOS, and
 every generating path (eval, chat, the demo's scoring) hands them to the generator's `stop=`: one rule,
 in token ids, so that a model trained on v0 stops at "###" everywhere (LLaVA's KeywordsStoppingCriteria
@@ -63,6 +88,16 @@ V0_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+
+# conv_llava_llama_3.system, the system_message of preprocess_llama3
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+# preprocess_qwen's system_message (conv_qwen's too; conv_qwen_2_5's "You are Qwen, created by Alibaba Cloud. ..."
+# reaches only LLaVA-NeXT's inference: its training always writes this one)
+QWEN_SYSTEM = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -133,6 +168,62 @@ def move_image_tags_to_front(value: str) -> str:
     return ((IMAGE_TAG + "\n") * n + rest).strip()
 
 
+def move_single_image_tag_to_front(value: str) -> str:
+    """LLaVA-NeXT's preprocess_multimodal for one human turn: a single <image> tag not at the front is
+    dropped where it stands and "<image>\n" put in front of the stripped rest; a turn opening with its tag,
+    or with several (interleaved images), is left as it is."""
+    if value.count(IMAGE_TAG) != 1 or value.startswith(IMAGE_TAG):
+        return value
+    return (IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()).strip()
+
+
+def _render_rounds(turns: Sequence[dict], head: str, question: Callable[[str], str],
+                   answer: Callable[[str], tuple[str, str]]) -> Rendered:
+    """The shape the LLaVA-NeXT templates share: `head`, then per round question(q) and the two parts of
+    answer(a): (the loss span, the text after it). Human turns go through move_single_image_tag_to_front
+    first."""
+    text, spans, n_images = head, [], 0
+    for j in range(0, len(turns), 2):
+        q = move_single_image_tag_to_front(turns[j]["value"])
+        n_images += q.count(IMAGE_TAG)
+        trained, after = answer(turns[j + 1]["value"])
+        text += question(q)
+        spans.append((len(text), len(text) + len(trained)))
+        text += trained + after
+    return Rendered(text, tuple(spans), n_images)
+
+
+def _llama3_header(role: str) -> str:
+    return "<|start_header_id|>" + role + "<|end_header_id|>\n\n"
+
+
+def _render_llama3(turns: Sequence[dict]) -> Rendered:
+    # Llama-3's chat template writes each message as H(role) + content|trim + "<|eot_id|>", nothing between
+    # messages. The assistant header ends the question's part: the prompt ends with it, as with
+    # add_generation_prompt, and the answer's first token cannot merge with "\n\n" (trimmed answers start
+    # with a non-space, which the pre-tokenizer's rules split from newlines).
+    return _render_rounds(
+        turns, _llama3_header("system") + LLAMA3_SYSTEM + "<|eot_id|>",
+        lambda q: _llama3_header("user") + q.strip() + "<|eot_id|>" + _llama3_header("assistant"),
+        lambda a: (a.strip() + "<|eot_id|>", ""))
+
+
+def _render_qwen(turns: Sequence[dict]) -> Rendered:
+    # preprocess_qwen's chat template: "<|im_start|>" + role + "\n" + content + "<|im_end|>" + "\n", contents
+    # as they are (no trim).
+    return _render_rounds(
+        turns, "<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n",
+        lambda q: "<|im_start|>user\n" + q + "<|im_end|>\n" + "<|im_start|>assistant\n",
+        lambda a: (a + "<|im_end|>", "\n"))
+
+
+def _render_mistral(turns: Sequence[dict]) -> Rendered:
+    # conv_mistral_instruct.get_prompt(): "[INST] " + q + " [/INST]" per human turn, " " + a + " " + "</s>" per
+    # answer. As in vicuna_v1, the space before the answer opens its loss span (SentencePiece merges it into
+    # the answer's first token), so the prompt ends "[/INST]".
+    return _render_rounds(turns, "", lambda q: "[INST] " + q + " [/INST]", lambda a: (" " + a + " </s>", ""))
+
+
 def _render_plain(turns: Sequence[dict]) -> Rendered:
     if len(turns) != 2:
         raise SampleError(
@@ -190,6 +281,11 @@ TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", _render_plain, stop_str="\n"),
     "vicuna_v1": Template("vicuna_v1", _render_vicuna_v1, stop_str="</s>", required_tokens=("</s>",)),
     "v0": Template("v0", _render_v0, stop_str="###"),
+    # The end token first: a tokenizer of another family lacks it, and tokenize.py names the first one missing.
+    "llama3": Template("llama3", _render_llama3, stop_str="<|eot_id|>",
+                       required_tokens=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")),
+    "qwen": Template("qwen", _render_qwen, stop_str="<|im_end|>", required_tokens=("<|im_end|>", "<|im_start|>")),
+    "mistral": Template("mistral", _render_mistral, stop_str="</s>", required_tokens=("</s>",)),
 }
 
 
