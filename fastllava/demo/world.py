@@ -260,7 +260,8 @@ def corpus_texts(samples: Iterable[dict]) -> Iterable[str]:
 
     yield from _TEMPLATE_TEXTS
     yield VICUNA_SYSTEM
-    yield " ".join(t.stop_str for t in TEMPLATES.values())
+    # The demo's own templates: the others' markers (<|eot_id|>, ...) would change the tokenizer it trains.
+    yield " ".join(TEMPLATES[name].stop_str for name in ("plain", "vicuna_v1", "v0"))
     for sample in samples:
         for turn in sample["conversations"]:
             value = turn["value"].replace("<image>", " ")
