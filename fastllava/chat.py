@@ -1,8 +1,9 @@
 """`python -m fastllava.chat --model DIR [--image PATH ...] [--prompt TEXT]`: talk to a trained model.
 
-A multi-turn conversation in the `vicuna_v1` template (LLaVA-1.5's), the images in the first user turn as
-LLaVA's own CLI puts them, the answer streamed token by token. With --prompt it answers once and exits
-(for scripts); otherwise it reads user turns from standard input until an empty line, "exit" or EOF.
+A multi-turn conversation in the template the model was trained in (its export's fastllava.json; vicuna_v1,
+LLaVA-1.5's, for a directory that names none), the images in the first user turn as LLaVA's own CLI puts
+them, the answer streamed token by token. With --prompt it answers once and exits (for scripts); otherwise it
+reads user turns from standard input until an empty line, "exit" or EOF.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Sequence, TextIO
 from .data.files import IMAGE_TAG
 from .data.templates import get_template
 from .generate import Generator
-from .generate.inputs import StreamDecoder, load_model, make_prompt
+from .generate.inputs import StreamDecoder, load_model, make_prompt, model_template
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -23,7 +24,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="llava-hf model directory with its tokenizer")
     parser.add_argument("--image", action="append", default=[], help="an image for the first turn (repeatable)")
     parser.add_argument("--prompt", default=None, help="answer this one message and exit")
-    parser.add_argument("--template", default="vicuna_v1", help="conversation template (LLaVA-1.5: vicuna_v1)")
+    parser.add_argument("--template", default=None, help="conversation template (default: the one the model was "
+                                                         "trained in, as its fastllava.json records; else vicuna_v1)")
     # LLaVA's CLI defaults (llava/serve/cli.py): temperature 0.2, 512 new tokens.
     parser.add_argument("--temperature", type=float, default=0.2, help="0 for greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -37,7 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--image {image}: no such file")
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-    get_template(args.template)  # unknown names fail here, before the model loads
+    try:  # unknown names fail here, before the model loads
+        args.template = model_template(args.model, args.template)
+        get_template(args.template)
+    except ValueError as e:
+        parser.error(f"--template: {e}")
     return args
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 from ..data.files import IMAGE_TAG
 from ..data.templates import get_template
 from ..generate import Generator
-from ..generate.inputs import load_model, make_prompt
+from ..generate.inputs import load_model, make_prompt, model_template
 from ..progress import progress
 from ..train.distributed import destroy_distributed, gather_interleaved, init_distributed
 from .answers import join_answers, read_answers
@@ -59,7 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="--answers: score questions without an answer as wrong (default: an error)")
     parser.add_argument("--split", default=None, help="for vqav2 and vizwiz: a split with answers, scored locally "
                                                        "(default: LLaVA's test split, written for upload)")
-    parser.add_argument("--template", default="vicuna_v1", help="conversation template of the prompts (LLaVA-1.5: vicuna_v1)")
+    parser.add_argument("--template", default=None, help="conversation template of the prompts (default: the one "
+                        "the model was trained in, as its fastllava.json records; else vicuna_v1, LLaVA-1.5's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: LLaVA's value for the task")
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (KV-cache slots)")
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="token budget of one packed prefill")
@@ -98,7 +99,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         except ValueError as e:
             parser.error(f"--sqa-format: {e}")
     try:
-        get_template(args.template)
+        if args.model is not None:
+            args.template = model_template(args.model, args.template)
+        if args.template is not None:
+            get_template(args.template)
     except ValueError as e:
         parser.error(f"--template: {e}")
     if args.reviews is not None:

@@ -1,8 +1,11 @@
-"""What generation reads: a trained model directory with its tokenizer, and prompts built from turns and
-images exactly as training built its samples (one tokenization, LLaVA's; images padded to square)."""
+"""What generation reads: a trained model directory with its tokenizer and conversation template, and prompts
+built from turns and images exactly as training built its samples (one tokenization, LLaVA's; images padded to
+square)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +16,32 @@ from ..data.images import load_image, preprocess_pil
 from ..data.tokenize import load_tokenizer, prepare_tokenizer, tokenize_prompt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A training run's export records the template it trained on here (train/export.py RUN_FILE, the same name).
+RUN_FILE = "fastllava.json"
+# For a directory that records none (llava-hf's releases, an export older than the record): LLaVA-1.5's.
+DEFAULT_TEMPLATE = "vicuna_v1"
+
+
+def model_template(path: str | Path, template: str | None = None) -> str:
+    """The conversation template to prompt the model at `path` in: `template` when given, else the one its
+    export records, else DEFAULT_TEMPLATE with a note on stderr (a model trained in another template, a Qwen
+    model in `qwen`, would answer garbled prompts). ValueError naming the file if it is unreadable."""
+    from ..data.templates import get_template
+
+    if template is not None:
+        return template
+    record = Path(path) / RUN_FILE
+    if not record.is_file():
+        print(f"note: {record} does not name the model's conversation template; prompting in {DEFAULT_TEMPLATE} "
+              "(LLaVA-1.5's): pass --template to choose another", file=sys.stderr)
+        return DEFAULT_TEMPLATE
+    try:
+        template = json.loads(record.read_text())["template"]
+        get_template(template)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{record}: expected {{\"template\": <a template of fastllava.data.templates>}}, "
+                         f"got {record.read_text()[:200]!r} ({e})") from None
+    return template
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.device = "auto"):
@@ -57,9 +86,10 @@ def load_pixels(images: Sequence[str | Path | Image.Image], size: int) -> torch.
                         else load_image(im, mode="pad", size=size) for im in images])
 
 
-def make_prompt(turns: Sequence[dict], images: Sequence, tokenizer, model, template: str = "vicuna_v1") -> dict:
+def make_prompt(turns: Sequence[dict], images: Sequence, tokenizer, model, template: str) -> dict:
     """The generator's prompt for a conversation that ends with a human turn: {"input_ids", "pixel_values"}.
-    turns: [{"from": "human"|"gpt", "value": str}, ...] with one <image> tag per image."""
+    turns: [{"from": "human"|"gpt", "value": str}, ...] with one <image> tag per image. template: the one the
+    model was trained in (model_template)."""
     return {"input_ids": tokenize_prompt(turns, tokenizer, template),
             "pixel_values": load_pixels(images, model.config.vision.image_size)}
 

@@ -3,9 +3,10 @@
 Stage 1 writes `<output_dir>/projector.safetensors` (LLaVA's `mm_projector` key names; stage 2 and LLaVA's
 own tools read it). Stage 2 writes `<output_dir>/final/` (Llava.save_pretrained: a llava-hf directory for
 the mlp2x_gelu projector, which transformers' `LlavaForConditionalGeneration.from_pretrained` loads, the
-original LLaVA layout for others) with the tokenizer; after LoRA fine-tuning `final/` holds the merged
-weights and `<output_dir>/adapter/` the adapters alone in PEFT's format (model/peft.py). Collective:
-every rank calls `export`; rank 0 writes.
+original LLaVA layout for others) with the tokenizer and `fastllava.json`, the conversation template the run
+trained on (chat and eval prompt in it unless told otherwise: generate/inputs.py); after LoRA fine-tuning
+`final/` holds the merged weights and `<output_dir>/adapter/` the adapters alone in PEFT's format
+(model/peft.py). Collective: every rank calls `export`; rank 0 writes.
 
 Memory: the parameters are gathered one at a time, in the same order on every rank (each DTensor's
 all-gather is a collective), and handed to rank 0's writer as they come; the writer holds at most one
@@ -20,6 +21,7 @@ the all-gathers and the ranks then exchange the outcome, so no rank waits foreve
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,14 +61,20 @@ def gathered_parameters(model, keep: bool) -> Iterator[tuple[str, torch.Tensor]]
             yield name, full.detach().cpu()
 
 
+# The export's record of how the model is prompted; generate/inputs.py RUN_FILE reads it (the same name: generate/
+# does not import train/, tests/train/test_model_template.py writes one and reads it back).
+RUN_FILE = "fastllava.json"
+
+
 class ExportWriteError(RuntimeError):
     """The export could not be written (full disk, I/O error); raised on every rank."""
 
 
 def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=None, lora=None,
-           base_model: str | None = None) -> Path:
+           base_model: str | None = None, template: str | None = None) -> Path:
     """Write the stage's export; returns its path (on every rank). lora: the run's LoRAConfig when
     adapters were trained (also writes `adapter/`, for `base_model`, the checkpoint the run started from).
+    template: the conversation template the run trained on, recorded in final/fastllava.json.
     Raises ExportWriteError on every rank if rank 0 cannot write it."""
     out = Path(output_dir)
     failure = None  # rank 0's write error; the collectives go on without its writer
@@ -83,7 +91,7 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
         path, written = out / "final", [out / "final"]
         parameters = gathered_parameters(model, keep=env.is_main)
         if env.is_main:
-            failure = attempt_write(lambda: _save_final(model, path, parameters, tokenizer))
+            failure = attempt_write(lambda: _save_final(model, path, parameters, tokenizer, template))
         for _ in parameters:  # the all-gathers rank 0's writer consumed (all of them, unless its write failed)
             pass
         if lora is not None:
@@ -114,7 +122,9 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
     return path
 
 
-def _save_final(model, path: Path, parameters, tokenizer) -> None:
+def _save_final(model, path: Path, parameters, tokenizer, template: str | None) -> None:
     model.save_pretrained(path, state=parameters)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+    if template is not None:
+        (path / RUN_FILE).write_text(json.dumps({"template": template}, indent=2) + "\n")

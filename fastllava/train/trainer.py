@@ -293,7 +293,7 @@ class Trainer:
                       "projector; the merged weights are in final/", flush=True)
                 lora = None
             result.export = export(self.model, cfg.train.stage, cfg.train.output_dir, env, self.tokenizer, lora=lora,
-                                   base_model=cfg.model.pretrained_path)
+                                   base_model=cfg.model.pretrained_path, template=cfg.data.template)
             if env.is_main:
                 print(f"exported {result.export}", flush=True)
         barrier()

@@ -3,8 +3,8 @@
 A task reads its question file(s) and images exactly as LLaVA's evaluation documents them
 (`playground/data/eval/<task>/...`), turns each into an EvalQuestion, and after generation scores the
 answers (writing any submission file next to them). The driver (`python -m fastllava.eval`) owns
-everything in between: prompts in the `vicuna_v1` template, images padded to square, greedy decoding,
-sharding over ranks and the answers file in LLaVA's jsonl format.
+everything in between: prompts in the model's template (LLaVA-1.5's `vicuna_v1`), images padded to square,
+greedy decoding, sharding over ranks and the answers file in LLaVA's jsonl format.
 """
 
 from __future__ import annotations
