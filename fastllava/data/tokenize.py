@@ -41,6 +41,7 @@ the reference's tokenizer calls parse them; masks stay right because they follow
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -129,8 +130,8 @@ def _check_template_tokens(tokenizer, template: Template) -> None:
     for token in template.required_tokens:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"template {template.name!r} ends answers with {token!r}, which this tokenizer "
-                             f"splits into {len(ids)} tokens; use a tokenizer that has it as a special token")
+            raise ValueError(f"template {template.name!r} needs {token!r} as one token, and this tokenizer splits it "
+                             f"into {len(ids)} tokens; use a tokenizer that has it as a special token")
 
 
 # ------------------------------------------------------------------------------------------ tokenization
@@ -149,11 +150,14 @@ def _labels_from_spans(ids_L: np.ndarray, offsets_L2: np.ndarray, spans, special
 def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts. The tokenizers backend's encode_batch_fast skips offset tracking and
     transformers' per-encoding conversion: 1.7x faster than tokenizer(texts) on 3000 vicuna prompts
-    (2-core CPU). It is used only where it gives the same ids as tokenizer() on the first texts."""
-    fast = tokenizer.backend_tokenizer.encode_batch_fast  # tokenizers >= 0.20, a fast tokenizer (load_tokenizer)
+    (2-core CPU). It is used only where the backend carries no truncation or padding of its own and gives
+    the same ids as tokenizer() on the first texts."""
+    backend = tokenizer.backend_tokenizer  # a fast tokenizer (load_tokenizer); encode_batch_fast: tokenizers >= 0.20
     probe = texts[:4]
-    if [e.ids for e in fast(probe, add_special_tokens=True)] == tokenizer(probe, add_special_tokens=True)["input_ids"]:
-        return [e.ids for e in fast(texts, add_special_tokens=True)]
+    if (backend.truncation is None and backend.padding is None
+            and [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=True)]
+            == tokenizer(probe, add_special_tokens=True)["input_ids"]):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
@@ -204,25 +208,35 @@ def tokenize_texts(texts: Sequence[str], tokenizer, img_id: int, *, offsets: boo
                 if offsets:  # the image token spans its tag, which ends where this chunk starts
                     offs.append(np.array([[starts[j] - len(IMAGE_TAG), starts[j]]], dtype=np.int64))
             ids.extend(chunk_ids[j][skip:])
-            if offsets:
-                offs.append(np.asarray(chunk_offsets[j][skip:], dtype=np.int64).reshape(-1, 2) + starts[j])
+            if offsets:  # fromiter over the flattened pairs: 2x faster than asarray of a list of tuples
+                pairs = chunk_offsets[j][skip:]
+                flat = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs))
+                offs.append(flat.reshape(-1, 2) + starts[j])
         c += n
         out.append((np.asarray(ids, dtype=np.int64), np.concatenate(offs) if offsets else None))
     return out
 
 
+def tokenize_rendered_many(rendered: Sequence[Rendered], tokenizer, img_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """input_ids (L,) int64 and labels (L,) int64 of each rendered prompt, in one batched call
+    (tokenize_texts): tokens inside its answer spans keep their id as label, the others get IGNORE_INDEX
+    (so do image tokens and the tokenizer's inserted specials)."""
+    encoded = tokenize_texts([r.text for r in rendered], tokenizer, img_id, offsets=True)
+    out = []
+    for r, (ids_L, offsets_L2) in zip(rendered, encoded):
+        labels_L = _labels_from_spans(ids_L, offsets_L2, r.answer_spans, tokenizer.all_special_ids)
+        is_image = ids_L == img_id
+        labels_L[is_image] = IGNORE_INDEX
+        if int(is_image.sum()) != r.num_images:  # a text chunk tokenized to img_id: a wrong img_id
+            raise ValueError(f"prompt has {r.num_images} {IMAGE_TAG} tags but tokenizes to "
+                             f"{int(is_image.sum())} image tokens; call prepare_tokenizer(tokenizer) first")
+        out.append((ids_L, labels_L))
+    return out
+
+
 def tokenize_rendered(rendered: Rendered, tokenizer, img_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids (L,) int64 and labels (L,) int64 of a rendered prompt (tokenize_texts): tokens inside its
-    answer spans keep their id as label, the others get IGNORE_INDEX (so do image tokens and the
-    tokenizer's inserted specials)."""
-    ((ids_L, offsets_L2),) = tokenize_texts([rendered.text], tokenizer, img_id, offsets=True)
-    labels_L = _labels_from_spans(ids_L, offsets_L2, rendered.answer_spans, tokenizer.all_special_ids)
-    is_image = ids_L == img_id
-    labels_L[is_image] = IGNORE_INDEX
-    if int(is_image.sum()) != rendered.num_images:  # a text chunk tokenized to img_id: a wrong img_id
-        raise ValueError(f"prompt has {rendered.num_images} {IMAGE_TAG} tags but tokenizes to "
-                         f"{int(is_image.sum())} image tokens; call prepare_tokenizer(tokenizer) first")
-    return ids_L, labels_L
+    """tokenize_rendered_many of one prompt."""
+    return tokenize_rendered_many([rendered], tokenizer, img_id)[0]
 
 
 def tokenize_conversation(
@@ -303,51 +317,102 @@ def encode_sample(turns: Sequence[dict], tokenizer, template: Template, fit: Fit
     Raises SampleError: "template" (cannot render), "overlong" (too long and overlong="reject"),
     "no_labels" (nothing left to train on after truncation).
     """
+    return fit_sample(*tokenize_rendered(template.render(turns), tokenizer, fit.img_id), fit)
+
+
+def fit_sample(ids_L: np.ndarray, labels_L: np.ndarray, fit: Fit) -> Encoded:
+    """The second half of encode_sample: truncate ids and labels to fit.model_max_length (or reject), and
+    reject a sample left without a label token. Raises SampleError ("overlong", "no_labels")."""
     img_id, num_image_tokens, model_max_length = fit.img_id, fit.num_image_tokens, fit.model_max_length
-    rendered = template.render(turns)
-    ids_L, labels_L = tokenize_rendered(rendered, tokenizer, img_id)
     length = expanded_length(ids_L, img_id, num_image_tokens)
     truncated = length > model_max_length
     if truncated:
-        if fit.overlong == "reject":
-            raise SampleError("overlong", f"{length} tokens after image expansion > model_max_length "
-                                          f"{model_max_length}")
+        _check_overlong_policy(length, fit)
         cut = truncation_point(ids_L, img_id, num_image_tokens, model_max_length)
         ids_L, labels_L = ids_L[:cut], labels_L[:cut]
         length = expanded_length(ids_L, img_id, num_image_tokens)
     if not (labels_L != IGNORE_INDEX).any():
-        why = f"after truncation to {model_max_length} tokens" if truncated else "(empty answers)"
-        raise SampleError("no_labels", f"no token carries a loss {why}")
+        raise _no_labels(fit, truncated)
     return Encoded(torch.from_numpy(ids_L), torch.from_numpy(labels_L),
                    int((ids_L == img_id).sum()), length, truncated)
+
+
+def _check_overlong_policy(length: int, fit: Fit) -> None:
+    if fit.overlong == "reject":
+        raise SampleError("overlong", f"{length} tokens after image expansion > model_max_length "
+                                      f"{fit.model_max_length}")
+
+
+def _no_labels(fit: Fit, truncated: bool) -> SampleError:
+    why = f"after truncation to {fit.model_max_length} tokens" if truncated else "(empty answers)"
+    return SampleError("no_labels", f"no token carries a loss {why}")
+
+
+def _first_labels(rendered: Sequence[Rendered], ids: Sequence[np.ndarray], tokenizer, img_id: int) -> list[int | None]:
+    """Index of the first label token of each sample whose whole ids are ids[k], found by tokenizing (with
+    offsets, in one batched call) only its text up to the end of its first answer span. The tokens of that
+    prefix up to its first label token must equal ids[k]'s: then they are the same tokens over the same
+    characters, so the full tokenization has no label before that index and one at it. None where they
+    differ (a merge across the prefix's end) or the prefix has no label: the caller tokenizes the whole text."""
+    prefixes = []
+    for r in rendered:
+        text = r.text[: r.answer_spans[0][1]]
+        prefixes.append(Rendered(text, r.answer_spans[:1], text.count(IMAGE_TAG)))
+    out: list[int | None] = []
+    for ids_L, (ids_P, labels_P) in zip(ids, tokenize_rendered_many(prefixes, tokenizer, img_id)):
+        labelled = np.flatnonzero(labels_P != IGNORE_INDEX)
+        first = int(labelled[0]) if len(labelled) else len(ids_L)
+        out.append(first if first < len(ids_L) and np.array_equal(ids_P[: first + 1], ids_L[: first + 1]) else None)
+    return out
 
 
 def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Template,
                   fit: Fit) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
     """Lengths after image expansion and truncation of many conversations, as encode_sample would give,
-    with one batched tokenizer call over all their chunks (tokenize_texts without offsets) for the common
-    case; only over-long samples take the full path. Returns lengths (N,) int64 (0 where rejected),
-    truncated (N,) bool and {position: SampleError}."""
+    from one batched tokenizer call without offsets over every conversation.
+
+    An over-long sample's truncated length comes from the same ids; whether a label survives its cut is
+    decided from the position of its first label token (_first_label: a tokenization of the text up to the
+    end of the first answer only). Half the tokenization time of a mix665k-shaped file went to tokenizing
+    the over-long samples (7% of them) a second time, whole and with offsets. Returns lengths (N,) int64
+    (0 where rejected), truncated (N,) bool and {position: SampleError}."""
     lengths = np.zeros(len(turns_list), dtype=np.int64)
     truncated = np.zeros(len(turns_list), dtype=bool)
     errors: dict[int, SampleError] = {}
-    texts, where = [], []
+    rendered, where = [], []
     for i, turns in enumerate(turns_list):
         try:
-            texts.append(template.render(turns).text)
+            rendered.append(template.render(turns))
             where.append(i)
         except SampleError as e:
             errors[i] = e
-    if texts:
-        encoded = tokenize_texts(texts, tokenizer, fit.img_id)
-        for i, (ids_L, _) in zip(where, encoded):
-            length = expanded_length(ids_L, fit.img_id, fit.num_image_tokens)
-            if length <= fit.model_max_length:
-                lengths[i] = length
-                continue
-            truncated[i] = True
+    overlong: list[tuple[int, np.ndarray]] = []
+    for k, (ids_L, _) in enumerate(tokenize_texts([r.text for r in rendered], tokenizer, fit.img_id)):
+        length = expanded_length(ids_L, fit.img_id, fit.num_image_tokens)
+        if length <= fit.model_max_length:
+            lengths[where[k]] = length
+            continue
+        truncated[where[k]] = True
+        try:
+            _check_overlong_policy(length, fit)
+            overlong.append((k, ids_L))
+        except SampleError as e:
+            errors[where[k]] = e
+    undecided = []
+    firsts = _first_labels([rendered[k] for k, _ in overlong], [ids_L for _, ids_L in overlong], tokenizer, fit.img_id)
+    for (k, ids_L), first in zip(overlong, firsts):
+        cut = truncation_point(ids_L, fit.img_id, fit.num_image_tokens, fit.model_max_length)
+        if first is None:
+            undecided.append(k)
+        elif first < cut:
+            lengths[where[k]] = expanded_length(ids_L[:cut], fit.img_id, fit.num_image_tokens)
+        else:
+            errors[where[k]] = _no_labels(fit, truncated=True)
+    if undecided:
+        for k, (ids_L, labels_L) in zip(undecided, tokenize_rendered_many([rendered[k] for k in undecided],
+                                                                         tokenizer, fit.img_id)):
             try:
-                lengths[i] = encode_sample(turns_list[i], tokenizer, template, fit).length
+                lengths[where[k]] = fit_sample(ids_L, labels_L, fit).length
             except SampleError as e:
-                errors[i] = e
+                errors[where[k]] = e
     return lengths, truncated, errors

@@ -13,8 +13,9 @@ import fastllava.data.lengths as lengths_mod
 from fastllava.data.dataset import LlavaDataset
 from fastllava.data.files import SampleError, load_records
 from fastllava.data.lengths import length_workers, pooled_lengths
-from fastllava.data.templates import get_template
-from fastllava.data.tokenize import Fit, batch_lengths, encode_sample, image_token_id
+from fastllava.data.templates import Rendered, Template, get_template
+from fastllava.data.tokenize import (Fit, _first_labels, batch_lengths, encode_sample, image_token_id,
+                                      tokenize_texts)
 
 WORDS = "the sea is deep a cat sat on the red sofa what color is the car blue two people Café 日本語".split()
 
@@ -134,3 +135,36 @@ def test_json_list_entries_keep_their_text(tmp_path):
         path.write_text(bad)
         with pytest.raises(ValueError, match=f"d\\.json: malformed JSON at line {line}"):
             load_records(path, verbose=False)
+
+
+def test_overlong_first_label_from_a_prefix_and_its_fallback(setup):
+    """An over-long sample's first label token is found by tokenizing its text only up to the end of the first
+    answer (tokenize._first_labels). Where that prefix tokenizes differently from the whole text (here a loss span
+    that ends inside a word, so the prefix's last word is cut), the whole text is tokenized instead: the lengths
+    and rejects equal encode_sample's either way."""
+    tokenizer, _, fit = setup
+    long_q = " ".join(["sofa"] * 400)
+
+    def render(turns):  # a loss span of the "f" of "Café": the prefix ends "Caf", tokenized "Ca" "f", not "Ca" "fé"
+        text = turns[0]["value"] + " ASSISTANT: " + turns[1]["value"]
+        start = len(turns[0]["value"]) + len(" ASSISTANT: ") + 2
+        return Rendered(text, ((start, start + 1),), 0)
+
+    template = Template("cut-inside-a-word", render, stop_str="")
+    samples = [[{"from": "human", "value": q}, {"from": "gpt", "value": "Café" + " sea" * 300}]
+               for q in ("what color", long_q)]
+    rendered = [render(t) for t in samples]
+    ids = [tokenize_texts([r.text], tokenizer, fit.img_id)[0][0] for r in rendered]
+    assert _first_labels(rendered, ids, tokenizer, fit.img_id) == [None, None]  # the fallback is taken
+    ordinary = [[{"from": "human", "value": q}, {"from": "gpt", "value": "cat" + " sea" * 300}] for q in ("what color", long_q)]
+    vicuna = get_template("vicuna_v1")
+    assert None not in _first_labels([vicuna.render(t) for t in ordinary],
+                                     [tokenize_texts([vicuna.render(t).text], tokenizer, fit.img_id)[0][0] for t in ordinary],
+                                     tokenizer, fit.img_id)  # the prefix decides these
+    for tpl, batch in ((template, samples), (vicuna, ordinary)):
+        lens, cut, errors = batch_lengths(batch, tokenizer, tpl, fit)
+        assert cut.all()
+        assert lens[0] == encode_sample(batch[0], tokenizer, tpl, fit).length
+        with pytest.raises(SampleError) as e:
+            encode_sample(batch[1], tokenizer, tpl, fit)
+        assert list(errors) == [1] and (errors[1].reason, errors[1].detail) == (e.value.reason, e.value.detail)
