@@ -221,6 +221,9 @@ class Generator:
             # transformers rescales dynamic NTK RoPE as the cache grows; a cache holds keys rotated once.
             raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({text.max_position_embeddings}) "
                              f"is not supported by KV-cache generation (prompt + max_new_tokens = {capacity})")
+        # A decode step's own max_seqlen is 1: the window is checked here, against the longest sequence a step
+        # attends over (the last token chosen is never fed back).
+        text.check_length(capacity - 1, "the longest prompt + max_new_tokens - 1")
         return KVCache(text, min(self.max_batch_size, num_prompts), capacity, dtype=self.dtype, device=self.device)
 
     def _prefill(self, cache: KVCache, prompts: list[dict], seqs: list[_Running]) -> torch.Tensor:

@@ -99,8 +99,8 @@ class VisionConfig:
 @dataclass
 class TextConfig:
     """The decoder (defaults: LLaMA-2 / Vicuna 7B), as LlamaConfig names its fields. model_type is its family
-    (model/families/: "llama", "qwen2"), which its family's read_config sets with the fields where its block
-    differs (qkv_bias); a config written by hand sets them together."""
+    (model/families/: "llama", "qwen2", "qwen3", "mistral"), which its family's read_config sets with the fields
+    where its block differs (qkv_bias, qk_norm); a config written by hand sets them together."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -118,6 +118,11 @@ class TextConfig:
     eos_token_id: Optional[int] = 2
     model_type: str = "llama"
     qkv_bias: bool = False  # bias on the q/k/v projections, not on o_proj (Qwen2); implied by model_type in HF
+    attention_bias: bool = False  # bias on q/k/v AND o_proj (LlamaConfig's and Qwen3Config's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3); implied by model_type in HF
+    # Keys further back than this are masked (Mistral v0.1: 4096). Attention here always sees the whole sample,
+    # which is the same thing for a sample no longer than the window: check_length refuses a longer one.
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -132,6 +137,18 @@ class TextConfig:
             self.rope_scaling.pop("type", None)
             if rope_type == "default":
                 self.rope_scaling = None
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window}")
+
+    def check_length(self, length: int, what: str) -> None:
+        """ValueError unless a sequence of `length` tokens fits the sliding window (if any). `what` names the
+        sequence ("the longest sample of the pack"). Host ints only: call it where the length is known."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise ValueError(
+                f"{what} has {length} tokens, more than the decoder's sliding_window of {self.sliding_window}: "
+                "fastllava's attention sees the whole sample and does not mask keys beyond the window, so it "
+                f"refuses sequences longer than {self.sliding_window} tokens (lower data.model_max_length, or "
+                "the prompt + max_new_tokens of generation)")
 
     @property
     def attention_head_dim(self) -> int:
@@ -154,11 +171,12 @@ class TextConfig:
         return cls(**{**{k: d[k] for k in cls.__dataclass_fields__ if k in d}, **fields})
 
     def to_hf(self) -> dict:
-        """The config dict of its family's transformers class (LlamaConfig, Qwen2Config) in transformers 5's
-        form (rope_parameters); qkv_bias is not written: the model_type implies it."""
+        """The config dict of its family's transformers class (LlamaConfig, Qwen2Config, ...) in transformers 5's
+        form (rope_parameters); qkv_bias and qk_norm are not written: the model_type implies them."""
         d = asdict(self)
         model_type = d.pop("model_type")
         d.pop("qkv_bias")
+        d.pop("qk_norm")
         d["head_dim"] = self.attention_head_dim
         rope = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
         if d["rope_scaling"]:

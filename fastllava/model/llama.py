@@ -1,5 +1,7 @@
-"""LLaMA-family decoder over a packed sequence: RMSNorm, RoPE, SwiGLU, grouped-query attention; Qwen2 is the
-same block with a bias on the q/k/v projections (TextConfig.qkv_bias).
+"""LLaMA-family decoder over a packed sequence: RMSNorm, RoPE, SwiGLU, grouped-query attention. The other
+decoder families are this block with optional parts their TextConfig turns on: a bias on q/k/v (Qwen2:
+qkv_bias) or on q/k/v/o (attention_bias), an RMSNorm over each head of q and k before RoPE (Qwen3: qk_norm);
+Mistral's sliding window is refused past its length (TextConfig.check_length), never attended past.
 
 The forward takes embeddings (T, D) of samples back to back plus position_ids and cu_seqlens;
 attention is causal inside each sample and never crosses a boundary (fastllava.ops.varlen_attention).
@@ -27,10 +29,15 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.attention_bias)
+        # Qwen3 normalizes each head (width Dh, one weight shared by the heads) before RoPE; without it an
+        # Identity keeps the forward free of branches and the parameter names those of the checkpoint.
+        norm = (lambda: RMSNorm(self.head_dim, cfg.rms_norm_eps)) if cfg.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
         self.backend = backend
 
     def forward(self, x_TD, cos_TD, sin_TD, cu_seqlens, max_seqlen, cache_layer=None):
@@ -39,8 +46,8 @@ class Attention(nn.Module):
         cache_layer: this layer's view of a KV cache (generation): keys and values are stored there; in a
         decode step (each sample one new token) attention runs over the cache, not over the pack."""
         t = x_TD.shape[0]
-        q_THD = apply_rotary(self.q_proj(x_TD).view(t, self.num_heads, self.head_dim), cos_TD, sin_TD)
-        k_THD = apply_rotary(self.k_proj(x_TD).view(t, self.num_kv_heads, self.head_dim), cos_TD, sin_TD)
+        q_THD = apply_rotary(self.q_norm(self.q_proj(x_TD).view(t, self.num_heads, self.head_dim)), cos_TD, sin_TD)
+        k_THD = apply_rotary(self.k_norm(self.k_proj(x_TD).view(t, self.num_kv_heads, self.head_dim)), cos_TD, sin_TD)
         v_THD = self.v_proj(x_TD).view(t, self.num_kv_heads, self.head_dim)
         if cache_layer is not None:
             cache_layer.store(k_THD, v_THD)
@@ -96,6 +103,9 @@ class LlamaDecoder(nn.Module):
 
         cache: a KV-cache step (fastllava.generate.kv_cache.CacheStep) whose `layer(i)` each layer stores
         into and, when decoding, attends over; None in training."""
+        # max_seqlen is a host int: the check costs no sync. A decode step (max_seqlen 1) is checked where the
+        # cache is made, against the longest sequence it can hold (Generator._new_cache, generate/engine.py).
+        self.cfg.check_length(max_seqlen, "the longest sample of the pack")
         cos_TD, sin_TD = rotary_cos_sin(self.cfg, position_ids, cu_seqlens, embeds_TD.dtype)
         x_TD = embeds_TD
         for i, layer in enumerate(self.layers):

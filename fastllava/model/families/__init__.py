@@ -11,9 +11,11 @@ from .clip import CLIP
 from .family import ROLES, Family
 from .llama import LLAMA
 from .siglip import SIGLIP
+from .mistral import MISTRAL
 from .qwen2 import QWEN2
+from .qwen3 import QWEN3
 
-FAMILIES = (CLIP, SIGLIP, LLAMA, QWEN2)
+FAMILIES = (CLIP, SIGLIP, LLAMA, QWEN2, QWEN3, MISTRAL)
 
 _REGISTRY: dict[tuple[str, str], Family] = {}
 for _family in FAMILIES:
