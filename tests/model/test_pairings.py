@@ -4,15 +4,17 @@ configs whose norms and biases are random (fastllava.testing.tiny_hf_llava), so 
 Per pairing: the packed logits equal transformers run one sample at a time, the export read back by
 transformers gives them again, and greedy KV-cache generation equals transformers' generate token for token.
 A new family is one line of TOWERS or DECODERS; PAIRINGS names the combinations run here. Covered elsewhere:
-CLIP x LLaMA (test_llava_parity.py, tests/generate/test_generate.py), CLIP x Qwen2 (test_qwen2.py).
+the CLIP pairings (test_llava_parity.py and tests/generate/test_generate.py for LLaMA, test_qwen2.py,
+test_qwen3.py, test_mistral.py, test_llama31.py).
 """
 
 import pytest
-import torch
+from test_llama31 import LLAMA31
+from test_mistral import MISTRAL
 from test_qwen2 import QWEN2
+from test_qwen3 import QWEN3
 from test_siglip import SIGLIP
-from tiny_llava import hf_logits_per_sample, make_samples, pack, rel_err
-from transformers import LlavaForConditionalGeneration
+from tiny_llava import greedy_prompts_and_expected, hf_logits_per_sample, logits, make_samples, read_back, rel_err
 
 from fastllava import Llava
 from fastllava.testing import tiny_config, tiny_hf_llava
@@ -22,27 +24,28 @@ TOWERS = {
     "clip": {},
     "siglip": SIGLIP,
 }
-# name -> TextConfig fields over TINY_TEXT; grouped-query attention everywhere (4 query heads, 2 KV heads)
+# name -> TextConfig fields over TINY_TEXT (the families' own tests' shapes); grouped-query attention everywhere
 DECODERS = {
     "llama": {"num_key_value_heads": 2},
+    "llama3.1": LLAMA31,  # llama3 RoPE scaling, 8 query heads : 2 KV heads
     "qwen2": {**QWEN2, "tie_word_embeddings": False},
     "qwen2_tied": {**QWEN2, "tie_word_embeddings": True},
+    "qwen3": QWEN3,  # per-head q/k norms, head_dim 24 of a 64 width
+    "mistral": MISTRAL,  # 4 query heads : 1 KV head, the sliding window (4096) longer than any sample
 }
 PAIRINGS = [
     ("siglip", "llama"),
+    ("siglip", "llama3.1"),
     ("siglip", "qwen2"),
     ("siglip", "qwen2_tied"),
+    ("siglip", "qwen3"),
+    ("siglip", "mistral"),
 ]
 
 
 def pairing_config(tower: str, decoder: str):
     # SigLIP has no CLS token to drop: llava-hf's "full" (every token) is its only selection, our "patch".
     return tiny_config(vision=TOWERS[tower], text=DECODERS[decoder], vision_feature_layer=-2)
-
-
-def logits(model, samples):
-    with torch.no_grad():
-        return model(pack(samples, model.num_image_tokens), return_logits=True).logits
 
 
 @pytest.fixture(params=PAIRINGS, ids=["-".join(p) for p in PAIRINGS])
@@ -67,22 +70,12 @@ def test_packed_logits_and_export_match_transformers(pairing):
     assert rel_err(logits(model, samples), expected) <= 1e-5
 
     model.save_pretrained(tmp_path / "ours")
-    back, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    back = read_back(tmp_path / "ours")
     assert type(back.model.language_model) is type(hf.model.language_model)
-    assert rel_err(hf_logits_per_sample(back.eval(), samples, model.num_image_tokens), expected) <= 1e-5
+    assert rel_err(hf_logits_per_sample(back, samples, model.num_image_tokens), expected) <= 1e-5
 
 
 def test_greedy_generation_matches_transformers_generate(pairing):
     model, hf, _ = pairing
-    hf.generation_config.eos_token_id = None  # 10 tokens each, wherever the random model would stop
-    hf.generation_config.pad_token_id = 0
-    prompts, expected = [], []
-    for sample in make_samples(2):
-        ids = pack([sample], model.num_image_tokens).input_ids[None]
-        extra = {} if sample["pixel_values"] is None else {"pixel_values": sample["pixel_values"]}
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                          **extra)
-        expected.append(out[0, ids.shape[1]:].tolist())
-        prompts.append({"input_ids": sample["input_ids"].tolist(), "pixel_values": sample["pixel_values"]})
+    prompts, expected = greedy_prompts_and_expected(hf, make_samples(2), model.num_image_tokens)
     assert model.generate(prompts, max_new_tokens=10) == expected  # the three decoded together
