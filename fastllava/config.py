@@ -88,6 +88,10 @@ class DataConfig:
     image_folder: Optional[str] = None  # root of the entries' "image" paths; None for text-only data
     template: str = "plain"  # a conversation template of fastllava.data.templates: plain (stage 1), vicuna_v1
     image_mode: Literal["square", "pad"] = "square"
+    # How images become the tower's pixels (data/images.py Preprocess): None takes the preprocessor_config.json of
+    # model.vision_path / model.pretrained_path, else the tower family's processor (CLIP's or SigLIP's) at its
+    # image_size; or a preprocessor_config.json file, or a directory holding one.
+    image_processor: Optional[str] = None
     model_max_length: int = 2048
     overlong: Literal["truncate", "reject"] = "truncate"  # samples over model_max_length
     strict: bool = False  # any rejected sample stops the run
@@ -113,6 +117,13 @@ class DataConfig:
                 f"data.max_tokens_per_pack ({self.max_tokens_per_pack}) must be >= data.model_max_length "
                 f"({self.model_max_length}) so that the longest sample fits in one pack"
             )
+
+    def validate(self):
+        """A named image processor exists (read once the tower's image size is known: train/build.py)."""
+        path = None if self.image_processor is None else Path(self.image_processor)
+        if path is not None and not (path.is_file() or (path / "preprocessor_config.json").is_file()):
+            raise ValueError(f"data.image_processor {self.image_processor!r}: neither a preprocessor_config.json file "
+                             "nor a directory holding one")
 
 
 @dataclass

@@ -63,6 +63,10 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     num_channels: int = 3
     model_type: str = "clip_vision_model"
+    # SigLIP's pooling head (SiglipVisionConfig.vision_use_head): LLaVA never runs it, but a checkpoint with it
+    # holds `head.*` tensors and one without it (PaliGemma's, Gemma 3's towers) none. None: transformers' default,
+    # True for SigLIP; CLIP has no such head and leaves it None.
+    vision_use_head: Optional[bool] = None
 
     def __post_init__(self):
         _choice("vision model_type", self.model_type, VISION_MODEL_TYPES)
@@ -75,6 +79,9 @@ class VisionConfig:
         if self.image_size < self.patch_size:
             raise ValueError(f"vision image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         _choice("vision hidden_act", self.hidden_act, ("quick_gelu", "gelu", "gelu_pytorch_tanh"))
+        if self.vision_use_head is not None and self.has_class_token:
+            raise ValueError(f"vision_use_head is SigLIP's pooling head; a {self.model_type} tower has none: leave it "
+                             "unset (None)")
 
     @property
     def num_patches(self) -> int:
@@ -91,9 +98,14 @@ class VisionConfig:
         """From a CLIPVisionConfig or SiglipVisionConfig dict (unknown keys ignored)."""
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
+    @property
+    def pooling_head(self) -> bool:
+        """Whether the tower's checkpoints hold SigLIP's pooling head (`head.*` tensors)."""
+        return not self.has_class_token and self.vision_use_head is not False
+
     def to_hf(self) -> dict:
-        """A CLIPVisionConfig or SiglipVisionConfig dict."""
-        return asdict(self)
+        """A CLIPVisionConfig or SiglipVisionConfig dict (vision_use_head only where it is set)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "vision_use_head" and v is None)}
 
 
 @dataclass

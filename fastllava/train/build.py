@@ -11,14 +11,17 @@ built whole: its seeded initialization draws every tensor in full.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..data.dataset import LlavaDataset
+from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image
 from ..data.tokenize import TokenizerIds, load_tokenizer, prepare_tokenizer
 from ..model import Llava
+from ..model.families import of as families_of
 
 
 def build_tokenizer(cfg: Config):
@@ -68,12 +71,28 @@ def build_model(cfg: Config, special_ids: TokenizerIds, *, meta: bool = False) -
     return model
 
 
+def build_image_processor(cfg: Config, model: Llava) -> Preprocess:
+    """How the tower's images are preprocessed: the preprocessor_config.json that data.image_processor names (the
+    file, or a directory holding it), else the one in the tower's directory (model.vision_path) or the
+    checkpoint's (model.pretrained_path), else the tower family's processor (model/families/) at its image_size."""
+    m, size = cfg.model, model.config.vision.image_size
+    tower, _ = families_of(model.config)
+    if cfg.data.image_processor is not None:
+        path = Path(cfg.data.image_processor)
+        return Preprocess.from_file(path / PREPROCESSOR_FILE if path.is_dir() else path, size)
+    directory = {"components": m.vision_path, "pretrained": m.pretrained_path}.get(m.source)
+    if directory is None:
+        return Preprocess.default(tower.image_processor, size)
+    return Preprocess.from_dir(directory, tower.image_processor, size)
+
+
 def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:
-    """The LlavaDataset of data.*, with the model's image size and tokens per image."""
+    """The LlavaDataset of data.*, with the model's image size, tokens per image and image processor."""
     d = cfg.data
     if d.data_path is None:
         raise ValueError("data.data_path is not set: give a LLaVA-format JSON/JSONL file (and data.image_folder)")
     return LlavaDataset(d.data_path, d.image_folder, tokenizer, d.template, image_mode=d.image_mode,
                         image_size=model.config.vision.image_size, num_image_tokens=model.num_image_tokens,
                         model_max_length=d.model_max_length, overlong=d.overlong, strict=d.strict,
-                        rejects_path=d.rejects_path)
+                        rejects_path=d.rejects_path,
+                        image_loader=partial(load_image, processor=build_image_processor(cfg, model)))

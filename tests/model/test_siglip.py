@@ -119,3 +119,67 @@ def test_flop_model_counts_the_tower_as_it_runs(vision):
         counted = _count(lambda: model.vision_tower(pixels))["total"]
     flop_model = FlopModel.build(config, "finetune")
     assert counted == 2 * (flop_model.vision_matmul_per_image + flop_model.vision_attn_per_image)
+
+
+def _state_equal(a, b):
+    """Same keys and the same tensors, names and values."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("use_head", [False, True])
+def test_vision_use_head_round_trips(tmp_path, use_head):
+    """A SigLIP tower without the pooling head (vision_use_head false, as PaliGemma's and Gemma 3's) loads and
+    exports without a stand-in head, and the export says so: transformers reads it back with no key missing or
+    unexpected; with the head, the head travels."""
+    config = siglip_config()
+    config.vision.vision_use_head = use_head
+    hf = tiny_hf_llava(config)
+    assert hasattr(hf.model.vision_tower, "head") == use_head
+    hf.save_pretrained(tmp_path / "hf")
+    model = Llava.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.vision.vision_use_head is use_head
+    model.save_pretrained(tmp_path / "ours")
+    written = load_file(tmp_path / "ours" / "model.safetensors")
+    assert any(".head." in k for k in written) == use_head
+    back, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert back.config.vision_config.vision_use_head is use_head and _state_equal(hf, back)
+    samples = make_samples(3)
+    assert rel_err(logits(model, samples), hf_logits_per_sample(back.eval(), samples, PATCHES)) <= 1e-5
+
+    scratch = Llava.from_config(model.config, seed=2)  # a model from scratch makes up a head only if it has one
+    assert any(".head." in k for k in scratch.carried) == use_head
+
+
+def test_head_tensors_against_a_headless_config_are_refused(tmp_path):
+    hf = tiny_hf_llava(siglip_config())  # with a head
+    hf.config.vision_config.vision_use_head = False
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="head.*vision_use_head false"):
+        Llava.from_pretrained(tmp_path)
+
+
+def test_vision_use_head_is_siglips():
+    with pytest.raises(ValueError, match="vision_use_head is SigLIP's pooling head; a clip_vision_model tower"):
+        tiny_config(vision={"vision_use_head": False})
+    assert "vision_use_head" not in tiny_config().vision.to_hf()  # CLIP configs stay CLIPVisionConfig's
+
+
+@pytest.mark.parametrize("model_type", ["siglip2", "siglip2_vision_model"])
+def test_siglip2_naflex_is_refused_by_name(tmp_path, model_type):
+    """SigLIP2's NaFlex towers (transformers' Siglip2VisionModel) are refused saying why; the fixed-resolution
+    SigLIP2 checkpoints are SiglipModel directories, which test_from_components_reads_siglip_and_llama_directories
+    reads (the same model_type and layout)."""
+    from transformers import Siglip2Config, Siglip2VisionConfig, Siglip2VisionModel
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_patches=16)
+    if model_type == "siglip2":
+        Siglip2Config(vision_config=vision).save_pretrained(tmp_path / "tower")
+    else:
+        Siglip2VisionModel(Siglip2VisionConfig(**vision)).save_pretrained(tmp_path / "tower")
+    hf = tiny_hf_llava(siglip_config())
+    save_as_llama(hf, tmp_path / "llama")
+    expected = f"{model_type!r} is a SigLIP2 NaFlex tower.*fixed-resolution.*model_type 'siglip'"
+    with pytest.raises(ValueError, match=expected):
+        Llava.from_components(tmp_path / "tower", tmp_path / "llama")

@@ -89,4 +89,4 @@ def unused_tensors(config, gen: torch.Generator, *, dtype, device) -> dict[str, 
 
 CLIP = Family(name="CLIP", role="tower", model_types=("clip", "clip_vision_model"), read_config=read_config,
               write_config=write_config, standard_key=standard_key, module_name=module_name,
-              checkpoint_key=checkpoint_key, unused_tensors=unused_tensors)
+              checkpoint_key=checkpoint_key, unused_tensors=unused_tensors, image_processor="CLIPImageProcessor")

@@ -34,6 +34,9 @@ class Family:
     checkpoint_key(name) -> str: our parameter name (of this role) -> standard key.
     unused_tensors(config, gen, dtype, device) -> {standard key: tensor}: stand-ins, drawn from `gen`, for the
       tensors module_name maps to None, so a model made from scratch exports completely (None: there are none).
+    image_processor: a tower's transformers image processor class ("CLIPImageProcessor"), whose defaults at the
+      tower's image_size preprocess its images where no preprocessor_config.json says otherwise (data/images.py
+      Preprocess reads both); None for a decoder.
     """
 
     name: str
@@ -45,6 +48,8 @@ class Family:
     module_name: Callable[[str, object], str | None]
     checkpoint_key: Callable[[str], str]
     unused_tensors: Callable[..., dict[str, torch.Tensor]] | None = None
+    image_processor: str | None = None
 
     def __post_init__(self):
         assert self.role in ROLES, self.role
+        assert (self.image_processor is not None) == (self.role == "tower"), (self.name, self.image_processor)
