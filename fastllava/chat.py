@@ -16,7 +16,7 @@ from typing import Sequence, TextIO
 from .data.files import IMAGE_TAG
 from .data.templates import get_template
 from .generate import Generator
-from .generate.inputs import StreamDecoder, load_model, make_prompt, model_template
+from .generate.inputs import StreamDecoder, image_processor, load_model, make_prompt, model_template
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,17 +48,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 class Chat:
-    """A conversation with one model: `reply(text, out)` streams the answer to `out` and returns it."""
+    """A conversation with one model: `reply(text, out)` streams the answer to `out` and returns it.
+    processor: how its images are preprocessed (generate.inputs.image_processor); default its tower family's."""
 
-    def __init__(self, model, tokenizer, images: Sequence[str], args: argparse.Namespace):
+    def __init__(self, model, tokenizer, images: Sequence[str], args: argparse.Namespace, processor=None):
         self.model, self.tokenizer, self.images, self.args = model, tokenizer, list(images), args
         self.turns: list[dict] = []
         self.stop = get_template(args.template).stop_ids(tokenizer)  # where an answer ends (templates.py)
+        self.processor = processor or image_processor(model.config)
 
     def reply(self, text: str, out: TextIO) -> str:
         first = not self.turns
         self.turns.append({"from": "human", "value": ((IMAGE_TAG + "\n") * len(self.images) if first else "") + text})
-        prompt = make_prompt(self.turns, self.images, self.tokenizer, self.model, self.args.template)
+        prompt = make_prompt(self.turns, self.images, self.tokenizer, self.model, self.args.template, self.processor)
         decoder, answer = StreamDecoder(self.tokenizer), ""
         events = Generator(self.model, max_batch_size=1).stream(
             [prompt], max_new_tokens=self.args.max_new_tokens, stop=self.stop,
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        chat = Chat(model, tokenizer, args.image, args)
+        chat = Chat(model, tokenizer, args.image, args, processor=image_processor(model.config, args.model))
         if args.prompt is not None:
             chat.reply(args.prompt, sys.stdout)
             return 0

@@ -24,7 +24,7 @@ from typing import Sequence
 from ..data.files import IMAGE_TAG
 from ..data.templates import get_template
 from ..generate import Generator
-from ..generate.inputs import load_model, make_prompt, model_template
+from ..generate.inputs import image_processor, load_model, make_prompt, model_template
 from ..progress import progress
 from ..train.distributed import destroy_distributed, gather_interleaved, init_distributed
 from .answers import join_answers, read_answers
@@ -150,10 +150,10 @@ def check_unique(questions: Sequence[EvalQuestion], task: Task, data: Path) -> N
 def answer(questions: Sequence[EvalQuestion], model, tokenizer, args, max_new_tokens: int, *,
            show_progress: bool) -> tuple[list[str], dict]:
     """Greedy answers (text) to `questions` in order, and the generator's statistics."""
-    prompts = []
+    prompts, processor = [], image_processor(model.config, args.model)
     for q in questions:
         turns = [{"from": "human", "value": (IMAGE_TAG + "\n") * len(q.images) + q.text}]
-        prompts.append(make_prompt(turns, q.images, tokenizer, model, args.template))
+        prompts.append(make_prompt(turns, q.images, tokenizer, model, args.template, processor))
     generator = Generator(model, max_batch_size=args.max_batch_size, prefill_tokens=args.prefill_tokens)
     stop = get_template(args.template).stop_ids(tokenizer)  # where an answer ends: EOS or the template's marker
     ids: list[list[int]] = [[] for _ in questions]

@@ -1,6 +1,6 @@
-"""What generation reads: a trained model directory with its tokenizer and conversation template, and prompts
-built from turns and images exactly as training built its samples (one tokenization, LLaVA's; images padded to
-square)."""
+"""What generation reads: a trained model directory with its tokenizer, conversation template and image
+processor, and prompts built from turns and images exactly as training built its samples (one tokenization,
+LLaVA's; images padded to square in the tower's mean colour and preprocessed as its processor does)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ..data.images import load_image, preprocess_pil
+from ..data.images import Preprocess, load_image, preprocess_pil
 from ..data.tokenize import load_tokenizer, prepare_tokenizer, tokenize_prompt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,21 +77,38 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.dev
     return model, tokenizer
 
 
-def load_pixels(images: Sequence[str | Path | Image.Image], size: int) -> torch.Tensor | None:
+def image_processor(config, path: str | Path | None = None) -> Preprocess:
+    """How the images of a model of LlavaConfig `config` are preprocessed: the preprocessor_config.json in its
+    directory `path` if there is one, else its tower family's processor (CLIP's, SigLIP's) at the tower's
+    image size, as training chose it for a checkpoint (train/build.py)."""
+    from ..model.families import of as families_of
+
+    tower, _ = families_of(config)
+    if path is None:
+        return Preprocess.default(tower.image_processor, config.vision.image_size)
+    return Preprocess.from_dir(path, tower.image_processor, config.vision.image_size)
+
+
+def load_pixels(images: Sequence[str | Path | Image.Image], size: int,
+                processor: Preprocess | None = None) -> torch.Tensor | None:
     """(n, 3, size, size) float32 of image files or decoded PIL images, padded to square as LLaVA-1.5
-    does (image_aspect_ratio "pad"); None for no image."""
+    does (image_aspect_ratio "pad"); None for no image. processor: the tower's (image_processor); default
+    CLIP's."""
     if not images:
         return None
-    return torch.stack([preprocess_pil(im.convert("RGB"), "pad", size) if isinstance(im, Image.Image)
-                        else load_image(im, mode="pad", size=size) for im in images])
+    return torch.stack([preprocess_pil(im.convert("RGB"), "pad", size, processor) if isinstance(im, Image.Image)
+                        else load_image(im, mode="pad", size=size, processor=processor) for im in images])
 
 
-def make_prompt(turns: Sequence[dict], images: Sequence, tokenizer, model, template: str) -> dict:
+def make_prompt(turns: Sequence[dict], images: Sequence, tokenizer, model, template: str,
+                processor: Preprocess | None = None) -> dict:
     """The generator's prompt for a conversation that ends with a human turn: {"input_ids", "pixel_values"}.
     turns: [{"from": "human"|"gpt", "value": str}, ...] with one <image> tag per image. template: the one the
-    model was trained in (model_template)."""
+    model was trained in (model_template). processor: image_processor(model.config, its directory); default
+    its tower family's."""
+    size = model.config.vision.image_size
     return {"input_ids": tokenize_prompt(turns, tokenizer, template),
-            "pixel_values": load_pixels(images, model.config.vision.image_size)}
+            "pixel_values": load_pixels(images, size, processor or image_processor(model.config))}
 
 
 class StreamDecoder:
