@@ -29,6 +29,7 @@ from .init import init_projector_
 from .keys import (ROLE_PREFIX, canonical_llava_key, original_llava_key, original_llava_name,
                    split_roles, to_checkpoint_key, to_module_name)
 from .safetensors_io import ShardWriter, checkpoint_keys, iter_tensors, read_config, write_checkpoint
+from .stacked import split, stack, stacked_key
 
 ORIGINAL_VISION_DIR = "vision_tower"  # the CLIP tower's directory inside an original-LLaVA export
 
@@ -67,8 +68,10 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype
 
 
 def check_complete(missing_names: list[str], config: LlavaConfig, what: str) -> None:
-    """ValueError naming (as checkpoint keys) the parameters `missing_names` that no source gave."""
-    missing = [to_checkpoint_key(n, config) for n in missing_names]
+    """ValueError naming (as checkpoint keys, a stacked tensor's once for its parts) the parameters
+    `missing_names` that no source gave."""
+    whole = stacked_key(config)
+    missing = list(dict.fromkeys(whole.get(k, k) for k in (to_checkpoint_key(n, config) for n in missing_names)))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"{what}: missing tensors {shown}; nothing is left randomly initialized")
@@ -98,11 +101,16 @@ class LoadPlan:
 
     def resolved(self, lazy: bool) -> Iterator[tuple[str | None, str, str, object]]:
         """(our parameter name or None for a carried tensor, canonical key, source for messages, tensor or
-        RowReader) for every tensor of the sources: the one key mapping of both loaders."""
-        for tensors, key_map in self.sources:
-            for key, file, tensor in tensors(lazy):
-                canonical = key_map(key)
-                yield to_module_name(canonical, self.config), canonical, f"{file}: key {key!r}", tensor
+        RowReader) for every tensor of the sources, stacked tensors split into their parts (model/stacked.py):
+        the one key mapping of both loaders."""
+
+        def canonical():
+            for tensors, key_map in self.sources:
+                for key, file, tensor in tensors(lazy):
+                    yield key_map(key), f"{file}: key {key!r}", tensor
+
+        for canonical_key, source, tensor in split(canonical(), self.config):
+            yield to_module_name(canonical_key, self.config), canonical_key, source, tensor
 
     def load(self, model, dtype, device) -> None:
         """Place every tensor whole into `model` (built by `build`): the one-process loader. Keys the
@@ -318,12 +326,17 @@ def save_llava(model, path: Path, *, max_shard_bytes: int, state=None) -> None:
 
 def _checkpoint_tensors(model, state=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical llava-hf key, tensor) of every tensor a checkpoint of `model` holds: the parameters (or
-    `state`'s (our name, tensor) pairs) without a tied LM head, then the carried tensors."""
-    tied = model.config.text.tie_word_embeddings
-    for name, t in model.named_parameters() if state is None else state:
-        if not (tied and name == "lm_head.weight"):
-            yield to_checkpoint_key(name, model.config), t
-    yield from model.carried.items()
+    `state`'s (our name, tensor) pairs) without a tied LM head, then the carried tensors; the parts of a
+    tensor the family's checkpoints stack, stacked (model/stacked.py)."""
+
+    def tensors():
+        tied = model.config.text.tie_word_embeddings
+        for name, t in model.named_parameters() if state is None else state:
+            if not (tied and name == "lm_head.weight"):
+                yield to_checkpoint_key(name, model.config), t
+        yield from model.carried.items()
+
+    return stack(tensors(), model.config)
 
 
 def _save_original_llava(config: LlavaConfig, path: Path, tensors, max_shard_bytes: int) -> None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .keys import LLM, to_checkpoint_key
+from .stacked import stack_adapters
 
 _PREFIX = "base_model.model."
 _PROJECTOR = "multi_modal_projector"
@@ -28,7 +29,11 @@ _PROJECTOR = "multi_modal_projector"
 
 def transformers_module_name(name: str, config) -> str:
     """Our parameter name -> LlavaForConditionalGeneration's (transformers 5) name of the same tensor."""
-    key = to_checkpoint_key(name, config)  # the llava-hf file layout (transformers 4 module names)
+    return _transformers_name(to_checkpoint_key(name, config))
+
+
+def _transformers_name(key: str) -> str:
+    """Canonical llava-hf key (the file layout: transformers 4 module names) -> transformers 5's name."""
     if key.startswith(LLM):
         return "model.language_model." + key[len(LLM):]
     if key.startswith(_PROJECTOR + "."):
@@ -44,16 +49,23 @@ def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora
     if config.projector_type != "mlp2x_gelu":
         raise ValueError(f"a PEFT adapter for LlavaForConditionalGeneration needs an mlp2x_gelu projector, not "
                          f"{config.projector_type!r}; use the merged export")
-    tensors = {}
+    tensors, adapters = {}, {}
     for name, t in trained.items():
         if name.endswith((".lora_a", ".lora_b")):
             module, kind = name.rsplit(".", 1)
-            module = transformers_module_name(module + ".weight", config).removesuffix(".weight")
-            tensors[f"{_PREFIX}{module}.lora_{kind[-1].upper()}.weight"] = t
+            adapters.setdefault(to_checkpoint_key(module + ".weight", config), [None, None])[kind == "lora_b"] = t
         elif name.startswith("projector."):
             tensors[_PREFIX + transformers_module_name(name, config)] = t
         else:
             raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter nor the projector")
+    # A family that stores q/k/v (or gate/up) as one Linear (Phi-3's qkv_proj) is adapted there by PEFT: one
+    # adapter of rank n r and alpha n alpha per stacked Linear, equal to our n adapters (model/stacked.py).
+    adapters, joined = stack_adapters(adapters, config)
+    for key, (a, b) in adapters.items():
+        module = _transformers_name(key).removesuffix(".weight")
+        tensors[f"{_PREFIX}{module}.lora_A.weight"], tensors[f"{_PREFIX}{module}.lora_B.weight"] = a, b
+    stacked = {key.rsplit(".", 2)[-2]: n for key, n in joined.items()}  # qkv_proj: 3, gate_up_proj: 2
+    targets = [*lora.targets, *sorted(stacked)]
     adapter_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -62,7 +74,9 @@ def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         # The decoder's layers only (a regex: PEFT's suffix lists would also match the vision tower's).
-        "target_modules": rf".*language_model.*\.({'|'.join(lora.targets)})",
+        "target_modules": rf".*language_model.*\.({'|'.join(targets)})",
+        "rank_pattern": {name: n * lora.rank for name, n in stacked.items()},
+        "alpha_pattern": {name: n * lora.alpha for name, n in stacked.items()},
         "modules_to_save": [_PROJECTOR],
         "bias": "none",
         "fan_in_fan_out": False,

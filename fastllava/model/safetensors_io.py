@@ -82,6 +82,16 @@ class RowReader:
     def get_shape(self) -> list[int]:
         return list(self.shape)
 
+    def narrow(self, dim: int, start: int, length: int) -> "RowReader":
+        """Rows start..start+length-1 as a reader of their own, reading nothing now (torch.narrow's signature,
+        dim 0 only): a part of a stacked tensor (model/stacked.py) that still reads only the rows asked for."""
+        if dim != 0 or not 0 <= start <= start + length <= (self.shape[0] if self.shape else 0):
+            raise ValueError(f"{self.file}: rows {start}..{start + length} of a tensor of shape {self.shape}")
+        part = object.__new__(RowReader)
+        part.file, part.dtype, part.shape = self.file, self.dtype, (length, *self.shape[1:])
+        part.offset = self.offset + start * _numel(self.shape[1:]) * self.dtype.itemsize
+        return part
+
     def __getitem__(self, index) -> torch.Tensor:
         index = index if isinstance(index, tuple) else (index,)
         if not self.shape:  # a scalar

@@ -12,10 +12,11 @@ from .family import ROLES, Family
 from .llama import LLAMA
 from .siglip import SIGLIP
 from .mistral import MISTRAL
+from .phi3 import PHI3
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
 
-FAMILIES = (CLIP, SIGLIP, LLAMA, QWEN2, QWEN3, MISTRAL)
+FAMILIES = (CLIP, SIGLIP, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3)
 
 _REGISTRY: dict[tuple[str, str], Family] = {}
 for _family in FAMILIES:

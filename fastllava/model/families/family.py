@@ -34,6 +34,10 @@ class Family:
     checkpoint_key(name) -> str: our parameter name (of this role) -> standard key.
     unused_tensors(config, gen, dtype, device) -> {standard key: tensor}: stand-ins, drawn from `gen`, for the
       tensors module_name maps to None, so a model made from scratch exports completely (None: there are none).
+    stacked(config) -> {standard key: ((part standard key, rows), ...)}: the tensors its checkpoints store
+      stacked along dim 0 that our model keeps as separate parameters (Phi-3's qkv_proj: q, k, v rows), each
+      with its parts in order, named as module_name and checkpoint_key name them; split at load, stacked
+      again at export (model/stacked.py). None: the family stacks nothing.
     image_processor: a tower's transformers image processor class ("CLIPImageProcessor"), whose defaults at the
       tower's image_size preprocess its images where no preprocessor_config.json says otherwise (data/images.py
       Preprocess reads both); None for a decoder.
@@ -48,6 +52,7 @@ class Family:
     module_name: Callable[[str, object], str | None]
     checkpoint_key: Callable[[str], str]
     unused_tensors: Callable[..., dict[str, torch.Tensor]] | None = None
+    stacked: Callable[[object], dict[str, tuple[tuple[str, int], ...]]] | None = None
     image_processor: str | None = None
 
     def __post_init__(self):
