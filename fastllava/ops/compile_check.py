@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from ._aot import default_divisible
+
 # Per-block shared memory a kernel may opt into (bytes). NVIDIA Ampere tuning guide, 1.4.1.1: A100
 # (sm_80) has 164 KB per SM and "a maximum of 163 KB per thread block"; NVIDIA Hopper tuning guide,
 # 1.4.1.1: H100 (sm_90) has 228 KB per SM and "the maximum shared memory per thread block is 227 KB".
@@ -88,18 +90,11 @@ def _cuobjdump() -> str:
 
 
 def _divisible_args(spec) -> set[str]:
-    """Arguments the JIT would specialize as multiples of 16 at a real launch.
-
-    The JIT marks a pointer 16-byte aligned when its tensor is (every fresh torch allocation is) and an
-    integer "divisible by 16" when its value is; the marks decide whether loads vectorize, which moves
-    register counts by 2x or more (measured on the attention kernels: D=128 forward spilled with
-    unmarked strides, not with marked ones). A spec may list them as `divisible_by_16`; without that,
-    every pointer and every integer whose name starts with "stride" is assumed marked, which holds
-    for contiguous 16-bit tensors whose inner sizes are multiples of 8.
-    """
+    """Arguments the JIT would specialize as multiples of 16 at a real launch: the spec's own list, or
+    _aot.default_divisible (every pointer and every integer named stride*)."""
     if spec.divisible_by_16 is not None:
         return set(spec.divisible_by_16)
-    return {n for n, t in spec.signature.items() if t.startswith("*") or (n.startswith("stride") and t[0] in "iu")}
+    return set(default_divisible(spec.signature))
 
 
 def compile_one(module: str, index: int, arch: int) -> Result:

@@ -48,7 +48,10 @@ _MIN_BLOCK_M, _MAX_BLOCK_M = 16, 64
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Slots, cache length and GQA group never specialized by the JIT (a group of 1 would become a constant, a
+# length of 4096 "divisible by 16"): the compile check's specs compile exactly what runs (as
+# varlen_attention_kernels._NOT_SPECIALIZED).
+@triton.jit(do_not_specialize=["S", "L", "group"])
 def _decode_kernel(
     Q,  # (B, Hq, D) queries of the new tokens; unit stride along D
     K, V,  # (S, L, Hkv, D) key and value caches; unit stride along D

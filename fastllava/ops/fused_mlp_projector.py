@@ -397,10 +397,14 @@ def fused_mlp_projector(x, w1, b1, w2, b2, *, backend="auto"):
     x: (N, Din) or (..., Din) features; w1: (Dh, Din), b1: (Dh,), w2: (Dout, Dh), b2: (Dout,),
     nn.Linear layout, all one dtype (fp16/bf16/fp32) for backend="triton".
     Returns (N, Dout) (or (..., Dout)) in x's dtype. Differentiable in every input; x may be frozen.
+    backend="auto": Triton on CUDA when Din, Dh and Dout are multiples of 16 (every released model's
+    are), torch otherwise.
     Runs as the custom op torch.ops.fastllava.fused_mlp_projector (fake implementation, registered
     backward, FLOP formula: see docs/kernels.md), both backends.
     """
     which = pick_backend(backend, x, BACKENDS, op="fused_mlp_projector")
+    if which == "triton" and backend == "auto" and not _compiled_widths(w1.shape[1], w1.shape[0], w2.shape[0]):
+        which = "torch"  # widths that are not multiples of 16: the kernel spills there (see _EQUALS)
     _check_inputs(x, w1, b1, w2, b2, which)
     lead = x.shape[:-1]
     # The pre-activation is kept for the backward only when one will run.
@@ -413,8 +417,33 @@ def fused_mlp_projector(x, w1, b1, w2, b2, *, backend="auto"):
 # Ahead-of-time compile check
 
 
+# The integers a launch marks as multiples of 16 (see _aot.default_divisible), by what they equal: the
+# token count M, the output width N, the reduction width K (row strides equal K or N: inputs are made
+# contiguous). Every released width is a multiple of 16 (768, 896, 1024, 1152, 3584, 4096, 5120), and
+# EVEN_K (K % BLOCK_K == 0) implies K is one; the token count is one for CLIP (576 per image) and not for
+# SigLIP-SO400M (729 per image) unless 16 images share a launch. Widths that are not multiples of 16 mark
+# nothing, and that specialization spills (16-bit forward 104 B/thread on sm_80, 56 on sm_90; backward
+# 16 B; compile check of 2026-12-06): backend="auto" gives them to torch (_compiled_widths), so only an
+# explicit backend="triton" (the tests' odd sizes) runs it, and it is not among the specs.
+_EQUALS = {"fwd": {"M": ("M",), "N": ("N",), "K": ("K", "stride_xm", "stride_wn")},
+           "bwd": {"M": ("M",), "N": ("N", "stride_wk"), "K": ("K", "stride_dym")}}
+_MARKINGS = {True: ("NK", "MNK"), False: ("NK",)}  # by EVEN_K
+
+
+def _compiled_widths(din, dh, dout):
+    """Whether the widths give a launch that aot_specs() compiles (multiples of 16, see _EQUALS)."""
+    return din % 16 == 0 and dh % 16 == 0 and dout % 16 == 0
+
+
+def _markings(kind, sig, even_k):
+    """(name suffix, divisible_by_16) for every marking a launch with this EVEN_K produces."""
+    pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
+    return [(f" {m}%16=0" if m else "", pointers + tuple(a for c in m for a in _EQUALS[kind][c]))
+            for m in _MARKINGS[even_k]]
+
+
 def aot_specs() -> list[KernelSpec]:
-    """Every (kernel, dtype, config) the launchers above can choose."""
+    """Every (kernel, dtype, config, flags, integers marked divisible by 16) the launchers above can produce."""
     specs = []
     ints = {n: "i32" for n in ("M", "N", "K")}
     flags = [(store, even_k) for store in (True, False) for even_k in (True, False)]
@@ -430,8 +459,9 @@ def aot_specs() -> list[KernelSpec]:
         for store, even_k in flags:
             consts = {"stride_xk": 1, "stride_wk": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm,
                       "EVEN_K": even_k, "STORE_PRE": store, "INPUT_PRECISION": prec}
-            specs.append(KernelSpec(f"projector_fwd {t} {bm}x{bn}x{bk} EVEN_K={even_k} STORE_PRE={store}",
-                                    _linear_bias_gelu_fwd_kernel, sig, consts, warps, stages))
+            for label, marked in _markings("fwd", sig, even_k):
+                specs.append(KernelSpec(f"projector_fwd {t} {bm}x{bn}x{bk} EVEN_K={even_k} STORE_PRE={store}{label}",
+                                        _linear_bias_gelu_fwd_kernel, sig, consts, warps, stages, marked))
         bm, bn, bk, gm, warps, stages = _BWD_CONFIGS[dtype]
         sig = {"dy_ptr": f"*{t}", "w_ptr": f"*{t}", "h_ptr": f"*{t}", "dh_ptr": f"*{t}", "a_ptr": f"*{t}",
                "dbias_ptr": "*fp32", **ints,
@@ -441,6 +471,7 @@ def aot_specs() -> list[KernelSpec]:
         for store, even_k in flags:
             consts = {"stride_dyk": 1, "stride_wn": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm,
                       "EVEN_K": even_k, "STORE_ACT": store, "INPUT_PRECISION": prec}
-            specs.append(KernelSpec(f"projector_bwd {t} {bm}x{bn}x{bk} EVEN_K={even_k} STORE_ACT={store}",
-                                    _gelu_grad_matmul_kernel, sig, consts, warps, stages))
+            for label, marked in _markings("bwd", sig, even_k):
+                specs.append(KernelSpec(f"projector_bwd {t} {bm}x{bn}x{bk} EVEN_K={even_k} STORE_ACT={store}{label}",
+                                        _gelu_grad_matmul_kernel, sig, consts, warps, stages, marked))
     return specs

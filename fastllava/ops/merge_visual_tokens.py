@@ -57,9 +57,14 @@ def merge_visual_tokens_reference(input_ids, embed_weight, image_features, image
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
+#
+# The token count, the placeholder id and the vocabulary only bound rows or compare ids, so the JIT is told
+# not to specialize them (do_not_specialize): a launch then differs from the compile check's specs only by
+# whether the width D (and the row strides, which equal it) is a multiple of 16, which decides how the
+# loads along D vectorize; aot_specs() compiles both.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "image_token_id"])
 def _merge_fwd_kernel(
     # One program fills a (BLOCK_T, BLOCK_D) tile of out_TD, each element read once from its source.
     ids_ptr,  # ids_T int64: token ids, image_token_id at placeholders
@@ -91,7 +96,7 @@ def _merge_fwd_kernel(
     tl.store(out_ptr + out_offs, out, mask=t_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "image_token_id"])
 def _merge_bwd_feats_kernel(
     # One program copies the placeholder rows of a (BLOCK_T, BLOCK_D) tile of d out_TD to d feats_SD.
     ids_ptr,  # ids_T int64
@@ -116,7 +121,7 @@ def _merge_bwd_feats_kernel(
     tl.store(dfeats_ptr + slot[:, None] * D + offs_d[None, :], g, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["V"])
 def _embed_grad_kernel(
     # Program (i, j): if sorted position i starts a run of equal text ids, sum d out_TD over the run
     # (in sorted order, fp32) for columns block j and write the result to that id's row of d embed_VD.
@@ -152,6 +157,9 @@ def _embed_grad_kernel(
 _BLOCK_T, _BLOCK_D, _WARPS = 16, 256, 4
 # The embedding gradient: one run of equal ids per program, 512 columns each (8 programs per row at D=4096).
 _EMBED_BLOCK_D, _EMBED_WARPS = 512, 4
+# Written out at every launch: left out, Triton launches with its default (3 stages on NVIDIA GPUs), which is
+# not what aot_specs() compiles and checks (found by tests/ops/test_new_shapes.py).
+_NUM_STAGES = 1
 
 
 def _tile_grid(T, D):
@@ -171,7 +179,7 @@ def embed_grad_deterministic(ids_T, dout_TD, V, image_token_id):
     if T > 0:
         _embed_grad_kernel[(T, triton.cdiv(D, _EMBED_BLOCK_D))](
             keys_sorted, order, run_end, dout_TD, dembed_VD, D, V, dout_TD.stride(0),
-            BLOCK_D=_EMBED_BLOCK_D, num_warps=_EMBED_WARPS,
+            BLOCK_D=_EMBED_BLOCK_D, num_warps=_EMBED_WARPS, num_stages=_NUM_STAGES,
         )
     return dembed_VD
 
@@ -188,6 +196,7 @@ def _triton_forward(ids_T, embed_VD, feats_SD, image_token_id):
         _merge_fwd_kernel[_tile_grid(T, D)](
             ids_T, _slots(ids_T, image_token_id), embed_VD, feats_SD, out_TD, T, D, image_token_id,
             embed_VD.stride(0), feats_SD.stride(0), BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS,
+            num_stages=_NUM_STAGES,
         )
     return out_TD
 
@@ -201,7 +210,7 @@ def _triton_backward(dout_TD, ids_T, n_feats, vocab, image_token_id, need_embed,
         if T > 0:
             _merge_bwd_feats_kernel[_tile_grid(T, D)](
                 ids_T, _slots(ids_T, image_token_id), dout_TD, dfeats, T, D, image_token_id, dout_TD.stride(0),
-                BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS,
+                BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D, num_warps=_WARPS, num_stages=_NUM_STAGES,
             )
     if need_embed:
         dembed = embed_grad_deterministic(ids_T, dout_TD, vocab, image_token_id)
@@ -350,22 +359,33 @@ def merge_visual_tokens(input_ids, embed_weight, image_features, image_token_id,
 # Ahead-of-time compile check
 
 
+def _markings(sig):
+    """(name suffix, divisible_by_16) for a width that is a multiple of 16 (every released model's) and one
+    that is not: D and the row strides (equal to D) marked or not; pointers always."""
+    pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
+    widths = tuple(n for n in sig if n == "D" or n.startswith("stride"))
+    return [("", pointers), (" D%16=0", pointers + widths)]
+
+
 def aot_specs() -> list[KernelSpec]:
-    """Every (kernel, dtype, config) the launchers above can choose."""
+    """Every (kernel, dtype, config, width marking) the launchers above can produce."""
     specs = []
     tile = {"BLOCK_T": _BLOCK_T, "BLOCK_D": _BLOCK_D}
     for t in TL_DTYPE_NAMES.values():
         fwd_sig = {"ids_ptr": "*i64", "slot_ptr": "*i64", "embed_ptr": f"*{t}", "feats_ptr": f"*{t}",
                    "out_ptr": f"*{t}", "T": "i32", "D": "i32", "image_token_id": "i32", "stride_embed": "i32",
                    "stride_feats": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-        specs.append(KernelSpec(f"merge_fwd {t} {_BLOCK_T}x{_BLOCK_D}", _merge_fwd_kernel, fwd_sig, tile, _WARPS, 1))
         bwd_sig = {"ids_ptr": "*i64", "slot_ptr": "*i64", "dout_ptr": f"*{t}", "dfeats_ptr": f"*{t}", "T": "i32",
                    "D": "i32", "image_token_id": "i32", "stride_dout": "i32", "BLOCK_T": "constexpr",
                    "BLOCK_D": "constexpr"}
-        specs.append(KernelSpec(f"merge_bwd_feats {t} {_BLOCK_T}x{_BLOCK_D}", _merge_bwd_feats_kernel, bwd_sig, tile,
-                                _WARPS, 1))
         emb_sig = {"keys_ptr": "*i64", "order_ptr": "*i64", "run_end_ptr": "*i64", "dout_ptr": f"*{t}",
                    "dembed_ptr": f"*{t}", "D": "i32", "V": "i32", "stride_dout": "i32", "BLOCK_D": "constexpr"}
-        specs.append(KernelSpec(f"embed_grad {t} BLOCK_D={_EMBED_BLOCK_D}", _embed_grad_kernel, emb_sig,
-                                {"BLOCK_D": _EMBED_BLOCK_D}, _EMBED_WARPS, 1))
+        for name, fn, sig, consts, warps in (
+            (f"merge_fwd {t} {_BLOCK_T}x{_BLOCK_D}", _merge_fwd_kernel, fwd_sig, tile, _WARPS),
+            (f"merge_bwd_feats {t} {_BLOCK_T}x{_BLOCK_D}", _merge_bwd_feats_kernel, bwd_sig, tile, _WARPS),
+            (f"embed_grad {t} BLOCK_D={_EMBED_BLOCK_D}", _embed_grad_kernel, emb_sig, {"BLOCK_D": _EMBED_BLOCK_D},
+             _EMBED_WARPS),
+        ):
+            for label, marked in _markings(sig):
+                specs.append(KernelSpec(name + label, fn, sig, consts, warps, _NUM_STAGES, marked))
     return specs

@@ -14,6 +14,14 @@ import triton.language as tl
 # with triton.compile for sm_90), while `tl.constexpr(...)` works in both and in older Tritons.
 LOG2E = tl.constexpr(1.4426950408889634)
 
+# The pack's token count T and the GQA group are never specialized by the JIT: left to it, T = 8192 would
+# be compiled as "divisible by 16" and group = 1 (MHA) as a constant, launches that the compile check's
+# specs (T and group plain i32) do not compile: the check compiles exactly what runs, for every pack size
+# and every ratio (1:1, 4:1, 7:1, ...). Found by tests/ops/test_new_shapes.py. They only index LSE/DELTA
+# rows and map heads (the loads along D take their alignment from the strides, still marked); what
+# their specialization was worth on a GPU is not measured.
+_NOT_SPECIALIZED = ["T", "group"]
+
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels. Every kernel locates its sample through CU_SEQLENS and works on sample-local rows
@@ -71,7 +79,7 @@ def _fwd_kv_step(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, start_n, offs_m, 
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _varlen_fwd_kernel(
     Q, K, V, O,  # q (T, Hq, D), k and v (T, Hkv, D), o (T, Hq, D); unit stride along D
     LSE,  # (Hq, T) fp32 out: natural-log log-sum-exp of each query row's scaled scores
@@ -129,7 +137,7 @@ def _varlen_fwd_kernel(
     tl.store(LSE + pid_h * T + tok0 + offs_m, lse, mask=offs_m < seqlen)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _varlen_bwd_delta_kernel(
     O, DO,  # (T, Hq, D) output and its gradient; unit stride along D
     DELTA,  # (Hq, T) fp32 out: rowsum(dO * O)
@@ -171,7 +179,7 @@ def _dq_kv_step(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, start_n, off
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _varlen_bwd_dq_kernel(
     Q, K, V, DO, DQ,  # q, do, dq (T, Hq, D); k, v (T, Hkv, D); unit stride along D
     LSE, DELTA,  # (Hq, T) fp32 from the forward and the delta kernel
@@ -259,7 +267,7 @@ def _dkdv_q_step(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, start_m
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,  # q, do (T, Hq, D); k, v, dk, dv (T, Hkv, D); unit stride along D
     LSE, DELTA,  # (Hq, T) fp32
