@@ -92,23 +92,43 @@ def _ce_loss_grad_kernel(
 # Launcher
 
 # (ROWS, BLOCK_V, num_warps): a row of the LLaMA vocabulary (32000) is 8 blocks of 4096, one row per
-# program (Liger-style); small vocabularies (tests, tiny models) take 8 rows x 1024 so a program still
-# moves 8K elements per step (and the interpreter runs 8x fewer programs: ~30 ms each on CPU).
+# program (Liger-style); on a GPU every vocabulary takes this one. In the interpreter, small vocabularies
+# (tests, tiny models) take 8 rows x 1024, so it runs 8x fewer programs (~30 ms each on CPU). The 8 x 1024
+# tile is not compiled for GPUs: it spilled 8 B/thread on sm_80 in fp16 with V a multiple of 16
+# (compile check, 2026-12-06), and what a GPU gains from it is for vocabularies below 8192 only.
 _CONFIGS = [(8, 1024, 8), (1, 4096, 8)]
+_GPU_CONFIG = _CONFIGS[1]
+# Written out at the launch: left out, Triton launches with its default (3 stages on NVIDIA GPUs), which is
+# not what aot_specs() compiles and checks (found by tests/ops/test_new_shapes.py).
+_NUM_STAGES = 1
 
 
-def _config(V):
-    return _CONFIGS[0] if V < 8192 else _CONFIGS[1]
+def _config(V, on_gpu):
+    return _GPU_CONFIG if on_gpu or V >= 8192 else _CONFIGS[0]
+
+
+# Fewest tokens per chunk. Each chunk that trains the LM head re-reads and re-writes the (V, D) fp32 weight
+# gradient and writes its (V, D) product: 12 V D bytes against the chunk's 6 C V D FLOPs, C / 2 FLOPs per
+# byte. Under the rule C = T D / V alone, chunks thin out as V grows: 192 rows at Qwen2.5-7B's V=152064,
+# D=3584, T=8192, i.e. 43 chunks and 281 GB of gradient traffic (84 ms at H100's 3.35 TB/s, against 27 ms
+# for the 26.8 TFLOP of GEMMs at its 989 TFLOP/s); Qwen2.5-0.5B (D=896) would take 170 chunks. With at
+# least 2048 rows the traffic is at most 2 x 295 / 2048 = 29% of the GEMM time on an H100 (4 chunks,
+# 26 GB at that shape), and LLaVA-1.5's shapes keep their chunks (2096 rows at V=32000, D=4096).
+# Arithmetic from datasheet peaks, not a measurement: benchmarks/bench_flce.py times these shapes on a GPU.
+_MIN_CHUNK_ROWS = 2048
 
 
 def _chunk_rows(T, V, D):
-    """Tokens per chunk: the (C, V) logits chunk is kept no larger than hidden_TD itself (C * V <= T * D),
-    so the extra memory is bounded by the size of the input; at least 8 rows, a multiple of 8 for the GEMMs.
+    """Tokens per chunk: T D / V (the (C, V) logits chunk no larger than hidden_TD itself), but at least
+    _MIN_CHUNK_ROWS so the passes over the (V, D) weight gradient stay few at large vocabularies; at most
+    T; a multiple of 8 for the GEMMs.
 
     T=16384, V=32000, D=4096 gives C=2096: 8 chunks, 134 MB of bf16 logits per chunk, against eager's
-    1.05 GB of bf16 plus 2.1 GB of fp32 (T, V) logits.
+    1.05 GB of bf16 plus 2.1 GB of fp32 (T, V) logits. T=8192, V=152064, D=3584 gives C=2048: 4 chunks,
+    623 MB of bf16 logits per chunk (the (V, D) gradient buffers are 3.3 GB), against eager's 2.5 GB of
+    bf16 plus 5 GB of fp32 logits.
     """
-    c = (T * D) // max(V, 1)
+    c = max((T * D) // max(V, 1), _MIN_CHUNK_ROWS)
     return max(8, min(T, c) // 8 * 8) if T > 8 else max(T, 1)
 
 
@@ -117,7 +137,7 @@ def _loss_and_grads(hidden_TD, weight_VD, labels_T, ignore_index, need_dhidden, 
     T, D = hidden_TD.shape
     V = weight_VD.shape[0]
     C = _chunk_rows(T, V, D)
-    rows, block_v, warps = _config(V)
+    rows, block_v, warps = _config(V, hidden_TD.is_cuda)
     compute_grad = need_dhidden or need_dweight
     loss_T = new_output((T,), torch.float32, hidden_TD.device)
     dhidden_TD = new_output((T, D), hidden_TD.dtype, hidden_TD.device) if need_dhidden else None
@@ -128,7 +148,7 @@ def _loss_and_grads(hidden_TD, weight_VD, labels_T, ignore_index, need_dhidden, 
         logits_CV = hidden_CD @ weight_VD.t()
         _ce_loss_grad_kernel[(triton.cdiv(end - start, rows),)](
             logits_CV, labels_T[start:end], loss_T[start:end], end - start, V, logits_CV.stride(0), ignore_index,
-            ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=warps,
+            ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=warps, num_stages=_NUM_STAGES,
         )
         if need_dhidden:
             torch.mm(logits_CV, weight_VD, out=dhidden_TD[start:end])
@@ -302,16 +322,25 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
 # Ahead-of-time compile check
 
 
+# The integers a launch marks as multiples of 16 (see _aot.default_divisible): the vocabulary (and the
+# logits' row stride, which equals it) is one for every released vocabulary (32000, 32064, 128256, 151936,
+# 152064) and not for the tests' odd ones; the chunk's rows are one except in a ragged last chunk.
+_MARKINGS = {"": (), " V%16=0": ("V", "stride_row"), " V,C%16=0": ("V", "stride_row", "C")}
+
+
 def aot_specs() -> list[KernelSpec]:
-    """Every (dtype, ROWS x BLOCK_V, COMPUTE_GRAD) the launcher can choose."""
+    """Every (dtype, COMPUTE_GRAD, integers marked divisible by 16) the launcher can produce on a GPU."""
     specs = []
     for t in TL_DTYPE_NAMES.values():
         sig = {"logits_ptr": f"*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "C": "i32", "V": "i32",
                "stride_row": "i32", "ignore_index": "i32", "ROWS": "constexpr", "BLOCK_V": "constexpr",
                "COMPUTE_GRAD": "constexpr"}
-        for rows, block_v, warps in _CONFIGS:
+        pointers = tuple(n for n, typ in sig.items() if typ.startswith("*"))
+        for rows, block_v, warps in (_GPU_CONFIG,):
             for grad in (True, False):
-                specs.append(KernelSpec(f"ce_loss_grad {t} ROWS={rows} BLOCK_V={block_v} COMPUTE_GRAD={grad}",
-                                        _ce_loss_grad_kernel, sig,
-                                        {"ROWS": rows, "BLOCK_V": block_v, "COMPUTE_GRAD": grad}, warps, 1))
+                for label, ints in _MARKINGS.items():
+                    specs.append(KernelSpec(
+                        f"ce_loss_grad {t} ROWS={rows} BLOCK_V={block_v} COMPUTE_GRAD={grad}{label}",
+                        _ce_loss_grad_kernel, sig, {"ROWS": rows, "BLOCK_V": block_v, "COMPUTE_GRAD": grad},
+                        warps, _NUM_STAGES, divisible_by_16=pointers + ints))
     return specs

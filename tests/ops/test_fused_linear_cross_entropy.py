@@ -3,8 +3,9 @@
 Tolerance rule (tests/ops/tolerance.py): our max error vs the float64 reference <= 2x the error of the torch
 reference (fastllava's eager F.linear + F.cross_entropy) in the same dtype, plus a floor of one ulp
 of the largest reference value, which only matters when both errors are at rounding level.
-Shapes make several chunks (chunk rows follow T*D/V, at least 8), a chunk whose labels are all
-ignored, and a vocabulary that is not a multiple of the kernel's BLOCK_V.
+Shapes make several chunks (chunk rows follow T*D/V; the floor of 2048 rows is lowered to 8 here so that
+small shapes chunk too), a chunk whose labels are all ignored, and a vocabulary that is not a multiple of
+the kernel's BLOCK_V. The vocabularies of the newer decoders are in test_new_shapes.py.
 """
 
 import importlib
@@ -17,6 +18,14 @@ from fastllava.ops import fused_linear_cross_entropy
 from fastllava.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 
 flce_mod = importlib.import_module("fastllava.ops.fused_linear_cross_entropy")
+MIN_CHUNK_ROWS = flce_mod._MIN_CHUNK_ROWS  # the real floor, for the tests of the chunk rule itself
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 8 rows at these small shapes: the chunk loop, a fully ignored chunk and a short last chunk
+    run in the interpreter (with the real floor of 2048 rows every shape here would be one chunk)."""
+    monkeypatch.setattr(flce_mod, "_MIN_CHUNK_ROWS", 8)
 
 
 def make_inputs(T, D, V, dtype, seed=0):
@@ -56,7 +65,8 @@ def test_loss_and_gradients_match_float64(dtype, reduction):
 
 
 def test_large_vocabulary_path_and_odd_sizes():
-    """V >= 8192 takes the (ROWS=1, BLOCK_V=4096) configuration; T=97 and D=80 are off every grid.
+    """V >= 8192 takes the (ROWS=1, BLOCK_V=4096) configuration (every V on a GPU); T=97 and D=80 are off
+    every grid.
 
     fp16, not fp32: CPU torch.mm switches to a less accurate path for fewer than 64 rows (fp32, K=8197:
     6.3e-8 vs 2.0e-8 max error for the same product, measured here), so an fp32 comparison of our 8-row
@@ -131,19 +141,34 @@ def test_bad_inputs_raise_value_errors():
         triton_flce(hidden.half(), weight, labels)
 
 
-def test_chunk_rule_bounds_the_logits_chunk():
+def test_chunk_rule_bounds_the_logits_chunk(monkeypatch):
+    monkeypatch.setattr(flce_mod, "_MIN_CHUNK_ROWS", MIN_CHUNK_ROWS)
     assert flce_mod._chunk_rows(16384, 32000, 4096) == 2096  # 8 chunks at the 7B LM-head shape
-    for T, V, D in [(16384, 32000, 4096), (16384, 128256, 4096), (97, 1031, 80), (5, 50, 8), (1, 32000, 4096)]:
+    for T, V, D in [(16384, 32000, 4096), (16384, 128256, 4096), (8192, 152064, 3584), (97, 1031, 80), (5, 50, 8),
+                    (1, 32000, 4096)]:
         c = flce_mod._chunk_rows(T, V, D)
-        assert 1 <= c <= T
-        assert c * V <= max(T * D, 8 * V), (T, V, D, c)
+        assert 1 <= c <= T and (c % 8 == 0 or c == T)
+        assert c * V <= max(T * D, MIN_CHUNK_ROWS * V), (T, V, D, c)
+
+
+@pytest.mark.parametrize("T, V, D", [(8192, 152064, 3584), (8192, 151936, 896), (8192, 128256, 4096),
+                                     (16384, 151936, 1536)])
+def test_large_vocabularies_take_few_passes_over_the_weight_gradient(monkeypatch, T, V, D):
+    """Each chunk re-reads and re-writes the (V, D) fp32 weight gradient: at Qwen's and Llama-3's vocabularies
+    the chunks must not thin out with V (T D / V alone gives 43 chunks at Qwen2.5-7B's shape, 170 at
+    Qwen2.5-0.5B's: hundreds of GB of traffic per pack, see _MIN_CHUNK_ROWS)."""
+    monkeypatch.setattr(flce_mod, "_MIN_CHUNK_ROWS", MIN_CHUNK_ROWS)
+    chunks = -(-T // flce_mod._chunk_rows(T, V, D))
+    assert chunks <= -(-T // 2048), (T, V, D, chunks)
 
 
 def test_aot_specs_cover_every_config_and_match_kernel_arguments():
+    """Every configuration a GPU launch picks is compiled (the launches at the released vocabularies, with
+    their divisibility marks, are checked in test_new_shapes.py); the interpreter's small tile is not."""
     specs = flce_mod.aot_specs()
     chosen = {(s.constexprs["ROWS"], s.constexprs["BLOCK_V"], s.num_warps) for s in specs}
-    assert chosen == set(flce_mod._CONFIGS)
-    assert {flce_mod._config(V) for V in (1031, 8191, 8192, 32000, 128256)} <= chosen
-    assert len(specs) == 3 * len(flce_mod._CONFIGS) * 2  # dtypes x configs x COMPUTE_GRAD
+    assert chosen == {flce_mod._config(V, on_gpu=True) for V in (1031, 8191, 8192, 32000, 128256)}
+    assert flce_mod._config(1031, on_gpu=False) != flce_mod._config(1031, on_gpu=True)
+    assert len(specs) == 3 * 2 * len(flce_mod._MARKINGS)  # dtypes x COMPUTE_GRAD x markings
     for spec in specs:
         assert list(spec.signature) == spec.fn.arg_names, spec.name
