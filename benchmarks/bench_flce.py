@@ -2,7 +2,8 @@
 
     python -m pytest benchmarks/bench_flce.py --benchmark-only
 
-GPU: T=16384 tokens, V=32000 (LLaMA vocabulary), D=4096, bf16. CPU: T=256, V=1000, D=64, fp32, eager
+GPU: T=16384 tokens, V=32000 (LLaMA vocabulary), D=4096; T=8192 at Qwen2.5-7B's V=152064, D=3584 and
+Llama-3.1-8B's V=128256, D=4096; bf16. CPU: T=256, V=1000, D=64, fp32, eager
 only (triton and compile are timed on CUDA). Hidden states and LM head both trained, 30% of the labels
 ignored (prompt and image tokens), reduction "sum".
 Providers: triton (ours), eager (fused_linear_cross_entropy_reference), compile (torch.compile of it).
@@ -24,7 +25,10 @@ from fastllava.ops.fused_linear_cross_entropy import fused_linear_cross_entropy,
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-SHAPES = {"16k-32000-4096": (16384, 32000, 4096)} if CUDA else {"tiny": (256, 1000, 64)}  # T, V, D
+# T, V, D: LLaVA-1.5's LLaMA head; Qwen2.5-7B's (152064 rows, D=3584) and Llama-3.1-8B's (128256) at
+# an 8192-token pack, where eager's fp32 logits alone are 5.0 and 4.2 GB.
+SHAPES = ({"16k-32000-4096": (16384, 32000, 4096), "8k-152064-3584": (8192, 152064, 3584),
+           "8k-128256-4096": (8192, 128256, 4096)} if CUDA else {"tiny": (256, 1000, 64)})
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("fwd", "fwd+bwd")
 

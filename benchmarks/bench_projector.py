@@ -3,7 +3,7 @@
     python -m pytest benchmarks/bench_projector.py --benchmark-only
 
 GPU: 16 and 64 images x 576 tokens, CLIP-L features (Din=1024) -> 4096 -> 4096 (7B) and -> 5120 -> 5120
-(13B), bf16. CPU: 32 tokens, 64 -> 128 -> 128, fp32, eager only (triton and compile are timed on CUDA).
+(13B); 16 images x 729 tokens of SigLIP-SO400M (Din=1152) -> 3584 (Qwen2.5-7B) and -> 4096; bf16. CPU: 32 tokens, 64 -> 128 -> 128, fp32, eager only (triton and compile are timed on CUDA).
 Features frozen (no dx), weights trained: the stage-1 and stage-2 case.
 Providers: triton (ours), eager (fused_mlp_projector_reference), compile (torch.compile of that
 reference, static shapes). Modes: fwd, fwd+bwd.
@@ -23,7 +23,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # name -> (N tokens, Din, Dh = Dout)
-SHAPES = ({f"{i}img-{dh}": (i * 576, 1024, dh) for i in (16, 64) for dh in (4096, 5120)} if CUDA
+SHAPES = ({**{f"{i}img-{dh}": (i * 576, 1024, dh) for i in (16, 64) for dh in (4096, 5120)},
+           **{f"16img-siglip-{dh}": (16 * 729, 1152, dh) for dh in (3584, 4096)}} if CUDA
           else {"tiny": (32, 64, 128)})
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("fwd", "fwd+bwd")
