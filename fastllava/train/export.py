@@ -3,8 +3,10 @@
 Stage 1 writes `<output_dir>/projector.safetensors` (LLaVA's `mm_projector` key names; stage 2 and LLaVA's
 own tools read it). Stage 2 writes `<output_dir>/final/` (Llava.save_pretrained: a llava-hf directory for
 the mlp2x_gelu projector, which transformers' `LlavaForConditionalGeneration.from_pretrained` loads, the
-original LLaVA layout for others) with the tokenizer and `fastllava.json`, the conversation template the run
-trained on (chat and eval prompt in it unless told otherwise: generate/inputs.py); after LoRA fine-tuning
+original LLaVA layout for others) with the tokenizer, the run's image processor as the
+`preprocessor_config.json` of the transformers processor that does the same, and `fastllava.json`, the
+conversation template the run trained on (chat and eval prompt and preprocess as the run did unless told
+otherwise: generate/inputs.py); after LoRA fine-tuning
 `final/` holds the merged weights and `<output_dir>/adapter/` the adapters alone in PEFT's format
 (model/peft.py). Collective: every rank calls `export`; rank 0 writes.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from ..data.images import PREPROCESSOR_FILE
 from ..layers.lora import is_adapter, lora_modules
 from ..model import Llava
 from .checkpoint import attempt_write, failures_text, gather_failures
@@ -71,10 +74,11 @@ class ExportWriteError(RuntimeError):
 
 
 def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=None, lora=None,
-           base_model: str | None = None, template: str | None = None) -> Path:
+           base_model: str | None = None, template: str | None = None, processor=None) -> Path:
     """Write the stage's export; returns its path (on every rank). lora: the run's LoRAConfig when
     adapters were trained (also writes `adapter/`, for `base_model`, the checkpoint the run started from).
-    template: the conversation template the run trained on, recorded in final/fastllava.json.
+    template: the conversation template the run trained on, recorded in final/fastllava.json. processor: the
+    run's image processor (data.images.Preprocess), written as final/preprocessor_config.json.
     Raises ExportWriteError on every rank if rank 0 cannot write it."""
     out = Path(output_dir)
     failure = None  # rank 0's write error; the collectives go on without its writer
@@ -91,7 +95,7 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
         path, written = out / "final", [out / "final"]
         parameters = gathered_parameters(model, keep=env.is_main)
         if env.is_main:
-            failure = attempt_write(lambda: _save_final(model, path, parameters, tokenizer, template))
+            failure = attempt_write(lambda: _save_final(model, path, parameters, tokenizer, template, processor))
         for _ in parameters:  # the all-gathers rank 0's writer consumed (all of them, unless its write failed)
             pass
         if lora is not None:
@@ -122,9 +126,11 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
     return path
 
 
-def _save_final(model, path: Path, parameters, tokenizer, template: str | None) -> None:
+def _save_final(model, path: Path, parameters, tokenizer, template: str | None, processor) -> None:
     model.save_pretrained(path, state=parameters)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+    if processor is not None:
+        (path / PREPROCESSOR_FILE).write_text(json.dumps(processor.to_hf(), indent=2) + "\n")
     if template is not None:
         (path / RUN_FILE).write_text(json.dumps({"template": template}, indent=2) + "\n")

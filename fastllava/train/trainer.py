@@ -37,7 +37,7 @@ from ..data.loader import MicroBatch, StepLoader
 from ..flops import FlopModel, pack_stats
 from ..hardware import peak_tflops
 from ..layers.lora import apply_lora, init_lora_
-from .build import build_dataset, build_model, build_tokenizer
+from .build import build_dataset, build_image_processor, build_model, build_tokenizer
 from .checkpoint import Checkpointer, CheckpointWriteError, find_resume
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .export import export
@@ -293,7 +293,8 @@ class Trainer:
                       "projector; the merged weights are in final/", flush=True)
                 lora = None
             result.export = export(self.model, cfg.train.stage, cfg.train.output_dir, env, self.tokenizer, lora=lora,
-                                   base_model=cfg.model.pretrained_path, template=cfg.data.template)
+                                   base_model=cfg.model.pretrained_path, template=cfg.data.template,
+                                   processor=build_image_processor(cfg, self.model))
             if env.is_main:
                 print(f"exported {result.export}", flush=True)
         barrier()

@@ -1,13 +1,16 @@
-"""A model is prompted in the template it was trained in: the export records the run's data.template
-(final/fastllava.json), and chat and eval read it when --template is not given (both defaulted to vicuna_v1
-before, so a model trained in another template, a Qwen model in `qwen`, was prompted in Vicuna's)."""
+"""A model is prompted and its images preprocessed as it was trained: the export records the run's data.template
+(final/fastllava.json) and image processor (final/preprocessor_config.json), and chat and eval read them (both
+prompted in vicuna_v1 with CLIP's processor before, whatever the model was trained with)."""
 
 import json
 
 import pytest
+from transformers import AutoImageProcessor
 
 from fastllava import chat
+from fastllava.data.images import Preprocess
 from fastllava.eval import run as eval_run
+from fastllava.generate.inputs import image_processor
 
 from train_tiny import ToyDataset, run, tiny_config
 
@@ -42,3 +45,18 @@ def test_a_bad_record_is_named(tmp_path, capsys, record):
             parse()
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{tmp_path / 'fastllava.json'}: expected" in err and record[:8] in err, err
+
+
+def test_export_writes_the_runs_image_processor(tmp_path):
+    """A run told to preprocess with its own processor file (data.image_processor) exports it, so that chat and
+    eval preprocess the same way, and transformers reads it as the same processor."""
+    custom = tmp_path / "preprocessor_config.json"
+    custom.write_text(json.dumps({"image_processor_type": "SiglipImageProcessor", "size": {"height": 28, "width": 28},
+                                  "image_mean": [0.2, 0.3, 0.4], "image_std": [0.5, 0.6, 0.7], "resample": 2}))
+    r = run(tiny_config(tmp_path / "run", f"data.image_processor={custom}", "train.max_steps=1"), dataset=ToyDataset(8))
+    expected = Preprocess.from_file(custom, 28)
+    assert image_processor(r.model.config, r.export) == expected
+    assert image_processor(r.model.config, tmp_path / "run") != expected  # a directory without it: CLIP's
+    hf = AutoImageProcessor.from_pretrained(r.export)
+    assert type(hf).__name__.startswith("SiglipImageProcessor") and list(hf.image_mean) == [0.2, 0.3, 0.4]
+    assert hf.resample == 2 and hf.size == {"height": 28, "width": 28}
