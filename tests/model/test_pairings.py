@@ -5,12 +5,13 @@ Per pairing: the packed logits equal transformers run one sample at a time, the 
 transformers gives them again, and greedy KV-cache generation equals transformers' generate token for token.
 A new family is one line of TOWERS or DECODERS; PAIRINGS names the combinations run here. Covered elsewhere:
 the CLIP pairings (test_llava_parity.py and tests/generate/test_generate.py for LLaMA, test_qwen2.py,
-test_qwen3.py, test_mistral.py, test_llama31.py).
+test_qwen3.py, test_mistral.py, test_llama31.py, test_phi3.py).
 """
 
 import pytest
 from test_llama31 import LLAMA31
 from test_mistral import MISTRAL
+from test_phi3 import PHI3
 from test_qwen2 import QWEN2
 from test_qwen3 import QWEN3
 from test_siglip import SIGLIP
@@ -32,6 +33,7 @@ DECODERS = {
     "qwen2_tied": {**QWEN2, "tie_word_embeddings": True},
     "qwen3": QWEN3,  # per-head q/k norms, head_dim 24 of a 64 width
     "mistral": MISTRAL,  # 4 query heads : 1 KV head, the sliding window (4096) longer than any sample
+    "phi3": {**PHI3, "num_key_value_heads": 2},  # q/k/v and gate/up stacked in the checkpoint, window 32
 }
 PAIRINGS = [
     ("siglip", "llama"),
@@ -40,6 +42,7 @@ PAIRINGS = [
     ("siglip", "qwen2_tied"),
     ("siglip", "qwen3"),
     ("siglip", "mistral"),
+    ("siglip", "phi3"),
 ]
 
 
