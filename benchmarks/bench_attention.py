@@ -2,10 +2,12 @@
 
     python -m pytest benchmarks/bench_attention.py --benchmark-only [-k "7b and mix665k"]
 
-GPU: LLaVA-7B (32 heads, D=128) and 13B (40 heads, D=128), bf16, causal, packs of 16K tokens: uniform
-samples of 512, 2048 or 8192 tokens, and a pack of fastllava.data.profile's modelled
-llava_v1_5_mix665k lengths (<= 2048 each), filled in order until the next sample would overflow.
-CPU: a tiny model (4 heads, D=64) on packs of 512 tokens (mix665k lengths scaled by 512/16K), fp32.
+GPU: LLaVA-7B (32 heads, D=128) and 13B (40 heads, D=128), and the GQA ratios of the newer decoders:
+gqa-28x4 (Qwen2.5-7B, 7:1) and gqa-32x8 (Llama-3.1-8B, Mistral-7B, Qwen3-8B; 4:1), D=128; bf16, causal,
+packs of 16K tokens: uniform samples of 512, 2048 or 8192 tokens, and a pack of fastllava.data.profile's
+modelled llava_v1_5_mix665k lengths (<= 2048 each), filled in order until the next sample would overflow.
+CPU: a tiny model (4 heads, D=64; and 4 query heads on 2 KV heads) on packs of 512 tokens (mix665k lengths
+scaled by 512/16K), fp32.
 
 Providers: triton (ours, CUDA only: the CPU interpreter is not worth timing); torch (our CPU backend:
 samples padded into one SDPA call); reference (the per-sample SDPA loop the tests use as oracle);
@@ -34,7 +36,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TOKENS = 16384 if CUDA else 512
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-MODELS = {"7b": (32, 128), "13b": (40, 128)} if CUDA else {"tiny": (4, 64)}  # query (= KV) heads, head dim
+# query heads, KV heads, head dim
+MODELS = ({"7b": (32, 32, 128), "13b": (40, 40, 128), "gqa-28x4": (28, 4, 128), "gqa-32x8": (32, 8, 128)} if CUDA
+          else {"tiny": (4, 4, 64), "tiny-gqa": (4, 2, 64)})
 PACKS = ("uniform-512", "uniform-2048", "uniform-8192", "mix665k") if CUDA else ("uniform-128", "mix665k")
 PROVIDERS = ("triton", "torch", "reference", "torch_varlen", "sdpa_padded", "flex", "flash_attn", "xformers")
 CUDA_ONLY = {"triton", "torch_varlen", "flex", "flash_attn", "xformers"}
@@ -58,12 +62,13 @@ def pack_lengths(kind: str, tokens: int = TOKENS) -> list[int]:
     return pack
 
 
-def setup(lengths: list[int], heads: int, dim: int, device=DEVICE, dtype=DTYPE):
-    """The inputs every provider shares: packed q, k, v (T, H, D) requiring grad, cu_seqlens, max_seqlen."""
+def setup(lengths: list[int], heads: int, dim: int, kv_heads: int | None = None, device=DEVICE, dtype=DTYPE):
+    """The inputs every provider shares: packed q (T, Hq, D), k and v (T, Hkv, D) requiring grad (Hkv =
+    kv_heads, default Hq), cu_seqlens, max_seqlen."""
     g = torch.Generator(device).manual_seed(0)
     T = sum(lengths)
-    q, k, v = (torch.randn(T, heads, dim, device=device, dtype=dtype, generator=g).requires_grad_()
-               for _ in range(3))
+    q, k, v = (torch.randn(T, h, dim, device=device, dtype=dtype, generator=g).requires_grad_()
+               for h in (heads, kv_heads or heads, kv_heads or heads))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
     return q, k, v, cu, max(lengths)
 
@@ -79,20 +84,21 @@ def provider_forward(provider: str, q, k, v, cu, max_len):
     if provider == "sdpa_padded":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        B, H, D = len(lengths), q.shape[1], q.shape[2]
+        B, D = len(lengths), q.shape[2]
+        gqa = k.shape[1] != q.shape[1]
         pos = torch.cat([torch.arange(n, device=q.device) for n in lengths])
         row = torch.repeat_interleave(torch.arange(B, device=q.device), torch.tensor(lengths, device=q.device))
         padded = []
         for x in (q, k, v):
-            p = x.new_zeros(B, max_len, H, D)
+            p = x.new_zeros(B, max_len, x.shape[1], D)
             p[row, pos] = x.detach()
             padded.append(p.transpose(1, 2).requires_grad_())
 
         def run():
             if not CUDA:  # CPU: SDPA's own choice
-                return torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True)
+                return torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=gqa)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True)
+                return torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=gqa)
         return run, padded
     if provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -106,7 +112,8 @@ def provider_forward(provider: str, q, k, v, cu, max_len):
         T = q.shape[0]
         block_mask = create_block_mask(same_sample_causal, None, None, T, T, device=q.device)
         q4, k4, v4 = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
-        return (lambda: _compiled_flex()(q4, k4, v4, block_mask=block_mask)), (q4, k4, v4)
+        gqa = k.shape[1] != q.shape[1]
+        return (lambda: _compiled_flex()(q4, k4, v4, block_mask=block_mask, enable_gqa=gqa)), (q4, k4, v4)
     raise AssertionError(provider)
 
 
@@ -128,9 +135,9 @@ def _compiled_flex():
 def test_attention(measure, model, pack, provider, mode):
     if provider in CUDA_ONLY and not CUDA:
         pytest.skip(f"{provider}: CUDA only")
-    heads, dim = MODELS[model]
+    heads, kv_heads, dim = MODELS[model]
     lengths = pack_lengths(pack)
-    q, k, v, cu, max_len = setup(lengths, heads, dim)
+    q, k, v, cu, max_len = setup(lengths, heads, dim, kv_heads)
     forward, leaves = provider_forward(provider, q, k, v, cu, max_len)
     try:
         out = forward()
@@ -148,4 +155,5 @@ def test_attention(measure, model, pack, provider, mode):
             torch.autograd.backward(forward(), grad)
     del out
     measure(fn, group=f"attention {model} {pack} {mode}", flops=flops, grads_of=leaves, tokens=sum(lengths),
-            samples=len(lengths), max_seqlen=max_len, heads=heads, head_dim=dim, dtype=str(DTYPE).split(".")[-1])
+            samples=len(lengths), max_seqlen=max_len, heads=heads, kv_heads=kv_heads, head_dim=dim,
+            dtype=str(DTYPE).split(".")[-1])

@@ -58,7 +58,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, keep the log, put its tail in t
 }
 
 step tests 240 python -m pytest -q -x tests/ops tests/model tests/generate -m "not slow" -p no:cacheprovider
-step bench_attention 120 python -m pytest benchmarks/bench_attention.py --benchmark-only -q -k 7b --benchmark-json "$OUT/bench_attention.json"
+step bench_attention 150 python -m pytest benchmarks/bench_attention.py --benchmark-only -q -k "7b or (gqa-28x4 and mix665k)" --benchmark-json "$OUT/bench_attention.json"
 step bench_projector 45 python -m pytest benchmarks/bench_projector.py --benchmark-only -q -k "not compile or 16img-4096" --benchmark-json "$OUT/bench_projector.json"
 step bench_merge 30 python -m pytest benchmarks/bench_merge.py --benchmark-only -q -k "not compile" --benchmark-json "$OUT/bench_merge.json"
 step bench_flce 90 python -m pytest benchmarks/bench_flce.py --benchmark-only -q -k "not compile or 16k" --benchmark-json "$OUT/bench_flce.json"
