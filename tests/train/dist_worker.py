@@ -6,7 +6,7 @@ parameters.
 micro-steps per rank and writing a checkpoint at step 2, then a third run that resumes from it and does step 3.
 
 `dist_worker.py OUT sharded [MODULE]` loads the checkpoints test_sharded_load.py (or the test module MODULE,
-by its `layouts`) wrote under OUT/ckpt both ways,
+by its `layouts`) wrote under OUT/ckpt both ways (`run_sharded` launches it on 2 gloo processes),
 whole then sharded by FSDP (build_model meta=False) and built on the meta device with each rank reading
 its shard (meta=True), compares every rank's shards, trains 2 steps each way, and records the errors of
 broken checkpoints through the sharded path; every rank saves its results."""
@@ -56,6 +56,22 @@ def run_all(out: Path, runs: dict | None = None) -> dict:
         results[name] = {"losses": r.losses, "grad_norms": r.grad_norms, "params": {k: v.clone() for k, v in full.items()},
                          "export": str(r.export), "checkpoint": str(r.checkpoint), "mesh": _layout(r.model)}
     return results
+
+
+def run_sharded(out: Path, module: str) -> list[dict]:
+    """`dist_worker.py OUT sharded MODULE` under torchrun on 2 gloo processes, after MODULE's write_checkpoints
+    wrote OUT/ckpt: each rank's results (sharded_all's)."""
+    import os
+    import subprocess
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(here / "dist_worker.py"), str(out), "sharded", module],
+        env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"results_{r}.pt", weights_only=False) for r in range(2)]
 
 
 def sharded_all(out: Path, layouts) -> dict:

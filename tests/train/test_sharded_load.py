@@ -7,9 +7,6 @@ tokenizer's added tokens (mean rows) and position embeddings of 5 rows shard une
 give the same losses both ways, and broken checkpoints raise the full loader's errors."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-HERE = Path(__file__).parent
 VOCAB = 320  # ToyDataset's 300 + tokenizer additions (310), padded to a multiple of 64
 
 
@@ -91,19 +87,6 @@ def write_checkpoints(root: Path) -> None:
     for name, fn in BROKEN.items():
         model.save_pretrained(root / "broken" / name)
         _rewrite(root / "broken" / name, fn)
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    write_checkpoints(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_worker.py"), str(out), "sharded"],
-        env=env, capture_output=True, text=True, timeout=400, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, [torch.load(out / f"results_{r}.pt", weights_only=False) for r in range(2)]
 
 
 @pytest.mark.slow

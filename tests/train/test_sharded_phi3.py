@@ -8,16 +8,11 @@ The checkpoints are written by transformers (random norms): a llava-hf directory
 Phi3ForCausalLM component directory. The worker is dist_worker.py's `sharded` mode with this module's
 `layouts`."""
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
-HERE = Path(__file__).parent
 # Phi-3-mini-4k's kind: a sliding window (here longer than ToyDataset's samples) and rms_norm_eps 1e-5.
 PHI3 = {"model_type": "phi3", "sliding_window": 64, "rms_norm_eps": 1e-5}
 
@@ -40,19 +35,6 @@ def write_checkpoints(root: Path) -> None:
     architecture = replace(ARCHITECTURE, text=replace(ARCHITECTURE.text, **PHI3), vision_feature_layer=-2)
     tiny_hf_llava(architecture).save_pretrained(root / "ckpt" / "hf", max_shard_size=100_000)
     Llava.from_pretrained(root / "ckpt" / "hf").save_components(root / "ckpt" / "clip", root / "ckpt" / "phi3")
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded_phi3")
-    write_checkpoints(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_worker.py"), str(out), "sharded", Path(__file__).stem],
-        env=env, capture_output=True, text=True, timeout=400, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, [torch.load(out / f"results_{r}.pt", weights_only=False) for r in range(2)]
 
 
 def test_checkpoints_store_stacked_tensors(tmp_path):

@@ -7,16 +7,11 @@ tied one stores no lm_head.weight, its head is the embedding (grown for the toke
 twice), and the tie must survive the meta build and materialization. The worker is dist_worker.py's `sharded`
 mode with this module's `layouts`."""
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
-HERE = Path(__file__).parent
 VOCAB = 320  # ToyDataset's 300 + tokenizer additions (310), padded to a multiple of 64
 SIGLIP = {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
 QWEN2 = {"model_type": "qwen2", "qkv_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "bos_token_id": None}
@@ -54,19 +49,6 @@ def write_checkpoints(root: Path) -> None:
                                                                          max_shard_bytes=100_000)
         Llava.from_pretrained(root / "ckpt" / f"hf_{name}").save_components(root / "ckpt" / "siglip",
                                                                              root / "ckpt" / f"qwen2_{name}")
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded_qwen")
-    write_checkpoints(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_worker.py"), str(out), "sharded", Path(__file__).stem],
-        env=env, capture_output=True, text=True, timeout=400, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, [torch.load(out / f"results_{r}.pt", weights_only=False) for r in range(2)]
 
 
 def test_checkpoints_are_what_the_test_needs(tmp_path):
