@@ -26,13 +26,15 @@ import torch
 from fastllava.memplan import GiB, estimate_memory, fake_process_group
 from fastllava.model import Backends
 from fastllava.plan import recipe_config
-from fastllava.testing import tiny_config
+from fastllava.testing import TORCH_BACKENDS, tiny_config
 
 
 def measure(config, stage: str, tokens: int, checkpointing: str, world: int, device: str) -> dict:
     """Estimate (fake) and measurement (real tensors on `device`) of one configuration, in bytes."""
     with fake_process_group(world):
-        est, = estimate_memory(config, stage, [tokens], checkpointing, world=world)
+        # On the CPU the real run takes the torch ops: the estimate takes them too, to compare like with like.
+        est, = estimate_memory(config, stage, [tokens], checkpointing, world=world,
+                               backends=TORCH_BACKENDS if device == "cpu" else None)
         real, = estimate_memory(config, stage, [tokens], checkpointing, world=world, fake=False, device=device,
                                 backends=Backends() if device != "cpu" else None)
     row = {"stage": stage, "pack_tokens": tokens, "checkpointing": checkpointing, "world": world,

@@ -2,15 +2,20 @@
 
 Per optimizer step, following docs/training.md ("What you see") and the design notes on throughput:
   LLM matmuls   6 N per token when the LLM trains (forward 2N + activation grads 2N + weight grads 2N),
-                4 N when it is frozen (stage 1: no weight-gradient GEMMs); N = non-embedding params
-                incl. the LM head. LoRA: 4 N + 6 r (in + out) per adapted layer (the adapters train).
+                4 N when it is frozen (stage 1: no weight-gradient GEMMs); N = non-embedding matmul
+                weights incl. the LM head (q/k/v widths heads x head_dim: Qwen3's head_dim is not
+                hidden / heads). LoRA: 4 N + 6 r (in + out) per adapted layer (the adapters train).
+                Elementwise work is not counted, as FlopCounterMode does not: norms (Qwen3's q/k norms
+                too), activations, Qwen2's q/k/v biases (q + 2 kv adds per layer and token: under
+                0.001% of Qwen2.5-7B's 6 N). A tied LM head runs the same GEMMs as an untied one.
   LLM attention causal forward 2 L d sum(l_i^2); backward twice the forward (both stages need dQ/dK/dV).
                 The convention (backward 2x, not the 2.5x a flash kernel executes) is written once, in
                 fastllava/ops/_library.py, and re-exported here: the ops' FlopCounterMode formulas, this
                 model and the benchmarks' TFLOP/s all count attention, the projector and the LM head
                 with those functions.
   vision tower  forward only when frozen: 2 N_vit per token + non-causal attention 4 L C S^2 per image,
-                S = patches (+ CLS) per image, only the layers that run, + the patch embedding
+                S = patches (+ CLS; SigLIP has none: 729 at 384 px) per image, only the layers that run
+                (SigLIP's pooling head never does), + the patch embedding
                 (2 x 3 p^2 C per patch); x3 when it trains (x2 for the patch embedding: no pixel grads).
   projector     6 N_proj per visual token (trained in both stages), less the first layer's input
                 gradient (2 C d per visual token) when the tower is frozen: nothing upstream needs it.

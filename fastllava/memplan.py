@@ -10,9 +10,15 @@ after the first sees), then one micro-step on a full pack of `max_tokens` tokens
 length profile, then gradient clipping and the optimizer step, the two phases under separate trackers;
 the larger peak and its breakdown are the table's row. `estimate_memory_scaled` runs the decoder at 4 and 8
 layers and extrapolates each phase exactly to the full depth (every layer adds the same bytes).
-Byte counts do not depend on the device, so the plan runs on device "cpu"; fastllava's ops contribute
-what their fake implementations allocate (the GPU kernels' outputs and saved tensors). Not modelled: the
-CUDA caching allocator's fragmentation and the CUDA context / NCCL buffers (~1-3 GiB), hence the margin.
+Byte counts do not depend on the device, so the plan runs on device "cpu"; fastllava's ops run as the Triton
+backends a GPU picks and contribute what their fake implementations allocate (the kernels' outputs and saved
+tensors: for the fused loss, the (T, D) input gradient and the fp32 (V, D) weight gradient, never (T, V)
+logits; tests/plan/test_memplan.py holds them to the tracker's figure on the kernels run in Triton's
+interpreter). Its fake backward scales the fp32 weight gradient out of place, one (V, D) fp32 buffer more
+than the kernel (2.0 GiB at Qwen2.5-7B's 152,064 x 3584), about what the kernel's per-chunk workspace inside
+the op (a (C, V) logits chunk and a (V, D) product, ~1.7 GB there) adds and the fake leaves out. Not
+modelled: the CUDA caching allocator's fragmentation and the CUDA context / NCCL buffers (~1-3 GiB), hence
+the margin.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .batch import PackedBatch
 from .data.profile import STAGE_PROFILES, sample_lengths
 from .model import Backends, Llava, LlavaConfig
 from .reference import make_sample
+from .testing import TORCH_BACKENDS
 
 CHECKPOINTING = ("none", "selective", "full")
 PACK_TOKENS = (2048, 4096, 8192, 16384)
@@ -38,6 +45,12 @@ CATEGORIES = (("params", ("Sharded Param", "Unsharded Param", "Buffer")), ("grad
               ("collectives", ("All Gather", "Reduce Scatter")))
 GiB = 2**30
 PHASES = ("micro-step", "clip+step")
+# What `auto` picks on a GPU, whose fake implementations allocate and save what the Triton kernels do: the
+# plan's default. The torch references are for real tensors on the CPU; their loss keeps the fp32 (T, V)
+# log-probabilities for its backward and materializes more (T, V) tensors in it, which the fused kernel exists
+# to avoid: charged that way, an 8192-token pack of Qwen2.5-7B (V = 152,064) peaked 13.6 GiB higher (fake
+# tensors, 2 decoder layers, 8 ranks, 2026-12-06).
+GPU_BACKENDS = Backends(attention="triton", projector="triton", merge="triton", loss="triton")
 
 
 @dataclass
@@ -157,7 +170,8 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
                     replicate: int = 1, fake: bool = True, pack_fn=None, backends: Backends | None = None,
                     max_grad_norm: float = 1.0, device: str = "cpu", lora_rank: int = 0) -> list[MemEstimate]:
     """Peak bytes per rank of `stage` with `checkpointing`, one estimate per pack size in `max_tokens_list`.
-    Needs the default process group (fake_process_group). `fake=False` runs real tensors on `device`:
+    Needs the default process group (fake_process_group). `backends`: GPU_BACKENDS when fake, TORCH_BACKENDS
+    on real tensors, unless given. `fake=False` runs real tensors on `device`:
     the tests on the CPU; on a GPU (benchmarks/bench_memory.py) each estimate also gets the phase's
     torch.cuda.max_memory_allocated. With the fake process group the collectives move no data, so the
     values are garbage but every allocation is the real one of a rank of `world`. lora_rank > 0: LoRA
@@ -184,8 +198,7 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
     with mode:
         # One model per call; each pack size gets its own tracker, which counts what exists when it starts.
         with device:
-            model = Llava(config, backends or Backends(attention="torch", projector="torch", merge="torch",
-                                                       loss="torch"))
+            model = Llava(config, backends or (GPU_BACKENDS if fake else TORCH_BACKENDS))
         if lora_rank:  # LLaVA's alpha = 2 r and dropout 0.05 (dropout keeps its masks and outputs for backward)
             apply_lora(model, lora_rank, 2.0 * lora_rank, dropout=0.05)
         set_trainable(model, stage)

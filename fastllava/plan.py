@@ -6,6 +6,10 @@ divided by what the GPUs deliver at a measured or assumed MFU, beside the paper'
 
     python -m fastllava.plan --flops --recipe llava-1.5-7b --gpus 8 --gpu A100-80G
 
+Recipes (RECIPES, one per pair of recipes/configs/ files): llava-1.5-7b and llava-1.5-13b (CLIP-336 and
+Vicuna-1.5, the paper's), llava-1.5-qwen2.5-7b-siglip (siglip-so400m-patch14-384 and Qwen2.5-7B-Instruct),
+llava-1.5-llama3.1-8b (CLIP-336 and Llama-3.1-8B-Instruct), all on LLaVA-1.5's data and schedule.
+
 --flops counts the FLOPs one optimizer step executes (FlopCounterMode under fake tensors,
 fastllava/flop_audit.py) for fastllava and for the reference as LLaVA trains (FlashAttention-2, padded
 batches of 16, gradient checkpointing) on the same samples, projects both stages' wall clock from the
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +37,77 @@ from .data.reference_sampler import padding_efficiency, reference_batches
 from .flops import FlopModel
 from .hardware import BY_NAME, GPUS
 from .hardware import gpu as gpu_spec
-from .model.config import LlavaConfig, TextConfig, VisionConfig
+from .model.config import LlavaConfig
 
-VICUNA = {
-    "llava-1.5-7b": TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=32),
-    "llava-1.5-13b": TextConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                num_attention_heads=40, num_key_value_heads=40),
+# The checkpoints' config.json fields that shape the model (what loading reads from the directories the
+# recipes' model.vision_path / model.llm_path name), read by the families as loading reads them.
+SIGLIP_SO400M_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                     "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+                     "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}  # google/siglip-so400m-patch14-384
+QWEN25_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+             "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+             "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+             "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645}  # Qwen/Qwen2.5-7B-Instruct
+LLAMA31_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192},
+              "bos_token_id": 128000, "eos_token_id": 128009}  # meta-llama/Llama-3.1-8B-Instruct
+VICUNA_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}  # lmsys/vicuna-7b-v1.5
+VICUNA_13B = {**VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40}  # lmsys/vicuna-13b-v1.5
+CLIP_L_336 = {"model_type": "clip_vision_model"}  # openai/clip-vit-large-patch14-336: VisionConfig's defaults
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe of recipes/configs/ as the plan models it. The vocabulary is the model's once train/build.py
+    has added `<image>` (and a pad token where the tokenizer has neither pad nor unk) and padded the embedding
+    to a multiple of 64, never shrinking it: Vicuna's 32,000-token tokenizer gains <image> 32000 (pad = unk,
+    0): 32,064 rows; Qwen2.5's 151,665 tokens (pad <|endoftext|>) gain <image> 151665 inside its 152,064
+    rows; Llama-3.1's 128,256 (neither pad nor unk) gain <image> 128256 and <pad> 128257: 128,320 rows."""
+
+    vision: dict  # the tower's config.json fields
+    llm: dict  # the decoder's
+    image_token_id: int
+    pad_token_id: int
+    tokenizer_size: int  # len(tokenizer) with the tokens train/build.py adds
+    pack: dict  # data.max_tokens_per_pack per stage in the recipe's YAML files (what --flops audits)
+    paper_hours: tuple | None = None  # (stage 1, stage 2) hours on 8x A100 where a paper reports them
+
+    def config(self) -> LlavaConfig:
+        """The recipe's architecture: LLaVA-1.5's connector (mlp2x_gelu, the second-to-last layer's patches)."""
+        from .model.families import find
+
+        vision = find("tower", self.vision["model_type"], "the recipe's tower").read_config(self.vision)
+        text = find("decoder", self.llm["model_type"], "the recipe's decoder").read_config(self.llm)
+        rows = -(-self.tokenizer_size // 64) * 64
+        text = replace(text, vocab_size=max(text.vocab_size, rows))
+        return LlavaConfig(vision=vision, text=text, projector_type="mlp2x_gelu", vision_feature_layer=-2,
+                           image_token_id=self.image_token_id, pad_token_id=self.pad_token_id)
+
+
+# LLaVA-1.5 paper (Improved Baselines), 8x A100: stage 1 + stage 2 hours. data.max_tokens_per_pack of the
+# recipes/configs/llava15_*_{pretrain,finetune}.yaml files (all with activation checkpointing none).
+RECIPES = {
+    "llava-1.5-7b": Recipe(CLIP_L_336, VICUNA_7B, 32000, 0, 32001, {"align": 8192, "finetune": 8192}, (3.5, 10.0)),
+    "llava-1.5-13b": Recipe(CLIP_L_336, VICUNA_13B, 32000, 0, 32001, {"align": 8192, "finetune": 4096}, (5.5, 20.0)),
+    "llava-1.5-qwen2.5-7b-siglip": Recipe(SIGLIP_SO400M_384, QWEN25_7B, 151665, 151643, 151666,
+                                          {"align": 8192, "finetune": 4096}),
+    "llava-1.5-llama3.1-8b": Recipe(CLIP_L_336, LLAMA31_8B, 128256, 128257, 128258, {"align": 8192, "finetune": 4096}),
 }
-# LLaVA-1.5 paper (Improved Baselines), 8x A100: stage 1 + stage 2 hours.
-PAPER_HOURS = {"llava-1.5-7b": (3.5, 10.0), "llava-1.5-13b": (5.5, 20.0)}
 STAGES = tuple(STAGE_PROFILES.items())  # (stage, its data profile), in training order
 # Assumed MFU when nothing was measured: a placeholder until benchmarks/e2e.py runs on the target GPU.
 DEFAULT_MFU = 0.40
 
 
 def recipe_config(recipe: str) -> LlavaConfig:
-    """The architecture of a LLaVA-1.5 recipe (CLIP ViT-L/14-336, mlp2x_gelu, Vicuna-1.5 with <image> and pad)."""
-    if recipe not in VICUNA:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(VICUNA)}")
-    return LlavaConfig(vision=VisionConfig(), text=VICUNA[recipe], projector_type="mlp2x_gelu")
+    """The architecture of a recipe (RECIPES: tower, mlp2x_gelu, decoder with the added tokens)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[recipe].config()
 
 
 @dataclass
@@ -66,7 +121,7 @@ class StagePlan:
     padded_fraction: float  # extra tokens the reference's padded batches of 16 would compute
     mfu: float
     hours: float
-    paper_hours: float
+    paper_hours: float | None  # None: no paper reports this recipe
 
 
 def plan(recipe: str, gpus: int, gpu: str, mfu: dict[str, float]) -> list[StagePlan]:
@@ -74,7 +129,7 @@ def plan(recipe: str, gpus: int, gpu: str, mfu: dict[str, float]) -> list[StageP
     peak = gpu_spec(gpu).bf16_tflops
     config = recipe_config(recipe)
     out = []
-    for (stage, profile), paper in zip(STAGES, PAPER_HOURS[recipe]):
+    for (stage, profile), paper in zip(STAGES, RECIPES[recipe].paper_hours or (None, None)):
         lengths, has_image = sample_lengths(profile, num_image_tokens=config.num_image_tokens)
         flop_model = FlopModel.build(config, stage)
         total = flop_model.flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()), int(has_image.sum()))
@@ -99,18 +154,23 @@ def format_table(recipe: str, gpus: int, gpu: str, stages: list[StagePlan], sour
     rows = [f"{recipe} on {gpus}x {gpu} (MFU {source})", "",
             "| stage | samples | tokens | model PFLOPs | MFU | projected | paper (8x A100) | reference padding |",
             "|---|---|---|---|---|---|---|---|"]
+
+    def hours(h):
+        return "-" if h is None else f"{h:.1f} h"
+
     for s in stages:
         rows.append(f"| {s.stage} | {s.samples:,} | {s.tokens / 1e6:,.0f} M | {s.pflops:,.0f} | {100 * s.mfu:.0f}% "
-                    f"| {s.hours:.2f} h | {s.paper_hours:.1f} h | {100 * s.padded_fraction:.0f}% |")
+                    f"| {s.hours:.2f} h | {hours(s.paper_hours)} | {100 * s.padded_fraction:.0f}% |")
     total = sum(s.hours for s in stages)
-    rows.append(f"| total | | | | | {total:.2f} h | {sum(s.paper_hours for s in stages):.1f} h | |")
+    papers = [s.paper_hours for s in stages]
+    rows.append(f"| total | | | | | {total:.2f} h | {hours(None if None in papers else sum(papers))} | |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m fastllava.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="llava-1.5-7b", choices=sorted(VICUNA))
+    parser.add_argument("--recipe", default="llava-1.5-7b", choices=sorted(RECIPES))
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu", default="A100-80G", choices=list(BY_NAME))
     parser.add_argument("--mfu", type=float, default=None, help=f"assumed MFU for both stages (default {DEFAULT_MFU})")
@@ -145,11 +205,6 @@ def main(argv=None) -> None:
     print(format_table(args.recipe, args.gpus, args.gpu, plan(args.recipe, args.gpus, args.gpu, mfu), source))
 
 
-# The recipes' data.max_tokens_per_pack per stage (recipes/configs/llava15_*_{pretrain,finetune}.yaml, all
-# with activation checkpointing none): what --flops audits by default.
-RECIPE_PACK = {"llava-1.5-7b": {"align": 8192, "finetune": 8192}, "llava-1.5-13b": {"align": 8192, "finetune": 4096}}
-
-
 def _flops(parser, args) -> None:
     from .flop_audit import audit_flops, format_breakdown
 
@@ -167,7 +222,7 @@ def _flops(parser, args) -> None:
     print("|---|---|---|---|---|---|")
     audits = []
     for stage in args.stages:
-        pack = (args.pack_tokens or [RECIPE_PACK[args.recipe][stage]])[0]
+        pack = (args.pack_tokens or [RECIPES[args.recipe].pack[stage]])[0]
         audit = audit_flops(config, stage, world=args.gpus, max_tokens=pack, checkpointing=mode)
         audits.append(audit)
         fast, ref = audit.ratios()

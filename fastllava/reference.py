@@ -8,9 +8,11 @@ What LLaVA does (llava/train/train.py, train_mem.py, llava/model/llava_arch.py, 
 - the image features computed first and written into the text embeddings
   (prepare_inputs_labels_for_multimodal); the LLM then runs on those embeddings. The tower runs under
   no_grad (CLIPVisionTower.forward), all its layers, and the second-to-last one's patch features
-  (mm_vision_select_layer -2, CLS dropped) go through the projector. Here: the model's own tower and
-  projector, then an index_put at the image placeholders (which also keeps transformers' masked_scatter
-  merge, whose count check reads values, out of a fake-tensor run);
+  (mm_vision_select_layer -2, CLS dropped) go through the projector. With other backbones this is
+  LLaVA-NeXT's train.py, the same step: its SigLIP tower (SigLipVisionTower) gives every token (there is no
+  CLS) and runs no pooling head; it also drops SigLIP's last layer, which transformers' tower here runs.
+  Here: the model's own tower and projector, then an index_put at the image placeholders (which also
+  keeps transformers' masked_scatter merge, whose count check reads values, out of a fake-tensor run);
 - gradient checkpointing on every decoder layer (--gradient_checkpointing True). transformers'
   non-reentrant checkpoint (its default today) stops recomputing a layer once the backward has what it
   needs, so each layer's last GEMM (down_proj) is not recomputed; LLaVA's pinned transformers 4.37 used
@@ -23,6 +25,7 @@ What LLaVA does (llava/train/train.py, train_mem.py, llava/model/llava_arch.py, 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,13 +115,23 @@ def build_reference(config: LlavaConfig, stage: str, *, attn_implementation="sdp
     """transformers' LlavaForConditionalGeneration at `config`'s shape, random weights, frozen as `stage`
     trains it, gradient checkpointing on (LLaVA's recipe; off only to measure what it costs). Built on
     the current default device (a `with torch.device(...)` or a FakeTensorMode around the call)."""
+    from torch._guards import detect_fake_mode
     from transformers import LlavaConfig as HFLlavaConfig
     from transformers import LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     from .train.freeze import set_trainable
 
     hf_config = HFLlavaConfig.from_dict(config.to_hf_llava())
-    model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
+    # LLaVA reads a hidden state, never a pooled output: LLaVA-NeXT's SigLIP tower replaces the pooling head by
+    # an identity (siglip_encoder.py), so the reference's tower does not run one either.
+    if getattr(hf_config.vision_config, "vision_use_head", False):
+        hf_config.vision_config.vision_use_head = False
+    # Fake tensors have no values to initialize, and SigLIP's truncated-normal init reads one (mask.any()).
+    init = no_init_weights() if detect_fake_mode() is not None else nullcontext()
+    with init:
+        model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation=attn_implementation,
+                                                           dtype=dtype)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -133,6 +146,8 @@ def reference_loss(model, config: LlavaConfig, batch: PaddedBatch) -> torch.Tens
     if batch.pixel_values is not None:
         with torch.no_grad():  # LLaVA's CLIPVisionTower.forward
             tower = model.model.vision_tower(batch.pixel_values.to(embeds.dtype), output_hidden_states=True)
-        feats = model.model.multi_modal_projector(tower.hidden_states[config.vision_feature_layer][:, 1:])
+        # LLaVA's select: the CLS dropped where the tower has one ("patch"), every token of a SigLIP tower
+        first = int(config.vision.has_class_token and config.vision_feature_select == "patch")
+        feats = model.model.multi_modal_projector(tower.hidden_states[config.vision_feature_layer][:, first:])
         embeds = embeds.index_put(batch.image_positions, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
     return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False).loss

@@ -4,7 +4,7 @@ for its vision tower's unused last layer; and each line of the reference's break
 of what that choice adds: the decoder layers and the LM head on the padded rows, and a second forward of
 every decoder layer whose attention runs causal on the real tokens only (FlashAttention-2's unpadded
 path, not SDPA over the padded square). Counted as SDPA over the padded square (the audit before
-2026-12-06), the unpadded line already fails."""
+2026-12-06), the unpadded line already fails. The same for each tower x decoder pairing of the recipes."""
 
 import numpy as np
 import pytest
@@ -12,22 +12,43 @@ import pytest
 from fastllava.data.profile import STAGE_PROFILES
 from fastllava.flop_audit import audit_flops, format_breakdown
 from fastllava.flops import FlopModel, attention_flops
+from fastllava.model import TextConfig
 from fastllava.reference import make_samples, step_batches
 from fastllava.testing import tiny_config
 
 
+SIGLIP = {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+QWEN2 = {"model_type": "qwen2", "qkv_bias": True, "num_key_value_heads": 1, "tie_word_embeddings": True,
+         "rope_theta": 1e6}
+# Qwen3's block where this checkout has it (TextConfig.qk_norm): per-head norms on q and k, and a head width
+# that is not hidden / heads (4 heads of 24 over a width of 64).
+QWEN3 = {"model_type": "qwen3", "qk_norm": True, "head_dim": 24, "num_key_value_heads": 2}
+PAIRINGS = {"clip-llama": ({}, {}), "siglip-qwen2-tied": (SIGLIP, QWEN2), "clip-qwen3": ({}, QWEN3)}
+
+
+def _pairing(name):
+    vision, text = PAIRINGS[name]
+    if "qk_norm" in text and "qk_norm" not in TextConfig.__dataclass_fields__:
+        pytest.skip("this checkout has no Qwen3 block (TextConfig.qk_norm)")
+    return tiny_config(vision=vision, text={**text, "num_hidden_layers": 4})  # > 2: 1 and 2 layers extrapolated
+
+
 @pytest.mark.slow
-def test_flop_audit_against_hand_counts():
-    cfg = tiny_config(text={"num_hidden_layers": 4})  # > 2: the counts at 1 and 2 layers are extrapolated
+@pytest.mark.parametrize("pairing", list(PAIRINGS))
+def test_flop_audit_against_hand_counts(pairing):
+    """Every tower x decoder pairing the recipes train: the q/k/v biases and q/k norms add no matmul, a tied
+    LM head runs the same GEMMs as an untied one, a SigLIP tower runs (and LLaVA-NeXT's reference reads) its
+    patches without a CLS token and without its pooling head."""
+    cfg = _pairing(pairing)
     stage, world, n = "finetune", 2, 32
     audit = audit_flops(cfg, stage, world=world, max_tokens=2048, checkpointing="none", global_batch=n)
     assert audit.fastllava == pytest.approx(audit.useful, rel=1e-9)  # no checkpointing: nothing recomputed
     lines = {k: v * audit.useful for k, v in audit.breakdown.items()}
     v = cfg.vision  # the reference's tower also runs its last layer, whose output LLaVA never reads
-    s = v.num_patches + 1
-    clip_layer = 2 * s * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 4 * v.hidden_size * s * s
+    s = v.num_patches + v.has_class_token
+    last_layer = 2 * s * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 4 * v.hidden_size * s * s
     assert cfg.num_vision_layers_run == v.num_hidden_layers - 1
-    assert lines["residual"] == pytest.approx(audit.images * clip_layer, rel=1e-9)
+    assert lines["residual"] == pytest.approx(audit.images * last_layer, rel=1e-9)
 
     samples = make_samples(cfg, STAGE_PROFILES[stage], n, seed=0)  # what the audit drew (seed 0)
     lengths = np.array([s["length"] for s in samples])

@@ -10,24 +10,42 @@ from fastllava.plan import STAGES, measured_mfu, plan, recipe_config
 from fastllava.flops import FlopModel
 
 
-# Published parameter counts of LLaMA-2 7B / 13B (vocabulary 32,000), as the model cards give them; the
-# recipes' Vicuna-1.5 with the <image> and pad tokens has 64 more rows in the embedding and in the head.
-PUBLISHED = {"llava-1.5-7b": (6_738_415_616, 4096), "llava-1.5-13b": (13_015_864_320, 5120)}
+# Published parameter counts of the decoders, as their model cards and safetensors indexes give them, and
+# the rows train/build.py adds to the embedding and to the head: Vicuna-1.5 (LLaMA-2, vocabulary 32,000)
+# gains <image> and is padded to 32,064; Qwen2.5's 152,064 rows already hold <image> (151,665 tokens in
+# its tokenizer); Llama-3.1's 128,256 gain <image> and <pad>, padded to 128,320.
+PUBLISHED = {"llava-1.5-7b": (6_738_415_616, 4096, 64), "llava-1.5-13b": (13_015_864_320, 5120, 64),
+             "llava-1.5-qwen2.5-7b-siglip": (7_615_616_512, 3584, 0), "llava-1.5-llama3.1-8b": (8_030_261_248, 4096, 64)}
 
 
-@pytest.mark.parametrize("recipe", ["llava-1.5-7b", "llava-1.5-13b"])
+@pytest.mark.parametrize("recipe", list(PUBLISHED))
 def test_llm_flops_per_token_follow_the_parameter_count(recipe):
     config = recipe_config(recipe)
     with torch.device("meta"):
         model = Llava(config)
-    published, width = PUBLISHED[recipe]
+    published, width, added = PUBLISHED[recipe]
     everything = sum(p.numel() for p in model.language_model.parameters()) + model.lm_head.weight.numel()
-    assert everything == published + 2 * 64 * width
+    assert everything == published + 2 * added * width
     # matmul weights only: the embedding is a lookup and norm scales are elementwise
     llm = sum(p.numel() for n, p in model.language_model.named_parameters() if p.dim() == 2 and "embed" not in n)
     llm += model.lm_head.weight.numel()
     assert FlopModel.build(config, "finetune").llm_per_token == 6 * llm
     assert FlopModel.build(config, "align").llm_per_token == 4 * llm
+
+
+@pytest.mark.parametrize("recipe, model_type, image_tokens", [
+    ("llava-1.5-7b", "clip_vision_model", 576), ("llava-1.5-llama3.1-8b", "clip_vision_model", 576),
+    ("llava-1.5-qwen2.5-7b-siglip", "siglip_vision_model", 729)])
+def test_recipe_towers_and_their_tokens(recipe, model_type, image_tokens):
+    """Each image fills the tower's patch count: 24 x 24 for CLIP at 336 px (its CLS dropped), 27 x 27 for
+    siglip-so400m-patch14-384 (no CLS to drop); the stage's samples grow by those tokens per image."""
+    config = recipe_config(recipe)
+    assert (config.vision.model_type, config.num_image_tokens) == (model_type, image_tokens)
+    align, finetune = plan(recipe, 8, "A100-80G", {"align": 0.4, "finetune": 0.4})
+    clip = {s.stage: s for s in plan("llava-1.5-7b", 8, "A100-80G", {"align": 0.4, "finetune": 0.4})}
+    images = {"align": 558_128, "finetune": 624_610}  # image samples of the two profiles, one image each
+    for s in (align, finetune):
+        assert s.tokens - clip[s.stage].tokens == pytest.approx((image_tokens - 576) * images[s.stage], rel=0.01)
 
 
 def test_stage_hours_scale_inversely_with_gpus_and_mfu():
