@@ -80,10 +80,27 @@ def check_finite(model, env: DistEnv) -> None:
                              f"checkpoint (checkpoint.resume=PATH) with a lower optim.lr")
 
 
-def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, llm_hidden: int = 4096) -> str:
+# The memory plan's recipes (fastllava/plan.py RECIPES, which train/ does not import) by their decoder's
+# (embedding rows, hidden size): the LM head and the width set most of a step's memory, so the recipe nearest
+# the model's in both is the plan to run. tests/train/test_oom_recipe.py holds the table equal to RECIPES.
+PLAN_RECIPES = {"llava-1.5-7b": (32064, 4096), "llava-1.5-13b": (32064, 5120),
+                "llava-1.5-qwen2.5-7b-siglip": (152064, 3584), "llava-1.5-llama3.1-8b": (128320, 4096)}
+
+
+def nearest_recipe(vocab_size: int, hidden_size: int) -> str:
+    """The PLAN_RECIPES name nearest a decoder of `vocab_size` rows and `hidden_size` width (log distance)."""
+    def distance(name):
+        rows, width = PLAN_RECIPES[name]
+        return abs(math.log(vocab_size / rows)) + abs(math.log(hidden_size / width))
+
+    return min(PLAN_RECIPES, key=distance)
+
+
+def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, text=None) -> str:
     """What an out-of-memory error in `where` says: the pack (a PackedBatch, if one was running) and the
     configuration, the peak on a GPU, what to change, and the memory plan's command (fastllava/plan.py)
-    that measures which configuration fits. llm_hidden picks the plan's nearest recipe."""
+    that measures which configuration fits. text: the model's TextConfig, which picks the plan's nearest
+    recipe (nearest_recipe; LLaVA-1.5-7B's without one)."""
     pack = f"a pack of {batch.num_tokens:,} tokens and {batch.num_images} image(s), " if batch is not None else ""
     peak = ""
     if env.device.type == "cuda":
@@ -97,8 +114,7 @@ def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, llm_hidden: i
     fixes += [f"parallel.activation_checkpointing={more_recompute}"] if more_recompute else []
     fixes = " or ".join(fixes) or "more GPUs (FSDP shards weights, gradients and optimizer state over them), or LoRA"
     gpu = detect(env.device)
-    # The plan models LLaVA-1.5's two LLMs: Vicuna-13B (hidden size 5120) and Vicuna-7B (4096).
-    recipe = "llava-1.5-13b" if llm_hidden >= 5120 else "llava-1.5-7b"
+    recipe = "llava-1.5-7b" if text is None else nearest_recipe(text.vocab_size, text.hidden_size)
     packs = " ".join(str(n) for n in sorted({smaller, d.max_tokens_per_pack}))
     command = (f"python -m fastllava.plan --memory --recipe {recipe} --gpus {env.world_size} "
                f"--gpu {gpu.name if gpu else '<GPU>'} --stages {cfg.train.stage} --pack-tokens {packs}"
@@ -107,14 +123,14 @@ def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, llm_hidden: i
     return (f"out of GPU memory in {where} on rank {env.rank}: {pack}data.max_tokens_per_pack={d.max_tokens_per_pack}, "
             f"parallel.activation_checkpointing={par.activation_checkpointing}, {env.world_size} rank(s){peak}. "
             f"Try {fixes}; the memory plan measures each pack size and checkpointing mode of the nearest "
-            f"LLaVA-1.5 recipe and names the fastest that fits: {command}")
+            f"recipe and names the fastest that fits: {command}")
 
 
 @contextmanager
-def explain_oom(cfg: Config, env: DistEnv, where: str, batch=None, llm_hidden: int = 4096):
+def explain_oom(cfg: Config, env: DistEnv, where: str, batch=None, text=None):
     """Re-raise torch.OutOfMemoryError inside the block as one with oom_message's account (the original
     chained as its cause)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(oom_message(cfg, env, where, batch, llm_hidden)) from e
+        raise torch.OutOfMemoryError(oom_message(cfg, env, where, batch, text)) from e
