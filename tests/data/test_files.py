@@ -148,3 +148,24 @@ def test_reject_log_starts_fresh_and_records_each_sample_once(tmp_path):
 
 def test_validate_entry_accepts_image_only_human_turn():
     validate_entry({"id": "p", "image": "a.jpg", "conversations": turns(("human", "<image>\n"), ("gpt", "cap"))})
+
+
+def test_a_json_list_is_read_in_memory_near_its_size(tmp_path):
+    """Entries are decoded one at a time and dropped once validated: reading a list peaks near twice the
+    file's size (its text, then the kept buffer); holding every decoded entry, as json.load does and this
+    reader did before, peaked at 10x on this file. Every rank of a node reads the file."""
+    import tracemalloc
+
+    turns = [{"from": "human", "value": "<image>\nWhat is in the picture on the left side?"},
+             {"from": "gpt", "value": "Two cats sit on a red sofa next to a window."}]
+    turns += [{"from": "human", "value": "And on the right?"}, {"from": "gpt", "value": "A dog on a blue rug."}] * 2
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": str(i), "image": f"{i}.jpg", "conversations": turns} for i in range(20000)]))
+    tracemalloc.start()
+    try:
+        records = load_records(path, verbose=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(records) == 20000 and records[19999]["conversations"] == turns
+    assert peak < 3 * path.stat().st_size, (peak, path.stat().st_size)
