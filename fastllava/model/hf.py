@@ -170,7 +170,20 @@ def plan_llava(path: Path, *, vision_tower=None, projector_weights=None, **overr
     return plan
 
 
+# What the original layout's config.json says of a LLaMA decoder; LLaVA-NeXT's other original-layout classes
+# (LlavaQwenForCausalLM "llava_qwen", LlavaMistralForCausalLM "llava_mistral", ...) carry other decoders.
+_ORIGINAL_LLAMA = ("LlavaLlamaForCausalLM", {None, "llava", "llava_llama", "llama"})
+
+
 def _plan_original(path, raw, vision_tower, overrides) -> LoadPlan:
+    architecture = (raw.get("architectures") or [None])[0]
+    if architecture not in (None, _ORIGINAL_LLAMA[0]) or raw.get("model_type") not in _ORIGINAL_LLAMA[1]:
+        # Read as LLaMA, a Qwen decoder's q/k/v biases would be refused as unknown keys and Mistral's window dropped.
+        raise ValueError(
+            f"{path}/config.json: an original-layout LLaVA checkpoint of architecture {architecture!r} (model_type "
+            f"{raw.get('model_type')!r}); fastllava reads the original layout only with a LLaMA decoder "
+            f"({_ORIGINAL_LLAMA[0]}). Convert it to the llava-hf layout (LlavaForConditionalGeneration), whose "
+            "text_config names the decoder's family, or load the tower and the decoder as components")
     vision_dir = Path(vision_tower or raw.get("mm_vision_tower") or "")
     config_args = dict(
         text=families.find("decoder", "llama", str(path)).read_config({k: v for k, v in raw.items()

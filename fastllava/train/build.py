@@ -91,6 +91,8 @@ def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:
     d = cfg.data
     if d.data_path is None:
         raise ValueError("data.data_path is not set: give a LLaVA-format JSON/JSONL file (and data.image_folder)")
+    # Before any data is read: a window shorter than the longest sample would stop the run at its first long pack.
+    model.config.text.check_length(d.model_max_length, "data.model_max_length (the longest sample)")
     return LlavaDataset(d.data_path, d.image_folder, tokenizer, d.template, image_mode=d.image_mode,
                         image_size=model.config.vision.image_size, num_image_tokens=model.num_image_tokens,
                         model_max_length=d.model_max_length, overlong=d.overlong, strict=d.strict,

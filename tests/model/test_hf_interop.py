@@ -103,6 +103,13 @@ def test_original_llava_layout_with_separate_clip(hf_llava_dir, tmp_path):
     assert rel_err(logits(Llava.from_pretrained(orig, vision_tower=tmp_path / "clip"), samples),
                    hf_logits_per_sample(hf, samples, 4)) <= 1e-5
 
+    # LLaVA-NeXT's original-layout classes with other decoders are refused by name, not read as LLaMA
+    for architecture, model_type in (("LlavaQwenForCausalLM", "llava_qwen"), ("LlavaMistralForCausalLM", "llava_mistral")):
+        (orig / "config.json").write_text(json.dumps({**config, "architectures": [architecture], "model_type": model_type}))
+        with pytest.raises(ValueError, match=f"original-layout LLaVA checkpoint of architecture '{architecture}' "
+                                             f"\\(model_type '{model_type}'\\); fastllava reads the original layout only"):
+            Llava.from_pretrained(orig, vision_tower=tmp_path / "clip")
+
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_from_components_with_projector_file(hf_llava_dir, tmp_path, fmt):

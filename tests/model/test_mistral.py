@@ -117,3 +117,22 @@ def test_generation_past_the_window_is_refused(tmp_path):
 
     windowed, full = step_logits(hf), step_logits(with_window(path, None))
     assert rel_err(windowed[:-1], full[:-1]) <= 1e-5 and rel_err(windowed[-1:], full[-1:]) > 1e-3
+
+
+def test_a_run_whose_samples_may_exceed_the_window_stops_before_reading_data(tmp_path):
+    """build_dataset refuses data.model_max_length above the window before reading the (here absent) data file:
+    the run would otherwise stop at its first long pack, possibly hours in."""
+    from fastllava.config import load_config
+    from fastllava.train.build import build_dataset
+
+    model = Llava(tiny_config(text={**MISTRAL, "sliding_window": 64}))
+    parts = ["model.source=components", f"model.vision_path={tmp_path}", f"model.llm_path={tmp_path}",
+             f"data.data_path={tmp_path / 'absent.json'}"]
+    cfg = load_config(None, parts + ["data.model_max_length=65"])
+    with pytest.raises(ValueError, match=r"data.model_max_length \(the longest sample\) has 65 tokens, more than the "
+                                         r"decoder's sliding_window of 64"):
+        build_dataset(cfg, "unused-tokenizer", model)
+    cfg = load_config(None, parts + ["data.model_max_length=64"])
+    with pytest.raises(Exception) as e:  # within the window: on to reading the data file
+        build_dataset(cfg, "unused-tokenizer", model)
+    assert "sliding_window" not in str(e.value)
