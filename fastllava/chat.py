@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from .data.files import IMAGE_TAG
-from .data.templates import get_template
+from .data.templates import TEMPLATES, get_template
 from .generate import Generator
 from .generate.inputs import StreamDecoder, image_processor, load_model, make_prompt, model_template
 
@@ -24,7 +24,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="llava-hf model directory with its tokenizer")
     parser.add_argument("--image", action="append", default=[], help="an image for the first turn (repeatable)")
     parser.add_argument("--prompt", default=None, help="answer this one message and exit")
-    parser.add_argument("--template", default=None, help="conversation template (default: the one the model was "
+    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES), help="conversation template (default: the one the model was "
                                                          "trained in, as its fastllava.json records; else vicuna_v1)")
     # LLaVA's CLI defaults (llava/serve/cli.py): temperature 0.2, 512 new tokens.
     parser.add_argument("--temperature", type=float, default=0.2, help="0 for greedy")

@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from .layers.lora import LORA_TARGETS
 from .model.config import Backends, LlavaConfig
 
-# The LlavaConfig fields that neither a CLIP nor a LLaMA checkpoint holds: how the two connect.
+# The LlavaConfig fields that neither a tower nor a decoder checkpoint holds: how the two connect.
 CONNECTOR_FIELDS = ("projector_type", "vision_feature_layer", "vision_feature_select")
 
 
@@ -34,7 +34,8 @@ class ModelConfig:
     """Where the weights come from, and which op backends run them.
 
     source:
-      components  CLIP vision tower `vision_path` + LLaMA-family LLM `llm_path` + a new projector seeded by
+      components  vision tower `vision_path` (CLIP, SigLIP) + decoder `llm_path` (LLaMA, Qwen, Mistral, Phi-3:
+                  model/families/) + a new projector seeded by
                   `init_seed` (stage 1) or the stage-1 projector `projector_weights` (stage 2). From
                   `architecture` only the connector fields are read (projector_type, vision_feature_layer,
                   vision_feature_select; default LLaVA-1.5's): vision and text come from the checkpoints.
@@ -86,7 +87,7 @@ class DataConfig:
 
     data_path: Optional[str] = None  # LLaVA-format JSON or JSONL
     image_folder: Optional[str] = None  # root of the entries' "image" paths; None for text-only data
-    template: str = "plain"  # a conversation template of fastllava.data.templates: plain (stage 1), vicuna_v1
+    template: str = "plain"  # a conversation template of fastllava.data.templates: plain (stage 1), vicuna_v1, llama3, qwen, mistral, v0
     image_mode: Literal["square", "pad"] = "square"
     # How images become the tower's pixels (data/images.py Preprocess): None takes the preprocessor_config.json of
     # model.vision_path / model.pretrained_path, else the tower family's processor (CLIP's or SigLIP's) at its

@@ -24,6 +24,7 @@ import numpy as np
 from .packing import plan_packs
 from .profile import PROFILES, sample_lengths
 from .reference_sampler import padding_efficiency, reference_batches
+from .templates import TEMPLATES
 
 
 def packing_efficiency(lengths: np.ndarray, max_tokens: int, seed: int = 0) -> tuple[float, int]:
@@ -92,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastllava.data.stats", description=__doc__.split("\n")[0])
     p.add_argument("--data", action="append", help="dataset file (JSON list or JSONL); repeat for several")
     p.add_argument("--tokenizer", help="local tokenizer directory (with --data)")
-    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--template", default="vicuna_v1", choices=sorted(TEMPLATES),
+                   help="the template the lengths are tokenized in (default vicuna_v1)")
     p.add_argument("--profile", choices=sorted(PROFILES), help="use a modelled profile instead of --data")
     p.add_argument("--n", type=int, default=None, help="profile: number of samples (default: full count)")
     p.add_argument("--max-tokens", type=int, default=16384, help="pack token budget")

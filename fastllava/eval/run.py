@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.files import IMAGE_TAG
-from ..data.templates import get_template
+from ..data.templates import TEMPLATES, get_template
 from ..generate import Generator
 from ..generate.inputs import image_processor, load_model, make_prompt, model_template
 from ..progress import progress
@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="--answers: score questions without an answer as wrong (default: an error)")
     parser.add_argument("--split", default=None, help="for vqav2 and vizwiz: a split with answers, scored locally "
                                                        "(default: LLaVA's test split, written for upload)")
-    parser.add_argument("--template", default=None, help="conversation template of the prompts (default: the one "
+    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES), help="conversation template of the prompts (default: the one "
                         "the model was trained in, as its fastllava.json records; else vicuna_v1, LLaVA-1.5's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: LLaVA's value for the task")
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (KV-cache slots)")
