@@ -3,7 +3,7 @@
     python benchmarks/bench_startup.py [--entries 665298] [--ranks 1 2] [--dir /tmp/fastllava-startup]
                                        [--workers N] [--source DIR] [--template vicuna_v1]
 
-Figures of 2026-12-06 (2-core CPU, 665,298 entries, before and after the pooled, locked lengths):
+Figures of 2026-12-06 (2-core CPU, 665,298 entries, 1 and 8 processes, four commits side by side):
 docs/data.md, "Start-up: the cold start of a 665K-entry file".
 
 Generates (once, kept in --dir) a JSON list of --entries conversations drawn from fastllava.data.profile's

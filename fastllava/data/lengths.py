@@ -6,7 +6,8 @@ bit-identical for any worker count. Fork, as torch's DataLoader workers do from 
 process: the workers inherit the records, tokenizer and template instead of unpickling them, and no
 module is re-imported (spawn would re-run a training script that lacks an `if __name__ == "__main__"`
 guard). On a 665K-entry mix665k-shaped file (benchmarks/bench_startup.py, 2-core CPU, 2026-12-06) the
-lengths took 123 s with 2 workers, 264 s serially.
+lengths took 113 s with 2 workers, 193 s serially (84 s with 2 workers once over-long samples were
+tokenized once: docs/data.md, "Start-up").
 
 `cache_lock` makes the ranks of a node (every process that shares the cache directory) take turns: the
 first computes and writes the cache, the others block in flock and then read it, instead of all of them
