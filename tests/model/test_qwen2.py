@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_llava import IMAGE_TOKEN, hf_logits_per_sample, make_samples, pack, rel_err
+from tiny_llava import IMAGE_TOKEN, components_read_back, hf_logits_per_sample, make_samples, pack, rel_err
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
 from fastllava import Llava
@@ -84,13 +84,7 @@ def test_from_components_clip_and_qwen2_directories(hf_qwen2_dir, tmp_path):
     samples = make_samples(5)
     assert rel_err(logits(model, samples), hf_logits_per_sample(hf, samples, 4)) <= 1e-5
 
-    model.save_components(tmp_path / "clip2", tmp_path / "qwen2")
-    assert json.loads((tmp_path / "qwen2" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    back, info = Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    ids = torch.randint(3, IMAGE_TOKEN, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert rel_err(back.eval()(input_ids=ids).logits, hf(input_ids=ids).logits) <= 1e-5
+    components_read_back(model, hf, tmp_path, "Qwen2ForCausalLM")
 
 
 def test_sliding_window_and_original_layout_are_refused(hf_qwen2_dir, tmp_path):
