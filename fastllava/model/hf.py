@@ -2,7 +2,7 @@
 directories; write llava-hf, or the original-LLaVA layout for the projectors llava-hf cannot hold (linear,
 mlpNx_gelu with N != 2).
 
-Safetensors only (files: safetensors_io.py; key names: keys.py and families/). Loading streams: the model is
+Safetensors, and .bin pickles through a converted copy (files: safetensors_io.py; key names: keys.py and families/). Loading streams: the model is
 built on the meta device and each tensor is read from its memory-mapped shard and placed into the model one
 at a time, so host memory peaks near the largest tensor instead of holding the model twice.
 
@@ -28,7 +28,7 @@ from .config import LlavaConfig, VisionConfig
 from .init import init_projector_
 from .keys import (ROLE_PREFIX, canonical_llava_key, original_llava_key, original_llava_name,
                    split_roles, to_checkpoint_key, to_module_name)
-from .safetensors_io import ShardWriter, checkpoint_keys, iter_tensors, read_config, write_checkpoint
+from .safetensors_io import ShardWriter, checkpoint_keys, iter_tensors, load_bin, read_config, write_checkpoint
 from .stacked import split, stack, stacked_key
 
 ORIGINAL_VISION_DIR = "vision_tower"  # the CLIP tower's directory inside an original-LLaVA export
@@ -269,7 +269,7 @@ def projector_tensors(path: Path, config: LlavaConfig) -> Iterator[tuple[str, st
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_bin(path)
     for key, tensor in state.items():
         canonical = original_llava_key(key, config) if "mm_projector" in key else canonical_llava_key(key)
         name = to_module_name(canonical, config) if canonical.startswith("multi_modal_projector.") else None

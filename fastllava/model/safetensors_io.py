@@ -1,5 +1,10 @@
 """A model directory's files: config.json, safetensors shards and their index, read and written.
 
+Weights published as torch pickles (pytorch_model.bin, or pytorch_model-0000i-of-0000n.bin + their index,
+as Vicuna-v1.5 and LLaVA's released checkpoints ship them) are read with torch.load(weights_only=True),
+which refuses any pickle that is not tensors in plain containers, and converted once per machine to
+safetensors in the project cache (`converted_from_bin`); every reader below then sees safetensors only.
+
 Reading streams: `iter_tensors` hands out one tensor at a time, or a `RowReader` that reads only the rows
 asked for with plain file reads (sharded loading, train/sharded_load.py). Writing streams too:
 `ShardWriter` holds only the shard being filled. Nothing here knows LLaVA or its key names (keys.py).
@@ -7,7 +12,12 @@ asked for with plain file reads (sharded loading, train/sharded_load.py). Writin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +25,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..cache_dir import cache_dir
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+BIN_SINGLE_FILE = "pytorch_model.bin"
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -33,24 +47,108 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors shard files of a model directory, checked to exist."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-    elif (path / SINGLE_FILE).is_file():
-        files = [path / SINGLE_FILE]
-    else:
-        found = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {found}: convert them to safetensors first)" if found else ""
-        raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+def _indexed_files(index: Path) -> list[Path]:
+    """The shard files an index's weight_map names, in first-mention order, checked to exist."""
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' object")
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
     for f in files:
         if not f.is_file():
-            raise ValueError(f"{f}: shard named in {INDEX_FILE} is missing")
+            raise ValueError(f"{f}: shard named in {index.name} is missing")
     return files
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors shard files of a model directory, checked to exist; a directory with only torch
+    pickles (.bin) gives the files of its converted copy in the cache (safetensors win where both exist)."""
+    if (path / INDEX_FILE).is_file():
+        return _indexed_files(path / INDEX_FILE)
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    if (path / BIN_INDEX_FILE).is_file() or (path / BIN_SINGLE_FILE).is_file():
+        return checkpoint_files(converted_from_bin(path))
+    found = sorted(p.name for p in path.glob("*.bin"))
+    hint = f" (found {found}, but no {BIN_SINGLE_FILE} or {BIN_INDEX_FILE})" if found else ""
+    raise ValueError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE}, {BIN_SINGLE_FILE} or {BIN_INDEX_FILE}{hint}")
+
+
+def load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A torch-pickled state dict, memory-mapped, through torch.load(weights_only=True): a pickle holding
+    anything but tensors in plain containers (one that would run code when unpickled) is refused, naming
+    the file, before any of its objects is built."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the pre-1.6 (non-zip) format cannot be mapped: read it whole
+            if "mmap can only be used" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{file}: refused: not only tensors (torch.load weights_only=True: {reason})") from None
+    except (RuntimeError, EOFError, IndexError, KeyError) as e:  # truncated or not torch.save's at all
+        raise ValueError(f"{file}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                              for k, t in state.items()):
+        raise ValueError(f"{file}: expected a dict of name -> tensor (a state dict), got {type(state).__name__}")
+    return state
+
+
+def converted_from_bin(path: Path) -> Path:
+    """A directory of safetensors shards (+ index) holding the tensors of `path`'s .bin files, converted
+    once per machine: `$FASTLLAVA_CACHE/safetensors-from-bin/<key>`, the key hashing the directory and each
+    .bin file's name, size and mtime (a changed file converts again). Each process converts into a
+    directory of its own and renames it into place, so a reader never sees a half-written copy and
+    processes that convert at the same time (ranks of one node) cost time, never correctness."""
+    bins = _indexed_files(path / BIN_INDEX_FILE) if (path / BIN_INDEX_FILE).is_file() else [path / BIN_SINGLE_FILE]
+    key = hashlib.sha256(str(path.resolve()).encode())
+    for f in bins:
+        st = f.stat()
+        key.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    target = cache_dir("safetensors-from-bin", key.hexdigest()[:32])
+    if target.is_dir():
+        return target
+    work = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        names = [SINGLE_FILE] if len(bins) == 1 else [
+            f"model-{i + 1:05d}-of-{len(bins):05d}.safetensors" for i in range(len(bins))]
+        weight_map: dict[str, str] = {}
+        for i, (f, name) in enumerate(zip(bins, names)):
+            # 13B is ~26 GB of pickles: minutes, hence a line per shard.
+            print(f"fastllava: converting {f} to safetensors ({i + 1}/{len(bins)}, once; cached in {target})",
+                  file=sys.stderr, flush=True)
+            state = _own_storages(load_bin(f))
+            for k in state:
+                if k in weight_map:
+                    raise ValueError(f"{f}: key {k!r} appears again (first in {weight_map[k]})")
+                weight_map[k] = name
+            save_file(state, str(work / name), metadata={"format": "pt"})
+            del state
+        if len(bins) > 1:
+            (work / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        try:
+            work.rename(target)
+        except OSError:  # another process renamed its own copy first: same tensors, keep that one
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _own_storages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors safetensors can write: one that shares its storage with another (tied weights saved once in
+    the pickle) or views part of a larger one is copied; the rest stay memory-mapped."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.contiguous().clone() if ptr in seen else _alone(t).contiguous()
+        seen.add(ptr)
+    return out
 
 
 def checkpoint_keys(path: Path) -> list[str]:
