@@ -41,6 +41,7 @@ the reference's tokenizer calls parse them; masks stay right because they follow
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import os
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = No
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"tokenizer path {path!r} is not a local directory (hub downloads are not used)")
+    _check_sentencepiece_needs(path)
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True, **kwargs)
     if not tokenizer.is_fast:
@@ -73,6 +75,27 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = No
                          "for offset mappings (add tokenizer.json, or a tokenizer.model transformers converts)")
     prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+def _check_sentencepiece_needs(path: str) -> None:
+    """A SentencePiece-only directory (tokenizer.model, no tokenizer.json: Vicuna-v1.5's) is converted by
+    transformers only with sentencepiece and protobuf installed (runtime dependencies of fastllava); without
+    them transformers' error talks about tiktoken, so name what is missing instead."""
+    has = {name: os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer.model")}
+    if has["tokenizer.json"] or not has["tokenizer.model"]:
+        return
+    missing = [package for module, package in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf"))
+               if not _importable(module)]
+    if missing:
+        raise ValueError(f"{path}: a tokenizer.model without tokenizer.json needs {' and '.join(missing)}, "
+                         f"which fastllava depends on but are not installed: pip install {' '.join(missing)}")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
