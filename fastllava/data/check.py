@@ -1,7 +1,7 @@
 """Check a data layout before a run: every image every entry references exists and decodes.
 
     python -m fastllava.data.check DATA.json [DATA2.json ...] --image-folder DIR [--workers N]
-                                   [--mode pad|square] [--repair] [--usable OUT.json]
+                                   [--mode pad|square] [--repair] [--usable OUT.json] [--broken OUT.jsonl]
 
 Each distinct image is decoded in a pool of processes with images.py's own decode (`pil_decode`: a
 truncated file, an unidentifiable one and a decompression bomb are refused as the loader would refuse
@@ -18,8 +18,9 @@ ocr_vqa/images) as one of
              be repaired: download them again.
 Entries the trainer would reject for their structure (files.py) are counted too. --usable writes the
 entries whose images are all good (a JSON list, the inputs concatenated), and says how many were dropped
-for which reason in which folder. Exit status: 0 when everything is usable, 1 when anything is broken
-(also after writing --usable), 2 on bad arguments.
+for which reason in which folder; --broken lists every image that is not good, one JSON line each
+({"image", "source", "status", "detail"}), for a re-download. Exit status: 0 when everything is usable,
+1 when anything is broken (also after writing --usable), 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -182,6 +183,18 @@ def write_usable(records, results: dict[str, tuple[str, str]], out: str, rejecte
         print(f"  dropped {rejected} rejected for their structure")
 
 
+def write_broken(results: dict[str, tuple[str, str]], out: str) -> int:
+    """Every image of `results` that is not good, one JSON line each, to `out`; returns how many."""
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for image, (status, detail) in results.items():
+            if status not in GOOD:
+                f.write(json.dumps({"image": image, "source": source_of(image), "status": status, "detail": detail},
+                                   ensure_ascii=False) + "\n")
+                n += 1
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m fastllava.data.check", description=__doc__.split("\n")[0])
@@ -195,13 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repair", action="store_true",
                    help="write a JPEG at each named X.jpg that exists only as X.gif / X.png / ...")
     p.add_argument("--usable", metavar="OUT.json", help="write the entries whose images are all good here")
+    p.add_argument("--broken", metavar="OUT.jsonl", help="list every image that is not good here, one JSON line each")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     if not os.path.isdir(args.image_folder):
         p.error(f"--image-folder {args.image_folder!r} is not a directory")
-    if args.usable and any(os.path.abspath(args.usable) == os.path.abspath(d) for d in args.data):
-        p.error(f"--usable {args.usable!r} is one of the data files: write the usable entries to a new file")
+    for flag, out in (("--usable", args.usable), ("--broken", args.broken)):
+        if out and any(os.path.abspath(out) == os.path.abspath(d) for d in args.data):
+            p.error(f"{flag} {out!r} is one of the data files: write it to a new file")
     rejects = RejectLog()
     try:
         records = load_records(args.data, rejects=rejects)  # prints its summary (rejects by reason) on stderr
@@ -218,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(f"  {r.describe()}" for r in rejects.examples[:3]))
     if args.usable:
         write_usable(records, results, args.usable, rejected)
+    if args.broken:
+        print(f"--broken: listed {write_broken(results, args.broken)} images in {args.broken}")
     broken = rejected + sum(s not in GOOD for s, _ in results.values())
     print("all images present and decodable" if not broken else "BROKEN: see above")
     return 1 if broken else 0

@@ -149,6 +149,19 @@ def test_usable_writes_exactly_the_good_entries(layout, tmp_path, capsys):
     assert [e["id"] for e in json.loads(out_file.read_text())] == ["a", "b", "d", "g", "h", "text", "a+g"]
 
 
+def test_broken_lists_every_image_that_is_not_good(layout, tmp_path, capsys):
+    data, root, _ = layout
+    out_file = tmp_path / "broken.jsonl"
+    status, out = _run(capsys, data, "--image-folder", root, "--workers", 1, "--broken", out_file)
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    got = sorted((r["image"], r["source"], r["status"]) for r in rows)
+    assert got == [("coco/train2017/c.jpg", "coco/train2017", "missing"), ("gqa/images/e.jpg", "gqa/images", "corrupt"),
+                   ("gqa/images/f.jpg", "gqa/images", "corrupt"),
+                   ("ocr_vqa/images/g.jpg", "ocr_vqa/images", "other_ext"),
+                   ("ocr_vqa/images/h.jpg", "ocr_vqa/images", "other_ext")]
+    assert all(r["detail"] for r in rows) and "listed 5 images" in out and status == 1
+
+
 def test_structural_rejects_are_broken_and_left_out(tmp_path, capsys):
     root = tmp_path / "images"
     _photo(root / "coco/a.jpg", "JPEG")
@@ -204,12 +217,13 @@ def test_bad_arguments_exit_2_naming_them(layout, capsys, argv, names):
     assert names in capsys.readouterr().err
 
 
-def test_usable_refuses_to_overwrite_the_data(layout, capsys):
+@pytest.mark.parametrize("flag", ["--usable", "--broken"])
+def test_outputs_refuse_to_overwrite_the_data(layout, capsys, flag):
     data, root, _ = layout
     before = data.read_text()
     with pytest.raises(SystemExit) as e:
-        check.main([str(data), "--image-folder", str(root), "--usable", str(data)])
-    assert e.value.code == 2 and "--usable" in capsys.readouterr().err and data.read_text() == before
+        check.main([str(data), "--image-folder", str(root), flag, str(data)])
+    assert e.value.code == 2 and flag in capsys.readouterr().err and data.read_text() == before
 
 
 def test_missing_data_file_exits_2_naming_it(tmp_path, capsys):
