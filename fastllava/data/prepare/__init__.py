@@ -1,0 +1,1 @@
+"""`python -m fastllava.data.prepare NAME --root DIR`: LLaVA's training data downloaded, unpacked and checked."""
