@@ -30,6 +30,7 @@ EXTRAS = {
     "wandb": ("wandb", "logging"),
     "flash_attn": ("flash-attn", "flash-attn"),
     "xformers": ("xformers", "xformers"),
+    "pyarrow": ("pyarrow", "hub-eval"),
 }
 # flash-attn builds against the installed torch, which pip's isolated build environment does not have
 # (its README installs it with --no-build-isolation).

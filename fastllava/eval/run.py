@@ -22,17 +22,20 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.files import IMAGE_TAG
+from ..extras import cli
 from ..data.templates import TEMPLATES, get_template
 from ..generate import Generator
 from ..generate.inputs import image_processor, load_model, make_prompt, model_template
 from ..progress import progress
 from ..train.distributed import destroy_distributed, gather_interleaved, init_distributed
 from .answers import join_answers, read_answers
+from .hub import is_hub_spec, read_rows, resolve
 from .judge import JudgeError
 from .tasks import TASKS, make_task
 from .tasks.base import EvalDataError, EvalQuestion, Task
 
 REVIEWED = ("llava_bench", "mmvet")  # the tasks whose judge output --reviews scores
+HUB_TASKS = tuple(sorted(name for name, cls in TASKS.items() if cls.hub is not None))  # --data hub
 
 log = logging.getLogger("fastllava.eval")
 
@@ -53,7 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", required=True, choices=sorted(TASKS), metavar="TASK",
                         help=f"one of: {', '.join(sorted(TASKS))}")
     parser.add_argument("--data", default=None, help="the folder LLaVA calls playground/data/eval (not needed "
-                                                     "with --reviews; mmvet reads mm-vet.json there if given)")
+                                                     "with --reviews; mmvet reads mm-vet.json there if given); for "
+                                                     f"{', '.join(HUB_TASKS)}: 'hub' (lmms-eval's Hub dataset), a Hub "
+                                                     "dataset id org/name[@revision], or a folder of its parquet files")
     parser.add_argument("--output", required=True, help="folder for answers.jsonl, scores and submission files")
     parser.add_argument("--missing-as-wrong", action="store_true",
                         help="--answers: score questions without an answer as wrong (default: an error)")
@@ -121,7 +126,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.missing_as_wrong and args.answers is None:
         parser.error("--missing-as-wrong goes with --answers")
     if args.data is not None and not Path(args.data).is_dir():
-        parser.error(f"--data {args.data}: not a directory")
+        if not is_hub_spec(args.data):
+            parser.error(f"--data {args.data}: not a directory, nor 'hub' or a Hub dataset id org/name")
+        if args.task not in HUB_TASKS:
+            parser.error(f"--data {args.data}: task {args.task} reads only LLaVA's layout (a directory); the Hub "
+                         f"datasets are read for {', '.join(HUB_TASKS)}")
     return args
 
 
@@ -130,6 +139,13 @@ def task_for(args: argparse.Namespace) -> Task:
     sqa = {"question_format": args.sqa_format, "language_only": args.sqa_language_only,
            "breakdown": True} if args.task == "scienceqa" else {}
     return make_task(args.task, split=args.split, judge_url=args.judge_url, judge_model=args.judge_model, **sqa)
+
+
+def load_questions(task: Task, data: str, *, images: bool = True) -> list[EvalQuestion]:
+    """The task's questions from --data: LLaVA's layout, or (hub.py) the rows of its Hub dataset."""
+    if task.hub is not None and is_hub_spec(data):
+        return task.load_hub(read_rows(resolve(data, task.hub), task.hub), images=images)
+    return task.load(Path(data), images=images)
 
 
 def answer_id(model_id: str, question_id) -> str:
@@ -207,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = env.rank, env.world_size
     task = task_for(args)
     data, output = Path(args.data), Path(args.output)
-    questions = task.load(data)
+    questions = load_questions(task, args.data)
     check_unique(questions, task, data)
     questions = questions[: args.limit] if args.limit else questions
     if not questions:
@@ -249,7 +265,7 @@ def score_existing(args: argparse.Namespace) -> dict:
                 print(f"{path}: " + ", ".join(f"{m} {f[m]:.2f}" for m in metrics[:4]))
         return scores
     data, answers_path = Path(args.data), Path(args.answers)
-    questions = task.load(data, images=False)
+    questions = load_questions(task, args.data, images=False)
     check_unique(questions, task, data)
     questions = questions[: args.limit] if args.limit else questions
     if not questions:
@@ -279,6 +295,7 @@ def format_speed(s: dict) -> str:
             f"decode {s['decode_tokens_per_s']:,.0f} tokens/s")
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -30,6 +30,16 @@ class EvalDataError(ValueError):
         self.path, self.line = str(path), line
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """Where a task's rows live on the Hub (fastllava/eval/hub.py reads them): the dataset repo lmms-eval's
+    task file names, the glob of its test split's parquet files in that repo, the columns the task reads."""
+
+    repo: str
+    pattern: str
+    columns: tuple[str, ...]
+
+
 @dataclass
 class EvalQuestion:
     """One question to answer.
@@ -64,11 +74,18 @@ class Task:
     # The splits `--split` may name, the first being the default (LLaVA's); empty: the task has one.
     # A task with splits takes `split` in its constructor.
     splits: ClassVar[tuple[str, ...]] = ()
+    # The Hub dataset (lmms-eval's) `--data hub` reads, for a task that implements load_hub; None: layout only.
+    hub: ClassVar[HubSource | None] = None
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         """All questions, in question-file order. Raises EvalDataError (file, line, what was expected) for a
         missing file, a duplicate question id, a malformed line, and with `images` (answering) a missing
         image file. Scoring an existing answers file loads with images=False: it needs no image."""
+        raise NotImplementedError
+
+    def load_hub(self, rows: list[tuple[Path, int, dict]], *, images: bool = True) -> list[EvalQuestion]:
+        """The questions `load` gives for the same questions, from the rows of `hub`'s parquet files
+        ((file, row, {column: value}), fastllava/eval/hub.py), images decoded from the rows."""
         raise NotImplementedError
 
     def unanswered(self, question: EvalQuestion) -> str:

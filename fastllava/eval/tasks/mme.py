@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Sequence
 
 from ..scorers import mme_scores
-from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, Task
-from .reading import image_file, read_jsonl
+from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, HubSource, Task
+from .reading import decode_image, image_file, read_jsonl
 
 log = logging.getLogger(__name__)
 
 YES_NO = "Please answer yes or no."
+# The subtasks whose release keeps images in images/ (and ground truth in questions_answers_YN/): LLaVA's ids
+# name the image as <subtask>/images/<file>; the Hub's question_id leaves out "images/".
+_IMAGES_FOLDER = ("artwork", "celebrity", "landmark", "posters", "scene")
 
 
 class MME(Task):
@@ -32,6 +35,9 @@ class MME(Task):
     max_new_tokens = 128  # model_vqa_loader.py's default; mme.sh does not change it
     # docs/MODEL_ZOO.md (and the LLaVA-1.5 paper, Table 4): the MME perception score.
     published = {"llava-v1.5-7b": {"perception": 1510.7}, "llava-v1.5-13b": {"perception": 1531.3}}
+
+    # lmms-eval's mme.yaml; its question is MME's ground-truth question ("... Please answer yes or no.").
+    hub = HubSource("lmms-lab/MME", "data/test-*.parquet", ("question_id", "image", "question", "answer", "category"))
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "MME"
@@ -57,12 +63,26 @@ class MME(Task):
             question = self._mme_question(text, gt)
             if question not in gt:
                 raise EvalDataError(path, line, f"no ground truth for {question!r} in {qa_dir / txt_name}")
-            repeats[qid] = repeats.get(qid, 0) + 1
-            unique = qid if repeats[qid] == 1 else f"{qid}#{repeats[qid]}"
-            questions.append(EvalQuestion(
-                question_id=unique, text=text, images=[image], record={"question_id": obj["question_id"]},
-                truth={"category": category, "image": qid, "file": txt_name, "question": question,
-                       "answer": gt[question]}))
+            questions.append(_question(obj["question_id"], text, [image], question, gt[question], repeats))
+        return questions
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """LLaVA's questions from lmms-lab/MME rows, in row order: LLaVA's prompt is MME's question without
+        " Please answer yes or no." plus the short-answer line (as mme.yaml's post_prompt builds it), LLaVA's
+        id the row's with "images/" restored, the ground truth the row's answer."""
+        repeats: dict[str, int] = {}
+        questions = []
+        for file, i, row in rows:
+            category, qid, question = row["category"], str(row["question_id"]), row["question"]
+            if row["answer"] not in ("Yes", "No") or YES_NO not in question:
+                raise EvalDataError(file, None, f"row {i}: expected a question ending in {YES_NO!r} and answer Yes "
+                                                f"or No, got {question!r}, {row['answer']!r}")
+            parts = qid.split("/")
+            if category in _IMAGES_FOLDER and len(parts) == 2:
+                qid = f"{parts[0]}/images/{parts[1]}"
+            text = question.replace(YES_NO, "").strip() + "\n" + SHORT_ANSWER
+            image = [decode_image(row["image"], file, i)] if images else []
+            questions.append(_question(qid, text, image, question, row["answer"], repeats))
         return questions
 
     @staticmethod
@@ -115,3 +135,16 @@ class MME(Task):
         scores = mme_scores([{"category": q.truth["category"], "image": q.truth["image"], "answer": q.truth["answer"],
                               "prediction": a} for q, a in zip(questions, answers)])
         return {"perception": scores["perception"], "cognition": scores["cognition"], **scores["subtasks"]}
+
+
+def _question(llava_id, text: str, images: list, question: str, answer: str, repeats: dict[str, int]) -> EvalQuestion:
+    """One MME question under LLaVA's id (`llava_id`, kept in the answers file), made unique by "#k" for the
+    k-th question of an image (`repeats` counts them); category and ground-truth file derived from the id as
+    convert_answer_to_mme.py derives them."""
+    qid = str(llava_id)
+    repeats[qid] = repeats.get(qid, 0) + 1
+    return EvalQuestion(
+        question_id=qid if repeats[qid] == 1 else f"{qid}#{repeats[qid]}", text=text, images=images,
+        record={"question_id": llava_id},
+        truth={"category": qid.split("/")[0], "image": qid, "file": qid.split("/")[-1].split(".")[0] + ".txt",
+               "question": question, "answer": answer})

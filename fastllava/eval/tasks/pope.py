@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..scorers import pope_metrics
-from .base import EvalDataError, EvalQuestion, Task
-from .reading import read_jsonl, read_questions
+from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, HubSource, Task
+from .reading import decode_image, read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ LABEL_RELEASE = ("POPE's repository at commit e3e3926 (https://github.com/AoiDra
                  "e3e39262c85a6a83f26cf5094022a782cb0df58d/output/coco), the release LLaVA's docs/Evaluation.md names")
 
 _METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+# LLaVA's llava_pope_test.jsonl numbers each split's questions from these offsets (adversarial 1.., random
+# 10000001.., popular 20000001..) and lists the splits in this order; the Hub rows number them 1.. per split.
+_LLAVA_ID_OFFSET = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
 
 
 class POPE(Task):
@@ -46,6 +49,10 @@ class POPE(Task):
     # LLaVA-1.5 paper (Table 4) / MODEL_ZOO.md: F1 averaged over the three splits.
     published = {"llava-v1.5-7b": {"f1": 85.9}, "llava-v1.5-13b": {"f1": 85.9}}
     subsets = ("adversarial", "popular", "random")  # all three are answered and scored: no --split
+    # lmms-eval's pope.yaml: 9,000 rows (3,000 per split, POPE's current files), where LLaVA's layout has
+    # 8,910 questions of the e3e3926 release: the same protocol on a slightly different question set.
+    hub = HubSource("lmms-lab/POPE", "data/test-*.parquet",
+                    ("question_id", "question", "answer", "image_source", "image", "category"))
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "pope"
@@ -90,6 +97,26 @@ class POPE(Task):
                                                   f"not those of LLaVA's questions; use {LABEL_RELEASE}")
             out[q_number] = obj["label"]
         return out
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """LLaVA's questions from lmms-lab/POPE rows: id offset by split as LLaVA numbers them, the question
+        with LLaVA's short-answer line (as pope.yaml's post_prompt too), the row's answer as the label; in
+        LLaVA's order (by id: adversarial, random, popular)."""
+        questions = []
+        for file, i, row in rows:
+            split, label = row["category"], str(row["answer"]).strip().lower()
+            if split not in _LLAVA_ID_OFFSET or label not in ("yes", "no"):
+                raise EvalDataError(file, None, f"row {i}: expected category one of {', '.join(self.subsets)} and "
+                                                f"answer yes or no, got {split!r}, {row['answer']!r}")
+            try:
+                qid = _LLAVA_ID_OFFSET[split] + int(row["question_id"])
+            except ValueError:
+                raise EvalDataError(file, None, f"row {i}: expected a numeric question_id, got "
+                                                f"{row['question_id']!r}") from None
+            image = [decode_image(row["image"], file, i)] if images else []
+            questions.append(EvalQuestion(qid, f"{row['question'].strip()}\n{SHORT_ANSWER}", image,
+                                          truth={"split": split, "label": label}))
+        return sorted(questions, key=lambda q: q.question_id)
 
     def unanswered(self, question: EvalQuestion) -> str:
         """The answer opposite to the label (any text reads as yes or no, so none is wrong for both)."""
