@@ -43,7 +43,8 @@ class ModelConfig:
                   the checkpoint fixes the architecture.
       scratch     every weight random (model/init.py, `init_seed`) from the whole `architecture`.
     The tokenizer is read from `tokenizer_path`, default `llm_path` / `pretrained_path`. image_token_id and
-    pad_token_id always come from the tokenizer.
+    pad_token_id always come from the tokenizer. Each *_path directory may be a Hugging Face Hub id instead,
+    `org/name[@revision]` (model/hub.py), resolved when the model is built.
     """
 
     source: Literal["components", "pretrained", "scratch"] = "components"

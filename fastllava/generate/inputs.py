@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..data.images import Preprocess, load_image, preprocess_pil
 from ..data.tokenize import load_tokenizer, prepare_tokenizer, tokenize_prompt
+from ..model.hub import resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A training run's export records the template it trained on here (train/export.py RUN_FILE, the same name).
@@ -30,7 +31,10 @@ def model_template(path: str | Path, template: str | None = None) -> str:
 
     if template is not None:
         return template
-    record = Path(path) / RUN_FILE
+    try:
+        record = resolve(path, "--model") / RUN_FILE
+    except ValueError:  # no model there: load_model says so, with no note on a template nothing will use
+        return DEFAULT_TEMPLATE
     if not record.is_file():
         print(f"note: {record} does not name the model's conversation template; prompting in {DEFAULT_TEMPLATE} "
               "(LLaVA-1.5's): pass --template to choose another", file=sys.stderr)
@@ -45,7 +49,8 @@ def model_template(path: str | Path, template: str | None = None) -> str:
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.device = "auto"):
-    """(model, tokenizer) from a llava-hf (or original LLaVA) directory that holds its tokenizer.
+    """(model, tokenizer) from a llava-hf (or original LLaVA) directory that holds its tokenizer, or the Hub id
+    of one (model/hub.py).
 
     dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16". device: a torch.device, or a name
     read as training reads it (train.distributed.local_device: auto, cpu or cuda). The tokenizer's <image>
@@ -53,7 +58,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.dev
     from ..model import Llava
     from ..train.distributed import local_device
 
-    path = Path(path)
+    path = resolve(path, "--model")
     if not path.is_dir():
         raise ValueError(f"--model {path}: {'not a directory' if path.exists() else 'does not exist'} (expected "
                          "a llava-hf directory, e.g. a training run's <output_dir>/final)")
@@ -80,13 +85,13 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.dev
 def image_processor(config, path: str | Path | None = None) -> Preprocess:
     """How the images of a model of LlavaConfig `config` are preprocessed: the preprocessor_config.json in its
     directory `path` if there is one, else its tower family's processor (CLIP's, SigLIP's) at the tower's
-    image size, as training chose it for a checkpoint (train/build.py)."""
+    image size, as training chose it for a checkpoint (train/build.py). `path` may be a Hub id."""
     from ..model.families import of as families_of
 
     tower, _ = families_of(config)
     if path is None:
         return Preprocess.default(tower.image_processor, config.vision.image_size)
-    return Preprocess.from_dir(path, tower.image_processor, config.vision.image_size)
+    return Preprocess.from_dir(resolve(path, "--model"), tower.image_processor, config.vision.image_size)
 
 
 def load_pixels(images: Sequence[str | Path | Image.Image], size: int,

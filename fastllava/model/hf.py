@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import families
 from .config import LlavaConfig, VisionConfig
+from .hub import is_hub_id, resolve
 from .init import init_projector_
 from .keys import (ROLE_PREFIX, canonical_llava_key, original_llava_key, original_llava_name,
                    split_roles, to_checkpoint_key, to_module_name)
@@ -153,7 +154,8 @@ def _read_part(path: Path, role: str):
 
 def plan_llava(path: Path, *, vision_tower=None, projector_weights=None, **overrides) -> LoadPlan:
     """The LoadPlan of a llava-hf or an original-LLaVA directory (config errors raise now), optionally
-    with a stage-1 projector file that replaces the checkpoint's projector."""
+    with a stage-1 projector file that replaces the checkpoint's projector. `path` may be a Hub id (hub.py)."""
+    path = resolve(path, "model")
     raw = read_config(path)
     architecture = (raw.get("architectures") or [""])[0]
     if architecture == "LlavaForConditionalGeneration" or raw.get("model_type") == "llava" and "text_config" in raw:
@@ -195,6 +197,12 @@ def _plan_original(path, raw, vision_tower, overrides) -> LoadPlan:
         pad_token_id=raw.get("pad_token_id"),
     )
     has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k in checkpoint_keys(path))
+    if not has_vision and not vision_dir.is_dir() and is_hub_id(str(vision_dir)):
+        # LLaVA's own configs name their tower by Hub id (mm_vision_tower: openai/clip-vit-large-patch14-336).
+        try:
+            vision_dir = resolve(vision_dir, f"{path}/config.json mm_vision_tower")
+        except ValueError as e:
+            raise ValueError(f"{e}; or pass vision_tower=CLIP_DIR") from None
     if not has_vision and not vision_dir.is_dir():
         raise ValueError(
             f"{path}: the checkpoint holds no vision tower and mm_vision_tower {str(vision_dir)!r} is not a local "
@@ -214,7 +222,8 @@ def _same(key: str) -> str:
 
 def plan_components(vision: Path, llm: Path, projector_weights=None, *, seed: int = 0, **overrides) -> LoadPlan:
     """The LoadPlan of a tower directory (CLIP) + a decoder directory (LLaMA) + a projector file or a new
-    seeded projector."""
+    seeded projector. Either directory may be a Hub id (hub.py)."""
+    vision, llm = resolve(vision, "vision tower"), resolve(llm, "LLM")
     tower, vision_cfg, _ = _read_part(vision, "tower")
     decoder, text, llm_raw = _read_part(llm, "decoder")
     config = LlavaConfig(

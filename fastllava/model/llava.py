@@ -145,7 +145,8 @@ class Llava(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "Llava":
-        """Load a llava-hf `LlavaForConditionalGeneration` directory or an original-LLaVA directory.
+        """Load a llava-hf `LlavaForConditionalGeneration` directory or an original-LLaVA directory, or the Hub
+        id of one (`org/name[@revision]`: model/hub.py).
 
         kwargs: dtype (default: as stored), device, backends (a Backends), vision_tower (CLIP directory for
         the original layout when config.json's path is not local), and LlavaConfig field overrides.
@@ -157,8 +158,9 @@ class Llava(nn.Module):
     @classmethod
     def from_components(cls, vision: str | Path, llm: str | Path, projector_weights: str | Path | None = None,
                         **kwargs) -> "Llava":
-        """The stage-1 starting point: a CLIP directory, a LLaMA directory, a new projector (seeded by `seed`,
-        nn.Linear's default initialization as LLaVA's) or the stage-1 one from `projector_weights`.
+        """The stage-1 starting point: a CLIP directory, a LLaMA directory (either may be a Hub id: model/hub.py),
+        a new projector (seeded by `seed`, nn.Linear's default initialization as LLaVA's) or the stage-1 one
+        from `projector_weights`.
 
         kwargs: dtype, device, seed, backends, and LlavaConfig fields the two checkpoints do not hold:
         projector_type (default "mlp2x_gelu"), vision_feature_layer (-2), vision_feature_select ("patch"),

@@ -22,14 +22,16 @@ from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image
 from ..data.tokenize import TokenizerIds, load_tokenizer, prepare_tokenizer
 from ..model import Llava
 from ..model.families import of as families_of
+from ..model.hub import resolve
 
 
 def build_tokenizer(cfg: Config):
-    """(tokenizer, its special-token ids) from model.tokenizer_path, else the LLM's or checkpoint's directory."""
+    """(tokenizer, its special-token ids) from model.tokenizer_path, else the LLM's or checkpoint's directory
+    (each a local directory or a Hub id: model/hub.py)."""
     path = cfg.model.tokenizer_path or cfg.model.llm_path or cfg.model.pretrained_path
     if path is None:
         raise ValueError("model.tokenizer_path is not set (and no LLM or pretrained directory to take it from)")
-    tokenizer = load_tokenizer(path, model_max_length=cfg.data.model_max_length)
+    tokenizer = load_tokenizer(resolve(path, "the tokenizer's path"), model_max_length=cfg.data.model_max_length)
     return tokenizer, prepare_tokenizer(tokenizer)
 
 
@@ -80,10 +82,10 @@ def build_image_processor(cfg: Config, model: Llava) -> Preprocess:
     if cfg.data.image_processor is not None:
         path = Path(cfg.data.image_processor)
         return Preprocess.from_file(path / PREPROCESSOR_FILE if path.is_dir() else path, size)
-    directory = {"components": m.vision_path, "pretrained": m.pretrained_path}.get(m.source)
-    if directory is None:
+    key = {"components": "vision_path", "pretrained": "pretrained_path"}.get(m.source)
+    if key is None:
         return Preprocess.default(tower.image_processor, size)
-    return Preprocess.from_dir(directory, tower.image_processor, size)
+    return Preprocess.from_dir(resolve(getattr(m, key), f"model.{key}"), tower.image_processor, size)
 
 
 def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:

@@ -78,8 +78,13 @@ def original_llava_state(hf):
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def test_original_llava_layout_with_separate_clip(hf_llava_dir, tmp_path):
+def test_original_llava_layout_with_separate_clip(hf_llava_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     _, hf = hf_llava_dir
+    # The Hub id in mm_vision_tower below: never downloaded, nor found in this machine's cache.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     save_as_clip(hf, tmp_path / "clip")
     orig = tmp_path / "orig"
     orig.mkdir()
@@ -98,7 +103,7 @@ def test_original_llava_layout_with_separate_clip(hf_llava_dir, tmp_path):
     assert rel_err(logits(model, samples), hf_logits_per_sample(hf, samples, 4)) <= 1e-5
 
     (orig / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
-    with pytest.raises(ValueError, match="pass vision_tower=CLIP_DIR"):
+    with pytest.raises(ValueError, match="is not in the Hub cache .* pass vision_tower=CLIP_DIR"):
         Llava.from_pretrained(orig)
     assert rel_err(logits(Llava.from_pretrained(orig, vision_tower=tmp_path / "clip"), samples),
                    hf_logits_per_sample(hf, samples, 4)) <= 1e-5
@@ -228,8 +233,10 @@ def test_unknown_architecture_and_missing_files(hf_llava_dir, tmp_path):
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unknown architecture"):
         Llava.from_pretrained(path)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="nowhere: does not exist as a local path, and is not a Hugging Face Hub"):
         Llava.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no config.json"):
+        Llava.from_pretrained(tmp_path)
     (path / "config.json").write_text(json.dumps(config))
     index = {"weight_map": {"language_model.lm_head.weight": "model-00002-of-00002.safetensors"}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
