@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_llava import (IMAGE_TOKEN, components_read_back, greedy_prompts_and_expected, hf_logits_per_sample, logits, make_samples,
+from tiny_llava import (randomize_adapters, IMAGE_TOKEN, components_read_back, greedy_prompts_and_expected, hf_logits_per_sample, logits, make_samples,
                         read_back, rel_err, write_components)
 from transformers import LlavaForConditionalGeneration
 
 from fastllava import Llava
 from fastllava.config import LoRAConfig
-from fastllava.layers.lora import LORA_TARGETS, apply_lora, is_adapter
+from fastllava.layers.lora import LORA_TARGETS, apply_lora
 from fastllava.model.hf import plan_llava
 from fastllava.model.peft import save_peft_adapter
 from fastllava.model.safetensors_io import checkpoint_files
@@ -186,11 +186,7 @@ def test_lora_adapter_equals_peft_on_the_stacked_linears(targets, tmp_path):
     model = Llava.from_pretrained(tmp_path / "base")
     apply_lora(model, 4, 8.0, targets=targets)
     set_trainable(model, "finetune")
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # B is zero at the start; a random one makes the adapters count
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_adapters(model, seed=2)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     save_peft_adapter(model.config, tmp_path / "adapter", trained,
                       LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=list(targets)))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_llava import IMAGE_TOKEN, components_read_back, hf_logits_per_sample, make_samples, pack, rel_err
+from tiny_llava import randomize_adapters, IMAGE_TOKEN, components_read_back, hf_logits_per_sample, make_samples, pack, rel_err
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
 from fastllava import Llava
@@ -112,11 +112,7 @@ def test_lora_keeps_qkv_bias_frozen_and_equals_peft(tmp_path):
     for name, p in model.named_parameters():
         assert p.requires_grad == (is_adapter(name) or name.startswith("projector.")), name
     assert model.language_model.layers[1].self_attn.v_proj.bias is not None
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # B is zero at the start; a random one makes the adapters count
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_adapters(model, seed=2)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     save_peft_adapter(model.config, tmp_path / "adapter", trained, LoRAConfig(rank=4, alpha=8.0, dropout=0.0,
                                                                                targets=list(LORA_TARGETS)))

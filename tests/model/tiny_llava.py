@@ -128,3 +128,15 @@ def components_read_back(model, hf_model, path, architecture):
     with torch.no_grad():
         assert rel_err(back.eval()(input_ids=ids).logits, hf_model(input_ids=ids).logits) <= 1e-5
     return back
+
+
+def randomize_adapters(model, seed):
+    """Draw every LoRA tensor of `model` from N(0, 0.1^2): B starts at zero, and a zero B would make any
+    adapter format pass a comparison."""
+    from fastllava.layers.lora import is_adapter
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
