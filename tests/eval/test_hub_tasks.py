@@ -14,11 +14,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from hub_parquet import IMAGE, hub_cache, same_questions, score_both, write_shards
 from layout_bench import MME_ITEMS, make_mme
 from layout_vqa import POPE_ITEMS, make_pope
 
@@ -28,21 +27,11 @@ from fastllava.eval.tasks.base import EvalDataError
 from fastllava.eval.tasks.mme import MME
 from fastllava.eval.tasks.pope import POPE
 
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 POPE_SCHEMA = pa.schema([("id", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
                          ("answer", pa.string()), ("image_source", pa.string()), ("image", IMAGE),
                          ("category", pa.string())])
 MME_SCHEMA = pa.schema([("question_id", pa.string()), ("image", IMAGE), ("question", pa.string()),
                         ("answer", pa.string()), ("category", pa.string())])
-
-
-def _write(path, rows, schema, shards=2):
-    """rows as parquet shards data/test-0000k-of-0000n.parquet, the layout of the lmms-lab repositories."""
-    path.mkdir(parents=True, exist_ok=True)
-    step = -(-len(rows) // shards)
-    for k in range(shards):
-        table = pa.Table.from_pylist(rows[k * step:(k + 1) * step], schema=schema)
-        pq.write_table(table, path / f"test-{k:05d}-of-{shards:05d}.parquet")
 
 
 def pope_parquet(layout, root):
@@ -60,7 +49,7 @@ def pope_parquet(layout, root):
             rows.append({"id": str(len(rows)), "question_id": str(i + 1), "question": f"Is there {article} {obj} in the image?",
                          "answer": label, "image_source": names[i].removesuffix(".jpg"),
                          "image": {"bytes": images[names[i]], "path": None}, "category": split})
-    _write(root / "data", rows, POPE_SCHEMA)
+    write_shards(root / "data", rows, POPE_SCHEMA)
     return root
 
 
@@ -75,27 +64,8 @@ def mme_parquet(layout, root):
             rows.append({"question_id": image.replace("/images/", "/"), "question": f"{question}{spaces}Please answer yes or no.",
                          "answer": answer, "image": {"bytes": (bench / image).read_bytes(), "path": image.split("/")[-1]},
                          "category": category})
-    _write(root / "data", rows, MME_SCHEMA, shards=3)
+    write_shards(root / "data", rows, MME_SCHEMA, shards=3)
     return root
-
-
-def _same_questions(hub, layout):
-    assert [(q.question_id, q.text, q.record, q.truth) for q in hub] == \
-           [(q.question_id, q.text, q.record, q.truth) for q in layout]
-    for h, lay in zip(hub, layout):
-        assert len(h.images) == len(lay.images) == 1
-        with Image.open(lay.images[0]) as im:
-            assert np.array_equal(np.asarray(h.images[0]), np.asarray(im.convert("RGB")))
-
-
-def _score_both(tmp_path, task, layout, hub_dir, answers):
-    """The scores `--answers` gives for the same answers file from LLaVA's layout and from the Hub rows."""
-    out = []
-    for name, data in (("layout", layout), ("hub", hub_dir)):
-        assert main(["--task", task, "--data", str(data), "--answers", str(answers),
-                     "--output", str(tmp_path / name)]) == 0
-        out.append(json.loads((tmp_path / name / "scores.json").read_text())["scores"])
-    return out
 
 
 def test_pope_from_hub_parquet_equals_llava_layout(tmp_path):
@@ -103,12 +73,12 @@ def test_pope_from_hub_parquet_equals_llava_layout(tmp_path):
     task = POPE()
     from_hub = task.load_hub(read_rows(hub, task.hub))
     from_layout = task.load(layout)
-    _same_questions(from_hub, from_layout)
+    same_questions(from_hub, from_layout)
     texts = ["Yes", "Yes", "yes", "No.", "no", "yes"]
     write_answers(tmp_path / "a_hub.jsonl", from_hub, texts, "m")
     write_answers(tmp_path / "a_layout.jsonl", from_layout, texts, "m")
     assert (tmp_path / "a_hub.jsonl").read_bytes() == (tmp_path / "a_layout.jsonl").read_bytes()
-    by_layout, by_hub = _score_both(tmp_path, "pope", layout, hub, tmp_path / "a_layout.jsonl")
+    by_layout, by_hub = score_both(tmp_path, "pope", layout, hub, tmp_path / "a_layout.jsonl")
     assert by_hub == by_layout and by_hub["adversarial_accuracy"] == 50.0 and by_hub["random_accuracy"] == 100.0
 
 
@@ -118,40 +88,29 @@ def test_mme_from_hub_parquet_equals_llava_layout(tmp_path):
     task = MME()
     from_hub = task.load_hub(read_rows(hub, task.hub))
     from_layout = task.load(layout)
-    _same_questions(from_hub, from_layout)
+    same_questions(from_hub, from_layout)
     texts = ["Yes", "No", "Yes", "Yes", "No, it is not.", "No", "Yes", "no"]
     write_answers(tmp_path / "a_hub.jsonl", from_hub, texts, "m")
     write_answers(tmp_path / "a_layout.jsonl", from_layout, texts, "m")
     assert (tmp_path / "a_hub.jsonl").read_bytes() == (tmp_path / "a_layout.jsonl").read_bytes()
-    by_layout, by_hub = _score_both(tmp_path, "mme", layout, hub, tmp_path / "a_layout.jsonl")
+    by_layout, by_hub = score_both(tmp_path, "mme", layout, hub, tmp_path / "a_layout.jsonl")
     assert by_hub == by_layout and by_hub["perception"] == 175.0
     for name in ("existence", "artwork", "code_reasoning"):  # what MME's calculation.py reads, byte for byte
         assert (tmp_path / "hub" / "mme_results" / f"{name}.txt").read_bytes() == \
                (tmp_path / "layout" / "mme_results" / f"{name}.txt").read_bytes()
 
 
-def _hub_cache(cache, repo, files, commit="0123456789abcdef0123456789abcdef01234567"):
-    """`files` ({path in repo: bytes}) as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
-    base = cache / f"datasets--{repo.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    for rel, data in files.items():
-        path = base / "snapshots" / commit / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
 def test_data_hub_reads_the_cache_offline_through_huggingface_hub(tmp_path, monkeypatch):
     layout = make_pope(tmp_path / "l")
     hub = pope_parquet(layout, tmp_path / "POPE")
     cache = tmp_path / "hf"
-    _hub_cache(cache, "lmms-lab/POPE", {f"data/{p.name}": p.read_bytes() for p in (hub / "data").iterdir()})
+    hub_cache(cache, "lmms-lab/POPE", {f"data/{p.name}": p.read_bytes() for p in (hub / "data").iterdir()})
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     write_answers(tmp_path / "a.jsonl", POPE().load(layout), ["yes", "no", "no", "no", "yes", "yes"], "m")
-    by_layout, by_hub = _score_both(tmp_path, "pope", layout, "hub", tmp_path / "a.jsonl")
+    by_layout, by_hub = score_both(tmp_path, "pope", layout, "hub", tmp_path / "a.jsonl")
     assert by_hub == by_layout and by_hub["f1"] > 0
     # Another id, not in the cache, offline: an error naming the dataset.
     with pytest.raises(EvalDataError, match="someone/POPE: not a local folder, and could not fetch the Hub dataset 'someone/POPE'"):
