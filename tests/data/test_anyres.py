@@ -18,7 +18,8 @@ from fastllava import anyres
 # Sizes (height, width): strips 1 x N and N x 1, tiny, very large, each default pinpoint's own shape and
 # its halves and doubles, COCO-like photos, odd primes, exact ties (square images below a tile tie
 # between 336x672 and 672x336), sizes whose scaled side is an integer that floats land just below
-# (55 x 176: 55 * (48 / 176) = 14.999999999999998; unpad_image's round(x, 7) keeps 15, so one row more), and 400 log-uniform random sizes from 1 to 20,000 px a side.
+# (55 x 176: 55 * (48 / 176) = 14.999999999999998; unpad_image's round(x, 7) keeps 15, so one row more),
+# and 400 log-uniform random sizes from 1 to 20,000 px a side.
 _rng = np.random.default_rng(0)
 SIZES = sorted({(1, 1), (1, 2), (2, 1), (1, 5000), (5000, 1), (3, 20000), (20000, 3), (20000, 15000), (15000, 20000),
                 (336, 336), (200, 200), (168, 336), (336, 168), (480, 640), (640, 480), (427, 640), (640, 427),
@@ -63,8 +64,8 @@ def test_geometry_matches_transformers(grid):
         shape_only = np.broadcast_to(np.zeros((), np.uint8), (3, *size))  # no pixels: only .shape is read
         resized = anyres.resized_shape(size, best)
         assert resized == get_patch_output_size(shape_only, best, ChannelDimension.FIRST), size
-        top, left = anyres.pad_offsets(resized, best)
-        assert 0 <= top <= best[0] - resized[0] - top <= top + 1 and 0 <= left <= best[1] - resized[1] - left <= left + 1
+        for before, free in zip(anyres.pad_offsets(resized, best), (best[0] - resized[0], best[1] - resized[1])):
+            assert 0 <= before <= free - before <= before + 1, size  # centred, the odd pixel after
         features = torch.empty(1, rows * side, cols * side)
         assert anyres.unpadded_shape(size, rows * side, cols * side) == hf_model.unpad_image(features, size).shape[1:]
         assert anyres.num_image_tokens(size, pins, tile, side) == _hf_count(size, pins, tile, side), size
@@ -84,7 +85,8 @@ def test_token_count_is_what_pack_image_features_returns(size):
     """The count against the model itself: transformers' pack_image_features on features of the tiny grid's
     shape, with and without the newline (the base image's tokens first, then the unpadded rows)."""
     pins, tile, side = GRIDS["tiny"]
-    config = SimpleNamespace(image_grid_pinpoints=pins, vision_config=SimpleNamespace(image_size=tile, patch_size=tile // side))
+    tower = SimpleNamespace(image_size=tile, patch_size=tile // side)
+    config = SimpleNamespace(image_grid_pinpoints=pins, vision_config=tower)
     features = torch.randn(anyres.num_tiles(size, pins, tile), side * side, 3)
     for newline in (torch.randn(3), None):
         (packed,), lens = hf_model.LlavaNextModel.pack_image_features(
