@@ -19,6 +19,11 @@ judge's context) and answers_gpt4.jsonl -- the reference answers (text-only GPT-
 the caption), the judge's "Assistant 1". `mm-vet/` (mmvet.sh's folder; `mmvet/` of docs/Evaluation.md is
 tried second): LLaVA's llava-mm-vet.jsonl, and from mm-vet.zip images/ and mm-vet.json (ground truth and
 capabilities, needed only to judge).
+
+From the Hub (`--data hub`, fastllava/eval/hub.py): the datasets lmms-eval's llava-in-the-wild.yaml and
+mmvet.yaml name, whose rows carry what the layout's side files hold (the caption and GPT-4 reference of
+LLaVA-Bench; MM-Vet's ground truth and capabilities), so load_hub gives the same questions and the judge the
+same requests.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import llava_bench_summary, mmvet_totals
-from .base import EvalDataError, EvalQuestion, Task
-from .reading import image_file, read_json, read_jsonl
+from .base import EvalDataError, EvalQuestion, HubSource, Task
+from .reading import decode_image, image_file, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -39,10 +44,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+CATEGORIES = ("conv", "detail", "complex")  # LLaVA-Bench's, each with its rule in LLaVA's rule.json
+
+
 def _unique(key, seen: dict, path: Path, line: int) -> None:
     if key in seen:
         raise EvalDataError(path, line, f"question_id {key!r} repeats line {seen[key]}")
     seen[key] = line
+
+
+def _unique_row(key, seen: dict, file: Path, row: int) -> None:
+    """_unique for the rows of Hub parquet files (0-based rows of one file; a split may have several)."""
+    if key in seen:
+        raise EvalDataError(file, None, f"row {row}: question_id {key!r} repeats {seen[key]}")
+    seen[key] = f"{Path(file).name} row {row}"
+
+
+def _caption(caption) -> str:
+    """The judge's context: a caption, or a list of sentences one a line (eval_gpt_review_bench.py and
+    lmms-eval's utils.py both join a list so)."""
+    return "\n".join(caption) if isinstance(caption, list) else caption
 
 
 class LLaVABench(Task):
@@ -52,6 +73,9 @@ class LLaVABench(Task):
     max_new_tokens = 1024  # model_vqa.py passes max_new_tokens=1024 to generate
     # docs/MODEL_ZOO.md "LLaVA-Bench-Wild": the relative score (answer / GPT-4 reference, %), overall.
     published = {"llava-v1.5-7b": {"overall": 65.4}, "llava-v1.5-13b": {"overall": 72.5}}
+    # lmms-eval's llava-in-the-wild.yaml: its one split is "train" (60 rows, one shard).
+    hub = HubSource("lmms-lab/llava-bench-in-the-wild", "data/train-*.parquet",
+                    ("question_id", "question", "image", "caption", "gpt_answer", "category"))
 
     def __init__(self, judge: Judge | None = None):
         self.judge = judge
@@ -62,8 +86,7 @@ class LLaVABench(Task):
         captions, references = {}, {}
         if self.judge is not None:  # what the judge needs is checked now, before any answer is generated
             for _, obj in read_jsonl(root / "context.jsonl", required=("image", "caption")):
-                cap = obj["caption"]
-                captions[obj["image"]] = "\n".join(cap) if isinstance(cap, list) else cap
+                captions[obj["image"]] = _caption(obj["caption"])
             ref_path, seen = root / "answers_gpt4.jsonl", {}
             for line, obj in read_jsonl(ref_path, required=("question_id", "text")):
                 _unique(obj["question_id"], seen, ref_path, line)
@@ -77,7 +100,7 @@ class LLaVABench(Task):
             image = image_file(root / "images", obj["image"], path, line, check=images)
             truth = {"category": obj["category"], "question": obj["text"]}
             if self.judge is not None:
-                if obj["category"] not in ("conv", "detail", "complex"):
+                if obj["category"] not in CATEGORIES:
                     raise EvalDataError(path, line, f"category: expected conv, detail or complex, got {obj['category']!r}")
                 if obj["image"] not in captions:
                     raise EvalDataError(root / "context.jsonl", None,
@@ -89,6 +112,30 @@ class LLaVABench(Task):
                 truth.update(caption=captions[obj["image"]], reference=reference, reference_id=reference_id)
             questions.append(EvalQuestion(question_id=qid, text=obj["text"], images=[image], truth=truth))
         return questions
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """LLaVA's questions from lmms-lab/llava-bench-in-the-wild rows, by question_id (questions.jsonl's
+        order): the question as is (lmms-eval's prompts for it are empty too), with a judge the row's caption
+        as the context and gpt_answer as the reference. The rows do not carry the reference's answer_id
+        (answers_gpt4.jsonl's), so the reviews' "answer1_id" is the question_id, as load() does for a
+        reference line without one."""
+        questions, seen = [], {}
+        for file, i, row in rows:
+            try:
+                qid = int(row["question_id"])
+            except (TypeError, ValueError):
+                raise EvalDataError(file, None, f"row {i}: expected an integer question_id, got "
+                                                f"{row['question_id']!r}") from None
+            _unique_row(qid, seen, file, i)
+            truth = {"category": row["category"], "question": row["question"]}
+            if self.judge is not None:
+                if row["category"] not in CATEGORIES:
+                    raise EvalDataError(file, None, f"row {i}: category: expected conv, detail or complex, got "
+                                                    f"{row['category']!r}")
+                truth.update(caption=_caption(row["caption"]), reference=row["gpt_answer"], reference_id=qid)
+            image = [decode_image(row["image"], file, i)] if images else []
+            questions.append(EvalQuestion(question_id=qid, text=row["question"], images=image, truth=truth))
+        return sorted(questions, key=lambda q: q.question_id)
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
         """With a judge: relative scores "overall", "conv", "detail", "complex" and the two averages x 10;
@@ -142,6 +189,10 @@ class MMVet(Task):
     # docs/MODEL_ZOO.md "MM-Vet": the official evaluator's total score.
     published = {"llava-v1.5-7b": {"total": 31.1}, "llava-v1.5-13b": {"total": 36.1}}
     folders = ("mm-vet", "mmvet")
+    # lmms-eval's mmvet.yaml (split test): question_id is MM-Vet's sample id "v1_<n>", capability a
+    # comma-separated string ("ocr,math"; its utils.py splits it on ",").
+    hub = HubSource("lmms-lab/MMVet", "data/test-*.parquet",
+                    ("question_id", "image", "question", "answer", "capability"))
 
     def __init__(self, judge: Judge | None = None):
         self.judge = judge
@@ -162,16 +213,49 @@ class MMVet(Task):
             questions.append(EvalQuestion(question_id=qid, text=obj["text"], images=[image], truth={"key": key}))
         return questions
 
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """LLaVA's questions from lmms-lab/MMVet rows, in row order: id n of the row's "v1_<n>", the question as
+        is (LLaVA's llava-mm-vet.jsonl text; lmms-eval's "think step by step" pre_prompt is its own, not
+        LLaVA's); with a judge, the rows' ground truth and capabilities stand for mm-vet.json."""
+        meta, questions = self._hub_samples(rows, images=images)
+        self._meta = meta if self.judge is not None else None
+        return questions
+
+    @staticmethod
+    def _hub_samples(rows, *, images: bool) -> tuple[dict[str, dict], list[EvalQuestion]]:
+        """({"v1_<n>": {"question", "answer", "capability": [...]}} as mm-vet.json holds it, the questions)."""
+        meta, questions, seen = {}, [], {}
+        for file, i, row in rows:
+            n = str(row["question_id"]).removeprefix("v1_")
+            caps = row["capability"]
+            if not n.isdigit() or not isinstance(caps, str):
+                raise EvalDataError(file, None, f"row {i}: expected question_id 'v1_<n>' (MM-Vet's sample id) and "
+                                                f"capability a comma-separated string, got {row['question_id']!r}, "
+                                                f"{caps!r}")
+            key = f"v1_{int(n)}"
+            _unique_row(key, seen, file, i)
+            meta[key] = {"question": row["question"], "answer": row["answer"],
+                         "capability": [c.strip() for c in caps.split(",")]}
+            image = [decode_image(row["image"], file, i)] if images else []
+            questions.append(EvalQuestion(question_id=int(n), text=row["question"], images=image, truth={"key": key}))
+        return meta, questions
+
     def score_reviews(self, paths: Sequence[Path], data_dir: Path | None = None) -> list[dict[str, float]]:
         """Each grade file's scores, in order: the mean over its runs of what the official evaluator computes
         per run (grade file: {"v1_<n>": {"score": [one per run], ...}}, as mm-vet_evaluator.py writes it).
-        Without mm-vet.json (under data_dir) only "total" is known, over the graded samples; with it, each
-        capability too, over all of mm-vet.json's samples (an ungraded one counts 0, as the evaluator's
-        counts do)."""
+        Without mm-vet.json (under data_dir) or the Hub rows (data_dir `hub`, an id or a parquet folder, as
+        `--data` takes them) only "total" is known, over the graded samples; with them, each capability too,
+        over all samples (an ungraded one counts 0, as the evaluator's counts do)."""
         capabilities = None
         if data_dir is not None:
+            from ..hub import is_hub_spec, read_rows, resolve  # here: hub.py imports this package
+
             found = [Path(data_dir) / f / "mm-vet.json" for f in self.folders if (Path(data_dir) / f / "mm-vet.json").is_file()]
-            capabilities = {k: s["capability"] for k, s in self._metadata(found[0]).items()} if found else None
+            if found:
+                capabilities = {k: s["capability"] for k, s in self._metadata(found[0]).items()}
+            elif is_hub_spec(str(data_dir)):
+                meta, _ = self._hub_samples(read_rows(resolve(str(data_dir), self.hub), self.hub), images=False)
+                capabilities = {k: s["capability"] for k, s in meta.items()}
         out = []
         for path in paths:
             grades = read_json(Path(path), dict)
