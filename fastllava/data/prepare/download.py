@@ -29,7 +29,12 @@ RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
 
 
 class DownloadError(RuntimeError):
-    """A file that could not be downloaded whole; the message names the URL, what it was for, and why."""
+    """A file that could not be downloaded whole; the message names the URL, what it was for, and why.
+    `status` is the HTTP status that stopped it (404: the file is not there), None for any other reason."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class _Retry(Exception):
@@ -48,7 +53,7 @@ def _total_of(resp, offset: int) -> int | None:
     return int(length) if length is not None else None
 
 
-def _attempt(url: str, part: str, what: str, timeout: float, headers: dict[str, str], show: bool) -> None:
+def _attempt(url: str, part: str, what: str, timeout: float, headers: dict[str, str], show: bool, desc: str) -> None:
     """One request continuing `part` to the end of the file; raises _Retry or DownloadError."""
     offset = os.path.getsize(part) if os.path.exists(part) else 0
     req = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={offset}-"} if offset else {})})
@@ -60,16 +65,15 @@ def _attempt(url: str, part: str, what: str, timeout: float, headers: dict[str, 
             raise _Retry(f"HTTP 416 for a range from byte {offset}; restarting the file") from None
         if e.code in RETRYABLE_STATUS:
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
-        raise DownloadError(f"{url} ({what}): HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"{url} ({what}): HTTP {e.code} {e.reason}", status=e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise _Retry(f"cannot connect: {getattr(e, 'reason', e)}") from None
     with resp:
         if resp.status == 200 and offset:  # the server ignored Range: what it sends starts at byte 0
             offset = 0
         total = _total_of(resp, offset)
-        name = os.path.basename(part[: -len(".part")])
         with open(part, "ab" if offset else "wb") as f, \
-                progress(total, desc=name, unit="B", initial=offset, enabled=show) as bar:
+                progress(total, desc=desc, unit="B", initial=offset, enabled=show) as bar:
             try:
                 # read1: what has arrived, at most CHUNK; read() would wait for a full CHUNK and lose the
                 # bytes it holds when the connection breaks.
@@ -107,7 +111,7 @@ def _verify(path: str, url: str, what: str, size: int | None, sha256: str | None
 
 def download(url: str, dest: str, *, what: str, size: int | None = None, sha256: str | None = None,
              retries: int = 5, backoff: float = 2.0, timeout: float = 60.0, headers: dict[str, str] | None = None,
-             show: bool = True) -> str:
+             show: bool = True, desc: str | None = None) -> str:
     """Download `url` to `dest` (resuming `dest`.part), verify it, and return `dest`.
 
     Args:
@@ -120,6 +124,7 @@ def download(url: str, dest: str, *, what: str, size: int | None = None, sha256:
         timeout: seconds a connect or a read may block before the attempt counts as broken.
         headers: extra request headers (an Authorization token).
         show: a progress bar on a terminal, a plain line every few seconds elsewhere (progress.py).
+        desc: what the progress display is called (default: dest's file name).
     """
     if os.path.exists(dest):
         _verify(dest, url, what, size, sha256)
@@ -128,7 +133,7 @@ def download(url: str, dest: str, *, what: str, size: int | None = None, sha256:
     part = dest + ".part"
     for attempt in range(retries + 1):
         try:
-            _attempt(url, part, what, timeout, headers or {}, show)
+            _attempt(url, part, what, timeout, headers or {}, show, desc or os.path.basename(dest))
             break
         except _Retry as e:
             if attempt == retries:
@@ -144,11 +149,11 @@ def download(url: str, dest: str, *, what: str, size: int | None = None, sha256:
 
 
 def download_many(items: Sequence[tuple[str, str]], *, what: str, workers: int = 16,
-                  **kwargs) -> list[tuple[str, str, str]]:
+                  **kwargs) -> list[tuple[str, str, DownloadError]]:
     """Download many small files [(url, dest), ...] in `workers` threads, each as `download` does.
 
     One progress display counts files; a file that fails does not stop the others. Returns the failures
-    as [(url, dest, error message), ...], empty when every file is in place.
+    as [(url, dest, DownloadError), ...], empty when every file is in place.
     """
     failures = []
     with ThreadPoolExecutor(max_workers=workers) as pool, \
@@ -159,7 +164,7 @@ def download_many(items: Sequence[tuple[str, str]], *, what: str, workers: int =
             try:
                 fut.result()
             except DownloadError as e:
-                failures.append((*futures[fut], str(e)))
+                failures.append((*futures[fut], e))
                 bar.set_postfix(f"failed {len(failures)}")
             bar.update(1)
     return failures
