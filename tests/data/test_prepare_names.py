@@ -7,6 +7,7 @@ URLs with images gone upstream.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -105,6 +106,19 @@ def test_missing_source_is_named_with_what_to_do_and_the_rest_is_fetched(server,
     assert {p for p, _ in server.log[n:]} == {GQA}  # the second run fetched only what was missing
 
 
+def test_unreachable_host_is_named_with_what_to_do(server, tmp_path, capsys):
+    serve_fakes(server)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert _run(server, tmp_path, "llava-instruct-158k", "--retries", "1", "--mirror",
+                f"images.cocodataset.org={closed}") == 1
+    err = capsys.readouterr().err
+    assert f"{closed}/zips/train2017.zip (llava-instruct-158k: coco/train2017): cannot connect" in err
+    assert "no server answered: if images.cocodataset.org is not reachable from here" in err
+    assert "--mirror images.cocodataset.org=URL at a copy (one is given: check it)" in err
+
+
 def test_corrupt_archive_is_named(server, tmp_path, capsys):
     serve_fakes(server)
     server.files[TEXTVQA] = server.files[TEXTVQA][:-60]  # the central directory cut off
@@ -168,6 +182,7 @@ def test_delete_archives_keeps_the_unpacked_layout(server, tmp_path):
     (["ocr_vqa/1.jpg", "ocr_vqa/2.gif"], "ocr_vqa/images", None, ""),
     (["ocr_vqa/1.jpg", "ocr_vqa/2.gif"], "ocr_vqa/images", "*", "ocr_vqa/"),
     (["1.jpg"], "ocr_vqa/images", "*", ""),
+    (["__MACOSX/ocr_vqa/._1.jpg", "ocr_vqa/1.jpg"], "ocr_vqa/images", "*", "ocr_vqa/"),
     (["val/"], "scienceqa/images/val", None, "val/"),
 ])
 def test_top_folder_to_drop(names, into, top, drop):

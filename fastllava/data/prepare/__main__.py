@@ -40,7 +40,9 @@ def fetch(ds: Dataset, root: str, *, endpoint: str, revisions: dict[str, str], m
         if into is not None and os.path.exists(marker(dest, into)):
             print(f"[{k}/{len(files)}] {f.label}: unpacked by an earlier run", flush=True)
             continue  # the archive may have been deleted since
-        print(f"[{k}/{len(files)}] {f.label}: {url}", flush=True)
+        # An existing dest is a whole file (only those are renamed into place): download() checks it, fetches nothing.
+        print(f"[{k}/{len(files)}] {f.label}: " + ("downloaded by an earlier run" if os.path.exists(dest) else url),
+              flush=True)
         try:
             download(url, dest, what=f"{ds.name}: {f.label}", size=f.size, sha256=f.sha256,
                      headers=auth_headers(f), desc=f.label, **kw)
@@ -50,11 +52,11 @@ def fetch(ds: Dataset, root: str, *, endpoint: str, revisions: dict[str, str], m
                     os.remove(dest)
         except DownloadError as e:
             errors.append(str(e))
-            if e.status is not None:
-                host = urlsplit(f.address(endpoint, revisions, {})).netloc
-                where = "the mirror given for it lacks the file" if host in mirrors else "the file has moved"
-                errors.append(f"  the server answered HTTP {e.status}: if {where}, or {host} is not reachable "
-                              f"from here, point --mirror {host}=URL at a copy")
+            host = urlsplit(f.address(endpoint, revisions, {})).netloc
+            if e.status is not None or e.unreachable:
+                why = f"the server answered HTTP {e.status}" if e.status else "no server answered"
+                errors.append(f"  {why}: if {host} is not reachable from here, or the file has moved, point "
+                              f"--mirror {host}=URL at a copy" + (" (one is given: check it)" if host in mirrors else ""))
     return errors
 
 

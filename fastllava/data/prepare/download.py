@@ -30,15 +30,21 @@ RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
 
 class DownloadError(RuntimeError):
     """A file that could not be downloaded whole; the message names the URL, what it was for, and why.
-    `status` is the HTTP status that stopped it (404: the file is not there), None for any other reason."""
+    `status` is the HTTP status that stopped it (404: the file is not there), None for any other reason;
+    `unreachable` says the last attempt could not connect to the server at all."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, unreachable: bool = False):
         super().__init__(message)
         self.status = status
+        self.unreachable = unreachable
 
 
 class _Retry(Exception):
     """An attempt that failed in a way the next attempt may not (the connection, the server's load)."""
+
+
+class _CannotConnect(_Retry):
+    """An attempt that reached no server (DNS, refused, no route, a connect timeout)."""
 
 
 def _total_of(resp, offset: int) -> int | None:
@@ -67,7 +73,7 @@ def _attempt(url: str, part: str, what: str, timeout: float, headers: dict[str, 
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
         raise DownloadError(f"{url} ({what}): HTTP {e.code} {e.reason}", status=e.code) from None
     except (urllib.error.URLError, OSError) as e:
-        raise _Retry(f"cannot connect: {getattr(e, 'reason', e)}") from None
+        raise _CannotConnect(f"cannot connect: {getattr(e, 'reason', e)}") from None
     with resp:
         if resp.status == 200 and offset:  # the server ignored Range: what it sends starts at byte 0
             offset = 0
@@ -139,7 +145,7 @@ def download(url: str, dest: str, *, what: str, size: int | None = None, sha256:
             if attempt == retries:
                 raise DownloadError(f"{url} ({what}): {e}; gave up after {retries + 1} attempts. Run again "
                                     f"to resume from the {os.path.getsize(part) if os.path.exists(part) else 0} "
-                                    f"bytes kept in {part}") from None
+                                    f"bytes kept in {part}", unreachable=isinstance(e, _CannotConnect)) from None
             wait = backoff * 2 ** attempt
             print(f"{os.path.basename(dest)}: {e}; retrying in {wait:.1f}s", flush=True)
             time.sleep(wait)

@@ -15,6 +15,10 @@ def marker(archive: str, into: str) -> str:
     return os.path.join(into, f".{os.path.basename(archive)}.unpacked")
 
 
+# The resource forks a zip made on macOS carries beside its real top folder; never part of a layout.
+MACOS_EXTRAS = "__MACOSX/"
+
+
 def top_to_drop(names: list[str], into: str, top: str | None) -> str:
     """The folder prefix ("train2017/", "ocr_vqa/images/" or "") to drop from every member name.
 
@@ -24,7 +28,8 @@ def top_to_drop(names: list[str], into: str, top: str | None) -> str:
     A common folder named otherwise is kept (LLaVA-Pretrain's images.zip: 00000/..., the json names it).
     """
     # A member "a/b.jpg" sits in folders [a]; a folder's own entry "a/" is the folder [a].
-    folders = [n.rstrip("/").split("/")[: None if n.endswith("/") else -1] for n in names]
+    folders = [n.rstrip("/").split("/")[: None if n.endswith("/") else -1] for n in names
+               if not n.startswith(MACOS_EXTRAS)]
     if not folders:
         return ""
     common = folders[0]
@@ -53,8 +58,9 @@ def unpack(archive: str, into: str, *, top: str | None = None, show: bool = True
             with progress(len(infos), desc=f"unpack {os.path.basename(archive)}", unit="file", enabled=show) as bar:
                 for info in infos:
                     bar.update(1)
-                    if not info.filename.startswith(drop) or info.filename == drop:
-                        continue  # the dropped folder's own entry
+                    if not info.filename.startswith(drop) or info.filename == drop \
+                            or info.filename.startswith(MACOS_EXTRAS):
+                        continue  # the dropped folder's own entry, macOS's extras
                     info.filename = info.filename[len(drop):]
                     # zipfile drops absolute paths and '..' from member names, and checks each member's
                     # CRC as it reads it (BadZipFile on a damaged one).
