@@ -36,15 +36,16 @@ def tiny_model(config: LlavaConfig | None = None, *, seed: int = 0, backends: Ba
 
 
 def tiny_hf_llava(config: LlavaConfig | None = None, *, seed: int = 0):
-    """transformers' LlavaForConditionalGeneration of the same architecture, eval mode, with random weights
-    everywhere: transformers' own init leaves norms at 1 and biases at 0, which would hide mistakes in them."""
-    from transformers import LlavaConfig as HFLlavaConfig
-    from transformers import LlavaForConditionalGeneration
+    """transformers' LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for an AnyRes config) of
+    the same architecture, eval mode, with random weights everywhere: transformers' own init leaves norms at 1
+    and biases at 0, which would hide mistakes in them."""
+    import transformers
 
     config = config or tiny_config()
-    hf_config = HFLlavaConfig.from_dict(config.to_hf_llava())
+    kind = "LlavaNext" if config.anyres is not None else "Llava"
+    hf_config = getattr(transformers, f"{kind}Config").from_dict(config.to_hf_llava())
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(hf_config).eval()
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(hf_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm = "norm" in name

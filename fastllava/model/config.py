@@ -13,6 +13,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ..anyres import DEFAULT_PINPOINTS
+from ..batch import AnyRes
+
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 FEATURE_SELECTS = ("patch", "cls_patch")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -200,7 +203,10 @@ class TextConfig:
 @dataclass
 class LlavaConfig:
     """CLIP vision tower + projector + LLaMA decoder, and how they connect. The defaults are LLaVA-1.5-7B's
-    (CLIP ViT-L/14 at 336 px, features of the second-to-last layer without CLS, mlp2x_gelu, Vicuna-7B)."""
+    (CLIP ViT-L/14 at 336 px, features of the second-to-last layer without CLS, mlp2x_gelu, Vicuna-7B).
+    With image_grid_pinpoints set it is LLaVA-NeXT's AnyRes (llava-hf LlavaNextForConditionalGeneration):
+    each image is tiled at the best of those (height, width) resolutions, and the model has a learned
+    image_newline ending every row of the tiles' features (batch.py's module docstring)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -209,6 +215,9 @@ class LlavaConfig:
     vision_feature_select: str = "patch"  # "patch" drops CLS (LLaVA's default), "cls_patch" keeps it
     image_token_id: int = 32000
     pad_token_id: Optional[int] = None
+    # AnyRes (LLaVA-NeXT): the (height, width) resolutions in pixels, each a whole number of the tower's tiles
+    # (LLaVA-NeXT's: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]); None: fixed resolution.
+    image_grid_pinpoints: Optional[list[list[int]]] = None
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -224,6 +233,21 @@ class LlavaConfig:
         n = self.vision.num_hidden_layers
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for {n} vision layers")
+        if self.image_grid_pinpoints is not None:
+            if self.vision_feature_select == "cls_patch":
+                # transformers' LlavaNext lays each tile's features out as a side x side map: no room for a CLS
+                raise ValueError("image_grid_pinpoints (AnyRes) needs vision_feature_select 'patch': a tile's "
+                                 "features form a square map of patches, without the CLS token")
+            self.image_grid_pinpoints = [list(p) for p in self.anyres.pinpoints]  # validated there
+
+    @property
+    def anyres(self) -> Optional[AnyRes]:
+        """The AnyRes grid (tiles, tokens and feature placement of an image: batch.AnyRes), None at fixed
+        resolution."""
+        if self.image_grid_pinpoints is None:
+            return None
+        return AnyRes(tuple(map(tuple, self.image_grid_pinpoints)), self.vision.image_size,
+                      self.vision.image_size // self.vision.patch_size)
 
     @property
     def num_vision_layers_run(self) -> int:
@@ -233,7 +257,8 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Positions one image occupies in the LLM's sequence (576 for ViT-L/14 at 336 px)."""
+        """Positions one image occupies in the LLM's sequence (576 for ViT-L/14 at 336 px); with AnyRes the
+        features of one tile (an image's count depends on its size: AnyRes.num_tokens)."""
         return self.vision.num_patches + (self.vision_feature_select == "cls_patch")
 
     @property
@@ -246,7 +271,8 @@ class LlavaConfig:
 
     @classmethod
     def from_hf_llava(cls, d: dict, **overrides: Any) -> "LlavaConfig":
-        """From a llava-hf `LlavaForConditionalGeneration` config.json dict."""
+        """From a llava-hf `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` (model_type
+        "llava_next": AnyRes at its image_grid_pinpoints) config.json dict."""
         if d.get("projector_hidden_act", "gelu") != "gelu":
             raise ValueError(f"projector_hidden_act {d['projector_hidden_act']!r} is not supported (expected 'gelu')")
         layer = d.get("vision_feature_layer", -2)
@@ -275,11 +301,15 @@ class LlavaConfig:
             image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
             pad_token_id=d.get("pad_token_id", d["text_config"].get("pad_token_id")),
         )
+        if d.get("model_type") == "llava_next":
+            # transformers' LlavaNextConfig default when the file leaves it out
+            kwargs["image_grid_pinpoints"] = d.get("image_grid_pinpoints") or [list(p) for p in DEFAULT_PINPOINTS]
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_hf_llava(self) -> dict:
-        """A llava-hf LlavaForConditionalGeneration config.json dict (mlp2x_gelu projectors only)."""
+        """A llava-hf LlavaForConditionalGeneration config.json dict (mlp2x_gelu projectors only); with AnyRes a
+        LlavaNextForConditionalGeneration one."""
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(
                 f"the llava-hf layout only holds an mlp2x_gelu projector (transformers' LlavaMultiModalProjector); "
@@ -288,9 +318,12 @@ class LlavaConfig:
             )
         text = self.text.to_hf()
         text["pad_token_id"] = self.pad_token_id
+        kind = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"}
+        if self.anyres is not None:
+            kind = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+                    "image_grid_pinpoints": self.image_grid_pinpoints}
         return {
-            "architectures": ["LlavaForConditionalGeneration"],
-            "model_type": "llava",
+            **kind,
             "vision_config": self.vision.to_hf(),
             "text_config": text,
             "image_token_index": self.image_token_id,
@@ -335,4 +368,33 @@ class LlavaConfig:
             "mm_use_im_patch_token": False,
             "use_mm_proj": True,
             "image_token_index": self.image_token_id,
+            **self._original_anyres(),
         }
+
+    def _original_anyres(self) -> dict:
+        """LLaVA-NeXT's fields of AnyRes (llava_arch.py, mm_utils.py), which reads each pinpoint as (width,
+        height): written transposed, so that its code picks the same grid for every image."""
+        if self.anyres is None:
+            return {}
+        return {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+                "image_grid_pinpoints": [[w, h] for h, w in self.image_grid_pinpoints]}
+
+    @staticmethod
+    def original_anyres_fields(raw: dict, where: str) -> dict:
+        """{"image_grid_pinpoints": [[h, w], ...]} of an original LLaVA(-NeXT) config.json with AnyRes ({} for
+        LLaVA-1.5's "pad" or "square"); ValueError for the merge types fastllava does not implement."""
+        aspect = raw.get("image_aspect_ratio") or "pad"
+        if aspect != "anyres":
+            if aspect.startswith("anyres"):
+                raise ValueError(f"{where}: image_aspect_ratio {aspect!r} is not supported (only 'anyres')")
+            return {}
+        merge = raw.get("mm_patch_merge_type", "flat")
+        if merge != "spatial_unpad":
+            raise ValueError(f"{where}: mm_patch_merge_type {merge!r} with anyres is not supported; fastllava "
+                             "implements 'spatial_unpad' (unpadded grid, image_newline after each row)")
+        pinpoints = raw.get("image_grid_pinpoints")
+        if not isinstance(pinpoints, list):
+            raise ValueError(f"{where}: image_grid_pinpoints must be a list of [width, height] pairs, got "
+                             f"{pinpoints!r}")
+        return {"image_grid_pinpoints": [[p[1], p[0]] if isinstance(p, list) and len(p) == 2 else p
+                                         for p in pinpoints]}

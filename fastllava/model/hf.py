@@ -1,5 +1,5 @@
-"""Hugging Face checkpoint interop, the loaders and savers: read llava-hf, original-LLaVA, CLIP and LLaMA
-directories; write llava-hf, or the original-LLaVA layout for the projectors llava-hf cannot hold (linear,
+"""Hugging Face checkpoint interop, the loaders and savers: read llava-hf (Llava and LlavaNext), original-LLaVA,
+CLIP and LLaMA directories; write llava-hf, or the original-LLaVA layout for the projectors llava-hf cannot hold (linear,
 mlpNx_gelu with N != 2).
 
 Safetensors, and .bin pickles through a converted copy (files: safetensors_io.py; key names: keys.py and families/). Loading streams: the model is
@@ -33,6 +33,7 @@ from .safetensors_io import ShardWriter, checkpoint_keys, iter_tensors, load_bin
 from .stacked import split, stack, stacked_key
 
 ORIGINAL_VISION_DIR = "vision_tower"  # the CLIP tower's directory inside an original-LLaVA export
+LLAVA_HF = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")  # the llava-hf architectures
 
 
 # --- placing tensors into a meta-built model ------------------------------------------------------
@@ -158,7 +159,7 @@ def plan_llava(path: Path, *, vision_tower=None, projector_weights=None, **overr
     path = resolve(path, "model")
     raw = read_config(path)
     architecture = (raw.get("architectures") or [""])[0]
-    if architecture == "LlavaForConditionalGeneration" or raw.get("model_type") == "llava" and "text_config" in raw:
+    if architecture in LLAVA_HF or raw.get("model_type") in ("llava", "llava_next") and "text_config" in raw:
         config = LlavaConfig.from_hf_llava(raw, **overrides)
         plan = LoadPlan(config, str(path), [(lambda lazy: iter_tensors(path, lazy), canonical_llava_key)])
     elif architecture == "LlavaLlamaForCausalLM" or "mm_projector_type" in raw or "mm_hidden_size" in raw:
@@ -166,7 +167,8 @@ def plan_llava(path: Path, *, vision_tower=None, projector_weights=None, **overr
     else:
         raise ValueError(
             f"{path}/config.json: unknown architecture {architecture or raw.get('model_type')!r}; expected "
-            "LlavaForConditionalGeneration (llava-hf) or LlavaLlamaForCausalLM (original LLaVA)"
+            "LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (llava-hf) or LlavaLlamaForCausalLM "
+            "(original LLaVA)"
         )
     plan.projector_file = None if projector_weights is None else Path(projector_weights)
     return plan
@@ -195,6 +197,7 @@ def _plan_original(path, raw, vision_tower, overrides) -> LoadPlan:
         vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
         image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder outside the vocabulary
         pad_token_id=raw.get("pad_token_id"),
+        **LlavaConfig.original_anyres_fields(raw, f"{path}/config.json"),
     )
     has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k in checkpoint_keys(path))
     if not has_vision and not vision_dir.is_dir() and is_hub_id(str(vision_dir)):

@@ -4,7 +4,7 @@ Every checkpoint key is first rewritten to its *canonical* llava-hf name (the la
 llava-hf/llava-1.5-7b-hf, which transformers 4.x and 5.x both load): the tower's standard keys under
 `vision_tower.`, the decoder's under `language_model.` (families/: `vision_tower.vision_model.*`,
 `language_model.model.*`, `language_model.lm_head.weight` for CLIP and LLaMA), the projector as
-`multi_modal_projector.linear_N.*`. The projector and the layouts (llava-hf spellings, original LLaVA's
+`multi_modal_projector.linear_N.*`, AnyRes's learned newline as `image_newline`. The projector and the layouts (llava-hf spellings, original LLaVA's
 LlavaLlamaForCausalLM) are named here; each tower's and decoder's own names in its family.
 """
 
@@ -19,6 +19,7 @@ ROLE_PREFIX = {"tower": "vision_tower.", "decoder": "language_model."}
 VISION = "vision_tower.vision_model."  # where llava-hf puts a tower's `vision_model.*`
 LLM = "language_model.model."
 LM_HEAD = "language_model.lm_head.weight"
+NEWLINE = "image_newline"  # AnyRes (LlavaNext): the learned feature ending each row of an image's tiles
 _PROJECTOR = re.compile(r"^multi_modal_projector\.linear_(\d+)\.(weight|bias)$")
 
 
@@ -28,6 +29,7 @@ def canonical_llava_key(key: str) -> str:
         ("model.vision_tower.", "vision_tower."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("model.language_model.", LLM),
+        ("model.image_newline", NEWLINE),
     ):
         if key.startswith(prefix):
             key = repl + key[len(prefix) :]
@@ -42,6 +44,8 @@ def original_llava_key(key: str, config: LlavaConfig) -> str:
     """Original LLaVA (LlavaLlamaForCausalLM) name -> canonical llava-hf name."""
     if key == "lm_head.weight":
         return LM_HEAD
+    if key == "model." + NEWLINE:
+        return NEWLINE
     if key.startswith("model.vision_tower.vision_tower."):
         return VISION + key[len("model.vision_tower.vision_tower.vision_model.") :]
     m = re.match(r"^(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$", key)
@@ -61,6 +65,8 @@ def original_llava_name(key: str, depth: int) -> str:
     m = _PROJECTOR.match(key)
     if m:
         return "model.mm_projector." + ("" if depth == 1 else f"{2 * (int(m.group(1)) - 1)}.") + m.group(2)
+    if key == NEWLINE:
+        return "model." + NEWLINE
     assert key.startswith(ROLE_PREFIX["decoder"]), key
     return key[len(ROLE_PREFIX["decoder"]):]
 
@@ -80,6 +86,8 @@ def to_module_name(key: str, config: LlavaConfig) -> str | None:
     m = _PROJECTOR.match(key)
     if m and 1 <= int(m.group(1)) <= config.projector_depth:
         return f"projector.linears.{int(m.group(1)) - 1}.{m.group(2)}"
+    if key == NEWLINE and config.anyres is not None:
+        return NEWLINE
     raise ValueError(f"unexpected key {key!r}: not part of a LLaVA checkpoint with this config")
 
 
@@ -88,6 +96,8 @@ def to_checkpoint_key(name: str, config: LlavaConfig) -> str:
     m = re.match(r"^projector\.linears\.(\d+)\.(weight|bias)$", name)
     if m:
         return f"multi_modal_projector.linear_{int(m.group(1)) + 1}.{m.group(2)}"
+    if name == NEWLINE:
+        return NEWLINE
     tower, decoder = families.of(config)
     family = tower if name.startswith("vision_tower.") else decoder
     return ROLE_PREFIX[family.role] + family.checkpoint_key(name)

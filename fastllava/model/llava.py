@@ -1,6 +1,7 @@
 """Llava: CLIP vision tower -> projector -> LLaMA decoder, natively on a PackedBatch.
 
-Shape legend: T packed tokens, D LLM width, V vocabulary, N images, P image tokens per image, C vision width.
+Shape legend: T packed tokens, D LLM width, V vocabulary, N images (AnyRes: tiles), P image tokens per image
+(AnyRes: per tile), C vision width, F placeholder positions of the pack.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class Llava(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        if config.anyres is not None:
+            # AnyRes (LLaVA-NeXT's spatial_unpad): ends every row of an image's tile features
+            self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
         # Checkpoint tensors the forward never uses (vision layers after the selected one, CLIP's
         # post_layernorm), keyed by their llava-hf name: kept as they are so an export is complete.
         self.carried: dict[str, torch.Tensor] = {}
@@ -60,9 +64,15 @@ class Llava(nn.Module):
         """(T, D) input embeddings: text rows of the table, projected image features at placeholders."""
         embed_weight = self.language_model.embed_tokens.weight
         if batch.num_images:
-            # Only images run through CLIP: text-only samples cost no vision compute.
+            # Only images run through CLIP: text-only samples cost no vision compute. AnyRes: every tile of
+            # the pack in one call.
             feats_NPC = self.vision_tower(batch.pixel_values)
             feats = self.projector(feats_NPC.reshape(-1, feats_NPC.shape[-1]))
+            if batch.feature_index is not None:
+                # Base features, the unpadded grid and a newline per row, for every image at once: one gather
+                # at the host-built index (the newline is the row after the last tile's features).
+                rows = torch.cat([feats, self.image_newline[None].to(feats.dtype)])
+                feats = rows.index_select(0, batch.feature_index)  # (F, D)
         else:
             feats = embed_weight.new_zeros(0, embed_weight.shape[1])
         return merge_visual_tokens(
@@ -88,6 +98,10 @@ class Llava(nn.Module):
             raise ValueError(
                 f"batch expands each image to {batch.num_image_tokens} tokens but the model makes {self.num_image_tokens}"
             )
+        if batch.num_images and batch.anyres != self.config.anyres:
+            raise ValueError(f"batch's images were laid out for AnyRes grid {batch.anyres} but the model's is "
+                             f"{self.config.anyres} (None: fixed resolution); build the batch with "
+                             "PackedBatch.from_samples(..., anyres=model.config.anyres)")
         hidden_TD = self.language_model(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         targets = batch.shifted_labels()
         num_label_tokens = (targets != IGNORE_INDEX).sum()
@@ -139,6 +153,10 @@ class Llava(nn.Module):
         init_transformer_(self.vision_tower, gen)
         init_transformer_(self.language_model, gen)
         init_projector_(self.projector.linears, gen)
+        if self.config.anyres is not None:
+            # LLaVA-NeXT's and transformers' draw: N(0, 1 / hidden_size)
+            self.image_newline.copy_(torch.randn(self.image_newline.shape, generator=gen, device=device)
+                                     / self.config.text.hidden_size ** 0.5)
         if not self.config.text.tie_word_embeddings:
             init_transformer_(self.lm_head, gen)
         self.carried = unused_vision_tensors(self.config, gen, dtype=self.lm_head.weight.dtype, device=device)

@@ -1,0 +1,236 @@
+"""LLaVA-NeXT's AnyRes on packed batches, against transformers' LlavaNextForConditionalGeneration.
+
+The pixels come from transformers' LlavaNextImageProcessor (its Pillow backend), the reference the data side's
+tiling is held to (tests/data/test_anyres.py); the tile counts from transformers' image_size_to_num_patches. The
+tiny tower sees 56 px tiles as 4 x 4 patches, so unpadding cuts whole feature rows and columns; the pinpoints are
+LLaVA-NeXT's defaults scaled by 1/6, and the images are picked so that each grid (1x2, 2x1, 2x2, 1x3, 3x1) is
+used, with odd and even cuts.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_no_host_sync import HostReads, micro_step
+from tiny_llava import IMAGE_TOKEN, rel_err
+from transformers import LlavaNextForConditionalGeneration
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+
+from fastllava import Llava, PackedBatch
+from fastllava.testing import tiny_config, tiny_hf_llava, tiny_model
+from fastllava.train.freeze import set_trainable
+
+TILE = 56
+PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+# (height, width): 1x3, 3x1, 2x2, 1x2, 2x1 grids, then a very wide and a very large one.
+SIZES = [(30, 130), (130, 30), (100, 90), (50, 100), (97, 41), (3, 200), (900, 1700)]
+
+
+def next_config(**fields):
+    return tiny_config(vision={"image_size": TILE}, text={"max_position_embeddings": 512},
+                       **{"image_grid_pinpoints": PINPOINTS, **fields})
+
+
+def processor_pixels(sizes, seed=0):
+    """transformers' pixel_values of random images of `sizes`, each image's tiles (base first) in turn, and
+    each image's tile count by transformers' own formula."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                           image_grid_pinpoints=PINPOINTS)
+    out = processor(images, return_tensors="pt")
+    assert out["image_sizes"].tolist() == [list(s) for s in sizes]
+    tiles = [image_size_to_num_patches(list(s), PINPOINTS, TILE) for s in sizes]
+    return torch.cat([pv[:n] for pv, n in zip(out["pixel_values"], tiles)]), tiles
+
+
+def make_samples(seed=0):
+    """Four samples: one wide image + text, text only, two images of other grids, then the rest of SIZES."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(3, IMAGE_TOKEN, (n,), generator=g)
+
+    layouts = [[SIZES[0]], [], [SIZES[1], SIZES[2]], SIZES[3:]]
+    samples = []
+    for k, sizes in enumerate(layouts):
+        parts = [torch.tensor([1]), text(3 + k)]
+        for _ in sizes:
+            parts += [torch.tensor([IMAGE_TOKEN]), text(2)]
+        ids = torch.cat(parts + [text(7)])
+        labels = ids.clone()
+        labels[: len(ids) // 2] = -100
+        labels[ids == IMAGE_TOKEN] = -100
+        pixels = processor_pixels(sizes, seed + k)[0] if sizes else None
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": sizes})
+    return samples
+
+
+def pack(samples, config):
+    return PackedBatch.from_samples(samples, image_token_id=config.image_token_id,
+                                    num_image_tokens=config.num_image_tokens, anyres=config.anyres)
+
+
+@torch.no_grad()
+def hf_logits_per_sample(hf, samples, config):
+    """transformers run on each sample alone (its placeholders expanded by our count: transformers refuses a
+    count that differs from its features), logits concatenated in pack order."""
+    out = []
+    for s in samples:
+        ids = pack([s], config).input_ids[None]
+        kwargs = {}
+        if s["pixel_values"] is not None:
+            tiles = [image_size_to_num_patches(list(hw), PINPOINTS, TILE) for hw in s["image_sizes"]]
+            padded = torch.zeros(len(tiles), max(tiles), *s["pixel_values"].shape[1:])
+            for k, part in enumerate(s["pixel_values"].split(tiles)):
+                padded[k, : tiles[k]] = part
+            kwargs = {"pixel_values": padded, "image_sizes": torch.tensor(s["image_sizes"])}
+        out.append(hf(input_ids=ids, **kwargs).logits[0].float())
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def hf_next():
+    return tiny_hf_llava(next_config(), seed=1)
+
+
+def test_the_images_cover_every_grid_and_both_cuts():
+    """The premise of the parity tests: every pinpoint is some image's grid, and unpadding cuts rows on some
+    images, columns on others, nothing on others."""
+    grids = {tuple(get_anyres_image_grid_shape(list(s), PINPOINTS, TILE)) for s in SIZES}
+    assert grids == {(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)}
+    anyres, side = next_config().anyres, TILE // 14
+    tokens = [anyres.num_tokens(s) - side * side for s in SIZES]
+    full = [r * side * (c * side + 1) for r, c in (get_anyres_image_grid_shape(list(s), PINPOINTS, TILE) for s in SIZES)]
+    assert any(t < f for t, f in zip(tokens, full)) and any(t == f for t, f in zip(tokens, full))
+
+
+def test_packed_logits_match_transformers_per_sample(hf_next, tmp_path):
+    hf_next.save_pretrained(tmp_path)
+    model = Llava.from_pretrained(tmp_path).eval()
+    assert model.config.anyres is not None and model.config.image_grid_pinpoints == PINPOINTS
+    samples = make_samples()
+    batch = pack(samples, model.config)
+    assert batch.num_images == len(SIZES) and batch.pixel_values.shape[0] == sum(processor_pixels(SIZES)[1])
+    with torch.no_grad():
+        out = model(batch, return_logits=True)
+    expected = hf_logits_per_sample(hf_next, samples, model.config)
+    assert out.logits.shape == expected.shape
+    assert rel_err(out.logits, expected) <= 1e-5
+    targets = batch.shifted_labels()
+    ref_sum = F.cross_entropy(expected, targets, ignore_index=-100, reduction="sum")
+    assert torch.allclose(out.loss_sum, ref_sum, rtol=1e-5)
+
+
+def test_the_tower_runs_once_over_every_tile_of_the_pack(hf_next, tmp_path):
+    hf_next.save_pretrained(tmp_path)
+    model = Llava.from_pretrained(tmp_path)
+    seen = []
+    model.vision_tower.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    batch = pack(make_samples(), model.config)
+    model(batch)
+    assert seen == [sum(batch.image_tile_counts)]
+
+
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
+    model = tiny_model(next_config(), seed=4)
+    model.save_pretrained(tmp_path)
+    hf, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert torch.equal(hf.model.image_newline, model.image_newline)
+    samples = make_samples(2)
+    with torch.no_grad():
+        ours = model(pack(samples, model.config), return_logits=True).logits
+    assert rel_err(ours, hf_logits_per_sample(hf.eval(), samples, model.config)) <= 1e-5
+    back = Llava.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_original_layout_round_trip(tmp_path):
+    """A projector llava-hf cannot hold goes to the original LLaVA(-NeXT) layout; image_newline and the grid
+    come back."""
+    model = tiny_model(next_config(projector_type="linear"), seed=5)
+    model.save_pretrained(tmp_path)
+    back = Llava.from_pretrained(tmp_path)
+    assert back.config.image_grid_pinpoints == PINPOINTS
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_micro_step_reads_nothing_on_the_host_and_trains_the_newline(monkeypatch):
+    model = tiny_model(next_config())
+    set_trainable(model, "finetune")
+    model.image_newline.requires_grad_(True)  # train/freeze.py's parts do not name it yet
+    batch = pack(make_samples(), model.config)
+    recorder = HostReads()
+    recorder.record_tolist(monkeypatch)
+    with recorder:
+        out = micro_step(model, batch)
+    monkeypatch.undo()
+    assert recorder.found == []
+    assert model.image_newline.grad is not None and model.image_newline.grad.abs().sum() > 0
+
+
+def test_text_only_pack_of_an_anyres_model():
+    model = tiny_model(next_config())
+    text = [s for s in make_samples() if s["pixel_values"] is None]
+    batch = pack(text, model.config)
+    assert batch.num_images == 0 and batch.feature_index.numel() == 0
+    assert torch.isfinite(model(batch).loss_sum)
+
+
+def test_a_batch_for_another_grid_is_refused():
+    model = tiny_model(next_config())
+    fixed = tiny_config(vision={"image_size": TILE})
+    sample = {**make_samples()[0], "pixel_values": torch.randn(1, 3, TILE, TILE), "image_sizes": None}
+    batch = PackedBatch.from_samples([sample], image_token_id=IMAGE_TOKEN, num_image_tokens=fixed.num_image_tokens)
+    with pytest.raises(ValueError, match="AnyRes grid None"):
+        model(batch)
+    other = next_config(image_grid_pinpoints=PINPOINTS[3:4])  # the same 1x3 grid for this image, another list
+    with pytest.raises(ValueError, match="AnyRes grid"):
+        model(pack(make_samples()[:1], other))
+
+
+def test_bad_anyres_samples_and_batches_are_named():
+    config = next_config()
+    s = make_samples()
+    with pytest.raises(ValueError, match=r"sample 0: 1 image tokens but 0 image_sizes"):
+        pack([{**s[0], "image_sizes": []}], config)
+    with pytest.raises(ValueError, match=r"sample 1: images of sizes .* but pixel_values has 3 rows"):
+        pack([s[1], {**s[0], "pixel_values": s[0]["pixel_values"][:3]}], config)
+    batch = pack(s, config)
+    counts = list(batch.image_token_counts)
+    counts[1], counts[2] = counts[2], counts[1]
+    bad = [
+        (dict(image_token_counts=tuple(counts)), "image 1 of size"),
+        (dict(feature_index=batch.feature_index[1:]), "feature_index"),
+        (dict(pixel_values=batch.pixel_values[1:]), "pixel_values of"),
+        (dict(image_sizes=batch.image_sizes[:-1]), "one per image"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(batch, **change).check()
+
+
+def test_placeholders_must_split_into_whole_images():
+    """Two images' placeholders swapped between samples keep the totals but not the runs."""
+    config = next_config()
+    s = make_samples()
+    batch = pack([s[0], s[2]], config)  # images of 1 + 2 runs
+    counts = batch.image_token_counts
+    ids = batch.input_ids.clone()
+    first = int((ids == IMAGE_TOKEN).nonzero()[0])
+    ids[first + counts[0]] = IMAGE_TOKEN  # the first run one longer...
+    ids[(ids == IMAGE_TOKEN).nonzero()[-1]] = 5  # ...and the last one shorter
+    with pytest.raises(ValueError, match="whole images"):
+        dataclasses.replace(batch, input_ids=ids).check()
+
+
+def test_cls_features_are_refused_with_anyres():
+    with pytest.raises(ValueError, match="vision_feature_select 'patch'"):
+        next_config(vision_feature_select="cls_patch")
+    with pytest.raises(ValueError, match="multiples of the tower's image_size"):
+        next_config(image_grid_pinpoints=[[56, 100]])
