@@ -13,6 +13,10 @@ without the server's ChatGPT matching, so predictions naming no option count wro
 table of convert_mmbench_for_submission.py, written as TAB-separated text (`answers_upload/<split>.tsv`)
 instead of .xlsx, since pandas/openpyxl are not dependencies (`pandas.read_table(path).to_excel(...)`
 makes the .xlsx the server takes).
+
+From the Hub (`--data hub`): lmms-lab/MMBench_EN's and lmms-lab/MMBench_CN's dev splits hold these TSVs' rows,
+circular copies included, in the same order; `load_hub` reads them as the TSV's cells (a null is pandas' NaN),
+so the questions, rounds, scores and submission table are the layout's.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from ..scorers import mmbench_circular
-from .base import EvalDataError, EvalQuestion, Task
+from .base import EvalDataError, EvalQuestion, HubSource, Task
+from .reading import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,11 @@ PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-N
                        "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 # Columns convert_mmbench_for_submission.py drops from the annotation table before adding "prediction".
 DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
+# The legacy TSVs' columns, in order: the header of the submission table written for Hub rows.
+TSV_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source", "l2-category",
+               "comment", "split")
+# What load_hub reads of a Hub row: the prompt's cells, the image, and the submission table's columns.
+_HUB_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "image", "split")
 
 
 def is_none(cell: str | None) -> bool:
@@ -75,6 +85,10 @@ class MMBench(Task):
     split, folders, lang = "mmbench_dev_20230712", ("mmbench",), "en"
     # docs/MODEL_ZOO.md: MM-Bench column (the OpenCompass server's CircularEval accuracy).
     published = {"llava-v1.5-7b": {"circular_accuracy": 64.3}, "llava-v1.5-13b": {"circular_accuracy": 67.7}}
+    # lmms-lab's MMBench_EN: its dev split holds the 4,377 rows of mmbench_dev_20230712.tsv, the file LLaVA's
+    # numbers use. (lmms-eval's mmbench_en_dev task now reads the "en" config of lmms-lab/MMBench: the 4,329
+    # rows of the later 20231003 release, other questions.)
+    hub = HubSource("lmms-lab/MMBench_EN", "data/dev-*.parquet", _HUB_COLUMNS)
 
     def __init__(self, all_rounds: bool = False):
         self.all_rounds = all_rounds
@@ -90,17 +104,35 @@ class MMBench(Task):
         if missing:
             raise EvalDataError(path, 1, "expected columns index, question, hint, A, B, image; "
                                          f"missing {', '.join(missing)}")
-        self._header, self._uploads = header, {}
+        return self._questions(header, [(path, line, "", row, lambda row=row, line=line: self._image(
+            row["image"], path, line)) for line, row in rows])
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """The TSV's questions from lmms-lab/MMBench_EN or _CN rows: the same rows (circular copies included,
+        index + k * 1_000_000) in the same order, cells as pandas reads the TSV (a null is NaN), so the
+        prompts, rounds and submission table are the layout's."""
+        items = []
+        for file, i, row in rows:
+            cells = {c: None if v is None else str(v) for c, v in row.items() if c != "image"}
+            decode = (lambda cell=row["image"], file=file, i=i: decode_image(cell, file, i)) if images else None
+            items.append((file, None, f"row {i}: ", cells, decode))
+        return self._questions(TSV_COLUMNS, items)
+
+    def _questions(self, header: Sequence[str], items) -> list[EvalQuestion]:
+        """The questions of the TSV's rows, as model_vqa_mmbench.py asks them. `items`: (file, line or None,
+        where prefix, {column: cell}, a function giving the row's image or None) per row, in order."""
+        self._header, self._uploads = list(header), {}
         questions, seen = [], {}
-        for line, row in rows:
+        for path, line, where, row, image_of in items:
             try:
                 index = int(row["index"])
-            except ValueError:
-                raise EvalDataError(path, line, f"column index: expected an integer, got {row['index']!r}") from None
+            except (TypeError, ValueError):
+                raise EvalDataError(path, line,
+                                    f"{where}column index: expected an integer, got {row['index']!r}") from None
             if index in seen:
-                raise EvalDataError(path, line, f"index {index} repeats line {seen[index]}")
-            seen[index] = line
-            image = self._image(row["image"], path, line)
+                raise EvalDataError(path, line, f"{where}index {index} repeats {seen[index]}")
+            seen[index] = f"line {line}" if line is not None else f"{Path(path).name} {where.removesuffix(': ')}"
+            image = [image_of()] if image_of is not None else []
             # get_options: A, B, C, D up to the first empty one.
             options = []
             for letter in LETTERS:
@@ -110,7 +142,7 @@ class MMBench(Task):
             answer = None if "answer" not in row or is_none(row["answer"]) else row["answer"]
             if answer is not None and answer not in LETTERS[:len(options)]:
                 expected = ", ".join(LETTERS[:len(options)])
-                raise EvalDataError(path, line, f"column answer: expected one of {expected}, got {answer!r}")
+                raise EvalDataError(path, line, f"{where}column answer: expected one of {expected}, got {answer!r}")
             upload = {c: ("" if is_none(v) else v) for c, v in row.items() if c not in DROPPED}
             self._uploads[index] = upload
             chars = list(LETTERS[:len(options)])
@@ -126,7 +158,7 @@ class MMBench(Task):
                          "answer": None if answer is None else LETTERS[chars.index(answer)]}
                 qid = index if not self.all_rounds else f"{index}/{round_id}"
                 questions.append(EvalQuestion(
-                    question_id=qid, text=prompt + "\n" + SUFFIX[self.lang], images=[image], truth=truth,
+                    question_id=qid, text=prompt + "\n" + SUFFIX[self.lang], images=image, truth=truth,
                     record={"question_id": index, "round_id": round_id, "prompt": prompt, "options": list(options),
                             "option_char": list(chars)}))
                 options, chars = options[1:] + options[:1], chars[1:] + chars[:1]
@@ -183,3 +215,6 @@ class MMBenchCN(MMBench):
     name = "mmbench_cn"
     split, folders, lang = "mmbench_dev_cn_20231003", ("mmbench_cn", "mmbench"), "cn"
     published = {"llava-v1.5-7b": {"circular_accuracy": 58.3}, "llava-v1.5-13b": {"circular_accuracy": 63.6}}
+    # lmms-eval's mmbench_cn task reads the "cn" config of lmms-lab/MMBench; lmms-lab/MMBench_CN holds the same
+    # 4,329 dev rows (mmbench_dev_cn_20231003.tsv's) as one default config.
+    hub = HubSource("lmms-lab/MMBench_CN", "data/dev-*.parquet", _HUB_COLUMNS)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import scienceqa_breakdown, scienceqa_choice, scienceqa_ensemble, scienceqa_letter
-from .base import EvalDataError, EvalQuestion, Task
-from .reading import read_json, read_jsonl
+from .base import EvalDataError, EvalQuestion, HubSource, Task
+from .reading import decode_image, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -66,6 +66,9 @@ class ScienceQA(Task):
     scienceqa_output.json (correct / incorrect analyses) and scienceqa_result.json (acc, correct, count,
     results, outputs) -- LLaVA's <ckpt>_output.jsonl (one JSON document despite the name) and
     <ckpt>_result.json.
+
+    From the Hub (`--data hub`, load_hub): the 2,017 image problems of lmms-lab/ScienceQA (ScienceQA-IMG),
+    CQM-A only, answer key from the rows, question ids "hub-<n>" (the rows have no pid).
     """
 
     name = "scienceqa"
@@ -75,6 +78,10 @@ class ScienceQA(Task):
     published = {"llava-v1.5-7b": {"img_accuracy": 66.8}, "llava-v1.5-13b": {"img_accuracy": 71.6},
                  "llava-13b-sqa (paper)": {"accuracy": 90.92, "judged_accuracy": 92.53}}
     split = "test"
+    # lmms-eval's scienceqa_img.yaml: the 2,017 test problems with an image, the problems img_accuracy is
+    # over. The rows carry no problem id (see load_hub); lecture and solution are for the judge's question.
+    hub = HubSource("lmms-lab/ScienceQA", "ScienceQA-IMG/test-*.parquet",
+                    ("image", "question", "choices", "answer", "hint", "subject", "grade", "lecture", "solution"))
 
     def __init__(self, *, question_format: str = DEFAULT_FORMAT, breakdown: bool = False, judge: Judge | None = None,
                  language_only: str | Path | None = None):
@@ -122,6 +129,45 @@ class ScienceQA(Task):
             # Scoring walks the split's problems (a question outside it is logged there, as LLaVA ignores it).
             truth = {} if answer_key is None else {"key": answer_key}
             questions.append(EvalQuestion(qid, text, files, record={"prompt": prompt}, truth=truth))
+        return questions
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """LLaVA's CQM-A questions from lmms-lab/ScienceQA's ScienceQA-IMG rows, and the answer key from the
+        rows themselves (no problems.json needed).
+
+        The rows carry no ScienceQA problem id, and nothing published ties their order to pid_splits.json, so
+        a question's id is "hub-<n>", its 0-based position in the split (shards in order): stable for one
+        revision of the dataset, never mistaken for a pid. The prompt is that of LLaVA's file for an image
+        problem: "Context: <hint>" (the line left out for an empty hint, as lmms-eval's sqa_doc_to_text does),
+        the question, "A. <choice>" lines, then SINGLE_PRED_PROMPT. Scores are the layout's over the same
+        problems; as the split has only image problems, accuracy equals img_accuracy (LLaVA's accuracy over
+        all 4,241 test problems needs the layout). The judge ensemble's language-only answers are keyed by
+        these ids."""
+        if self.question_format != DEFAULT_FORMAT:
+            raise ValueError(f"scienceqa: the Hub rows give LLaVA-1.5's {DEFAULT_FORMAT} questions only; format "
+                             f"{self.question_format} needs the layout (python -m fastllava.data.scienceqa)")
+        questions, pids, problems, entries = [], [], {}, {}
+        for n, (file, i, row) in enumerate(rows):
+            choices, answer = row["choices"], row["answer"]
+            if not (isinstance(choices, list) and 2 <= len(choices) <= len(_OPTIONS) and isinstance(answer, int)
+                    and 0 <= answer < len(choices) and row["image"] is not None):
+                raise EvalDataError(file, None, f"row {i}: expected an image, 2-5 choices and an answer index among "
+                                                f"them, got {len(choices or [])} choices, answer {answer!r}")
+            pid, hint = f"hub-{n}", (row["hint"] or "").strip()
+            text = (f"Context: {hint}\n" if hint else "") + row["question"] + "".join(
+                f"\n{_OPTIONS[k]}. {c}" for k, c in enumerate(choices))
+            text = text.strip() + "\n" + SINGLE_PRED_PROMPT
+            pids.append(pid)
+            problems[pid] = (answer, len(choices))
+            # A problems.json entry: what scienceqa_subsets (IMG, hint, subject, grade) and the judge read.
+            entries[pid] = {**row, "image": "image.png"}
+            questions.append(EvalQuestion(pid, text, [decode_image(row["image"], file, i)] if images else [],
+                                          record={"prompt": "<image>\n" + text}))
+        key = {"pids": pids, "problems": problems, "entries": entries}
+        if self.language_only is not None:
+            self._language_answers = read_language_only(self.language_only, pids)
+        for q in questions:
+            q.truth = {"key": key}
         return questions
 
     def _answer_key(self, root: Path) -> dict | None:

@@ -11,6 +11,10 @@ id>_<question id>.png`; the question file already points there.
 Scores as convert_seed_for_submission.py: right when the answer is exactly the letter; accuracy over every
 question of SEED-Bench.json (image, video and all), unanswered ones counting as wrong. Writes its upload
 file (`answers_upload/seed.jsonl`: question_id, prediction) for the official leaderboard notebook.
+
+From the Hub (`--data hub`, lmms-lab/SEED-Bench): the image questions only. Its video rows hold frames of
+their own choosing, not the middle frame LLaVA's extract_video_frames.py gives, so they are skipped (counted
+in the log) and every metric, "accuracy" included, is over the image questions: compare image_accuracy.
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ from pathlib import Path
 from typing import Sequence
 
 from ..scorers import seed_accuracy
-from .base import EvalDataError, EvalQuestion, Task
-from .reading import image_file, read_jsonl
+from .base import EvalDataError, EvalQuestion, HubSource, Task
+from .reading import decode_image, image_file, read_jsonl
+from .scienceqa import SINGLE_PRED_PROMPT
 
 log = logging.getLogger(__name__)
+
+# SEED-Bench.json's "question_type" (SEED-Bench's DATASET.md), id -> name: the Hub rows carry only the id.
+QUESTION_TYPES = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Location", 4: "Instance Attributes",
+                  5: "Instances Counting", 6: "Spatial Relation", 7: "Instance Interaction", 8: "Visual Reasoning",
+                  9: "Text Understanding", 10: "Action Recognition", 11: "Action Prediction",
+                  12: "Procedure Understanding"}
 
 
 class SEED(Task):
@@ -35,6 +46,11 @@ class SEED(Task):
     # docs/MODEL_ZOO.md "SEED": accuracy over all questions, image and video (SEED-Bench's leaderboard lists
     # LLaVA-1.5-13B at 61.6 overall, 68.2 image, 42.7 video).
     published = {"llava-v1.5-7b": {"accuracy": 58.6}, "llava-v1.5-13b": {"accuracy": 61.6}}
+    # lmms-eval's seedbench.yaml: SEED-Bench v1's test split, one row per question, "image" a list of images
+    # (one for an image question).
+    hub = HubSource("lmms-lab/SEED-Bench", "data/test-*.parquet",
+                    ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type",
+                     "question_type_id", "image"))
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "seed_bench"
@@ -56,6 +72,37 @@ class SEED(Task):
         if unasked:
             log.warning("seed: %d question(s) of SEED-Bench.json are not in %s; they count as wrong, as in LLaVA",
                         unasked, path.name)
+        return questions
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """llava-seed-bench.jsonl's image questions from lmms-lab/SEED-Bench rows, in row order: LLaVA's prompt
+        (question, "A. ..." to "D. ...", the instruction; lmms-eval's seed_doc_to_text builds the same), the
+        row's single image, its answer and dimension; the video rows skipped and counted (module docstring)."""
+        questions, annotation, videos = [], {}, 0
+        for file, i, row in rows:
+            if row["data_type"] != "image":
+                videos += 1
+                continue
+            key, type_id = str(row["question_id"]), row["question_type_id"]
+            if key in annotation:
+                raise EvalDataError(file, None, f"row {i}: question_id {key!r} repeats an earlier row")
+            if type_id not in QUESTION_TYPES or row["answer"] not in ("A", "B", "C", "D"):
+                raise EvalDataError(file, None, f"row {i}: expected question_type_id 1-12 and answer A-D, got "
+                                                f"{type_id!r}, {row['answer']!r}")
+            cells = row["image"] or []
+            if len(cells) != 1:
+                raise EvalDataError(file, None, f"row {i}: expected one image for an image question, got {len(cells)}")
+            text = row["question"] + "".join(f"\n{letter}. {row['choice_' + letter.lower()]}" for letter in "ABCD")
+            annotation[key] = {"question_id": row["question_id"], "answer": row["answer"], "data_type": "image",
+                               "question_type": QUESTION_TYPES[type_id]}
+            questions.append(EvalQuestion(question_id=row["question_id"], text=f"{text}\n{SINGLE_PRED_PROMPT}",
+                                          images=[decode_image(cells[0], file, i)] if images else [],
+                                          truth=annotation[key]))
+        self._all = annotation
+        if videos:
+            log.warning("seed: %d video question(s) of the Hub rows skipped (no middle frame as LLaVA extracts it); "
+                        "the scores are over the %d image questions: compare image_accuracy, not the published "
+                        "all-question accuracy", videos, len(questions))
         return questions
 
     @staticmethod
