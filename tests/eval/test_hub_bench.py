@@ -26,6 +26,7 @@ from layout_vqa import make_scienceqa
 from PIL import Image
 
 from fastllava.eval.hub import read_rows
+from fastllava.eval.judge import Judge
 from fastllava.eval.run import main, write_answers
 from fastllava.eval.tasks.base import EvalDataError
 from fastllava.eval.tasks.mmbench import MMBench, MMBenchCN, read_tsv
@@ -288,3 +289,24 @@ def test_scienceqa_bad_hub_rows_and_formats_are_named(tmp_path):
         ScienceQA().load_hub(rows)
     with pytest.raises(ValueError, match="format QCM-LEA needs the layout"):
         ScienceQA(question_format="QCM-LEA").load_hub(read_rows(hub, ScienceQA.hub))
+
+
+def test_scienceqa_judge_ensemble_from_hub_rows_equals_llava_layout(fake, tmp_path):
+    """The paper's "GPT-4 as the judge" from the rows' answer key: the judge gets the same questions, the
+    scores are the layout's; the language-only answers are keyed by the Hub ids."""
+    server = fake(lambda body: (200, "The answer is D." if "snow" in body["messages"][1]["content"] else "No idea."))
+    layout = make_scienceqa(tmp_path / "l")
+    hub = sqa_parquet(layout, tmp_path / "hub")
+    image_problems_only(layout)
+    language = {"5": "The answer is A.", "11": "The answer is D."}  # both disagree with the model below
+    scores, messages = [], []
+    for name, ids in (("layout", {"5": "5", "11": "11"}), ("hub", {"5": "hub-0", "11": "hub-1"})):
+        path = tmp_path / f"language_{name}.json"
+        path.write_text(json.dumps({"outputs": {ids[p]: text for p, text in language.items()}}))
+        task = ScienceQA(breakdown=True, judge=Judge(server.url, "gpt-4", sleep=lambda s: None), language_only=path)
+        qs = task.load(layout) if name == "layout" else task.load_hub(read_rows(hub, ScienceQA.hub))
+        start = len(server.requests)
+        scores.append(task.score(qs, ["The answer is B.", "D."], tmp_path / name))
+        messages.append([r["body"]["messages"] for r in server.requests[start:]])
+    assert scores[1] == scores[0] and scores[1]["judged_accuracy"] == 100.0 and scores[1]["accuracy"] == 50.0
+    assert len(messages[1]) == 2 and messages[1] == messages[0]
