@@ -117,7 +117,7 @@ def test_data_hub_reads_the_cache_offline_through_huggingface_hub(tmp_path, monk
         load_questions(POPE(), "someone/POPE")
 
 
-def test_bad_hub_rows_and_arguments_are_named(tmp_path, capsys):
+def test_bad_hub_rows_and_arguments_are_named(tmp_path, capsys, monkeypatch):
     layout = make_mme(tmp_path / "l")
     hub = mme_parquet(layout, tmp_path / "MME")
     table = pq.read_table(hub / "data" / "test-00000-of-00003.parquet").drop_columns(["category"])
@@ -126,9 +126,12 @@ def test_bad_hub_rows_and_arguments_are_named(tmp_path, capsys):
                                             r"missing category"):
         read_rows(hub, MME.hub)
     (tmp_path / "x").write_text("")
+    # A task outside HUB_TASKS is refused by name (narrowed here: gqa reads Hub rows too).
+    monkeypatch.setattr("fastllava.eval.run.HUB_TASKS", ("mme", "pope"))
     with pytest.raises(SystemExit):
         main(["--task", "gqa", "--data", "hub", "--answers", str(tmp_path / "x"), "--output", str(tmp_path / "o")])
-    assert "task gqa reads only LLaVA's layout" in capsys.readouterr().err
+    assert "task gqa reads only LLaVA's layout (a directory); the Hub datasets are read for mme, pope" in \
+           capsys.readouterr().err
 
 
 def test_without_pyarrow_one_line_names_the_extra(tmp_path):

@@ -31,13 +31,27 @@ class EvalDataError(ValueError):
 
 
 @dataclass(frozen=True)
+class HubJoin:
+    """Rows of another config of the same repository that a task's rows reference by key (GQA keeps its
+    images in testdev_balanced_images, one row per image, referenced by each question's imageId): read_rows
+    copies `columns` of the row whose `key` equals a row's `on` into that row."""
+
+    pattern: str
+    key: str
+    on: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class HubSource:
     """Where a task's rows live on the Hub (fastllava/eval/hub.py reads them): the dataset repo lmms-eval's
-    task file names, the glob of its test split's parquet files in that repo, the columns the task reads."""
+    task file names, the glob of its test split's parquet files in that repo, the columns the task reads,
+    and the config joined to them where the rows hold only a reference (`join`)."""
 
     repo: str
     pattern: str
     columns: tuple[str, ...]
+    join: HubJoin | None = None
 
 
 @dataclass
@@ -75,6 +89,7 @@ class Task:
     # A task with splits takes `split` in its constructor.
     splits: ClassVar[tuple[str, ...]] = ()
     # The Hub dataset (lmms-eval's) `--data hub` reads, for a task that implements load_hub; None: layout only.
+    # A task with splits may set it per instance in its constructor, to the chosen split's files.
     hub: ClassVar[HubSource | None] = None
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:

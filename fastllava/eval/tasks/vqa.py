@@ -10,6 +10,12 @@ themselves live in fastllava/eval/scorers.py.
 VQAv2 and VizWiz also have a "val" split (`--split val`), read from the datasets' official val files with
 LLaVA's instruction lines added, and scored here with the VQA accuracy TextVQA is scored with (metric
 val_accuracy: not comparable to the published test numbers).
+
+Each split is also read from the Hub dataset lmms-eval's task names (`--data hub`, fastllava/eval/hub.py):
+`load_hub` gives the questions `load` gives for the same questions -- LLaVA's ids, prompts (LLaVA's
+instruction lines, not lmms-eval's capitalized questions), images and ground truth -- in the rows' order.
+What the Hub lacks is said where it matters: VQAv2's test-dev rows do not list all of test2015 (the upload's
+padding), and TextVQA's OCR line is built from the rows' ocr_tokens.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..scorers import gqa_prediction, normalize_vqa_answer, textvqa_question, vqa_accuracy
-from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, Task
-from .reading import image_file, read_json, read_jsonl, read_questions
+from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, HubJoin, HubSource, Task
+from .reading import decode_image, image_file, read_json, read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,39 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
 
 
+class _Images:
+    """Hub rows' images, decoded once per image key: the questions on one image share it (GQA's 12,578
+    questions name 398 images; VQAv2's test-dev ~5 questions per image). Nothing is decoded without
+    `enabled` (scoring an answers file)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.decoded = enabled, {}
+
+    def __call__(self, key, cell, file: Path, row: int) -> list:
+        if not self.enabled:
+            return []
+        if key not in self.decoded:
+            self.decoded[key] = decode_image(cell, file, row)
+        return [self.decoded[key]]
+
+
+def _text(row: dict, file: Path, i: int, column: str = "question") -> str:
+    """A row's string cell; EvalDataError naming the file and row where it is not a string."""
+    value = row[column]
+    if not isinstance(value, str):
+        raise EvalDataError(file, None, f"row {i}: expected {column!r} to be a string, got {type(value).__name__}")
+    return value
+
+
+def _strings(row: dict, file: Path, i: int, column: str, *, empty: bool = False) -> list[str]:
+    """A row's list-of-strings cell (answers, OCR tokens); EvalDataError naming the file and row otherwise."""
+    value = row[column]
+    if not (isinstance(value, list) and (value or empty) and all(isinstance(v, str) for v in value)):
+        raise EvalDataError(file, None, f"row {i}: expected {column!r} to be a {'' if empty else 'non-empty '}list "
+                                        f"of strings, got {value!r}")
+    return value
+
+
 class VQAv2(Task):
     """VQAv2, on test-dev (LLaVA's, for the EvalAI server) or val2014 (scored here).
 
@@ -102,9 +141,17 @@ class VQAv2(Task):
     full_file = "llava_vqav2_mscoco_test2015"
     val_questions = "v2_OpenEnded_mscoco_val2014_questions.json"
     val_annotations = "v2_mscoco_val2014_annotations.json"
+    # lmms-eval's vqav2 tasks; its "testdev" split is LLaVA's test-dev question file (107,394 questions). The
+    # upload must list every test2015 question, which only the 447,793-row "test" split (images inline, tens
+    # of GB) holds: from the Hub the upload lists the answered questions (see score).
+    hub = HubSource("lmms-lab/VQAv2", "data/testdev-*.parquet", ("question_id", "question", "image_id", "image"))
+    hub_val = HubSource("lmms-lab/VQAv2", "data/validation-*.parquet",
+                        ("question_id", "question", "image_id", "answers", "image"))
 
     def __init__(self, split: str = "test-dev"):
         self.split = _check_split(self, split)
+        if split == "val":
+            self.hub = self.hub_val
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "vqav2"
@@ -118,6 +165,23 @@ class VQAv2(Task):
         rows = read_questions(root / f"{self.question_file}.jsonl", root / "test2015", images=images)
         return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"full_split": str(full)})
                 for _, rec, image in rows]
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """lmms-lab/VQAv2 rows (testdev, or validation for --split val): the question plus LLaVA's short-answer
+        line, the row's question_id; val's truth the 10 human answers. Test-dev questions carry no list of all
+        test2015 questions (full_split None)."""
+        decode = _Images(images)
+        questions = []
+        for file, i, row in rows:
+            if not isinstance(row["question_id"], int) or not isinstance(row["image_id"], int):
+                raise EvalDataError(file, None, f"row {i}: expected integer question_id and image_id, got "
+                                                f"{row['question_id']!r}, {row['image_id']!r}")
+            qid = row["question_id"]
+            truth = ({"answers": _human_answers(row, file, f"row {i} (question_id {qid})")} if self.split == "val"
+                     else {"full_split": None})
+            questions.append(EvalQuestion(qid, f"{_text(row, file, i)}\n{SHORT_ANSWER}",
+                                          decode(row["image_id"], row["image"], file, i), truth=truth))
+        return questions
 
     def _load_val(self, root: Path, images: bool) -> list[EvalQuestion]:
         path, ann_path = root / self.val_questions, root / self.val_annotations
@@ -156,6 +220,8 @@ class VQAv2(Task):
             accuracy = _mean_vqa_accuracy(questions, answers)
             log.info("vqav2 val: wrote %s; %d questions, val_accuracy %.2f%%", path, len(questions), accuracy)
             return {"val_accuracy": accuracy}
+        if questions[0].truth["full_split"] is None:
+            return self._upload_answered(questions, answers, output_dir)
         given = {q.question_id: a for q, a in zip(questions, answers)}
         full = Path(questions[0].truth["full_split"])
         upload = []
@@ -173,6 +239,20 @@ class VQAv2(Task):
         _write_json(path, upload)
         log.info("vqav2: wrote %s (%d answers for %d test2015 questions); no local score: submit it to the "
                  "VQAv2 EvalAI server (test-dev phase)", path, covered, len(upload))
+        return {}
+
+    def _upload_answered(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict:
+        """The upload from Hub rows: the answered questions only, normalized as EvalAI does, in question order.
+        LLaVA's converter also lists every other test2015 question with an empty answer, which the server
+        wants; the Hub's test-dev split does not name them."""
+        path = Path(output_dir) / "answers_upload" / f"{self.question_file}.json"
+        _write_json(path, [{"question_id": q.question_id, "answer": normalize_vqa_answer(a)}
+                           for q, a in zip(questions, answers)])
+        log.warning("vqav2: wrote %s with the %d answered questions only: the VQAv2 EvalAI server expects every "
+                    "test2015 question, which the Hub's test-dev split does not list. To write the padded file, "
+                    "score this answers file again with --answers and --data set to LLaVA's eval folder (only its "
+                    "vqav2/%s.jsonl and %s.jsonl are read, no image)",
+                    path, len(questions), self.question_file, self.full_file)
         return {}
 
 
@@ -198,9 +278,14 @@ class VizWiz(Task):
     # split's metric is val_accuracy, so that this test-dev number is not printed next to it: not comparable.
     published = {"llava-v1.5-7b": {"accuracy": 50.0}, "llava-v1.5-13b": {"accuracy": 53.6}}
     val_file = "val.json"
+    # lmms-eval's vizwiz_vqa tasks: 8,000 test and 4,319 val rows, as LLaVA's llava_test.jsonl and val.json.
+    hub = HubSource("lmms-lab/VizWiz-VQA", "data/test-*.parquet", ("question_id", "question", "image"))
+    hub_val = HubSource("lmms-lab/VizWiz-VQA", "data/val-*.parquet", ("question_id", "question", "answers", "image"))
 
     def __init__(self, split: str = "test"):
         self.split = _check_split(self, split)
+        if split == "val":
+            self.hub = self.hub_val
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "vizwiz"
@@ -208,8 +293,30 @@ class VizWiz(Task):
             return self._load_val(root, images)
         path = root / "llava_test.jsonl"
         rows = read_questions(path, root / "test", images=images)
-        return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"image": rec["image"], "file": str(path)})
+        return [EvalQuestion(rec["question_id"], rec["text"], [image], truth={"image": rec["image"], "total": len(rows)})
                 for _, rec, image in rows]
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """lmms-lab/VizWiz-VQA rows (test, or val): question_id is the image's file stem (VizWiz_test_00000000);
+        LLaVA's test id is its number, the val id the file name, as `load` reads them. The question as asked
+        (lmms-eval capitalizes it; LLaVA does not) plus LLaVA's two instruction lines; val's truth the human
+        answers."""
+        decode = _Images(images)
+        questions = []
+        prefix = f"VizWiz_{self.split}_"
+        for file, i, row in rows:
+            stem = _text(row, file, i, "question_id")
+            number = stem.removeprefix(prefix)
+            if not (stem.startswith(prefix) and number.isdigit()):
+                raise EvalDataError(file, None, f"row {i}: expected a question_id {prefix}<number>, got {stem!r}")
+            name = f"{stem}.jpg"
+            text = f"{_text(row, file, i)}\n{VIZWIZ_UNANSWERABLE}\n{SHORT_ANSWER}"
+            if self.split == "val":
+                qid, truth = name, {"image": name, "answers": _strings(row, file, i, "answers")}
+            else:
+                qid, truth = int(number), {"image": name, "total": len(rows)}
+            questions.append(EvalQuestion(qid, text, decode(stem, row["image"], file, i), truth=truth))
+        return questions
 
     def _load_val(self, root: Path, images: bool) -> list[EvalQuestion]:
         path = root / self.val_file
@@ -242,7 +349,7 @@ class VizWiz(Task):
             log.info("vizwiz val: wrote %s; %d questions, val_accuracy %.2f%%", path, len(questions), accuracy)
             return {"val_accuracy": accuracy}
         # LLaVA's converter asserts every question is answered; say so when some are not (e.g. --limit).
-        total = sum(1 for _ in read_jsonl(Path(questions[0].truth["file"]), what="LLaVA question file"))
+        total = questions[0].truth["total"]
         if len(upload) < total:
             log.warning("vizwiz: only %d of the %d questions are answered: the server expects all of them",
                         len(upload), total)
@@ -265,6 +372,11 @@ class GQA(Task):
     max_new_tokens = 128
     published = {"llava-v1.5-7b": {"accuracy": 62.0}, "llava-v1.5-13b": {"accuracy": 63.3}}
     gold_file = "testdev_balanced_questions.json"
+    # lmms-eval's gqa.yaml: the questions of testdev_balanced_instructions (12,578, as LLaVA's file), each naming
+    # its image by imageId, the images in the repository's testdev_balanced_images config (398 rows).
+    hub = HubSource("lmms-lab/GQA", "testdev_balanced_instructions/testdev-*.parquet",
+                    ("id", "imageId", "question", "answer", "isBalanced", "types"),
+                    join=HubJoin("testdev_balanced_images/testdev-*.parquet", key="id", on="imageId", columns=("image",)))
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "gqa"
@@ -286,6 +398,21 @@ class GQA(Task):
                 truth = {"answer": entry["answer"], "balanced": entry.get("isBalanced", True),
                          "structural": (entry.get("types") or {}).get("structural"), "gold_balanced": balanced}
             questions.append(EvalQuestion(rec["question_id"], rec["text"], [image], truth=truth))
+        return questions
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """lmms-lab/GQA rows (testdev_balanced_instructions joined to their images): the row's id, the question
+        plus LLaVA's short-answer line, the gold answer, balance and structural type as GQA's questions file
+        gives them (the rows are that file's entries)."""
+        decode = _Images(images)
+        balanced = sum(1 for _, _, row in rows if row["isBalanced"] is not False)
+        questions = []
+        for file, i, row in rows:
+            qid, answer = _text(row, file, i, "id"), _text(row, file, i, "answer")
+            truth = {"answer": answer, "balanced": row["isBalanced"] is not False,
+                     "structural": (row["types"] or {}).get("structural"), "gold_balanced": balanced}
+            questions.append(EvalQuestion(qid, f"{_text(row, file, i)}\n{SHORT_ANSWER}",
+                                          decode(row["imageId"], row["image"], file, i), truth=truth))
         return questions
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
@@ -332,6 +459,10 @@ class TextVQA(Task):
     max_new_tokens = 128
     published = {"llava-v1.5-7b": {"accuracy": 58.2}, "llava-v1.5-13b": {"accuracy": 61.3}}
     annotation_file = "TextVQA_0.5.1_val.json"
+    # lmms-eval's textvqa_val: TextVQA 0.5.1 val (5,000 questions) with the human answers and the Rosetta OCR
+    # tokens of each image (lmms-eval leaves them out of its prompt by default; LLaVA's file has them).
+    hub = HubSource("lmms-lab/textvqa", "data/validation-*.parquet",
+                    ("question_id", "image_id", "question", "answers", "ocr_tokens", "image"))
 
     def load(self, data_dir: Path, *, images: bool = True) -> list[EvalQuestion]:
         root = Path(data_dir) / "textvqa"
@@ -354,6 +485,23 @@ class TextVQA(Task):
                 truth = {"answers": annotations[qid, question]}
             questions.append(EvalQuestion(f"{qid}#{per_image[qid]}", rec["text"], [image],
                                           record={"question_id": qid}, truth=truth))
+        return questions
+
+    def load_hub(self, rows, *, images: bool = True) -> list[EvalQuestion]:
+        """lmms-lab/textvqa validation rows: LLaVA's prompt (question, "Reference OCR token: " and the row's
+        ocr_tokens joined by ", ", the short-answer line), LLaVA's id (the image id, numbered per image as in
+        `load`), the row's human answers. The OCR line equals LLaVA's where the rows' ocr_tokens are the Rosetta
+        tokens LLaVA's question file was written from (both come from TextVQA's release)."""
+        decode = _Images(images)
+        questions, per_image = [], {}
+        for file, i, row in rows:
+            image_id = _text(row, file, i, "image_id")
+            tokens, answers = _strings(row, file, i, "ocr_tokens", empty=True), _strings(row, file, i, "answers")
+            per_image[image_id] = per_image.get(image_id, 0) + 1
+            text = f"{_text(row, file, i)}\nReference OCR token: {', '.join(tokens)}\n{SHORT_ANSWER}"
+            questions.append(EvalQuestion(f"{image_id}#{per_image[image_id]}", text,
+                                          decode(image_id, row["image"], file, i),
+                                          record={"question_id": image_id}, truth={"answers": answers}))
         return questions
 
     @staticmethod
