@@ -24,6 +24,7 @@ COCO = "images.cocodataset.org/zips/train2017.zip"
 GQA = "downloads.cs.stanford.edu/nlp/data/gqa/images.zip"
 TEXTVQA = "dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip"
 OCR_MIRROR = "huggingface.co/datasets/qnguyen3/ocr_vqa/resolve/main/ocr_vqa.zip"
+MIX = "huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_v1_5_mix665k.json"
 
 
 def _run(server, root, name, *extra):
@@ -119,6 +120,17 @@ def test_unreachable_host_is_named_with_what_to_do(server, tmp_path, capsys):
     assert "--mirror images.cocodataset.org=URL at a copy (one is given: check it)" in err
 
 
+@pytest.mark.parametrize("ocr_urls", [False, True])
+def test_malformed_json_is_named_and_exits_1(server, tmp_path, capsys, ocr_urls):
+    serve_fakes(server)
+    server.files[MIX] = b'[{"id": "0", '  # whole as the server sent it, yet not JSON
+    server.files["ocr.example/dataset.json"] = b"{}"
+    extra = ("--ocr-vqa-urls", "http://ocr.example/dataset.json") if ocr_urls else ()
+    assert _run(server, tmp_path, "llava-1.5-finetune", *extra) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "llava_v1_5_mix665k.json") in err and "JSON" in err
+
+
 def test_corrupt_archive_is_named(server, tmp_path, capsys):
     serve_fakes(server)
     server.files[TEXTVQA] = server.files[TEXTVQA][:-60]  # the central directory cut off
@@ -141,9 +153,8 @@ def test_trickling_source_completes_with_progress_lines(server, tmp_path, capsys
 
 def test_ocr_vqa_from_its_urls_counts_images_gone_upstream(server, tmp_path, capsys):
     serve_fakes(server)
-    mix = "huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_v1_5_mix665k.json"
     images = [*MIX_IMAGES, "ocr_vqa/images/1002.jpg", "ocr_vqa/images/1003.jpg"]
-    server.files[mix] = json.dumps([{"id": str(i), "image": im, "conversations": [
+    server.files[MIX] = json.dumps([{"id": str(i), "image": im, "conversations": [
         {"from": "human", "value": "<image>\nWho wrote it?"}, {"from": "gpt", "value": "me"}]}
         for i, im in enumerate(images) if im]).encode()
     amazon = "ecx.images-amazon.com/images/I"

@@ -73,7 +73,11 @@ def run_checks(ds: Dataset, root: str, workers: int) -> int:
             status = 1
             continue
         argv = [*data, "--image-folder", images, "--workers", str(workers), "--mode", c.mode]
-        status |= check.main(argv + (["--repair"] if c.repair else []))
+        try:
+            status |= check.main(argv + (["--repair"] if c.repair else []))
+        except SystemExit:  # the checker could not read a json (it said which and why): a broken download
+            print("delete the json named above and run again to download it again", file=sys.stderr)
+            status = 1
     return status
 
 

@@ -41,9 +41,15 @@ def _ocr_vqa_list(ref: str, root: str, mirrors: dict[str, str], **kw) -> dict:
 
 
 def ocr_vqa_ids(data: str) -> list[str]:
-    """The OCR-VQA image ids `data` (LLaVA's json) names as ocr_vqa/images/<id>.jpg, in order, once each."""
-    with open(data, encoding="utf-8") as f:
-        entries = json.load(f)
+    """The OCR-VQA image ids `data` (LLaVA's json) names as ocr_vqa/images/<id>.jpg, in order, once each;
+    ValueError naming the file when it is not a JSON list."""
+    try:
+        with open(data, encoding="utf-8") as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{data}:{e.lineno}: not valid JSON ({e.msg}): delete it and run again") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{data}: expected a JSON list of LLaVA entries, got {type(entries).__name__}")
     prefix = OCR_VQA_FOLDER + "/"
     named = (e.get("image") for e in entries if isinstance(e, dict))
     return list(dict.fromkeys(os.path.splitext(im[len(prefix):])[0] for im in named
@@ -62,9 +68,9 @@ def ocr_vqa_from_urls(ref: str, root: str, data: str, *, mirrors: dict[str, str]
     folder = os.path.join(root, OCR_VQA_FOLDER)
     try:
         urls = _ocr_vqa_list(ref, root, mirrors, **kw)
+        ids = ocr_vqa_ids(os.path.join(root, data))
     except (ValueError, DownloadError) as e:
         return [str(e)]
-    ids = ocr_vqa_ids(os.path.join(root, data))
     unlisted = [i for i in ids if i not in urls]
     items = []
     for i in ids:
