@@ -278,7 +278,7 @@ class VizWiz(Task):
     # split's metric is val_accuracy, so that this test-dev number is not printed next to it: not comparable.
     published = {"llava-v1.5-7b": {"accuracy": 50.0}, "llava-v1.5-13b": {"accuracy": 53.6}}
     val_file = "val.json"
-    # lmms-eval's vizwiz_vqa tasks: 8,000 test and 4,319 val rows, as LLaVA's llava_test.jsonl and val.json.
+    # lmms-eval's vizwiz_vqa tasks: VizWiz's test (8,000 questions, LLaVA's llava_test.jsonl) and val (4,319) splits.
     hub = HubSource("lmms-lab/VizWiz-VQA", "data/test-*.parquet", ("question_id", "question", "image"))
     hub_val = HubSource("lmms-lab/VizWiz-VQA", "data/val-*.parquet", ("question_id", "question", "answers", "image"))
 
