@@ -7,6 +7,7 @@ The server answers two kinds of path:
                        short (always half);
   /<host>/<path>       server.files["<host>/<path>"], as `range` unless server.kinds names another
                        behaviour for that key (any of the above, or trickle: 2 KiB every 20 ms).
+Each request's path and Range header are logged in server.log, its Authorization header in server.auth.
 `mirror_args(server)` points every host of sources.hosts() at /<host>/ through --mirror, the option a user
 with a mirror uses; `serve_fakes(server)` serves a fake of every file of every name at its real URL's path,
 shaped like the real one (the archives' top folders, the json's image paths).
@@ -42,6 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
             kind, name = srv.kinds.get(path, "range"), path
         with srv.lock:
             srv.log.append((path, self.headers.get("Range")))
+            srv.auth[path] = self.headers.get("Authorization")
             first = srv.hits.setdefault(path, 0) == 0
             srv.hits[path] += 1
         data = srv.files.get(name)
@@ -85,7 +87,7 @@ def server(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.files, srv.kinds, srv.log, srv.hits, srv.lock = {}, {}, [], {}, threading.Lock()
+    srv.files, srv.kinds, srv.log, srv.hits, srv.auth, srv.lock = {}, {}, [], {}, {}, threading.Lock()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv

@@ -185,6 +185,19 @@ def test_delete_archives_keeps_the_unpacked_layout(server, tmp_path):
     assert _run(server, tmp_path, "cc3m-595k") == 0 and len(server.log) == n  # the marker says it is unpacked
 
 
+def test_hf_token_goes_to_the_hub_only_and_revisions_pin_each_repo(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    serve_fakes(server)
+    cc3m = "huggingface.co/datasets/liuhaotian/LLaVA-CC3M-Pretrain-595K/resolve/"
+    for f in ("chat.json", "images.zip"):
+        server.files[f"{cc3m}v1/{f}"] = server.files.pop(f"{cc3m}main/{f}")
+    assert _run(server, tmp_path, "llava-1.5") == 0
+    assert _run(server, tmp_path, "cc3m-595k", "--revision", "liuhaotian/LLaVA-CC3M-Pretrain-595K=v1") == 0
+    assert _run(server, tmp_path / "other", "cc3m-595k", "--revision", "v1") == 0  # a bare REV: every repo
+    assert {p: a for p, a in server.auth.items() if a} == {p: "Bearer hf_secret" for p in server.auth
+                                                          if p.startswith("huggingface.co/")}
+
+
 @pytest.mark.parametrize("names, into, top, drop", [
     (["train2017/", "train2017/1.jpg"], "coco/train2017", None, "train2017/"),
     (["00000/0.jpg", "00000/1.jpg"], "LLaVA-Pretrain/images", None, ""),  # the json names 00000/
