@@ -310,3 +310,32 @@ def test_scienceqa_judge_ensemble_from_hub_rows_equals_llava_layout(fake, tmp_pa
         messages.append([r["body"]["messages"] for r in server.requests[start:]])
     assert scores[1] == scores[0] and scores[1]["judged_accuracy"] == 100.0 and scores[1]["accuracy"] == 50.0
     assert len(messages[1]) == 2 and messages[1] == messages[0]
+
+
+# ------------------------------------------------------------------------------------ answered by a model
+
+@pytest.mark.parametrize("task", ["mmbench", "seed", "scienceqa"])
+def test_a_model_answers_the_hub_rows_as_it_answers_the_layout(task, llava_dir, tmp_path):
+    """python -m fastllava.eval --model end to end on the Hub rows (images decoded from the rows, through the
+    generator) writes the layout's answers file. (The tiny model's 3-token answers hardly depend on the
+    pixels: those are compared in the tests above.)"""
+    if task == "mmbench":
+        layout = make_mmbench(tmp_path / "l")
+        hub = mmbench_parquet(layout / "mmbench" / f"{MMBench.split}.tsv", tmp_path / "hub", MMBENCH_EN_SCHEMA)
+    elif task == "seed":
+        layout = make_seed(tmp_path / "l")
+        hub = seed_parquet(layout, tmp_path / "hub")
+        image_questions_only(layout)
+    else:
+        layout = make_scienceqa(tmp_path / "l")
+        hub = sqa_parquet(layout, tmp_path / "hub")
+        image_problems_only(layout)
+    answers = []
+    for name, data in (("layout", layout), ("hub", hub)):
+        assert main(["--model", str(llava_dir), "--task", task, "--data", str(data), "--output", str(tmp_path / name),
+                     "--max-new-tokens", "3"]) == 0
+        lines = [json.loads(x) for x in (tmp_path / name / "answers.jsonl").read_text().splitlines()]
+        # ScienceQA's Hub ids are "hub-<n>" (and answer_id derives from the id): compare the rest.
+        answers.append([{k: v for k, v in a.items() if task != "scienceqa" or k not in ("question_id", "answer_id")}
+                        for a in lines])
+    assert answers[1] == answers[0] and len(answers[0]) >= 2
