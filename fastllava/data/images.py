@@ -269,8 +269,8 @@ def _check_args(mode: str, size: int, backend: str, processor: Preprocess | None
 # ----------------------------------------------------------------------------- Pillow
 
 
-def _open(path, mode: str, processor: Preprocess) -> Image.Image:
-    """Open lazily (the header only) and refuse what _check_pixels refuses, before any decoding."""
+def open_header(path) -> Image.Image:
+    """Open lazily (the header only); ImageError naming the file if it is missing or unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -281,6 +281,12 @@ def _open(path, mode: str, processor: Preprocess) -> Image.Image:
         raise ImageError(path, f"refused before decoding, a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"cannot identify or read the image ({e})") from None
+    return img
+
+
+def _open(path, mode: str, processor: Preprocess) -> Image.Image:
+    """Open lazily (the header only) and refuse what _check_pixels refuses, before any decoding."""
+    img = open_header(path)
     try:
         _check_pixels(path, img.width, img.height, mode, processor)
     except ImageError:
@@ -294,9 +300,11 @@ def _check_pixels(path, width: int, height: int, mode: str, processor: Preproces
     MAX_IMAGE_PIXELS pixels."""
     if width < 1 or height < 1:
         raise ImageError(path, f"empty image {width}x{height}")
-    (_, _, side_w, side_h), resized, _ = resize_geometry(width, height, mode, processor.size, processor)
-    held = [(width * height, ""), (side_w * side_h, f" padded to {side_w}x{side_h} in mode 'pad'"),
-            (resized[0] * resized[1], f" resized to {resized[0]}x{resized[1]} before the centre crop")]
+    held = [(width * height, "")]
+    if mode != "anyres":  # AnyRes (anyres_images.py) holds the decode and a canvas of a pinpoint's size only
+        (_, _, side_w, side_h), resized, _ = resize_geometry(width, height, mode, processor.size, processor)
+        held += [(side_w * side_h, f" padded to {side_w}x{side_h} in mode 'pad'"),
+                 (resized[0] * resized[1], f" resized to {resized[0]}x{resized[1]} before the centre crop")]
     pixels, stage = max(held, key=lambda h: h[0])  # the first of equals: the decoded image's own size
     if pixels > MAX_IMAGE_PIXELS:
         raise ImageError(path, f"{width}x{height}{stage} is {pixels:,} pixels, above "
@@ -320,7 +328,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def pil_decode(path, mode: str = "square", size: int = 336, processor: Preprocess | None = None) -> Image.Image:
     """Decode fully to an RGB PIL image with EXIF orientation applied; ImageError on any failure, and
-    before decoding when preprocessing it (`mode`, `processor`) would hold more than MAX_IMAGE_PIXELS."""
+    before decoding when preprocessing it (`mode`, `processor`; "anyres": data/anyres_images.py) would hold
+    more than MAX_IMAGE_PIXELS."""
     img = _open(path, mode, _processor(size, processor))
     try:
         with warnings.catch_warnings():

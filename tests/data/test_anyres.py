@@ -114,3 +114,196 @@ def test_bad_pinpoints(pins, match):
 def test_bad_size():
     with pytest.raises(ValueError, match="positive"):
         anyres.num_image_tokens((0, 10), anyres.DEFAULT_PINPOINTS, 336, 24)
+
+
+# ----------------------------------------------------------------------------- tiles against the processor
+
+# Pillow vs Pillow (the processor's PIL backend): the same resize code, float rounding of the normalization
+# only, as tests/data/test_images.py's PIL_ATOL for CLIPImageProcessor.
+PIL_ATOL = 1e-5
+# (width, height): landscape and portrait photos, 1 x N and N x 1 strips, each default pinpoint's aspect, a
+# small square (a tie), sides that do not divide, a large photo
+TILE_SIZES = [(640, 480), (480, 640), (700, 1), (1, 700), (1000, 300), (300, 1000), (900, 900), (200, 200),
+              (97, 1025), (1025, 97), (333, 517), (3000, 2000)]
+
+
+def _processors():
+    """(our AnyRes, transformers' LlavaNextImageProcessorPil) pairs: LLaVA-NeXT's CLIP-336; a SigLIP-384-like
+    processor (no crop, mean/std 0.5) on a 3x3 grid; a CLIP processor whose resize is not a no-op on tiles
+    (shortest edge 256 then a 224 crop)."""
+    from transformers import LlavaNextImageProcessorPil
+
+    from fastllava.data.anyres_images import AnyRes
+    from fastllava.data.images import Preprocess
+
+    clip = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
+    siglip = {"size": {"height": 384, "width": 384}, "crop_size": {"height": 384, "width": 384},
+              "do_center_crop": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+              "image_grid_pinpoints": GRIDS["3x3-384"][0]}
+    resize_crop = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+                   "image_grid_pinpoints": [[224, 448], [448, 224], [448, 448]]}
+    return {
+        "clip-336": (AnyRes(Preprocess(336, 336)), LlavaNextImageProcessorPil(**clip)),
+        "siglip-384": (AnyRes(Preprocess(384, None, (0.5,) * 3, (0.5,) * 3), GRIDS["3x3-384"][0]),
+                       LlavaNextImageProcessorPil(**siglip)),
+        "resize-crop-224": (AnyRes(Preprocess(224, 256), resize_crop["image_grid_pinpoints"]),
+                            LlavaNextImageProcessorPil(**resize_crop)),
+    }
+
+
+@pytest.fixture(scope="module")
+def processors():
+    return _processors()
+
+
+@pytest.fixture(scope="module")
+def tile_files(tmp_path_factory):
+    """PNG files of TILE_SIZES; the large one a smooth upscale of a small photo (quick to make and to save)."""
+    from PIL import Image
+    from test_images import _photo as photo
+
+    folder, paths = tmp_path_factory.mktemp("anyres"), []
+    for k, (w, h) in enumerate(TILE_SIZES):
+        img = Image.fromarray(photo(w, h, seed=k)) if w * h < 10**6 else \
+            Image.fromarray(photo(w // 4, h // 4, seed=k)).resize((w, h), Image.Resampling.BICUBIC)
+        img.save(path := folder / f"{w}x{h}.png", compress_level=1)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("which", ["clip-336", "siglip-384", "resize-crop-224"])
+def test_tiles_match_llava_next_processor(processors, tile_files, which):
+    from PIL import Image
+
+    from fastllava.data.anyres_images import load_anyres
+
+    ours, theirs = processors[which]
+    for path, (w, h) in zip(tile_files, TILE_SIZES):
+        out = load_anyres(path, ours)
+        ref = theirs(Image.open(path).convert("RGB"), return_tensors="pt")
+        assert ref["image_sizes"].tolist() == [[h, w]]
+        assert out.dtype == torch.float32 and out.shape == ref["pixel_values"][0].shape, path.name
+        assert out.shape[0] == ours.num_tiles((h, w))
+        torch.testing.assert_close(out, ref["pixel_values"][0], atol=PIL_ATOL, rtol=0, msg=path.name)
+
+
+# ----------------------------------------------------------------------------- sizes from headers
+
+
+def _png_with_chunk_after_pixels(src, dst, kind: bytes, data: bytes):
+    """src's PNG bytes with one chunk inserted just before IEND, i.e. after the pixel data."""
+    import struct
+    import zlib
+
+    raw = src.read_bytes()
+    end = raw.rindex(b"IEND") - 4  # the length field before it
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    dst.write_bytes(raw[:end] + chunk + raw[end:])
+
+
+def _header_files(folder):
+    """JPEG and PNG files of several sizes and EXIF orientations (5-8 swap height and width), and PNGs whose
+    orientation comes in an eXIf or XMP chunk after the pixels."""
+    from PIL import Image
+    from test_images import _photo as photo
+
+    paths = []
+    for k, (w, h) in enumerate([(640, 480), (427, 640), (1, 300), (300, 1), (1000, 333), (97, 1025)]):
+        img = Image.fromarray(photo(w, h, seed=k))
+        img.save(p := folder / f"{w}x{h}.jpg", quality=90)
+        paths.append(p)
+        img.save(p := folder / f"{w}x{h}.png", compress_level=1)
+        paths.append(p)
+        for orientation in (3, 6, 8, 5):
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            for ext in ("jpg", "png"):
+                img.save(p := folder / f"{w}x{h}-o{orientation}.{ext}", exif=exif)
+                paths.append(p)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _png_with_chunk_after_pixels(folder / "640x480.png", p := folder / "exif-after-pixels.png", b"eXIf",
+                                 exif.tobytes().removeprefix(b"Exif\x00\x00"))
+    paths.append(p)
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    _png_with_chunk_after_pixels(folder / "427x640.png", p := folder / "xmp-after-pixels.png", b"iTXt",
+                                 b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp)
+    paths.append(p)
+    return paths
+
+
+def test_header_size_is_the_decoded_size(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from fastllava.data.anyres_images import image_size, image_sizes
+    from fastllava.data.images import pil_decode
+
+    paths = _header_files(tmp_path)
+    decoded = [pil_decode(p, "anyres").size[::-1] for p in paths]  # (height, width), orientation applied
+    by_name = dict(zip((p.name for p in paths), decoded))  # the files' rotations are real: a quarter turn swaps
+    assert by_name["640x480.png"] == by_name["640x480-o3.png"] == (480, 640)
+    assert by_name["640x480-o6.jpg"] == by_name["exif-after-pixels.png"] == (640, 480)
+    assert by_name["427x640.png"] == by_name["xmp-after-pixels.png"][::-1] == (640, 427)
+    after = [p for p in paths if "after-pixels" in p.name]
+    assert [image_size(p) for p in after] == [d for p, d in zip(paths, decoded) if p in after]
+    # the other files: from their headers alone, no pixel decoded
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail(f"{self.filename} decoded"))
+    rest = [p for p in paths if p not in after]
+    assert image_sizes(rest) == [d for p, d in zip(paths, decoded) if p not in after]
+
+
+def test_token_counts_from_headers_equal_counts_from_pixels(tmp_path, processors):
+    """The count the planner gets from a header against transformers' count from the decoded pixels'
+    image_sizes, and the tiles against the processor's number of tiles."""
+    from fastllava.data.anyres_images import image_size, load_anyres
+    from fastllava.data.images import pil_decode
+
+    ours, theirs = processors["clip-336"]
+    pins, tile, side = GRIDS["default"]
+    for path in _header_files(tmp_path):
+        ref = theirs(pil_decode(path, "anyres"), return_tensors="pt")
+        size = tuple(ref["image_sizes"][0].tolist())
+        count = anyres.num_image_tokens(image_size(path), ours.pinpoints, tile, side)
+        assert count == _hf_count(size, pins, tile, side), path.name
+        assert load_anyres(path, ours).shape[0] == ref["pixel_values"].shape[1], path.name
+
+
+def test_header_errors_name_the_file(tmp_path):
+    from fastllava.data.anyres_images import image_size
+    from fastllava.data.images import ImageError
+
+    (bad := tmp_path / "garbage.jpg").write_bytes(b"not an image")
+    for path in (bad, tmp_path / "missing.png"):
+        with pytest.raises(ImageError, match=path.name):
+            image_size(path)
+
+
+def test_from_hf_reads_a_llava_next_preprocessor_config(processors):
+    from fastllava.data.anyres_images import AnyRes
+
+    for which in ("clip-336", "siglip-384"):
+        ours, theirs = processors[which]
+        raw = {**theirs.to_dict(), "image_processor_type": "LlavaNextImageProcessor"}
+        assert AnyRes.from_hf(raw, ours.processor.size, "p.json") == ours
+    with pytest.raises(ValueError, match="p.json.*LlavaNextImageProcessor"):
+        AnyRes.from_hf({"image_processor_type": "CLIPImageProcessor"}, 336, "p.json")
+    with pytest.raises(ValueError, match="p.json.*multiples"):
+        AnyRes.from_hf({"image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": [[336, 500]]},
+                       336, "p.json")
+
+
+def test_pixel_limit_counts_the_decoded_image_only(tmp_path, monkeypatch):
+    """A 4 x 3000 strip: mode "pad" would hold a 3000 x 3000 canvas, AnyRes at most a pinpoint's."""
+    from PIL import Image
+
+    from fastllava.data import images
+    from fastllava.data.anyres_images import AnyRes, load_anyres
+
+    Image.new("RGB", (3000, 4), (10, 200, 30)).save(path := tmp_path / "strip.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 3000 * 4)
+    with pytest.raises(images.ImageError, match="strip.png.*padded"):
+        images.load_image(path, "pad", backend="pil")
+    assert load_anyres(path, AnyRes()).shape == (4, 3, 336, 336)  # the base image and 1 x 3 tiles
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 3000 * 4 - 1)
+    with pytest.raises(images.ImageError, match="strip.png.*MAX_IMAGE_PIXELS"):
+        load_anyres(path, AnyRes())
