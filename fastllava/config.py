@@ -135,6 +135,8 @@ class OptimConfig:
 
     lr: float = 2e-5
     projector_lr: Optional[float] = None  # None: same as lr
+    # The vision tower's lr when train.unfreeze_vision (LLaVA-NeXT's stage 2: 2e-6, a tenth of lr); None: lr.
+    vision_lr: Optional[float] = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -144,8 +146,9 @@ class OptimConfig:
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
-        if self.projector_lr is not None:
-            _positive("optim.projector_lr", self.projector_lr)
+        for key in ("projector_lr", "vision_lr"):
+            if getattr(self, key) is not None:
+                _positive(f"optim.{key}", getattr(self, key))
         for name in ("weight_decay", "max_grad_norm", "eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
@@ -304,10 +307,16 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        if self.lora.enabled and (self.train.stage != "finetune" or self.train.unfreeze_vision):
-            raise ValueError(f"lora.rank={self.lora.rank}: LoRA adapts the LLM in stage 2 (train.stage=finetune, "
-                             f"vision tower frozen); got train.stage={self.train.stage!r}, "
-                             f"train.unfreeze_vision={self.train.unfreeze_vision}")
+        # With train.unfreeze_vision a LoRA run trains the tower in full beside the LLM's adapters, as
+        # LLaVA-NeXT's LoRA scripts do.
+        if self.lora.enabled and self.train.stage != "finetune":
+            raise ValueError(f"lora.rank={self.lora.rank}: LoRA adapts the LLM in stage 2 (train.stage=finetune); "
+                             f"got train.stage={self.train.stage!r}")
+        # A tower lr for a frozen tower would silently do nothing.
+        if self.optim.vision_lr is not None and not self.train.unfreeze_vision:
+            raise ValueError(f"optim.vision_lr={self.optim.vision_lr} sets the vision tower's learning rate, but the "
+                             f"tower is frozen (train.unfreeze_vision=false): set train.unfreeze_vision=true "
+                             f"(stage 2) or remove optim.vision_lr")
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (lists for tuples), e.g. for checkpoints and experiment trackers."""
