@@ -114,8 +114,9 @@ class _EndRules:
         return Event(seq.index, tokens, done, torch.stack(seq.logits) if self.return_logits and done else None)
 
 
-def _check_prompts(prompts: Sequence[dict], image_token_id: int, num_image_tokens: int) -> list[int]:
-    """Expanded length of every prompt; ValueError naming the prompt for anything malformed."""
+def _check_prompts(prompts: Sequence[dict], image_token_id: int, num_image_tokens: int, anyres=None) -> list[int]:
+    """Expanded length of every prompt; ValueError naming the prompt for anything malformed. anyres: the model's
+    grid (LlavaConfig.anyres), where each image's token count comes from its image_sizes entry."""
     lengths = []
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, dict) or "input_ids" not in prompt:
@@ -126,10 +127,19 @@ def _check_prompts(prompts: Sequence[dict], image_token_id: int, num_image_token
         pixels = prompt.get("pixel_values")
         n_images = ids.count(image_token_id)
         n_pixels = 0 if pixels is None else pixels.shape[0]
-        if n_images != n_pixels:
-            raise ValueError(f"prompt {i}: {n_images} image tokens (id {image_token_id}) but {n_pixels} images "
-                             "in pixel_values (one image token per image)")
-        lengths.append(len(ids) + n_images * (num_image_tokens - 1))
+        if anyres is None:
+            if n_images != n_pixels:
+                raise ValueError(f"prompt {i}: {n_images} image tokens (id {image_token_id}) but {n_pixels} images "
+                                 "in pixel_values (one image token per image)")
+            lengths.append(len(ids) + n_images * (num_image_tokens - 1))
+            continue
+        sizes = list(prompt.get("image_sizes") or ())
+        tiles = sum(anyres.num_tiles(hw) for hw in sizes)
+        if len(sizes) != n_images or tiles != n_pixels:
+            raise ValueError(f"prompt {i}: {n_images} image tokens (id {image_token_id}), {len(sizes)} image_sizes "
+                             f"and {n_pixels} rows of pixel_values; an AnyRes model needs one (height, width) per "
+                             f"image and their {tiles} tiles")
+        lengths.append(len(ids) - n_images + sum(anyres.num_tokens(hw) for hw in sizes))
     return lengths
 
 
@@ -160,14 +170,15 @@ class Generator:
         """Events as tokens become final (see Event).
 
         prompts: dicts {"input_ids": list[int] with ONE image token per image, "pixel_values": (n_images,
-          3, S, S) tensor or None}.
+          3, S, S) tensor or None}; for an AnyRes model pixel_values holds each image's tiles (n_tiles, 3, S, S)
+          and "image_sizes" each image's (height, width) (PackedBatch.from_samples).
         max_new_tokens: most tokens generated per prompt. eos_token_id: id(s) that end a sequence (not
           included). stop: token-id sequences that end a sequence when generated (not included).
         temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top_p nucleus,
           drawn from a per-prompt generator seeded by (seed, prompt index).
         """
         config = self.model.config
-        lengths = _check_prompts(prompts, config.image_token_id, config.num_image_tokens)
+        lengths = _check_prompts(prompts, config.image_token_id, config.num_image_tokens, config.anyres)
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
         rules = _EndRules.make(max_new_tokens, eos_token_id, stop, return_logits)
@@ -231,8 +242,9 @@ class Generator:
         config = self.model.config
         batch = PackedBatch.from_samples(
             [{"input_ids": p["input_ids"], "labels": [IGNORE_INDEX] * len(p["input_ids"]),
-              "pixel_values": p.get("pixel_values")} for p in prompts],
-            image_token_id=config.image_token_id, num_image_tokens=config.num_image_tokens).to(self.device)
+              "pixel_values": p.get("pixel_values"), "image_sizes": p.get("image_sizes")} for p in prompts],
+            image_token_id=config.image_token_id, num_image_tokens=config.num_image_tokens,
+            anyres=config.anyres).to(self.device)
         slots_T = torch.tensor([s.slot for s in seqs], device=self.device).repeat_interleave(
             torch.tensor([s.length for s in seqs], device=self.device))
         step = CacheStep(cache, slots_T, batch.position_ids, decoding=False, backend=self.decode_backend)

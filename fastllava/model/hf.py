@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from . import families
 from .config import LlavaConfig, VisionConfig
 from .hub import is_hub_id, resolve
-from .init import init_projector_
-from .keys import (ROLE_PREFIX, canonical_llava_key, original_llava_key, original_llava_name,
+from .init import init_image_newline_, init_projector_
+from .keys import (NEWLINE, ROLE_PREFIX, canonical_llava_key, original_llava_key, original_llava_name,
                    split_roles, to_checkpoint_key, to_module_name)
 from .safetensors_io import ShardWriter, checkpoint_keys, iter_tensors, load_bin, read_config, write_checkpoint
 from .stacked import split, stack, stacked_key
@@ -242,7 +242,18 @@ def plan_components(vision: Path, llm: Path, projector_weights=None, *, seed: in
         plan.projector_file = Path(projector_weights)
     else:
         plan.new_projector_seed = seed
+    if config.anyres is not None:
+        # Neither checkpoint holds it: drawn here, as LLaVA-NeXT does when AnyRes training starts (a plain
+        # tensor source, so the one-process and the sharded loader place it like any checkpoint tensor).
+        plan.sources.append((lambda lazy: new_image_newline(config, seed), _same))
     return plan
+
+
+def new_image_newline(config: LlavaConfig, seed: int):
+    """(canonical key, source for messages, tensor) of a new AnyRes image_newline, fp32, drawn from `seed`."""
+    newline = torch.empty(config.text.hidden_size)
+    init_image_newline_(newline, torch.Generator().manual_seed(seed))
+    yield NEWLINE, f"new image_newline (seed {seed})", newline
 
 
 def load_llava(cls, path: Path, *, dtype=None, device="cpu", backends=None, vision_tower=None, **overrides):

@@ -16,7 +16,7 @@ from ..batch import IGNORE_INDEX, PackedBatch
 from ..layers import Projector
 from ..ops import fused_linear_cross_entropy, merge_visual_tokens
 from .config import Backends, LlavaConfig
-from .init import init_projector_, init_transformer_
+from .init import init_image_newline_, init_projector_, init_transformer_
 from .llama import LlamaDecoder
 from .vision import VisionTower
 
@@ -122,7 +122,7 @@ class Llava(nn.Module):
         """Generated token ids after each prompt, in input order (fastllava.generate.Generator).
 
         prompts: dicts {"input_ids": list[int] with ONE image token per image, "pixel_values": (n_images,
-          3, S, S) tensor or None}. A sequence ends after `eos_token_id` (not included), after one of the
+          3, S, S) tensor or None}; AnyRes: each image's tiles, and "image_sizes" (Generator.stream). A sequence ends after `eos_token_id` (not included), after one of the
           `stop` id sequences (not included) or at max_new_tokens. temperature 0 is greedy, otherwise
           nucleus sampling (top_p) from a per-prompt generator seeded by (seed, prompt index).
         max_batch_size: sequences decoded together; prefill_tokens: token budget of one packed prefill.
@@ -154,9 +154,7 @@ class Llava(nn.Module):
         init_transformer_(self.language_model, gen)
         init_projector_(self.projector.linears, gen)
         if self.config.anyres is not None:
-            # LLaVA-NeXT's and transformers' draw: N(0, 1 / hidden_size)
-            self.image_newline.copy_(torch.randn(self.image_newline.shape, generator=gen, device=device)
-                                     / self.config.text.hidden_size ** 0.5)
+            init_image_newline_(self.image_newline, gen)
         if not self.config.text.tie_word_embeddings:
             init_transformer_(self.lm_head, gen)
         self.carried = unused_vision_tensors(self.config, gen, dtype=self.lm_head.weight.dtype, device=device)

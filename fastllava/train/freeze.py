@@ -19,7 +19,21 @@ from ..layers.lora import is_adapter
 STAGES = ("align", "finetune")
 # Each part of a LLaVA model as module paths of fastllava's Llava. Other layouts pass their own, e.g.
 # benchmarks/e2e.py for transformers' LlavaForConditionalGeneration.
-LLAVA_PARTS = {"projector": ("projector",), "llm": ("language_model", "lm_head"), "vision": ("vision_tower",)}
+# AnyRes's image_newline (a parameter of Llava, only in AnyRes models) is part of the connector and trains with
+# the projector: in every stage-2 run as in LLaVA-NeXT's (which trains all but the tower), and also under LoRA and
+# in an AnyRes stage 1, where it starts random (drawn when the model is assembled from components).
+LLAVA_PARTS = {"projector": ("projector", "image_newline"), "llm": ("language_model", "lm_head"),
+               "vision": ("vision_tower",)}
+OPTIONAL = ("image_newline",)  # paths a model may not have (fixed-resolution models have no image_newline)
+
+
+def _set(model: nn.Module, paths: tuple[str, ...], requires_grad: bool) -> None:
+    """requires_grad of the modules (or OPTIONAL parameters) at `paths`; an absent OPTIONAL one is skipped."""
+    for path in paths:
+        if path not in OPTIONAL:
+            model.get_submodule(path).requires_grad_(requires_grad)
+        elif hasattr(model, path):
+            getattr(model, path).requires_grad_(requires_grad)
 
 
 def set_trainable(model: nn.Module, stage: str, unfreeze_vision: bool = False,
@@ -32,12 +46,10 @@ def set_trainable(model: nn.Module, stage: str, unfreeze_vision: bool = False,
     trained = ["projector"] + (["llm"] if stage == "finetune" else []) + (["vision"] if unfreeze_vision else [])
     model.requires_grad_(False)
     for part in trained:
-        for path in parts[part]:
-            model.get_submodule(path).requires_grad_(True)
+        _set(model, parts[part], True)
     adapters = [p for n, p in model.named_parameters() if is_adapter(n)]
     if adapters and "llm" in trained:
-        for path in parts["llm"]:
-            model.get_submodule(path).requires_grad_(False)
+        _set(model, parts["llm"], False)
         for p in adapters:
             p.requires_grad_(True)
     counts = {"trainable": 0, "frozen": 0}

@@ -21,7 +21,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from fastllava import Llava, PackedBatch
-from fastllava.testing import tiny_config, tiny_hf_llava, tiny_model
+from fastllava.testing import TORCH_BACKENDS, tiny_config, tiny_hf_llava, tiny_model
 from fastllava.train.freeze import set_trainable
 
 TILE = 56
@@ -75,21 +75,27 @@ def pack(samples, config):
                                     num_image_tokens=config.num_image_tokens, anyres=config.anyres)
 
 
+def hf_inputs(sample, config):
+    """transformers' inputs of one sample: input_ids (1, L) with its placeholders expanded by our count
+    (transformers refuses a count that differs from its features), pixel_values (n_images, max tiles, 3, S, S)
+    zero-padded as its processor pads them, image_sizes (n_images, 2)."""
+    ids = pack([sample], config).input_ids[None]
+    if sample["pixel_values"] is None:
+        return ids, {}
+    tiles = [image_size_to_num_patches(list(hw), PINPOINTS, TILE) for hw in sample["image_sizes"]]
+    padded = torch.zeros(len(tiles), max(tiles), *sample["pixel_values"].shape[1:])
+    for k, part in enumerate(sample["pixel_values"].split(tiles)):
+        padded[k, : tiles[k]] = part
+    return ids, {"pixel_values": padded, "image_sizes": torch.tensor(sample["image_sizes"])}
+
+
 @torch.no_grad()
 def hf_logits_per_sample(hf, samples, config):
-    """transformers run on each sample alone (its placeholders expanded by our count: transformers refuses a
-    count that differs from its features), logits concatenated in pack order."""
+    """transformers run on each sample alone, logits concatenated in pack order."""
     out = []
     for s in samples:
-        ids = pack([s], config).input_ids[None]
-        kwargs = {}
-        if s["pixel_values"] is not None:
-            tiles = [image_size_to_num_patches(list(hw), PINPOINTS, TILE) for hw in s["image_sizes"]]
-            padded = torch.zeros(len(tiles), max(tiles), *s["pixel_values"].shape[1:])
-            for k, part in enumerate(s["pixel_values"].split(tiles)):
-                padded[k, : tiles[k]] = part
-            kwargs = {"pixel_values": padded, "image_sizes": torch.tensor(s["image_sizes"])}
-        out.append(hf(input_ids=ids, **kwargs).logits[0].float())
+        ids, images = hf_inputs(s, config)
+        out.append(hf(input_ids=ids, **images).logits[0].float())
     return torch.cat(out)
 
 
@@ -124,6 +130,26 @@ def test_packed_logits_match_transformers_per_sample(hf_next, tmp_path):
     targets = batch.shifted_labels()
     ref_sum = F.cross_entropy(expected, targets, ignore_index=-100, reduction="sum")
     assert torch.allclose(out.loss_sum, ref_sum, rtol=1e-5)
+
+
+def test_greedy_generation_matches_transformers(hf_next, tmp_path):
+    """Prompts of very different lengths (no image, one, two, four images) decoded together with the KV cache
+    give transformers' greedy tokens of each prompt alone (no EOS: every sequence runs max_new_tokens)."""
+    hf_next.save_pretrained(tmp_path)
+    model = Llava.from_pretrained(tmp_path).eval()
+    hf_next.generation_config.eos_token_id = None
+    hf_next.generation_config.pad_token_id = 0
+    samples, expected = make_samples(3), []
+    for s in samples:
+        ids, images = hf_inputs(s, model.config)
+        out = hf_next.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                               do_sample=False, **images)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    prompts = [{"input_ids": s["input_ids"].tolist(), "pixel_values": s["pixel_values"],
+                "image_sizes": s["image_sizes"]} for s in samples]
+    assert model.generate(prompts, max_new_tokens=8) == expected
+    with pytest.raises(ValueError, match="prompt 0: 1 image tokens .* 0 image_sizes"):
+        model.generate([{**prompts[0], "image_sizes": None}], max_new_tokens=1)
 
 
 def test_the_tower_runs_once_over_every_tile_of_the_pack(hf_next, tmp_path):
@@ -163,7 +189,6 @@ def test_original_layout_round_trip(tmp_path):
 def test_micro_step_reads_nothing_on_the_host_and_trains_the_newline(monkeypatch):
     model = tiny_model(next_config())
     set_trainable(model, "finetune")
-    model.image_newline.requires_grad_(True)  # train/freeze.py's parts do not name it yet
     batch = pack(make_samples(), model.config)
     recorder = HostReads()
     recorder.record_tolist(monkeypatch)
@@ -172,6 +197,55 @@ def test_micro_step_reads_nothing_on_the_host_and_trains_the_newline(monkeypatch
     monkeypatch.undo()
     assert recorder.found == []
     assert model.image_newline.grad is not None and model.image_newline.grad.abs().sum() > 0
+
+
+def test_merge_kernel_in_the_interpreter_with_ragged_image_counts():
+    """Images of different token counts are one flat run of feature rows for the merge: the Triton kernel (in
+    the interpreter on CPU) places them and routes their gradients as the torch path does."""
+    config = next_config()
+    batch = pack(make_samples(), config)
+    assert len(set(batch.image_token_counts)) == 5  # ragged: 16 (the 3 x 200 image keeps no grid row) to 88
+    grads = []
+    for merge in ("torch", "triton"):
+        model = tiny_model(config, backends=dataclasses.replace(TORCH_BACKENDS, merge=merge))
+        set_trainable(model, "finetune")
+        out = model(batch, return_logits=True)
+        out.loss_sum.backward()
+        grads.append([out.logits.detach(), model.image_newline.grad, model.projector.linears[0].weight.grad,
+                      model.language_model.embed_tokens.weight.grad])
+    for ours, ref in zip(*grads):
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_image_newline_trains_with_the_projector():
+    """In both stages and under LoRA (LLaVA-NeXT's stage 2 trains it with everything but the tower)."""
+    from fastllava.layers.lora import apply_lora
+
+    model = tiny_model(next_config())
+    apply_lora(model, rank=2, alpha=4.0)
+    for stage in ("align", "finetune"):
+        model.image_newline.requires_grad_(False)
+        set_trainable(model, stage)
+        assert model.image_newline.requires_grad
+    set_trainable(tiny_model(), "finetune")  # a fixed-resolution model has none
+
+
+def test_components_start_with_a_new_seeded_newline(tmp_path):
+    """Stage 2 from a tower, an LLM and a stage-1 projector: the newline is drawn from the seed, everything else
+    is the checkpoints'."""
+    model = tiny_model(next_config(), seed=6)
+    model.save_components(tmp_path / "tower", tmp_path / "llm")
+    model.save_projector(tmp_path / "projector.safetensors")
+    args = (tmp_path / "tower", tmp_path / "llm", tmp_path / "projector.safetensors")
+    loaded = Llava.from_components(*args, image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, seed=1)
+    assert torch.equal(Llava.from_components(*args, image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS,
+                                             seed=1).image_newline, loaded.image_newline)
+    assert not torch.equal(loaded.image_newline, model.image_newline)
+    with torch.no_grad():
+        loaded.image_newline.copy_(model.image_newline)
+    batch = pack(make_samples(), model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch, return_logits=True).logits, model(batch, return_logits=True).logits)
 
 
 def test_text_only_pack_of_an_anyres_model():
