@@ -7,7 +7,8 @@ The server answers two kinds of path:
                        short (always half);
   /<host>/<path>       server.files["<host>/<path>"], as `range` unless server.kinds names another
                        behaviour for that key (any of the above, or trickle: 2 KiB every 20 ms).
-Each request's path and Range header are logged in server.log, its Authorization header in server.auth.
+Each request's path and Range header are logged in server.log, its Authorization header in server.auth;
+server.spans[path] the (start, end) monotonic times of each answer.
 `mirror_args(server)` points every host of sources.hosts() at /<host>/ through --mirror, the option a user
 with a mirror uses; `serve_fakes(server)` serves a fake of every file of every name at its real URL's path,
 shaped like the real one (the archives' top folders, the json's image paths).
@@ -37,6 +38,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
+        start = time.monotonic()
+        self._answer(srv)
+        with srv.lock:
+            srv.spans.setdefault(self.path.lstrip("/"), []).append((start, time.monotonic()))
+
+    def _answer(self, srv):
         path = self.path.lstrip("/")
         kind, _, name = path.partition("/")
         if kind not in BEHAVIOURS:
@@ -88,6 +95,7 @@ def server(monkeypatch):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.files, srv.kinds, srv.log, srv.hits, srv.auth, srv.lock = {}, {}, [], {}, {}, threading.Lock()
+    srv.spans = {}
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv

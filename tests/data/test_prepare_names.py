@@ -5,11 +5,13 @@ nothing, a resumed archive, a 404, a corrupt archive, a trickling source, and OC
 URLs with images gone upstream.
 """
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import zipfile
 
 import pytest
 from PIL import Image
@@ -139,16 +141,21 @@ def test_corrupt_archive_is_named(server, tmp_path, capsys):
     assert "textvqa/train_val_images.zip is not a valid zip archive" in err and "delete it and run again" in err
 
 
-def test_trickling_source_completes_with_progress_lines(server, tmp_path, capsys, monkeypatch):
+def test_trickling_sources_complete_at_once_with_progress_lines(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTLLAVA_PROGRESS_INTERVAL", "0.05")
     serve_fakes(server)
-    server.files[COCO] = zip_of({"train2017/000000000025.jpg": image_bytes(2), "train2017/000000000009.jpg":
-                                 image_bytes(1), "train2017/more.bin": blob(100_000)})  # 50 pieces, 1 s
-    server.kinds[COCO] = "trickle"
-    assert _run(server, tmp_path, "llava-instruct-158k", "--timeout", "1") == 0
-    out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if line.startswith("coco/train2017:")]
-    assert len(lines) >= 3 and "100%" in lines[-1]  # a plain line every interval, not one bar frame
+    for key, top in ((COCO, "train2017"), (GQA, "images")):
+        with zipfile.ZipFile(io.BytesIO(server.files[key])) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        server.files[key] = zip_of({**members, f"{top}/more.bin": blob(100_000)})  # 50 pieces: 1 s
+        server.kinds[key] = "trickle"
+    assert _run(server, tmp_path, "llava-1.5-finetune", "--timeout", "1", "--jobs", "2") == 0
+    (coco,), (gqa,) = server.spans[COCO], server.spans[GQA]
+    assert min(coco[1], gqa[1]) - max(coco[0], gqa[0]) > 0.5  # the two 1 s answers ran side by side
+    lines = capsys.readouterr().out.splitlines()
+    for label in ("coco/train2017:", "gqa/images:"):
+        mine = [line for line in lines if line.startswith(label)]
+        assert len(mine) >= 3 and "100%" in mine[-1]  # a plain line every interval, not one bar frame
 
 
 def test_ocr_vqa_from_its_urls_counts_images_gone_upstream(server, tmp_path, capsys):

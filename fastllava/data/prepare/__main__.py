@@ -2,7 +2,7 @@
 
     python -m fastllava.data.prepare NAME --root ./playground/data [--mirror HOST=URL ...]
         [--revision [REPO=]REV ...] [--source-url URL] [--ocr-vqa-urls DATASET_JSON] [--retries N]
-        [--backoff S] [--download-workers N] [--workers N] [--delete-archives]
+        [--backoff S] [--timeout S] [--jobs N] [--download-workers N] [--workers N] [--delete-archives]
 
 Each file is downloaded resumably (an interrupted run continues from its .part), unpacked once (a marker
 file records a finished unpack), and the layout is then checked with `python -m fastllava.data.check`,
@@ -16,48 +16,64 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 from urllib.parse import urlsplit
 
 from .. import check
 from .download import DownloadError, download
-from .sources import (DATASETS, OCR_VQA_LABEL, SQA_FORMAT, SQA_SPLITS, Dataset, auth_headers, endpoint_default,
-                      hosts)
+from .sources import (DATASETS, OCR_VQA_LABEL, SQA_FORMAT, SQA_SPLITS, Dataset, RemoteFile, auth_headers,
+                      endpoint_default, hosts)
 from .steps import convert_scienceqa, ocr_vqa_from_urls
 from .unpack import marker, unpack
 
 
-def fetch(ds: Dataset, root: str, *, endpoint: str, revisions: dict[str, str], mirrors: dict[str, str],
-          skip: tuple[str, ...] = (), delete_archives: bool = False, **kw) -> list[str]:
-    """Download and unpack every file of `ds` under `root` but those labelled in `skip`; returns the errors
-    (empty when all is in place)."""
+def _say(line: str) -> None:
+    """One line on stdout in one write, so that the lines of files fetched at once do not mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def fetch_one(ds: Dataset, f: RemoteFile, root: str, tag: str, *, endpoint: str, revisions: dict[str, str],
+              mirrors: dict[str, str], delete_archives: bool = False, **kw) -> list[str]:
+    """Download and unpack the file `f` of `ds` under `root` (`tag` leads its lines: "[2/7]"); returns the
+    report's error lines, empty when it is in place."""
+    dest = os.path.join(root, f.dest)
+    url = f.address(endpoint, revisions, mirrors)
+    into = None if f.unpack_to is None else os.path.join(root, f.unpack_to)
+    if into is not None and os.path.exists(marker(dest, into)):
+        _say(f"{tag} {f.label}: unpacked by an earlier run")
+        return []  # the archive may have been deleted since
+    # An existing dest is a whole file (only those are renamed into place): download() checks it, fetches nothing.
+    _say(f"{tag} {f.label}: " + ("downloaded by an earlier run" if os.path.exists(dest) else url))
+    try:
+        download(url, dest, what=f"{ds.name}: {f.label}", size=f.size, sha256=f.sha256, headers=auth_headers(f),
+                 desc=f.label, **kw)
+        if into is not None:
+            unpack(dest, into, top=f.top)
+            if delete_archives:
+                os.remove(dest)
+    except DownloadError as e:
+        errors = [str(e)]
+        host = urlsplit(f.address(endpoint, revisions, {})).netloc
+        if e.status is not None or e.unreachable:
+            why = f"the server answered HTTP {e.status}" if e.status else "no server answered"
+            errors.append(f"  {why}: if {host} is not reachable from here, or the file has moved, point "
+                          f"--mirror {host}=URL at a copy" + (" (one is given: check it)" if host in mirrors else ""))
+        return errors
+    return []
+
+
+def fetch(ds: Dataset, root: str, *, jobs: int = 1, skip: tuple[str, ...] = (), **kw) -> list[str]:
+    """Download and unpack every file of `ds` under `root` but those labelled in `skip`, `jobs` files at a
+    time (fetch_one's keywords in `kw`); returns the errors in the files' order (empty when all is in place)."""
     files = [f for f in ds.files if f.label not in skip]
-    errors = []
-    for k, f in enumerate(files, 1):
-        dest = os.path.join(root, f.dest)
-        url = f.address(endpoint, revisions, mirrors)
-        into = None if f.unpack_to is None else os.path.join(root, f.unpack_to)
-        if into is not None and os.path.exists(marker(dest, into)):
-            print(f"[{k}/{len(files)}] {f.label}: unpacked by an earlier run", flush=True)
-            continue  # the archive may have been deleted since
-        # An existing dest is a whole file (only those are renamed into place): download() checks it, fetches nothing.
-        print(f"[{k}/{len(files)}] {f.label}: " + ("downloaded by an earlier run" if os.path.exists(dest) else url),
-              flush=True)
-        try:
-            download(url, dest, what=f"{ds.name}: {f.label}", size=f.size, sha256=f.sha256,
-                     headers=auth_headers(f), desc=f.label, **kw)
-            if into is not None:
-                unpack(dest, into, top=f.top)
-                if delete_archives:
-                    os.remove(dest)
-        except DownloadError as e:
-            errors.append(str(e))
-            host = urlsplit(f.address(endpoint, revisions, {})).netloc
-            if e.status is not None or e.unreachable:
-                why = f"the server answered HTTP {e.status}" if e.status else "no server answered"
-                errors.append(f"  {why}: if {host} is not reachable from here, or the file has moved, point "
-                              f"--mirror {host}=URL at a copy" + (" (one is given: check it)" if host in mirrors else ""))
-    return errors
+    tags = [f"[{k}/{len(files)}]" for k in range(1, len(files) + 1)]
+    # Threads, not processes: a download waits on its socket, an unpack mostly on the disk. The hosts are
+    # independent (Stanford's, COCO's, the Hub's), so one slow host need not hold up the others.
+    with ThreadPoolExecutor(jobs) as pool:
+        done = pool.map(lambda f, tag: fetch_one(ds, f, root, tag, **kw), files, tags)
+        return [line for lines in done for line in lines]
 
 
 def run_checks(ds: Dataset, root: str, workers: int) -> int:
@@ -113,6 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=5, help="retries per file after a broken connection or a 5xx")
     p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without a byte before a retry")
+    p.add_argument("--jobs", type=int, default=4, help="files downloaded (and unpacked) at once, default 4")
     p.add_argument("--download-workers", type=int, default=16, help="threads fetching OCR-VQA's per-image URLs")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes checking images at the end")
     p.add_argument("--delete-archives", action="store_true", help="delete each archive once it is unpacked")
@@ -122,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag, v in (("--retries", args.retries), ("--backoff", args.backoff)):
         if v < 0:
             p.error(f"{flag} must be >= 0, got {v}")
-    for flag, v in (("--workers", args.workers), ("--download-workers", args.download_workers),
+    for flag, v in (("--workers", args.workers), ("--jobs", args.jobs), ("--download-workers", args.download_workers),
                     ("--timeout", args.timeout)):
         if not v > 0:
             p.error(f"{flag} must be > 0, got {v}")
@@ -148,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     revisions = {r: args.revisions.get(r, args.revisions.get("*", "main")) for r in repos}
     kw = dict(retries=args.retries, backoff=args.backoff, timeout=args.timeout)
     skip = (OCR_VQA_LABEL,) if args.ocr_vqa_urls else ()
-    errors = fetch(ds, args.root, endpoint=args.source_url or endpoint_default(), revisions=revisions,
-                   mirrors=args.mirrors, skip=skip, delete_archives=args.delete_archives, **kw)
+    errors = fetch(ds, args.root, jobs=args.jobs, skip=skip, endpoint=args.source_url or endpoint_default(),
+                   revisions=revisions, mirrors=args.mirrors, delete_archives=args.delete_archives, **kw)
     if errors:
         print(f"{ds.name}: some files are not in place:", file=sys.stderr)
         for e in errors:
