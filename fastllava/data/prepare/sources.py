@@ -69,11 +69,13 @@ class RemoteFile:
 
 
 def hub(repo: str, path: str, dest: str, **kw) -> RemoteFile:
+    """The file `path` of the Hub dataset repository `repo`, fetched to `dest`."""
     return RemoteFile(label=dest if kw.get("unpack_to") is None else kw["unpack_to"], dest=dest, repo=repo,
                       path=path, **kw)
 
 
 def web(url: str, dest: str, **kw) -> RemoteFile:
+    """The file at `url` on its own host, fetched to `dest`."""
     return RemoteFile(label=dest if kw.get("unpack_to") is None else kw["unpack_to"], dest=dest, url=url, **kw)
 
 
