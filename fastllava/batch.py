@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
-class AnyRes:
+class AnyResGrid:
     """How an AnyRes model (LLaVA-NeXT, spatial_unpad) turns an image of (h, w) pixels into tower inputs
     and visual tokens: the grid pinpoints (height, width) pairs, `tile` the tower's image size in pixels,
     `side` feature rows (and columns) one tile yields. Made by LlavaConfig.anyres; the geometry itself is
@@ -87,7 +87,7 @@ class PackedBatch:
     image_token_id: int
     num_image_tokens: int  # placeholder positions per image; AnyRes: features per tile (side * side)
     # AnyRes only (None for fixed resolution), host-side, one entry per image in order of appearance:
-    anyres: AnyRes | None = None  # the grid the counts below were computed for
+    anyres: AnyResGrid | None = None  # the grid the counts below were computed for
     image_sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) of each image in pixels
     image_tile_counts: tuple[int, ...] | None = None  # rows of pixel_values per image
     image_token_counts: tuple[int, ...] | None = None  # placeholder positions per image
@@ -233,9 +233,8 @@ class PackedBatch:
         return PackedBatch(**pinned)
 
     @classmethod
-    def from_samples(
-        cls, samples: Sequence[dict], *, image_token_id: int, num_image_tokens: int, anyres: AnyRes | None = None
-    ) -> "PackedBatch":
+    def from_samples(cls, samples: Sequence[dict], *, image_token_id: int, num_image_tokens: int,
+                     anyres: AnyResGrid | None = None) -> "PackedBatch":
         """Pack tokenized samples into one sequence.
 
         samples: dicts with
@@ -326,7 +325,7 @@ class PackedBatch:
         return repeats
 
     @staticmethod
-    def _feature_index(anyres: AnyRes, sizes, tile_counts) -> torch.Tensor:
+    def _feature_index(anyres: AnyResGrid, sizes, tile_counts) -> torch.Tensor:
         """PackedBatch.feature_index of images of `sizes` whose tiles are rows of pixel_values in turn."""
         per_tile = anyres.side ** 2
         firsts = [0] + torch.cumsum(torch.tensor(tile_counts, dtype=torch.long), 0).tolist()

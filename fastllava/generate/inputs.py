@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ..data.images import Preprocess, load_image, preprocess_pil
+from ..data.anyres_images import AnyRes as AnyResImages
+from ..data.anyres_images import preprocess_anyres
+from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image, pil_decode, preprocess_pil
 from ..data.tokenize import load_tokenizer, prepare_tokenizer, tokenize_prompt
 from ..model.hub import resolve
 
@@ -82,16 +84,34 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.dev
     return model, tokenizer
 
 
-def image_processor(config, path: str | Path | None = None) -> Preprocess:
+def image_processor(config, path: str | Path | None = None) -> Preprocess | AnyResImages:
     """How the images of a model of LlavaConfig `config` are preprocessed: the preprocessor_config.json in its
     directory `path` if there is one, else its tower family's processor (CLIP's, SigLIP's) at the tower's
-    image size, as training chose it for a checkpoint (train/build.py). `path` may be a Hub id."""
+    image size, as training chose it for a checkpoint (train/build.py). `path` may be a Hub id. For an AnyRes
+    model, the tiling (data/anyres_images.py) at the model's grid pinpoints, around that per-tile processor
+    (a LlavaNextImageProcessor's file holds both)."""
     from ..model.families import of as families_of
 
     tower, _ = families_of(config)
-    if path is None:
-        return Preprocess.default(tower.image_processor, config.vision.image_size)
-    return Preprocess.from_dir(resolve(path, "--model"), tower.image_processor, config.vision.image_size)
+    size = config.vision.image_size
+    directory = None if path is None else resolve(path, "--model")
+    if config.anyres is None:
+        return (Preprocess.default(tower.image_processor, size) if directory is None
+                else Preprocess.from_dir(directory, tower.image_processor, size))
+    file = None if directory is None else directory / PREPROCESSOR_FILE
+    if file is None or not file.is_file():
+        return AnyResImages(Preprocess.default(tower.image_processor, size), config.anyres.pinpoints)
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read it as JSON ({e})") from None
+    if "LlavaNext" not in str(raw.get("image_processor_type")):  # a tower's own processor, tiled at the model's grid
+        return AnyResImages(Preprocess.from_file(file, size), config.anyres.pinpoints)
+    spec = AnyResImages.from_hf(raw, size, str(file))
+    if spec.pinpoints != config.anyres.pinpoints:
+        raise ValueError(f"{file}: image_grid_pinpoints {[list(p) for p in spec.pinpoints]} differ from the model's "
+                         f"{config.image_grid_pinpoints} (config.json): the tiles would not match its visual tokens")
+    return spec
 
 
 def load_pixels(images: Sequence[str | Path | Image.Image], size: int,
@@ -105,15 +125,31 @@ def load_pixels(images: Sequence[str | Path | Image.Image], size: int,
                         else load_image(im, mode="pad", size=size, processor=processor) for im in images])
 
 
+def load_anyres_pixels(images: Sequence[str | Path | Image.Image], spec: AnyResImages) -> dict:
+    """{"pixel_values": (n_tiles, 3, S, S) float32 or None, "image_sizes": [(height, width), ...]} of image files
+    or decoded PIL images for an AnyRes model: each image's base image and tiles in turn (data/anyres_images.py),
+    and its size as decoded (EXIF orientation applied), from which the model counts its visual tokens."""
+    p = spec.processor
+    decoded = [im.convert("RGB") if isinstance(im, Image.Image) else pil_decode(im, "anyres", p.size, p)
+               for im in images]
+    return {"pixel_values": torch.cat([preprocess_anyres(im, spec) for im in decoded]) if decoded else None,
+            "image_sizes": [(im.height, im.width) for im in decoded]}
+
+
 def make_prompt(turns: Sequence[dict], images: Sequence, tokenizer, model, template: str,
-                processor: Preprocess | None = None) -> dict:
-    """The generator's prompt for a conversation that ends with a human turn: {"input_ids", "pixel_values"}.
-    turns: [{"from": "human"|"gpt", "value": str}, ...] with one <image> tag per image. template: the one the
-    model was trained in (model_template). processor: image_processor(model.config, its directory); default
-    its tower family's."""
-    size = model.config.vision.image_size
-    return {"input_ids": tokenize_prompt(turns, tokenizer, template),
-            "pixel_values": load_pixels(images, size, processor or image_processor(model.config))}
+                processor: Preprocess | AnyResImages | None = None) -> dict:
+    """The generator's prompt for a conversation that ends with a human turn: {"input_ids", "pixel_values"}
+    (and "image_sizes" for an AnyRes model). turns: [{"from": "human"|"gpt", "value": str}, ...] with one <image>
+    tag per image. template: the one the model was trained in (model_template). processor:
+    image_processor(model.config, its directory); default its tower family's (tiled at the model's grid)."""
+    processor = processor or image_processor(model.config)
+    ids = tokenize_prompt(turns, tokenizer, template)
+    if model.config.anyres is not None:
+        if not isinstance(processor, AnyResImages):
+            raise TypeError(f"an AnyRes model's images are tiled: pass image_processor(model.config, ...)'s "
+                            f"tiling, not a {type(processor).__name__}")
+        return {"input_ids": ids, **load_anyres_pixels(images, processor)}
+    return {"input_ids": ids, "pixel_values": load_pixels(images, model.config.vision.image_size, processor)}
 
 
 class StreamDecoder:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..anyres import DEFAULT_PINPOINTS
-from ..batch import AnyRes
+from ..batch import AnyResGrid
 
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -241,12 +241,12 @@ class LlavaConfig:
             self.image_grid_pinpoints = [list(p) for p in self.anyres.pinpoints]  # validated there
 
     @property
-    def anyres(self) -> Optional[AnyRes]:
-        """The AnyRes grid (tiles, tokens and feature placement of an image: batch.AnyRes), None at fixed
+    def anyres(self) -> Optional[AnyResGrid]:
+        """The AnyRes grid (tiles, tokens and feature placement of an image: batch.AnyResGrid), None at fixed
         resolution."""
         if self.image_grid_pinpoints is None:
             return None
-        return AnyRes(tuple(map(tuple, self.image_grid_pinpoints)), self.vision.image_size,
+        return AnyResGrid(tuple(map(tuple, self.image_grid_pinpoints)), self.vision.image_size,
                       self.vision.image_size // self.vision.patch_size)
 
     @property
@@ -258,7 +258,7 @@ class LlavaConfig:
     @property
     def num_image_tokens(self) -> int:
         """Positions one image occupies in the LLM's sequence (576 for ViT-L/14 at 336 px); with AnyRes the
-        features of one tile (an image's count depends on its size: AnyRes.num_tokens)."""
+        features of one tile (an image's count depends on its size: AnyResGrid.num_tokens)."""
         return self.vision.num_patches + (self.vision_feature_select == "cls_patch")
 
     @property

@@ -4,8 +4,9 @@ Every checkpoint key is first rewritten to its *canonical* llava-hf name (the la
 llava-hf/llava-1.5-7b-hf, which transformers 4.x and 5.x both load): the tower's standard keys under
 `vision_tower.`, the decoder's under `language_model.` (families/: `vision_tower.vision_model.*`,
 `language_model.model.*`, `language_model.lm_head.weight` for CLIP and LLaMA), the projector as
-`multi_modal_projector.linear_N.*`, AnyRes's learned newline as `image_newline`. The projector and the layouts (llava-hf spellings, original LLaVA's
-LlavaLlamaForCausalLM) are named here; each tower's and decoder's own names in its family.
+`multi_modal_projector.linear_N.*`, AnyRes's learned newline as `image_newline`. The projector, the newline and
+the layouts (llava-hf spellings, original LLaVA's LlavaLlamaForCausalLM) are named here; each tower's and
+decoder's own names in its family.
 """
 
 from __future__ import annotations

@@ -122,8 +122,9 @@ class Llava(nn.Module):
         """Generated token ids after each prompt, in input order (fastllava.generate.Generator).
 
         prompts: dicts {"input_ids": list[int] with ONE image token per image, "pixel_values": (n_images,
-          3, S, S) tensor or None}; AnyRes: each image's tiles, and "image_sizes" (Generator.stream). A sequence ends after `eos_token_id` (not included), after one of the
-          `stop` id sequences (not included) or at max_new_tokens. temperature 0 is greedy, otherwise
+          3, S, S) tensor or None}; AnyRes: each image's tiles, and "image_sizes" (Generator.stream). A sequence
+          ends after `eos_token_id` (not included), after one of the `stop` id sequences (not included) or at
+          max_new_tokens. temperature 0 is greedy, otherwise
           nucleus sampling (top_p) from a per-prompt generator seeded by (seed, prompt index).
         max_batch_size: sequences decoded together; prefill_tokens: token budget of one packed prefill.
         """

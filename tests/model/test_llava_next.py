@@ -30,8 +30,8 @@ PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
 SIZES = [(30, 130), (130, 30), (100, 90), (50, 100), (97, 41), (3, 200), (900, 1700)]
 
 
-def next_config(**fields):
-    return tiny_config(vision={"image_size": TILE}, text={"max_position_embeddings": 512},
+def next_config(text=None, **fields):
+    return tiny_config(vision={"image_size": TILE}, text={"max_position_embeddings": 512, **(text or {})},
                        **{"image_grid_pinpoints": PINPOINTS, **fields})
 
 
@@ -111,7 +111,8 @@ def test_the_images_cover_every_grid_and_both_cuts():
     assert grids == {(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)}
     anyres, side = next_config().anyres, TILE // 14
     tokens = [anyres.num_tokens(s) - side * side for s in SIZES]
-    full = [r * side * (c * side + 1) for r, c in (get_anyres_image_grid_shape(list(s), PINPOINTS, TILE) for s in SIZES)]
+    shapes = [get_anyres_image_grid_shape(list(s), PINPOINTS, TILE) for s in SIZES]
+    full = [r * side * (c * side + 1) for r, c in shapes]
     assert any(t < f for t, f in zip(tokens, full)) and any(t == f for t, f in zip(tokens, full))
 
 
@@ -150,6 +151,50 @@ def test_greedy_generation_matches_transformers(hf_next, tmp_path):
     assert model.generate(prompts, max_new_tokens=8) == expected
     with pytest.raises(ValueError, match="prompt 0: 1 image tokens .* 0 image_sizes"):
         model.generate([{**prompts[0], "image_sizes": None}], max_new_tokens=1)
+
+
+def test_a_llava_hf_directory_chats_as_transformers_generates(tmp_path):
+    """What chat and eval do with a llava-hf LLaVA-NeXT directory (its tokenizer, its LlavaNextImageProcessor
+    config, image files of three aspect ratios, one prompt with two images): make_prompt's tiles and counts,
+    then greedy generation, give transformers' tokens from its own processor's pixels."""
+    from fastllava.data.tokenize import load_tokenizer
+    from fastllava.generate.inputs import image_processor, load_model, make_prompt
+    from fastllava.testing import write_llama_tokenizer
+
+    tokenizer = load_tokenizer(write_llama_tokenizer(tmp_path / "model"))
+    config = next_config(text={"vocab_size": 512}, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    tiny_model(config, seed=7).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    hf_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                              image_grid_pinpoints=PINPOINTS)
+    hf_processor.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(1)
+    files = []
+    for k, (h, w) in enumerate([(30, 130), (130, 30), (100, 90)]):
+        files.append(tmp_path / f"{k}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    model, tokenizer = load_model(tmp_path / "model", dtype="fp32", device="cpu")
+    processor = image_processor(model.config, tmp_path / "model")
+    questions = [([f], "<image>\nWhat is in the image?") for f in files] + [(files[:2], "<image>\n<image>\nCompare.")]
+    prompts = [make_prompt([{"from": "human", "value": text}], images, tokenizer, model, "vicuna_v1", processor)
+               for images, text in questions]
+    assert [p["image_sizes"] for p in prompts[:3]] == [[(30, 130)], [(130, 30)], [(100, 90)]]
+
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    expected = []
+    for prompt, (images, _) in zip(prompts, questions):
+        pixels = hf_processor([Image.open(f).convert("RGB") for f in images], return_tensors="pt")
+        tiles = [image_size_to_num_patches(hw.tolist(), PINPOINTS, TILE) for hw in pixels["image_sizes"]]
+        sample = {"input_ids": torch.tensor(prompt["input_ids"]), "labels": torch.tensor(prompt["input_ids"]),
+                  "pixel_values": torch.cat([pv[:n] for pv, n in zip(pixels["pixel_values"], tiles)]),
+                  "image_sizes": prompt["image_sizes"]}
+        ids, inputs = hf_inputs(sample, model.config)
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                          **inputs)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    assert model.generate(prompts, max_new_tokens=6) == expected
 
 
 def test_the_tower_runs_once_over_every_tile_of_the_pack(hf_next, tmp_path):
