@@ -12,20 +12,33 @@ Steps (LlavaNextImageProcessor's get_image_patches, then its per-tile processing
   4. each of the 1 + rows * cols images through the tower processor's resize, centre crop and normalization
      (images.preprocess_pil): for tiles already S x S with shortest_edge = S, the normalization only.
 S is the tower's image_size; the same resampling filter (bicubic) everywhere, as the processor.
+
+load_anyres_images takes NVIDIA DALI when it is installed, as images.load_images does and for the same files
+(images._dali_ready): DALI decodes, makes the canvas of step 2 and the base image, and normalizes; the host
+cuts the canvas into tiles (a view). Only for processors whose tiles need no resize (shortest_edge = size, or
+no crop: every LLaVA-NeXT checkpoint's); DALI's cubic resize differs from Pillow's by a few uint8 levels
+(tests/data/test_anyres.py). Images carry a different number of tiles each: a batch is a list.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import ExifTags, Image
 
 from .. import anyres
 from .images import Preprocess, open_header, pil_decode, preprocess_pil
+# the DALI path shares images.py's checks and routing (which files DALI decodes exactly as Pillow does)
+from .images import _check_args, _dali_device, _dali_ready, _DALI_FILTERS, _use_dali
+
+_pipelines: dict = {}
 
 # Orientations 5-8 turn the image a quarter: its (height, width) swap (ImageOps.exif_transpose's table)
 _QUARTER_TURNS = {5, 6, 7, 8}
@@ -88,9 +101,92 @@ def load_anyres(path, spec: AnyRes) -> torch.Tensor:
     return preprocess_anyres(pil_decode(path, "anyres", p.size, p), spec)
 
 
-def load_anyres_images(paths: Sequence, spec: AnyRes) -> list[torch.Tensor]:
-    """load_anyres of each path: a list, since every image has its own number of tiles."""
-    return [load_anyres(path, spec) for path in paths]
+def load_anyres_images(paths: Sequence, spec: AnyRes, backend: str = "auto",
+                       num_threads: int | None = None) -> list[torch.Tensor]:
+    """load_anyres of each path, a list since every image has its own number of tiles. backend as
+    images.load_images: "auto" takes DALI when it is installed and matches the processor (its filter, and
+    tiles that the processor does not resize: shortest_edge = size, or no crop), Pillow otherwise."""
+    p = spec.processor
+    _check_args("square", p.size, backend, p)  # the backend's name, DALI installed, its filter
+    if backend == "dali" and p.shortest_edge not in (None, p.size):
+        raise ValueError(f"image backend 'dali' tiles only for a processor that does not resize its tiles (here "
+                         f"shortest_edge {p.shortest_edge}, size {p.size}): use backend 'pil' or 'auto'")
+    out: list = [None] * len(paths)
+    if _use_dali(backend, p) and p.shortest_edge in (None, p.size):
+        _load_dali(paths, spec, out, num_threads or min(4, os.cpu_count() or 1))
+    return [load_anyres(path, spec) if tiles is None else tiles for path, tiles in zip(paths, out)]
+
+
+# ----------------------------------------------------------------------------- DALI
+
+
+def _dali_pipeline(batch_size: int, device: str, num_threads: int, processor: Preprocess):
+    """Decode; resize into the pinpoint and centre on its black canvas; resize the whole image to the base;
+    normalize both. The host cuts the canvas into tiles (a view): no per-tile work in DALI."""
+    key = (batch_size, device, num_threads, processor)
+    if key in _pipelines:
+        return _pipelines[key]
+    from nvidia.dali import fn, pipeline_def, types
+
+    mean, std = [255.0 * m for m in processor.mean], [255.0 * s for s in processor.std]
+    interp = getattr(types, _DALI_FILTERS[processor.resample])
+    side = processor.size
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads,
+                  device_id=torch.cuda.current_device() if device == "mixed" else None,
+                  prefetch_queue_depth=1, exec_dynamic=True)
+    def pipe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
+        resize_hw = fn.external_source(name="resize", batch=True)  # (2,) float32 h, w: inside the pinpoint
+        pad_start = fn.external_source(name="pad_start", batch=True)  # (2,) int32 -top, -left
+        pad_shape = fn.external_source(name="pad_shape", batch=True)  # (2,) int32 the pinpoint's h, w
+        img = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
+        grid = fn.resize(img, size=resize_hw, interp_type=interp, antialias=True)
+        grid = fn.slice(grid, start=pad_start, shape=pad_shape, axis_names="HW", out_of_bounds_policy="pad",
+                        fill_values=[0, 0, 0])
+        base = fn.resize(img, size=[side, side], interp_type=interp, antialias=True)
+        return tuple(fn.crop_mirror_normalize(x, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+                     for x in (base, grid))
+
+    built = pipe()
+    built.build()
+    _pipelines[key] = built
+    return built
+
+
+def _load_dali(paths: Sequence, spec: AnyRes, out: list, num_threads: int) -> None:
+    """Fill out[i] for every path DALI can take (images._dali_ready: what it decodes as Pillow does)."""
+    p, side = spec.processor, spec.processor.size
+    ready = {i: r for i, path in enumerate(paths) if (r := _dali_ready(path, "anyres", p)) is not None}
+    if not ready:
+        return
+    feeds = {k: [] for k in ("encoded", "resize", "pad_start", "pad_shape")}
+    for data, (w, h) in ready.values():
+        target = anyres.select_best_resolution((h, w), spec.pinpoints)
+        resized = anyres.resized_shape((h, w), target)
+        top, left = anyres.pad_offsets(resized, target)
+        feeds["encoded"].append(np.frombuffer(data, dtype=np.uint8))
+        feeds["resize"].append(np.array(resized, np.float32))
+        feeds["pad_start"].append(np.array([-top, -left], np.int32))
+        feeds["pad_shape"].append(np.array(target, np.int32))
+    device = _dali_device()
+    pipe = _dali_pipeline(len(ready), device, num_threads, p)
+    try:
+        for name, batch in feeds.items():
+            pipe.feed_input(name, batch)
+        base, grid = pipe.run()
+    except RuntimeError as e:  # as images._load_dali: the pipeline is unusable; Pillow redoes the batch
+        _pipelines.pop((len(ready), device, num_threads, p), None)
+        warnings.warn(f"DALI failed on a batch of {len(ready)} images, redoing it with Pillow: {str(e)[:300]}",
+                      stacklevel=3)
+        return
+    if device == "mixed":
+        base, grid = base.as_cpu(), grid.as_cpu()
+    for k, i in enumerate(ready):
+        canvas = torch.from_numpy(np.array(grid[k]))  # (3, rows * S, cols * S)
+        rows, cols = canvas.shape[1] // side, canvas.shape[2] // side
+        tiles = canvas.view(3, rows, side, cols, side).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, side, side)
+        out[i] = torch.cat([torch.from_numpy(np.array(base[k]))[None], tiles])
 
 
 # ----------------------------------------------------------------------------- sizes from headers

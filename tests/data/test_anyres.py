@@ -11,6 +11,7 @@ from transformers.image_processing_utils import get_patch_output_size
 from transformers.image_processing_utils import select_best_resolution as hf_best
 from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next import modeling_llava_next as hf_model
+from test_images import needs_dali
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from fastllava import anyres
@@ -156,19 +157,23 @@ def processors():
     return _processors()
 
 
-@pytest.fixture(scope="module")
-def tile_files(tmp_path_factory):
-    """PNG files of TILE_SIZES; the large one a smooth upscale of a small photo (quick to make and to save)."""
+def _tile_files(folder, ext: str):
+    """Files of TILE_SIZES; the large one a smooth upscale of a small photo (quick to make and to save)."""
     from PIL import Image
     from test_images import _photo as photo
 
-    folder, paths = tmp_path_factory.mktemp("anyres"), []
+    paths = []
     for k, (w, h) in enumerate(TILE_SIZES):
         img = Image.fromarray(photo(w, h, seed=k)) if w * h < 10**6 else \
             Image.fromarray(photo(w // 4, h // 4, seed=k)).resize((w, h), Image.Resampling.BICUBIC)
-        img.save(path := folder / f"{w}x{h}.png", compress_level=1)
+        img.save(path := folder / f"{w}x{h}.{ext}", **({"quality": 95} if ext == "jpg" else {"compress_level": 1}))
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="module")
+def tile_files(tmp_path_factory):
+    return _tile_files(tmp_path_factory.mktemp("anyres"), "png")
 
 
 @pytest.mark.parametrize("which", ["clip-336", "siglip-384", "resize-crop-224"])
@@ -307,3 +312,65 @@ def test_pixel_limit_counts_the_decoded_image_only(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 3000 * 4 - 1)
     with pytest.raises(images.ImageError, match="strip.png.*MAX_IMAGE_PIXELS"):
         load_anyres(path, AnyRes())
+
+
+# ----------------------------------------------------------------------------- DALI
+
+# DALI's antialiased cubic resize against Pillow's bicubic, in uint8 levels after the normalization (as
+# test_siglip_preprocess.py). Measured here (2026-12-06, 2-core CPU, DALI 2.4.0 CPU pipeline) on TILE_SIZES
+# as JPEGs: at most 4 levels (CLIP-336) and 5 (SigLIP-384), 0.2 of a level on average.
+DALI_MEAN_LEVELS, DALI_MAX_LEVELS = 0.3, 5.5
+
+
+@needs_dali
+@pytest.mark.parametrize("which", ["clip-336", "siglip-384"])
+def test_dali_tiles_match_llava_next_processor(tmp_path, processors, which):
+    from PIL import Image
+
+    from fastllava.data.anyres_images import load_anyres, load_anyres_images
+
+    ours, theirs = processors[which]
+    level = 1 / (255 * min(ours.processor.std))
+    paths = _tile_files(tmp_path, "jpg")
+    out = load_anyres_images(paths, ours, backend="dali")
+    for path, tiles in zip(paths, out):
+        ref = theirs(Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        assert tiles.dtype == torch.float32 and tiles.shape == ref.shape, path.name
+        err = (tiles - ref).abs() / level
+        assert err.mean() < DALI_MEAN_LEVELS and err.max() < DALI_MAX_LEVELS, (path.name, err.mean(), err.max())
+    # the DALI path was taken: its resize is not bit-identical to Pillow's
+    assert (out[0] - load_anyres(paths[0], ours)).abs().max() > 0
+
+
+@needs_dali
+def test_dali_routes_what_it_cannot_match_to_pillow(tmp_path, processors):
+    """EXIF-rotated and RGBA files go through Pillow inside a DALI batch; a processor that resizes its tiles
+    goes through Pillow on "auto" and is refused on "dali"."""
+    from PIL import Image
+
+    from fastllava.data.anyres_images import load_anyres, load_anyres_images
+    from test_images import _photo as photo
+
+    ours, _ = processors["clip-336"]
+    img = Image.fromarray(photo(500, 300, seed=3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(rotated := tmp_path / "rotated.jpg", exif=exif, quality=95)
+    img.putalpha(128)
+    img.save(rgba := tmp_path / "rgba.png")
+    Image.fromarray(photo(640, 480)).save(plain := tmp_path / "plain.jpg", quality=95)
+    out = load_anyres_images([rotated, plain, rgba], ours, backend="dali")
+    for path, tiles in zip([rotated, rgba], [out[0], out[2]]):
+        assert torch.equal(tiles, load_anyres(path, ours)), path.name
+    assert out[0].shape[0] == ours.num_tiles((500, 300))  # upright: 500 high
+    resizing, _ = processors["resize-crop-224"]
+    with pytest.raises(ValueError, match="dali.*shortest_edge 256"):
+        load_anyres_images([plain], resizing, backend="dali")
+    assert torch.equal(load_anyres_images([plain], resizing)[0], load_anyres(plain, resizing))
+
+
+def test_load_anyres_images_bad_backend():
+    from fastllava.data.anyres_images import AnyRes, load_anyres_images
+
+    with pytest.raises(ValueError, match="backend"):
+        load_anyres_images(["x.jpg"], AnyRes(), backend="cv2")
