@@ -231,6 +231,41 @@ def test_original_layout_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
 
+def test_original_llava_next_layout_reads_as_transformers(hf_next, tmp_path):
+    """LLaVA-NeXT's own layout (LlavaLlamaForCausalLM, model.image_newline, anyres + spatial_unpad, pinpoints as
+    (width, height) pairs, the tower in its own CLIP directory) computes transformers' logits."""
+    import json
+
+    from safetensors.torch import save_file
+    from test_hf_interop import original_llava_state, save_as_clip
+
+    save_as_clip(hf_next, tmp_path / "clip")
+    state = {**original_llava_state(hf_next), "model.image_newline": hf_next.model.image_newline.detach().clone()}
+    (tmp_path / "orig").mkdir()
+    save_file(state, tmp_path / "orig" / "model.safetensors")
+    text = hf_next.config.text_config.to_dict()
+    config = {
+        **{k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings")},
+        "rope_theta": 10000.0, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_vision_tower": str(tmp_path / "clip"), "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch", "mm_hidden_size": 32, "image_aspect_ratio": "anyres",
+        "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[w, h] for h, w in PINPOINTS],
+    }
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
+    model = Llava.from_pretrained(tmp_path / "orig", image_token_id=IMAGE_TOKEN)
+    assert model.config.image_grid_pinpoints == PINPOINTS
+    samples = make_samples(4)
+    with torch.no_grad():
+        ours = model(pack(samples, model.config), return_logits=True).logits
+    assert rel_err(ours, hf_logits_per_sample(hf_next, samples, model.config)) <= 1e-5
+    for change, message in (({"mm_patch_merge_type": "spatial"}, "mm_patch_merge_type 'spatial'"),
+                            ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9'")):
+        (tmp_path / "orig" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=message):
+            Llava.from_pretrained(tmp_path / "orig")
+
+
 def test_micro_step_reads_nothing_on_the_host_and_trains_the_newline(monkeypatch):
     model = tiny_model(next_config())
     set_trainable(model, "finetune")
