@@ -246,7 +246,8 @@ def test_original_llava_next_layout_reads_as_transformers(hf_next, tmp_path):
     text = hf_next.config.text_config.to_dict()
     config = {
         **{k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings")},
+                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                "max_position_embeddings")},
         "rope_theta": 10000.0, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
         "mm_vision_tower": str(tmp_path / "clip"), "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch", "mm_hidden_size": 32, "image_aspect_ratio": "anyres",
