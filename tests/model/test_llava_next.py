@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_no_host_sync import HostReads, micro_step
+from test_no_host_sync import recorded_micro_step
 from tiny_llava import IMAGE_TOKEN, rel_err
 from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -270,13 +270,8 @@ def test_original_llava_next_layout_reads_as_transformers(hf_next, tmp_path):
 def test_micro_step_reads_nothing_on_the_host_and_trains_the_newline(monkeypatch):
     model = tiny_model(next_config())
     set_trainable(model, "finetune")
-    batch = pack(make_samples(), model.config)
-    recorder = HostReads()
-    recorder.record_tolist(monkeypatch)
-    with recorder:
-        out = micro_step(model, batch)
-    monkeypatch.undo()
-    assert recorder.found == []
+    found, _ = recorded_micro_step(model, pack(make_samples(), model.config), monkeypatch)
+    assert found == []
     assert model.image_newline.grad is not None and model.image_newline.grad.abs().sum() > 0
 
 

@@ -79,17 +79,22 @@ def micro_step(model, batch):
     return out
 
 
-@pytest.mark.parametrize("stage", ["align", "finetune"])
-def test_training_micro_step_reads_nothing_on_the_host(stage, monkeypatch):
-    model = tiny_model()
-    set_trainable(model, stage)
-    batch = pack(make_samples(), model.num_image_tokens)
+def recorded_micro_step(model, batch, monkeypatch):
+    """(the host reads HostReads found, the output) of one micro_step."""
     recorder = HostReads()
     recorder.record_tolist(monkeypatch)
     with recorder:
         out = micro_step(model, batch)
     monkeypatch.undo()
-    assert recorder.found == []
+    return recorder.found, out
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_training_micro_step_reads_nothing_on_the_host(stage, monkeypatch):
+    model = tiny_model()
+    set_trainable(model, stage)
+    found, out = recorded_micro_step(model, pack(make_samples(), model.num_image_tokens), monkeypatch)
+    assert found == []
     assert torch.isfinite(out.loss_sum)
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained)
