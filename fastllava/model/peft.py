@@ -8,8 +8,11 @@ LlavaForConditionalGeneration (transformers 5 module names), so
 
 gives the fine-tuned model. Keys: `base_model.model.<module>.lora_A.weight` / `lora_B.weight` for each
 adapted layer, and the projector, trained in full, in `modules_to_save` as
-`base_model.model.model.multi_modal_projector.linear_{1,2}.{weight,bias}`. Only the mlp2x_gelu projector
-has a place in LlavaForConditionalGeneration; other projectors get the merged export alone.
+`base_model.model.model.multi_modal_projector.linear_{1,2}.{weight,bias}`; a vision tower trained in full
+beside the adapters (train.unfreeze_vision) is there too, whole, as `base_model.model.model.vision_tower.*`
+(PEFT's own way to carry fully trained modules; LLaVA-NeXT writes the same weights to non_lora_trainables.bin).
+Only the mlp2x_gelu projector has a place in LlavaForConditionalGeneration; other projectors get the merged
+export alone.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .keys import LLM, to_checkpoint_key
+from .keys import LLM, VISION, to_checkpoint_key
 from .stacked import stack_adapters
 
 _PREFIX = "base_model.model."
 _PROJECTOR = "multi_modal_projector"
+_TOWER = "vision_tower"
 
 
 def transformers_module_name(name: str, config) -> str:
@@ -36,16 +40,20 @@ def _transformers_name(key: str) -> str:
     """Canonical llava-hf key (the file layout: transformers 4 module names) -> transformers 5's name."""
     if key.startswith(LLM):
         return "model.language_model." + key[len(LLM):]
+    if key.startswith(VISION):  # transformers 5's towers leave out the files' `vision_model.` (families/clip.py)
+        return f"model.{_TOWER}." + key[len(VISION):]
     if key.startswith(_PROJECTOR + "."):
         return "model." + key
     return key
 
 
 def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora, *,
-                      base_model: str | None = None) -> None:
-    """Write the adapters and the projector of `trained` (our name -> full tensor: the trainable parameters
-    of a LoRA run) as a PEFT LoRA adapter. lora: the run's LoRAConfig. base_model: recorded as
-    base_model_name_or_path (the checkpoint the adapters apply to)."""
+                      base_model: str | None = None, carried: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapters, the projector and (if it trained) the vision tower of `trained` (our name -> full
+    tensor: the trainable parameters of a LoRA run) as a PEFT LoRA adapter. lora: the run's LoRAConfig.
+    base_model: recorded as base_model_name_or_path (the checkpoint the adapters apply to). carried: the
+    model's tensors that the forward never uses (Llava.carried, canonical keys): PEFT replaces a module of
+    modules_to_save whole, so a trained tower's unused layers and norms come too, as they were."""
     if config.projector_type != "mlp2x_gelu":
         raise ValueError(f"a PEFT adapter for LlavaForConditionalGeneration needs an mlp2x_gelu projector, not "
                          f"{config.projector_type!r}; use the merged export")
@@ -54,10 +62,15 @@ def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora
         if name.endswith((".lora_a", ".lora_b")):
             module, kind = name.rsplit(".", 1)
             adapters.setdefault(to_checkpoint_key(module + ".weight", config), [None, None])[kind == "lora_b"] = t
-        elif name.startswith("projector."):
+        elif name.startswith(("projector.", _TOWER + ".")):
             tensors[_PREFIX + transformers_module_name(name, config)] = t
         else:
-            raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter nor the projector")
+            raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter, the projector nor the "
+                             "vision tower")
+    if any(n.startswith(_TOWER + ".") for n in trained):
+        for key, t in (carried or {}).items():
+            if key.startswith(VISION):
+                tensors[_PREFIX + _transformers_name(key)] = t
     # A family that stores q/k/v (or gate/up) as one Linear (Phi-3's qkv_proj) is adapted there by PEFT: one
     # adapter of rank n r and alpha n alpha per stacked Linear, equal to our n adapters (model/stacked.py).
     adapters, joined = stack_adapters(adapters, config)
@@ -77,7 +90,7 @@ def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora
         "target_modules": rf".*language_model.*\.({'|'.join(targets)})",
         "rank_pattern": {name: n * lora.rank for name, n in stacked.items()},
         "alpha_pattern": {name: n * lora.alpha for name, n in stacked.items()},
-        "modules_to_save": [_PROJECTOR],
+        "modules_to_save": [_PROJECTOR] + ([_TOWER] if any(n.startswith(_TOWER + ".") for n in trained) else []),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

@@ -106,7 +106,8 @@ def export(model, stage: str, output_dir: str | Path, env: DistEnv, tokenizer=No
             written.append(out / "adapter")
             if env.is_main and failure is None:
                 failure = attempt_write(
-                    lambda: save_peft_adapter(model.config, out / "adapter", trained, lora, base_model=base_model))
+                    lambda: save_peft_adapter(model.config, out / "adapter", trained, lora, base_model=base_model,
+                                              carried=model.carried))
     failed = gather_failures(failure)
     if failed:
         if env.is_main:  # a half-written export must not pass for a whole one

@@ -32,6 +32,7 @@ class StepRecord:
     flops: float  # over all ranks
     seconds: float
     skipped: bool = False  # a non-finite loss or gradient norm: no update (trainer.py)
+    lrs: dict[str, float] = field(default_factory=dict)  # each module's lr when it has its own (train/optim.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -86,6 +87,8 @@ class Meter:
             scalars = {"loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm, "tokens_per_s": rec.tokens_per_s}
             if mfu is not None:
                 scalars["mfu"] = mfu
+            if len(rec.lrs) > 1:  # a module with its own lr: each one as lr/<module>
+                scalars.update({f"lr/{name}": value for name, value in rec.lrs.items()})
             for w in self._writers:
                 w(rec.step, scalars)
 

@@ -44,7 +44,7 @@ from .export import export
 from .faults import NonFiniteError, bad_packs, check_finite, explain_oom, give_up_message
 from .freeze import set_trainable, trainable_parameters
 from .metrics import Meter, StepRecord, format_summary, make_writers
-from .optim import build_optimizer, build_scheduler, clip_grad_norm
+from .optim import build_optimizer, build_scheduler, clip_grad_norm, describe_groups, module_lrs
 from .sharded_load import copy_full_, parallelize_and_load
 
 
@@ -186,7 +186,7 @@ class Trainer:
         # all-reduced loss decides, with the global gradient norm, whether there is one.
         loss_total, tokens, sum_sq, images, samples, stop_votes = all_reduce_sum(
             [float(pack_losses.sum()), tokens, sum_sq, images, samples, float(stop_requested)], env.device)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr, lrs = self.optimizer.param_groups[0]["lr"], module_lrs(self.optimizer)  # before the schedule steps
         bad = None
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             with self._explain_oom(f"the optimizer step of step {step + 1} (AdamW's state is allocated at the first)"):
@@ -198,7 +198,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
         record = StepRecord(step + 1, loss_total / max(global_labels, 1.0), lr, grad_norm, int(tokens), int(samples),
                             self.flop_model.flops(int(tokens), int(sum_sq), int(images)), time.perf_counter() - t0,
-                            skipped=bad is not None)
+                            skipped=bad is not None, lrs=lrs)
         return record, stop_votes > 0, bad
 
     def _explain_oom(self, where: str, batch=None):
@@ -265,6 +265,7 @@ class Trainer:
             print(f"stage {cfg.train.stage}: {self.counts['trainable']:,} trainable / {self.counts['frozen']:,} frozen "
                   f"parameters, {env.world_size} rank(s) on {env.device.type}, steps "
                   f"{self.start_step}..{self.run_steps}{where}", flush=True)
+            print(describe_groups(self.optimizer), flush=True)
         meter = Meter(total_steps=self.run_steps, start_step=self.start_step, world_size=env.world_size,
                       peak_tflops=peak_tflops(env.device, cfg.logging.peak_tflops),
                       show_progress=env.is_main and cfg.logging.progress)
