@@ -204,6 +204,8 @@ def image_size(path) -> tuple[int, int]:
             orientation = exif_of(img).get(ExifTags.Base.Orientation, 1)
         except (OSError, SyntaxError, ValueError, EOFError):
             orientation = 1  # unreadable metadata: the decode path then fails on the file and names it
+        if img.format == "TIFF" and img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
+            orientation = 1  # Pillow's TIFF plugin (13.0) reports the size already turned, and turns at load
     return (width, height) if orientation in _QUARTER_TURNS else (height, width)
 
 
