@@ -8,7 +8,7 @@ The server answers two kinds of path:
   /<host>/<path>       server.files["<host>/<path>"], as `range` unless server.kinds names another
                        behaviour for that key (any of the above, or trickle: 2 KiB every 20 ms).
 Each request's path and Range header are logged in server.log, its Authorization header in server.auth;
-server.spans[path] the (start, end) monotonic times of each answer.
+server.spans[path] the (start, last piece) monotonic times of each trickled answer.
 `mirror_args(server)` points every host of sources.hosts() at /<host>/ through --mirror, the option a user
 with a mirror uses; `serve_fakes(server)` serves a fake of every file of every name at its real URL's path,
 shaped like the real one (the archives' top folders, the json's image paths).
@@ -38,10 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
-        start = time.monotonic()
         self._answer(srv)
-        with srv.lock:
-            srv.spans.setdefault(self.path.lstrip("/"), []).append((start, time.monotonic()))
 
     def _answer(self, srv):
         path = self.path.lstrip("/")
@@ -75,10 +72,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._head(200, len(data))
         if kind != "trickle":
             return self.wfile.write(data[start:])
+        began = time.monotonic()
         for i in range(start, len(data), TRICKLE):
+            if i + TRICKLE >= len(data):  # recorded before the last piece: the client cannot be done before it
+                with srv.lock:
+                    srv.spans.setdefault(path, []).append((began, time.monotonic()))
+            else:
+                time.sleep(0.02)
             self.wfile.write(data[i : i + TRICKLE])
             self.wfile.flush()
-            time.sleep(0.02)
 
     def _head(self, status, length, content_range=None):
         self.send_response(status)
