@@ -113,6 +113,11 @@ class PackedBatch:
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
     @property
+    def num_tiles(self) -> int:
+        """Images the vision tower encodes: rows of pixel_values (an AnyRes image is its base image and tiles)."""
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+    @property
     def num_image_features(self) -> int:
         """Placeholder positions of all images of the pack."""
         if self.anyres is not None:

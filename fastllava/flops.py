@@ -96,6 +96,8 @@ class FlopModel:
 
 
 def pack_stats(batch) -> tuple[int, int, int]:
-    """(tokens, sum of squared sample lengths, images) of a PackedBatch: the arguments of FlopModel.flops."""
+    """(tokens, sum of squared sample lengths, images) of a PackedBatch: the arguments of FlopModel.flops. The
+    images are what the tower encodes (an AnyRes image's base image and tiles each count as one): the tower and
+    the projector run on every tile; the per-image gather that follows is no FLOP."""
     lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-    return batch.num_tokens, int((lens * lens).sum()), batch.num_images
+    return batch.num_tokens, int((lens * lens).sum()), batch.num_tiles

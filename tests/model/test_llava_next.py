@@ -275,6 +275,29 @@ def test_micro_step_reads_nothing_on_the_host_and_trains_the_newline(monkeypatch
     assert model.image_newline.grad is not None and model.image_newline.grad.abs().sum() > 0
 
 
+def test_micro_step_under_fake_tensors_counts_every_tile():
+    """The AnyRes micro-step runs on fake tensors (how memplan plans a 7B), and the projector FLOPs counted by
+    the op's formula are those of flops.py for the pack's tiles, not its images."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastllava.flops import pack_stats
+
+    config = next_config()
+    batch = pack(make_samples(), config)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = Llava(config, TORCH_BACKENDS)
+        set_trainable(model, "finetune")
+        with FlopCounterMode(display=False) as counter:
+            out = model(batch)
+            out.loss_sum.backward()
+        assert model.image_newline.grad is not None
+    tiles = pack_stats(batch)[2]
+    assert tiles == batch.pixel_values.shape[0] > batch.num_images
+    n, c, d = tiles * config.num_image_tokens, config.vision.hidden_size, config.text.hidden_size
+    assert counter.get_flop_counts()["Global"][torch.ops.fastllava.fused_mlp_projector] == 2 * n * c * d + 2 * n * d * d
+
+
 def test_merge_kernel_in_the_interpreter_with_ragged_image_counts():
     """Images of different token counts are one flat run of feature rows for the merge: the Triton kernel (in
     the interpreter on CPU) places them and routes their gradients as the torch path does."""
