@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .layers.lora import LORA_TARGETS
 from .model.config import Backends, LlavaConfig
+from .model.hub import check_ref, is_hub_id
 
 # The LlavaConfig fields that neither a tower nor a decoder checkpoint holds: how the two connect.
 CONNECTOR_FIELDS = ("projector_type", "vision_feature_layer", "vision_feature_select")
@@ -44,7 +45,9 @@ class ModelConfig:
       scratch     every weight random (model/init.py, `init_seed`) from the whole `architecture`.
     The tokenizer is read from `tokenizer_path`, default `llm_path` / `pretrained_path`. image_token_id and
     pad_token_id always come from the tokenizer. Each *_path directory may be a Hugging Face Hub id instead,
-    `org/name[@revision]` (model/hub.py), resolved when the model is built.
+    `org/name[@revision]` (model/hub.py), resolved when the model is built; `projector_weights` a file, a
+    directory holding one (a stage-1 output), `org/name[@revision]` (its mm_projector.bin / .safetensors) or
+    `org/name[@revision]/FILE`. A value that is neither an existing path nor written as an id is refused here.
     """
 
     source: Literal["components", "pretrained", "scratch"] = "components"
@@ -64,6 +67,9 @@ class ModelConfig:
         missing = [f"model.{k}" for k in needs if getattr(self, k) is None]
         if missing:
             raise ValueError(f"model.source={self.source!r} needs {', '.join(missing)} to be set")
+        for key in ("vision_path", "llm_path", "pretrained_path", "tokenizer_path", "projector_weights"):
+            if getattr(self, key) is not None:
+                check_ref(getattr(self, key), f"model.{key}", file=key == "projector_weights")
         if self.source == "pretrained" and self.architecture is not None:
             raise ValueError("model.architecture: the checkpoint at model.pretrained_path defines the architecture; "
                              "remove model.architecture")
@@ -92,7 +98,7 @@ class DataConfig:
     image_mode: Literal["square", "pad"] = "square"
     # How images become the tower's pixels (data/images.py Preprocess): None takes the preprocessor_config.json of
     # model.vision_path / model.pretrained_path, else the tower family's processor (CLIP's or SigLIP's) at its
-    # image_size; or a preprocessor_config.json file, or a directory holding one.
+    # image_size; or a preprocessor_config.json file, a directory holding one, or a Hub id org/name[@revision].
     image_processor: Optional[str] = None
     model_max_length: int = 2048
     overlong: Literal["truncate", "reject"] = "truncate"  # samples over model_max_length
@@ -121,11 +127,16 @@ class DataConfig:
             )
 
     def validate(self):
-        """A named image processor exists (read once the tower's image size is known: train/build.py)."""
-        path = None if self.image_processor is None else Path(self.image_processor)
-        if path is not None and not (path.is_file() or (path / "preprocessor_config.json").is_file()):
-            raise ValueError(f"data.image_processor {self.image_processor!r}: neither a preprocessor_config.json file "
-                             "nor a directory holding one")
+        """A named image processor is a local one or a Hub id (read once the tower's image size is known:
+        train/build.py)."""
+        if self.image_processor is None:
+            return
+        path = Path(self.image_processor)
+        if path.is_file() or (path / "preprocessor_config.json").is_file() or (
+                not path.exists() and is_hub_id(self.image_processor)):
+            return
+        raise ValueError(f"data.image_processor {self.image_processor!r}: neither a preprocessor_config.json file, "
+                         "nor a directory holding one, nor a Hugging Face Hub id (org/name or org/name@revision)")
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Hugging Face checkpoint interop, the loaders and savers: read llava-hf (Llava and LlavaNext),
-original-LLaVA(-NeXT), CLIP and LLaMA directories; write llava-hf, or the original-LLaVA layout for the
-projectors llava-hf cannot hold (linear, mlpNx_gelu with N != 2).
+"""Hugging Face checkpoint interop, the loaders and savers: read llava-hf (Llava and LlavaNext), original-LLaVA,
+CLIP and LLaMA directories; write llava-hf, or the original-LLaVA layout for the projectors llava-hf cannot hold (linear,
+mlpNx_gelu with N != 2).
 
 Safetensors, and .bin pickles through a converted copy (files: safetensors_io.py; key names: keys.py and families/). Loading streams: the model is
 built on the meta device and each tensor is read from its memory-mapped shard and placed into the model one
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import families
 from .config import LlavaConfig, VisionConfig
-from .hub import is_hub_id, resolve
+from .hub import is_hub_id, resolve, resolve_projector
 from .init import init_image_newline_, init_projector_
 from .keys import (NEWLINE, ROLE_PREFIX, canonical_llava_key, original_llava_key, original_llava_name,
                    split_roles, to_checkpoint_key, to_module_name)
@@ -170,7 +170,7 @@ def plan_llava(path: Path, *, vision_tower=None, projector_weights=None, **overr
             "LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (llava-hf) or LlavaLlamaForCausalLM "
             "(original LLaVA)"
         )
-    plan.projector_file = None if projector_weights is None else Path(projector_weights)
+    plan.projector_file = None if projector_weights is None else resolve_projector(projector_weights)
     return plan
 
 
@@ -239,7 +239,7 @@ def plan_components(vision: Path, llm: Path, projector_weights=None, *, seed: in
     plan = LoadPlan(config, f"{vision} + {llm}", [(lambda lazy: family_tensors(vision, tower, lazy), _same),
                                                    (lambda lazy: family_tensors(llm, decoder, lazy), _same)])
     if projector_weights is not None:
-        plan.projector_file = Path(projector_weights)
+        plan.projector_file = resolve_projector(projector_weights)
     else:
         plan.new_projector_seed = seed
     if config.anyres is not None:
@@ -307,7 +307,9 @@ def check_projector_complete(path: Path, missing: list[str], config: LlavaConfig
 
 
 def load_projector(model, path: Path, *, dtype=None, device=None) -> None:
-    """LLaVA's mm_projector.bin (a torch state dict) or a safetensors file from save_projector."""
+    """LLaVA's mm_projector.bin (a torch state dict) or a safetensors file from save_projector; or a directory
+    or Hub repository holding one (hub.resolve_projector)."""
+    path = resolve_projector(path)
     tensors = list(projector_tensors(path, model.config))  # file errors before the projector is emptied
     device = device or model.lm_head.weight.device
     dtype = dtype or model.lm_head.weight.dtype

@@ -9,16 +9,22 @@ safetensors, tokenizer and preprocessor files; a repository's `.bin` pickles onl
 Under torchrun the ranks of a node take turns on a file lock in the Hub cache: the first downloads and
 records the snapshot it resolved for this job; the others wait on the lock and then read that record, so
 a node downloads once and every rank loads the same commit.
+
+A stage-1 projector is one file (`resolve_projector`): a local file or directory, `org/name[@revision]`
+(the repository's mm_projector.safetensors / mm_projector.bin, as LLaVA publishes its pretrained
+projectors), or `org/name[@revision]/path/in/repo` for one file of a repository that holds several.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 # config.json, tokenizer.json / tokenizer_config.json / special_tokens_map.json, preprocessor_config.json,
 # generation_config.json, the shards' index, fastllava.json; `*` also matches "/", so an original-LLaVA
@@ -26,8 +32,13 @@ from pathlib import Path
 WANTED = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.tiktoken"]
 # Only for a repository without safetensors: the pickled weights (never training_args.bin and the like).
 PICKLED = ["pytorch_model*.bin"]
+# A projector repository's or directory's file, the first present: LLaVA's pretrained projectors
+# (liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5) hold mm_projector.bin, a converted copy
+# mm_projector.safetensors, and fastllava's stage 1 writes projector.safetensors (train/export.py).
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin", "projector.safetensors")
 
-_resolved: dict[str, Path] = {}  # one resolution per reference and process: one commit for the whole run
+# One resolution per (reference, files) and process: one commit for the whole run.
+_resolved: dict[tuple[str, tuple[str, ...] | None], Path] = {}
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -49,40 +60,92 @@ def is_hub_id(ref: str) -> bool:
     return "@" not in ref or revision is not None
 
 
-def resolve(ref: str | os.PathLike, what: str = "model") -> Path:
+def split_file_ref(ref: str) -> tuple[str, str | None]:
+    """(`org/name[@revision]`, path in the repository or None) of `org/name[@revision][/path/in/repo]`, the
+    form of huggingface_hub's hf:// paths: the revision ends at the next "/", so one that holds "/"
+    (refs/pr/1) is written with %2F there."""
+    parts = ref.split("/", 2)
+    if len(parts) < 2:
+        return ref, None
+    repo, at, revision = parts[1].partition("@")
+    return f"{parts[0]}/{repo}{at}{unquote(revision)}", parts[2] if len(parts) == 3 else None
+
+
+def check_ref(value: str, key: str, file: bool = False) -> None:
+    """ValueError naming `key` when `value` is neither an existing local path nor written as a Hub reference
+    (`org/name[@revision]`; with `file`, optionally followed by `/path/in/repo`). Whether the Hub has it is
+    only known when it is resolved."""
+    if Path(value).exists() or is_hub_id(split_file_ref(value)[0] if file else value):
+        return
+    form = "org/name[@revision][/file in the repository]" if file else "org/name or org/name@revision"
+    raise ValueError(f"{key} {value}: does not exist as a local path, and is not a Hugging Face Hub id ({form})")
+
+
+def resolve(ref: str | os.PathLike, what: str = "model", files: tuple[str, ...] | None = None) -> Path:
     """The local directory of `ref`: itself if the path exists, else the Hub snapshot of the id `ref`.
 
     what: how the caller names the reference in errors (e.g. "model.vision_path", "--model").
+    files: the file patterns to fetch from the Hub, when not a model's (WANTED), e.g. only its
+    preprocessor_config.json; the snapshot then holds those of them the repository has.
     ValueError naming `ref` when it is neither an existing path nor a valid id, or when the Hub (or, with
     HF_HUB_OFFLINE=1, the cache) does not have it."""
     path = Path(ref)
     if path.exists():
         return path
     ref = os.fspath(ref)
-    if not is_hub_id(ref):
-        raise ValueError(f"{what} {ref}: does not exist as a local path, and is not a Hugging Face Hub id "
-                         "(org/name or org/name@revision)")
-    if ref not in _resolved:
-        _resolved[ref] = _download_once_per_node(ref, what)
-    return _resolved[ref]
+    check_ref(ref, what)
+    if (ref, files) not in _resolved:
+        _resolved[ref, files] = _download_once_per_node(ref, what, files)
+    return _resolved[ref, files]
 
 
-def _download_once_per_node(ref: str, what: str) -> Path:
+def resolve_projector(ref: str | os.PathLike, what: str = "model.projector_weights") -> Path:
+    """The stage-1 projector file `ref` names: a local file; a local directory holding one of PROJECTOR_FILES
+    (a stage-1 output folder); on the Hub, `org/name[@revision]` (the first of PROJECTOR_FILES the repository
+    holds) or `org/name[@revision]/path/in/repo` (that file), fetched alone, once per node as `resolve` does.
+    A .bin file is read later through torch.load(weights_only=True) (safetensors_io.load_bin).
+    ValueError naming `ref` and the files looked for when there is none."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    ref = os.fspath(ref)
+    if path.is_dir():
+        repo, names = ref, PROJECTOR_FILES
+    else:
+        check_ref(ref, what, file=True)
+        repo, file = split_file_ref(ref)
+        names = (file,) if file else PROJECTOR_FILES
+    where = resolve(repo, what, files=names)  # a local directory wins here too
+    found = [where / n for n in names if (where / n).is_file()]
+    if found:
+        return found[0]
+    if Path(repo).exists():
+        raise ValueError(f"{what} {ref}: the local directory {repo} holds none of {', '.join(names)}")
+    from huggingface_hub import constants
+
+    offline = " (HF_HUB_OFFLINE is set: only the Hub cache was looked in)" if constants.HF_HUB_OFFLINE else ""
+    raise ValueError(f"{what} {ref}: no local file of that name, and the Hub repository {repo} has none of "
+                     f"{', '.join(names)}{offline}; name a file in it as {split_ref(repo)[0]}[@revision]/FILE")
+
+
+def _download_once_per_node(ref: str, what: str, files: tuple[str, ...] | None) -> Path:
     from huggingface_hub import constants
 
     job = _torchrun_job()
     if job is None:  # one process: nothing to share
-        return _download(ref, what)
+        return _download(ref, what, files)
     name = ref.replace("/", "--").replace("@", "--at--")
+    if files is not None:  # another set of files of the same repository: its own lock and record
+        name += "--" + hashlib.sha1("\0".join(files).encode()).hexdigest()[:12]
     lock = Path(constants.HF_HUB_CACHE, ".fastllava", f"{name}.lock")
     record = lock.with_suffix(".json")
     with _flock(lock) as locked:
         if not locked:
-            return _download(ref, what)
+            return _download(ref, what, files)
         seen = json.loads(record.read_text()) if record.is_file() else {}
         if seen.get("job") == job and Path(seen["path"]).is_dir():
             return Path(seen["path"])
-        path = _download(ref, what)
+        path = _download(ref, what, files)
         record.write_text(json.dumps({"job": job, "path": str(path)}))
         return path
 
@@ -118,14 +181,17 @@ def _flock(path: Path):
         yield True
 
 
-def _download(ref: str, what: str) -> Path:
-    """snapshot_download of WANTED, then of PICKLED when no safetensors came, errors named for the user."""
+def _download(ref: str, what: str, files: tuple[str, ...] | None) -> Path:
+    """snapshot_download of `files`, or of WANTED and then PICKLED when no safetensors came, errors named for
+    the user."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     repo_id, revision = split_ref(ref)
     try:
+        if files is not None:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=WANTED))
         if not any(path.rglob("*.safetensors")):
             path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=WANTED + PICKLED))

@@ -75,13 +75,17 @@ def build_model(cfg: Config, special_ids: TokenizerIds, *, meta: bool = False) -
 
 def build_image_processor(cfg: Config, model: Llava) -> Preprocess:
     """How the tower's images are preprocessed: the preprocessor_config.json that data.image_processor names (the
-    file, or a directory holding it), else the one in the tower's directory (model.vision_path) or the
-    checkpoint's (model.pretrained_path), else the tower family's processor (model/families/) at its image_size."""
+    file, a directory holding it, or a Hub id: that file alone is fetched), else the one in the tower's
+    directory (model.vision_path) or the checkpoint's (model.pretrained_path), else the tower family's processor
+    (model/families/) at its image_size."""
     m, size = cfg.model, model.config.vision.image_size
     tower, _ = families_of(model.config)
     if cfg.data.image_processor is not None:
-        path = Path(cfg.data.image_processor)
-        return Preprocess.from_file(path / PREPROCESSOR_FILE if path.is_dir() else path, size)
+        path = resolve(cfg.data.image_processor, "data.image_processor", files=(PREPROCESSOR_FILE,))
+        file = path / PREPROCESSOR_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"data.image_processor {cfg.data.image_processor}: {path} holds no {PREPROCESSOR_FILE}")
+        return Preprocess.from_file(file, size)
     key = {"components": "vision_path", "pretrained": "pretrained_path"}.get(m.source)
     if key is None:
         return Preprocess.default(tower.image_processor, size)

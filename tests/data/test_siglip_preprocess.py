@@ -168,6 +168,7 @@ SIGLIP_TOWER = {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch
 def _run_config(tmp_path, *overrides):
     from fastllava.config import load_config
 
+    (tmp_path / "llm").mkdir(exist_ok=True)  # the configuration refuses a path that neither exists nor is a Hub id
     return load_config(None, ["model.source=components", f"model.vision_path={tmp_path / 'tower'}",
                               f"model.llm_path={tmp_path / 'llm'}", *overrides])
 

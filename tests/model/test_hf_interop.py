@@ -263,7 +263,7 @@ def test_component_directories_of_no_known_family(hf_llava_dir, tmp_path):
 
 def test_projector_file_errors(hf_llava_dir, tmp_path):
     model = Llava.from_pretrained(hf_llava_dir[0])
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="absent.bin: does not exist as a local path, and is not a Hugging Face Hub"):
         model.load_projector(tmp_path / "absent.bin")
     torch.save({"model.mm_projector.0.weight": torch.zeros(64, 32)}, tmp_path / "half.bin")
     with pytest.raises(ValueError, match="missing projector tensors"):

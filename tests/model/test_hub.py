@@ -3,60 +3,17 @@ directory: a Hub cache laid out as huggingface_hub lays it out (models--org--nam
 links to the blobs, refs/<branch or tag>) read offline (HF_HUB_OFFLINE), and downloads from a loopback
 server speaking the Hub's HTTP API (HF_ENDPOINT)."""
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
+from hub_fakes import LoopbackHub, assert_same, hub_cache, put, resolve_online, snapshot_of  # noqa: F401 (a fixture)
 from tiny_llava import make_hf_llava, write_components
 
 from fastllava import Llava
 from fastllava.model import hub
 from fastllava.testing import write_llama_tokenizer, write_tiny_llava
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hub cache that huggingface_hub reads offline (its constants are read at import, so set there)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "_resolved", {})
-    monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path / "fastllava-cache"))
-    return cache
-
-
-def put(cache, repo_id, src, refs=("main",)) -> str:
-    """Store directory `src` as one commit of `repo_id` in the Hub cache, each ref pointing to it; its sha."""
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    sha = hashlib.sha1(b"".join(p.relative_to(src).as_posix().encode() + p.read_bytes() for p in files)).hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    for f in files:
-        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, blob)
-        link = repo / "snapshots" / sha / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(sha)
-    return sha
-
-
-def assert_same(a: Llava, b: Llava):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
 def test_from_pretrained_by_id_loads_the_cached_snapshot(hub_cache, tmp_path):
@@ -177,72 +134,6 @@ def test_original_layout_tower_named_by_id_in_its_config(hub_cache, tmp_path):
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "org/clip"}))
     assert_same(Llava.from_pretrained(out), Llava.from_pretrained(out, vision_tower=tower))
-
-
-class LoopbackHub:
-    """Enough of the Hub's HTTP API for snapshot_download (revision info, the file tree, resolve/ HEAD and
-    GET), serving local directories as repositories at one commit each; records every file fetched."""
-
-    def __init__(self, repos: dict):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.files = {repo: {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
-                      for repo, src in repos.items()}
-        self.fetched = []
-        hub_ = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_HEAD(self):
-                self.do_GET()
-
-            def do_GET(self):
-                status, body, headers = hub_.answer(self.command, self.path.split("?")[0])
-                self.send_response(status)
-                for k, v in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def answer(self, method, path):
-        for repo, files in self.files.items():
-            sha = hashlib.sha1(repo.encode()).hexdigest()
-            if path.startswith(f"/api/models/{repo}/revision/"):
-                info = {"id": repo, "sha": sha, "siblings": [{"rfilename": f} for f in files]}
-                return 200, json.dumps(info).encode(), {"Content-Type": "application/json"}
-            if path.startswith(f"/api/models/{repo}/tree/"):
-                tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                        for f, b in files.items()]
-                return 200, json.dumps(tree).encode(), {"Content-Type": "application/json"}
-            if path.startswith(f"/{repo}/resolve/"):
-                name = path[len(f"/{repo}/resolve/"):].split("/", 1)[1]
-                if method == "GET":
-                    self.fetched.append(f"{repo}/{name}")
-                body = files[name]
-                return 200, body, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
-        return 404, b"not found", {"X-Error-Code": "RepoNotFound"}
-
-
-def resolve_online(endpoint, cache, ref) -> subprocess.CompletedProcess:
-    """hub.resolve(ref) printed by a fresh process (huggingface_hub reads HF_ENDPOINT at import) against
-    `endpoint`."""
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    run = subprocess.run([sys.executable, "-c", f"from fastllava.model.hub import resolve; print(resolve({ref!r}))"],
-                         env=env, capture_output=True, text=True, timeout=120)
-    return run
-
-
-def snapshot_of(run: subprocess.CompletedProcess) -> str:
-    assert run.returncode == 0, run.stderr
-    return run.stdout.strip().splitlines()[-1]
 
 
 def test_download_fetches_only_what_is_read_never_pickles_beside_safetensors(tmp_path, monkeypatch):
