@@ -1,6 +1,6 @@
-"""Hugging Face checkpoint interop, the loaders and savers: read llava-hf (Llava and LlavaNext), original-LLaVA,
-CLIP and LLaMA directories; write llava-hf, or the original-LLaVA layout for the projectors llava-hf cannot hold (linear,
-mlpNx_gelu with N != 2).
+"""Hugging Face checkpoint interop, the loaders and savers: read llava-hf (Llava and LlavaNext),
+original-LLaVA(-NeXT), CLIP and LLaMA directories; write llava-hf, or the original-LLaVA layout for the
+projectors llava-hf cannot hold (linear, mlpNx_gelu with N != 2).
 
 Safetensors, and .bin pickles through a converted copy (files: safetensors_io.py; key names: keys.py and families/). Loading streams: the model is
 built on the meta device and each tensor is read from its memory-mapped shard and placed into the model one
