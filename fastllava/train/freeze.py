@@ -5,7 +5,8 @@ align     (stage 1): the projector only. Vision tower and LLM are frozen with re
           through the LLM to the projector, which sits before it.
 finetune  (stage 2): projector + LLM (embeddings, blocks, norm, head); the vision tower stays frozen
           unless `unfreeze_vision`. With LoRA adapters in the LLM (layers/lora.py) the LLM's own weights
-          stay frozen and its adapters train instead.
+          stay frozen and its adapters train instead; an unfrozen tower still trains in full beside them,
+          as in LLaVA-NeXT's LoRA runs (its lr: `optim.vision_lr`, train/optim.py).
 Must run before `parallelize` (FSDP2 keeps requires_grad per parameter) and before the optimizer is
 built (only trainable parameters get optimizer state).
 """
