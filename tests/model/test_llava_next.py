@@ -340,6 +340,14 @@ def test_components_start_with_a_new_seeded_newline(tmp_path):
     assert torch.equal(Llava.from_components(*args, image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS,
                                              seed=1).image_newline, loaded.image_newline)
     assert not torch.equal(loaded.image_newline, model.image_newline)
+    # The sharded loader (here one process, unsharded parameters) places the same tensors from the same plan.
+    from fastllava.model.hf import plan_components
+    from fastllava.train.sharded_load import load_sharded
+
+    plan = plan_components(*args, seed=1, image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS)
+    sharded = plan.build(Llava).to_empty(device="cpu")
+    load_sharded(sharded, plan)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sharded.state_dict().values()))
     with torch.no_grad():
         loaded.image_newline.copy_(model.image_newline)
     batch = pack(make_samples(), model.config)
