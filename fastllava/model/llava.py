@@ -55,7 +55,8 @@ class Llava(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """Positions one image occupies in the LLM's sequence."""
+        """Positions one image occupies in the LLM's sequence; AnyRes: the features of one tile (an image's count
+        depends on its size: config.anyres.num_tokens)."""
         return self.config.num_image_tokens
 
     # --- forward -------------------------------------------------------------------------------
