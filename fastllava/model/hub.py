@@ -13,10 +13,14 @@ a node downloads once and every rank loads the same commit.
 A stage-1 projector is one file (`resolve_projector`): a local file or directory, `org/name[@revision]`
 (the repository's mm_projector.safetensors / mm_projector.bin, as LLaVA publishes its pretrained
 projectors), or `org/name[@revision]/path/in/repo` for one file of a repository that holds several.
+
+`python -m fastllava.model.hub ID ... [--projector REF] [--image-processor ID]` fills the cache with what a
+run will read, e.g. before the run goes to an offline cluster (HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -209,3 +213,36 @@ def _download(ref: str, what: str, files: tuple[str, ...] | None) -> Path:
                          f"{'@' + revision if revision else ''} is not in the Hub cache {constants.HF_HUB_CACHE} "
                          f"({why}); download it once online, or set HF_HUB_CACHE to a cache that holds it") from None
     return path
+
+
+def main(argv=None) -> int:
+    """The command line: each reference fetched as a run fetches it, then `ref<TAB>local path`; exit status 1
+    when any could not be (each one's error on stderr)."""
+    parser = argparse.ArgumentParser(prog="python -m fastllava.model.hub",
+                                     description="Fetch models into the Hugging Face cache as a run will read them "
+                                                 "(the same files, the same cache), e.g. for HF_HUB_OFFLINE=1 later.")
+    parser.add_argument("models", nargs="*", metavar="ID",
+                        help="org/name[@revision] of a tower, an LLM or a llava-hf model (model.*_path, --model)")
+    parser.add_argument("--projector", action="append", default=[], metavar="REF",
+                        help="a stage-1 projector, org/name[@revision][/file] (model.projector_weights)")
+    parser.add_argument("--image-processor", action="append", default=[], metavar="ID",
+                        help="a repository's preprocessor_config.json alone (data.image_processor)")
+    args = parser.parse_args(argv)
+    wanted = ([(ref, lambda r: resolve(r, "model")) for ref in args.models]
+              + [(ref, resolve_projector) for ref in args.projector]
+              + [(ref, lambda r: resolve(r, "--image-processor", files=("preprocessor_config.json",)))
+                 for ref in args.image_processor])
+    if not wanted:
+        parser.error("name at least one ID, --projector REF or --image-processor ID")
+    failed = 0
+    for ref, fetch in wanted:
+        try:
+            print(f"{ref}\t{fetch(ref)}", flush=True)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

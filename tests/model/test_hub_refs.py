@@ -4,7 +4,8 @@ layout, and a loopback server speaking its HTTP API): the stage-1 projector (`mo
 mm_projector.bin and a file named inside a repository of several; the tokenizer (`model.tokenizer_path`),
 the checkpoint (`model.pretrained_path`) and the image processor (`data.image_processor`). Each is checked
 against the same files given as local paths, or the tensors that were written. Also what docs/recipes.md
-tells users: a gated repository's error, and `hf download` then HF_HUB_OFFLINE=1."""
+tells users: a gated repository's error, and `python -m fastllava.model.hub` or `hf download`, then
+HF_HUB_OFFLINE=1."""
 
 import json
 import os
@@ -202,26 +203,44 @@ def test_download_fetches_the_projector_or_the_preprocessor_config_alone_and_nam
         server.server.shutdown()
 
 
-def test_predownload_with_hf_download_then_run_offline(tmp_path, monkeypatch):
-    """docs/recipes.md's command for an offline cluster: `hf download` of the files fastllava reads (here a
-    .bin-only repository, Vicuna-v1.5's case), then HF_HUB_OFFLINE=1 resolves and loads from that cache."""
+HF_DOWNLOAD = ["hf", "download", "lmsys/tiny", "--include", "*.json", "--include", "*.safetensors", "--include",
+               "pytorch_model*.bin", "--include", "tokenizer.model"]
+FETCH = [sys.executable, "-m", "fastllava.model.hub", "lmsys/tiny", "--projector", "liuhaotian/tiny-pretrain"]
+
+
+@pytest.mark.parametrize("command", [FETCH, HF_DOWNLOAD], ids=["fastllava.model.hub", "hf download"])
+def test_predownload_then_run_offline(command, tmp_path, monkeypatch):
+    """docs/recipes.md's commands for an offline cluster (here a .bin-only repository, Vicuna-v1.5's case):
+    fill the cache online, then with HF_HUB_OFFLINE=1 the model (and the projector) load from that cache."""
     from test_published_formats import as_bin
 
     monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path / "fastllava-cache"))
     local = write_tiny_llava(tmp_path / "st")
     pickled = as_bin(local, tmp_path / "bin")
     (pickled / "tf_model.h5").write_bytes(b"weights fastllava never reads")
-    server = LoopbackHub({"lmsys/tiny": pickled})
+    donor = Llava.from_pretrained(write_tiny_llava(tmp_path / "donor", seed=1))
+    llava_projector_bin(donor, tmp_path / "pretrain" / "mm_projector.bin")
+    server = LoopbackHub({"lmsys/tiny": pickled, "liuhaotian/tiny-pretrain": tmp_path / "pretrain"})
     env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HUB_CACHE": str(tmp_path / "hub"),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     try:
-        download = subprocess.run(["hf", "download", "lmsys/tiny", "--include", "*.json", "--include", "*.safetensors",
-                                   "--include", "pytorch_model*.bin", "--include", "tokenizer.model"],
-                                  env=env, capture_output=True, text=True, timeout=120)
+        download = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert download.returncode == 0, download.stderr
         assert "lmsys/tiny/tf_model.h5" not in server.fetched
+        if command is FETCH:  # one line per reference, a bad one named with exit status 1
+            assert [line.split("\t")[0] for line in download.stdout.splitlines()] == FETCH[3:4] + FETCH[5:]
+            absent = subprocess.run(FETCH[:3] + ["org/absent"], env=env, capture_output=True, text=True, timeout=120)
+            assert absent.returncode == 1 and "the Hub has no repository org/absent" in absent.stderr
     finally:
         server.server.shutdown()
-    offline = subprocess.run([sys.executable, "-c", "from fastllava.model.hub import resolve; print(resolve('lmsys/tiny'))"],
-                             env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
-    assert_same(Llava.from_pretrained(snapshot_of(offline)), Llava.from_pretrained(local))
+    code = "from fastllava.model.hub import resolve; print(resolve('lmsys/tiny'))"
+    offline = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=120)
+    model = Llava.from_pretrained(snapshot_of(offline))
+    assert_same(model, Llava.from_pretrained(local))
+    if command is FETCH:
+        code = "from fastllava.model.hub import resolve_projector; print(resolve_projector('liuhaotian/tiny-pretrain'))"
+        offline = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"},
+                                 capture_output=True, text=True, timeout=120)
+        model.load_projector(snapshot_of(offline))
+        same_projector(model, donor)
