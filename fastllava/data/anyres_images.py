@@ -34,9 +34,11 @@ import torch
 from PIL import ExifTags, Image
 
 from .. import anyres
-from .images import Preprocess, open_header, pil_decode, preprocess_pil
+from .images import Preprocess, pil_decode, preprocess_pil
 # the DALI path shares images.py's checks and routing (which files DALI decodes exactly as Pillow does)
-from .images import _check_args, _dali_device, _dali_ready, _DALI_FILTERS, _use_dali
+from .images import _check_args, _dali_device, _dali_ready, _DALI_FILTERS, _open, _use_dali
+
+_DEFAULT = Preprocess()  # _open's processor: unused in mode "anyres", whose limit is the decoded pixels'
 
 _pipelines: dict = {}
 
@@ -194,8 +196,9 @@ def _load_dali(paths: Sequence, spec: AnyRes, out: list, num_threads: int) -> No
 
 def image_size(path) -> tuple[int, int]:
     """(height, width) of the image as the decode path gives it (EXIF orientation applied), read from the
-    file's header, without decoding pixels. ImageError naming the file if its header cannot be read."""
-    with open_header(path) as img:
+    file's header, without decoding pixels. ImageError naming the file if its header cannot be read, or if
+    the decode path would refuse it (above images.MAX_IMAGE_PIXELS): no count for an image never loaded."""
+    with _open(path, "anyres", _DEFAULT) as img:
         width, height = img.size
         exif_of = Image.Image.getexif  # the metadata read at open: eXIf before the pixels, XMP, TIFF tags
         if img.format == "PNG" and "exif" not in img.info and _png_metadata_after_pixels(path):

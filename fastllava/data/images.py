@@ -269,8 +269,8 @@ def _check_args(mode: str, size: int, backend: str, processor: Preprocess | None
 # ----------------------------------------------------------------------------- Pillow
 
 
-def open_header(path) -> Image.Image:
-    """Open lazily (the header only); ImageError naming the file if it is missing or unreadable."""
+def _open(path, mode: str, processor: Preprocess) -> Image.Image:
+    """Open lazily (the header only) and refuse what _check_pixels refuses, before any decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -281,12 +281,6 @@ def open_header(path) -> Image.Image:
         raise ImageError(path, f"refused before decoding, a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"cannot identify or read the image ({e})") from None
-    return img
-
-
-def _open(path, mode: str, processor: Preprocess) -> Image.Image:
-    """Open lazily (the header only) and refuse what _check_pixels refuses, before any decoding."""
-    img = open_header(path)
     try:
         _check_pixels(path, img.width, img.height, mode, processor)
     except ImageError:

@@ -307,16 +307,18 @@ def test_pixel_limit_counts_the_decoded_image_only(tmp_path, monkeypatch):
     from PIL import Image
 
     from fastllava.data import images
-    from fastllava.data.anyres_images import AnyRes, load_anyres
+    from fastllava.data.anyres_images import AnyRes, image_size, load_anyres
 
     Image.new("RGB", (3000, 4), (10, 200, 30)).save(path := tmp_path / "strip.png")
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 3000 * 4)
     with pytest.raises(images.ImageError, match="strip.png.*padded"):
         images.load_image(path, "pad", backend="pil")
     assert load_anyres(path, AnyRes()).shape == (4, 3, 336, 336)  # the base image and 1 x 3 tiles
+    assert image_size(path) == (4, 3000)
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 3000 * 4 - 1)
-    with pytest.raises(images.ImageError, match="strip.png.*MAX_IMAGE_PIXELS"):
-        load_anyres(path, AnyRes())
+    for refused in (lambda: load_anyres(path, AnyRes()), lambda: image_size(path)):
+        with pytest.raises(images.ImageError, match="strip.png.*MAX_IMAGE_PIXELS"):
+            refused()
 
 
 # ----------------------------------------------------------------------------- DALI
