@@ -181,16 +181,16 @@ def write_qwen2_tokenizer(path: Path) -> Path:
                             eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def write_tiny_llava(path: Path, *, seed: int = 0) -> Path:
+def write_tiny_llava(path: Path, *, seed: int = 0, vision: dict | None = None) -> Path:
     """A tiny random Llava saved as a llava-hf directory WITH a tokenizer (write_llama_tokenizer's, <image>
     added as LLaVA adds it): what `python -m fastllava.chat` and `python -m fastllava.eval` load. Its
-    vocabulary holds the tokenizer's 481 ids, padded to 512."""
+    vocabulary holds the tokenizer's 481 ids, padded to 512. vision: patches the tower (tiny_config)."""
     from .data.tokenize import load_tokenizer
 
     path = Path(path)
     tokenizer = load_tokenizer(write_llama_tokenizer(path))
-    model = tiny_model(tiny_config(text={"vocab_size": 512}, image_token_id=tokenizer.convert_tokens_to_ids("<image>")),
-                       seed=seed)
+    model = tiny_model(tiny_config(vision=vision, text={"vocab_size": 512},
+                                   image_token_id=tokenizer.convert_tokens_to_ids("<image>")), seed=seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(str(path))
     return path

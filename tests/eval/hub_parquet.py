@@ -31,7 +31,7 @@ def same_questions(hub, layout):
     for h, lay in zip(hub, layout):
         assert len(h.images) == len(lay.images) == 1
         with Image.open(lay.images[0]) as im:
-            assert np.array_equal(np.asarray(h.images[0]), np.asarray(im.convert("RGB")))
+            assert np.array_equal(np.asarray(h.images[0].open()), np.asarray(im.convert("RGB")))
 
 
 def score_both(tmp_path, task, layout, hub_dir, answers):

@@ -62,11 +62,11 @@ def shards(folder, split, rows, schema, n=2):
 
 
 def same_pixels(hub, layout):
-    """Each question's one image, decoded from the row and from the layout (a PIL image or a file)."""
+    """Each question's one image, decoded from the row and from the layout (an encoded image or a file)."""
     for h, lay in zip(hub, layout, strict=True):
         assert len(h.images) == len(lay.images) == 1
-        with Image.open(lay.images[0]) if isinstance(lay.images[0], Path) else nullcontext(lay.images[0]) as im:
-            assert np.array_equal(np.asarray(h.images[0].convert("RGB")), np.asarray(im.convert("RGB")))
+        with Image.open(lay.images[0]) if isinstance(lay.images[0], Path) else nullcontext(lay.images[0].open()) as im:
+            assert np.array_equal(np.asarray(h.images[0].open()), np.asarray(im.convert("RGB")))
 
 
 def answers_of(tmp_path, name, questions, texts):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Sequence
 from PIL import Image
 
 
+
 # The instruction LLaVA's short-answer question files append to each question (VQAv2, GQA, VizWiz, MME...).
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
@@ -54,6 +55,14 @@ class HubSource:
     join: HubJoin | None = None
 
 
+class LazyImage:
+    """An image kept encoded, or where it lies, until a prompt needs it: `open()` gives it decoded, RGB, and
+    raises EvalDataError naming where it came from if it does not decode (hub.HubImage, MMBench's cells)."""
+
+    def open(self) -> Image.Image:
+        raise NotImplementedError
+
+
 @dataclass
 class EvalQuestion:
     """One question to answer.
@@ -62,8 +71,10 @@ class EvalQuestion:
     text: the user turn WITHOUT image tags, the task's instruction suffix included exactly as LLaVA's
       evaluation script builds it (e.g. "...\nAnswer the question using a single word or phrase.").
       The driver puts one "<image>\n" per image in front, as LLaVA's scripts do.
-    images: one entry per image, in order: a path to an image file, or an already decoded PIL image
-      (MMBench's base64 cells). Empty for a text-only question.
+    images: one entry per image, in order: a path to an image file, or a LazyImage (a Hub row's image left in
+      its parquet file, MMBench's encoded cells); the driver decodes each when it builds the question's
+      prompt, so a task's questions hold no decoded pixels (a PIL image is accepted too, for callers that
+      have one). Empty for a text-only question.
     record: extra fields of this question's line in the answers file, next to the driver's
       question_id / prompt / text / answer_id / model_id / metadata (e.g. MMBench's round_idx, options,
       option_char). "prompt" here overrides what is written as "prompt" (default: `text`).
@@ -72,7 +83,7 @@ class EvalQuestion:
 
     question_id: Any
     text: str
-    images: list[Path | Image.Image] = field(default_factory=list)
+    images: list[Path | LazyImage | Image.Image] = field(default_factory=list)
     record: dict = field(default_factory=dict)
     truth: dict = field(default_factory=dict)
 
@@ -100,7 +111,7 @@ class Task:
 
     def load_hub(self, rows: list[tuple[Path, int, dict]], *, images: bool = True) -> list[EvalQuestion]:
         """The questions `load` gives for the same questions, from the rows of `hub`'s parquet files
-        ((file, row, {column: value}), fastllava/eval/hub.py), images decoded from the rows."""
+        ((file, row, {column: value}), fastllava/eval/hub.py), each image the row's HubImage."""
         raise NotImplementedError
 
     def unanswered(self, question: EvalQuestion) -> str:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import llava_bench_summary, mmvet_totals
 from .base import EvalDataError, EvalQuestion, HubSource, Task
-from .reading import decode_image, image_file, read_json, read_jsonl
+from .reading import image_cell, image_file, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -133,7 +133,7 @@ class LLaVABench(Task):
                     raise EvalDataError(file, None, f"row {i}: category: expected conv, detail or complex, got "
                                                     f"{row['category']!r}")
                 truth.update(caption=_caption(row["caption"]), reference=row["gpt_answer"], reference_id=qid)
-            image = [decode_image(row["image"], file, i)] if images else []
+            image = [image_cell(row["image"], file, i)] if images else []
             questions.append(EvalQuestion(question_id=qid, text=row["question"], images=image, truth=truth))
         return sorted(questions, key=lambda q: q.question_id)
 
@@ -236,7 +236,7 @@ class MMVet(Task):
             _unique_row(key, seen, file, i)
             meta[key] = {"question": row["question"], "answer": row["answer"],
                          "capability": [c.strip() for c in caps.split(",")]}
-            image = [decode_image(row["image"], file, i)] if images else []
+            image = [image_cell(row["image"], file, i)] if images else []
             questions.append(EvalQuestion(question_id=int(n), text=row["question"], images=image, truth={"key": key}))
         return meta, questions
 

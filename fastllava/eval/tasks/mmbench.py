@@ -26,14 +26,15 @@ import binascii
 import csv
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from ..scorers import mmbench_circular
-from .base import EvalDataError, EvalQuestion, HubSource, Task
-from .reading import decode_image
+from .base import EvalDataError, EvalQuestion, HubSource, LazyImage, Task
+from .reading import image_cell
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,22 @@ def read_tsv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     return header, rows
 
 
+@dataclass(frozen=True)
+class _Encoded(LazyImage):
+    """A TSV row's image bytes (4,377 rows: kept encoded, decoded when the question's prompt is built)."""
+
+    data: bytes
+    path: Path
+    line: int
+
+    def open(self) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self.data)) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, ValueError, OSError) as e:
+            raise EvalDataError(self.path, self.line, f"column image: image does not decode ({e})") from None
+
+
 class MMBench(Task):
     """MMBench (English) dev split, one question per TSV row and rotation."""
 
@@ -114,8 +131,8 @@ class MMBench(Task):
         items = []
         for file, i, row in rows:
             cells = {c: None if v is None else str(v) for c, v in row.items() if c != "image"}
-            decode = (lambda cell=row["image"], file=file, i=i: decode_image(cell, file, i)) if images else None
-            items.append((file, None, f"row {i}: ", cells, decode))
+            image_of = (lambda cell=row["image"], file=file, i=i: image_cell(cell, file, i)) if images else None
+            items.append((file, None, f"row {i}: ", cells, image_of))
         return self._questions(TSV_COLUMNS, items)
 
     def _questions(self, header: Sequence[str], items) -> list[EvalQuestion]:
@@ -165,12 +182,15 @@ class MMBench(Task):
         return questions
 
     @staticmethod
-    def _image(cell: str, path: Path, line: int) -> Image.Image:
-        """The row's image, decoded as LLaVA's load_image_from_base64 does (pixels are read lazily)."""
+    def _image(cell: str, path: Path, line: int) -> _Encoded:
+        """The row's image as LLaVA's load_image_from_base64 reads it, kept encoded until its prompt is built;
+        its header is read here, so that a cell that is no image is named at load."""
         try:
-            return Image.open(io.BytesIO(base64.b64decode(cell)))
+            data = base64.b64decode(cell)
+            Image.open(io.BytesIO(data)).close()
         except (binascii.Error, UnidentifiedImageError, ValueError, OSError) as e:
             raise EvalDataError(path, line, f"column image: expected a base64-encoded image ({e})") from None
+        return _Encoded(data, path, line)
 
     def score(self, questions: Sequence[EvalQuestion], answers: Sequence[str], output_dir: Path) -> dict[str, float]:
         """Writes the submission table; returns {"circular_accuracy"} where the split has answers, else {}."""

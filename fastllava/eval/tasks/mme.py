@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..scorers import mme_scores
 from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, HubSource, Task
-from .reading import decode_image, image_file, read_jsonl
+from .reading import image_cell, image_file, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class MME(Task):
             if category in _IMAGES_FOLDER and len(parts) == 2:
                 qid = f"{parts[0]}/images/{parts[1]}"
             text = question.replace(YES_NO, "").strip() + "\n" + SHORT_ANSWER
-            image = [decode_image(row["image"], file, i)] if images else []
+            image = [image_cell(row["image"], file, i)] if images else []
             questions.append(_question(qid, text, image, question, row["answer"], repeats))
         return questions
 

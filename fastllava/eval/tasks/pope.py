@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..scorers import pope_metrics
 from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, HubSource, Task
-from .reading import decode_image, read_jsonl, read_questions
+from .reading import image_cell, read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class POPE(Task):
             except ValueError:
                 raise EvalDataError(file, None, f"row {i}: expected a numeric question_id, got "
                                                 f"{row['question_id']!r}") from None
-            image = [decode_image(row["image"], file, i)] if images else []
+            image = [image_cell(row["image"], file, i)] if images else []
             questions.append(EvalQuestion(qid, f"{row['question'].strip()}\n{SHORT_ANSWER}", image,
                                           truth={"split": split, "label": label}))
         return sorted(questions, key=lambda q: q.question_id)

@@ -5,12 +5,9 @@ the file, the 1-based line where there is one, and what was expected (EvalDataEr
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
-
-from PIL import Image
 
 from .base import EvalDataError
 
@@ -87,15 +84,9 @@ def read_questions(path: Path, image_dir: Path, *, key: Callable[[dict], Any] | 
     return rows
 
 
-def decode_image(cell, file: Path, row: int) -> Image.Image:
-    """The RGB image of a row's image cell ({"bytes": ..., "path": ...}); EvalDataError naming the file and
-    row for a cell without bytes or bytes that do not decode."""
-    data = cell.get("bytes") if isinstance(cell, dict) else None
-    if not data:
-        raise EvalDataError(file, None, f"row {row}: expected an image cell {{'bytes': ..., 'path': ...}} with bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several kinds for corrupt data
-        raise EvalDataError(file, None, f"row {row}: image does not decode ({e})") from None
-
+def image_cell(cell, file: Path, row: int):
+    """A row's image as read_rows gives it (a hub.HubImage, read and decoded when its prompt is built), for
+    EvalQuestion.images; EvalDataError naming the file and row for a null cell."""
+    if cell is None:
+        raise EvalDataError(file, None, f"row {row}: expected an image cell {{'bytes': ..., 'path': ...}}, got null")
+    return cell

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..scorers import scienceqa_breakdown, scienceqa_choice, scienceqa_ensemble, scienceqa_letter
 from .base import EvalDataError, EvalQuestion, HubSource, Task
-from .reading import decode_image, read_json, read_jsonl
+from .reading import image_cell, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from ..judge import Judge
@@ -161,7 +161,7 @@ class ScienceQA(Task):
             problems[pid] = (answer, len(choices))
             # A problems.json entry: what scienceqa_subsets (IMG, hint, subject, grade) and the judge read.
             entries[pid] = {**row, "image": "image.png"}
-            questions.append(EvalQuestion(pid, text, [decode_image(row["image"], file, i)] if images else [],
+            questions.append(EvalQuestion(pid, text, [image_cell(row["image"], file, i)] if images else [],
                                           record={"prompt": "<image>\n" + text}))
         key = {"pids": pids, "problems": problems, "entries": entries}
         if self.language_only is not None:

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from ..scorers import seed_accuracy
 from .base import EvalDataError, EvalQuestion, HubSource, Task
-from .reading import decode_image, image_file, read_jsonl
+from .reading import image_cell, image_file, read_jsonl
 from .scienceqa import SINGLE_PRED_PROMPT
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class SEED(Task):
             annotation[key] = {"question_id": row["question_id"], "answer": row["answer"], "data_type": "image",
                                "question_type": QUESTION_TYPES[type_id]}
             questions.append(EvalQuestion(question_id=row["question_id"], text=f"{text}\n{SINGLE_PRED_PROMPT}",
-                                          images=[decode_image(cells[0], file, i)] if images else [],
+                                          images=[image_cell(cells[0], file, i)] if images else [],
                                           truth=annotation[key]))
         self._all = annotation
         if videos:

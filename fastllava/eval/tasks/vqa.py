@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from ..scorers import gqa_prediction, normalize_vqa_answer, textvqa_question, vqa_accuracy
 from .base import SHORT_ANSWER, EvalDataError, EvalQuestion, HubJoin, HubSource, Task
-from .reading import decode_image, image_file, read_json, read_jsonl, read_questions
+from .reading import image_cell, image_file, read_json, read_jsonl, read_questions
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,19 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 class _Images:
-    """Hub rows' images, decoded once per image key: the questions on one image share it (GQA's 12,578
-    questions name 398 images; VQAv2's test-dev ~5 questions per image). Nothing is decoded without
-    `enabled` (scoring an answers file)."""
+    """Hub rows' images, one reference per image key: the questions on one image share it (GQA's 12,578
+    questions name 398 images; VQAv2's test-dev ~5 questions per image). Nothing is kept without `enabled`
+    (scoring an answers file)."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.decoded = enabled, {}
+        self.enabled, self.first = enabled, {}
 
     def __call__(self, key, cell, file: Path, row: int) -> list:
         if not self.enabled:
             return []
-        if key not in self.decoded:
-            self.decoded[key] = decode_image(cell, file, row)
-        return [self.decoded[key]]
+        if key not in self.first:
+            self.first[key] = image_cell(cell, file, row)
+        return [self.first[key]]
 
 
 def _text(row: dict, file: Path, i: int, column: str = "question") -> str:
