@@ -4,7 +4,7 @@ with fastllava.anyres gives the image's visual-token count before any pixel is d
 
 Steps (LlavaNextImageProcessor's get_image_patches, then its per-tile processing, which is CLIP's):
   1. decode as data/images.py does: EXIF orientation applied, RGB, 16-bit scaled; refused above
-     images.MAX_IMAGE_PIXELS decoded pixels (AnyRes never holds more: it only scales down into a pinpoint);
+     images.MAX_IMAGE_PIXELS decoded pixels (besides the decode, AnyRes holds only pinpoint-sized images);
   2. the best grid pinpoint for the image's size (anyres.select_best_resolution); resize into it keeping the
      aspect ratio (anyres.resized_shape), centred on a black canvas of the pinpoint's size (anyres.pad_offsets);
   3. the canvas cut into S x S tiles, row-major; before them the base image: the whole image resized, squashed,
@@ -39,8 +39,7 @@ from .images import Preprocess, pil_decode, preprocess_pil
 from .images import _check_args, _dali_device, _dali_ready, _DALI_FILTERS, _open, _use_dali
 
 _DEFAULT = Preprocess()  # _open's processor: unused in mode "anyres", whose limit is the decoded pixels'
-
-_pipelines: dict = {}
+_pipelines: dict = {}  # (batch size, device, threads, processor) -> a built DALI pipeline, as images.py's
 
 # Orientations 5-8 turn the image a quarter: its (height, width) swap (ImageOps.exif_transpose's table)
 _QUARTER_TURNS = {5, 6, 7, 8}
