@@ -6,18 +6,26 @@
 reproduces LLaVA's `scripts/convert_sqa_to_llava.py convert_to_llava` (with the prompt builder of
 `scripts/convert_sqa_to_llava_base_prompt.py`, `build_prompt_chatbot` / `create_one_example_chatbot`)
 for every split of pid_splits.json: OUT/llava_<split>_<format>.json, a list of {"id", "image"
-("<pid>/<file>", relative to images/<the problem's split>), "conversations": [human, gpt]}. For the test
-split OUT also gets what the `scienceqa` eval task reads: llava_test_CQM-A.json (LLaVA-1.5's question
-file), problems.json, pid_splits.json and images/ (a link to --images when it lives elsewhere).
+("<pid>/<file>", relative to images/<the problem's split>), "conversations": [human, gpt]}, written as
+json.dump(..., indent=2) writes it. For the test split OUT also gets what the `scienceqa` eval task reads:
+llava_test_CQM-A.json, problems.json, pid_splits.json and images/ (a link to --images when it lives elsewhere).
 
-A format is INPUT-OUTPUT. Inputs: CQM "Context/Question/Options", QCM, and with the lecture (L) and/or the
-solution (E) after "BECAUSE:" QCML, QCME, QCMLE (after the options) or QCLM, QCEM, QCLEM (before them).
-Outputs: A "The answer is X.", AL, AE, ALE, AEL ("The answer is X. BECAUSE: ..."), LA, EA, LEA, ELA
-("... The answer is X.") and LEPA ("LECTURE: ...\\nSOLUTION: ...\\n###\\nANSWER: X."). LLaVA's quirks are
-kept, since they are what its models were trained on: AL appends the SOLUTION and AE the LECTURE (the
-letters swapped); double spaces become single (once); a text ending in "BECAUSE:" loses every "BECAUSE:";
-a leading "Question: " / "Answer: " is removed everywhere in the text; a literal backslash-n in a lecture
-or solution becomes a newline. One difference in layout: LLaVA appends "\\n<image>" to an image
+llava_<split>_CQM-A.json is LLaVA-1.5's question file (`eval_question`), not the first LLaVA's CQM-A:
+like the llava_test_CQM-A.json of LLaVA's eval.zip (what scripts/v1_5/eval/sqa.sh asks), each human turn is
+"<image>\\n" for an image problem, "Context: <hint>\\n" when the hint is not empty (image or not), the
+question, then "\\nA. <choice>" per choice, and the answer is the bare letter. LLaVA's repository has no script
+that writes that file; this layout was matched entry by entry to a public copy of it (see the tests).
+model_vqa_science.py --single-pred-prompt appends "Answer with the option's letter ..." when it asks; the file
+does not hold it.
+
+Every other format is the first LLaVA's, INPUT-OUTPUT. Inputs: CQM "Context/Question/Options", QCM, and with
+the lecture (L) and/or the solution (E) after "BECAUSE:" QCML, QCME, QCMLE (after the options) or QCLM, QCEM,
+QCLEM (before them). Outputs: A "The answer is X.", AL, AE, ALE, AEL ("The answer is X. BECAUSE: ..."), LA,
+EA, LEA, ELA ("... The answer is X.") and LEPA ("LECTURE: ...\\nSOLUTION: ...\\n###\\nANSWER: X."). LLaVA's
+quirks are kept, since they are what its models were trained on: AL appends the SOLUTION and AE the LECTURE
+(the letters swapped); double spaces become single (once); a text ending in "BECAUSE:" loses every
+"BECAUSE:"; a leading "Question: " / "Answer: " is removed everywhere in the text; a literal backslash-n in a
+lecture or solution becomes a newline. One difference in layout: LLaVA appends "\\n<image>" to an image
 problem's human turn, we put "<image>\\n" in front, which is where LLaVA's training (preprocess_multimodal)
 and evaluation (model_vqa_science.py) move it anyway: the tokens are the same.
 
@@ -105,8 +113,9 @@ def _unescape(text: str) -> str:
 
 
 def build_example(problem: Mapping, fmt: str) -> tuple[str, str]:
-    """(human text, gpt text) of one problem in prompt format `fmt`, exactly as convert_to_llava writes
-    them (without the image tag). `problem` must pass `problem_error`."""
+    """(human text, gpt text) of one problem in the first LLaVA's prompt format `fmt`, exactly as
+    convert_to_llava writes them (without the image tag); "CQM-A" too, which is not what the CQM-A files hold
+    (`eval_question`). `problem` must pass `problem_error`."""
     input_format, output_format = check_format(fmt)
     question, context, choice = problem["question"], context_text(problem), choice_text(problem)
     answer = OPTIONS[problem["answer"]]
@@ -141,14 +150,27 @@ def build_example(problem: Mapping, fmt: str) -> tuple[str, str]:
     return text, out
 
 
+def eval_question(problem: Mapping) -> tuple[str, str]:
+    """(human text, gpt text) of one problem as LLaVA-1.5's llava_test_CQM-A.json holds it (without the image
+    tag): "Context: <hint>\\n" unless the hint is empty, the question, "\\nA. <choice>" per choice; the answer's
+    letter. `problem` must pass `problem_error`."""
+    hint = problem["hint"].strip()
+    text = (f"Context: {hint}\n" if hint else "") + problem["question"]
+    text += "".join(f"\n{OPTIONS[i]}. {c}" for i, c in enumerate(problem["choices"]))
+    # LLaVA's file has no double space (e.g. problem 332's hint "The  is adapted" reads "The is adapted"),
+    # as the first LLaVA's formats after their one replace.
+    return text.replace("  ", " ").strip(), OPTIONS[problem["answer"]]
+
+
 def _tidy(text: str) -> str:
     text = text.replace("  ", " ").strip()
     return text.replace("BECAUSE:", "").strip() if text.endswith("BECAUSE:") else text
 
 
 def to_llava(pid: str, problem: Mapping, fmt: str) -> dict:
-    """One training entry: {"id", "image"?, "conversations"}; "<image>\\n" leads an image problem's turn."""
-    human, gpt = build_example(problem, fmt)
+    """One entry of llava_<split>_<fmt>.json: {"id", "image"?, "conversations"}; "<image>\\n" leads an image
+    problem's turn. Format "CQM-A" is LLaVA-1.5's question file, every other the first LLaVA's."""
+    human, gpt = eval_question(problem) if fmt == EVAL_FORMAT else build_example(problem, fmt)
     entry: dict = {"id": pid}
     if problem["image"] is not None:
         entry["image"] = f"{pid}/{problem['image']}"
@@ -240,7 +262,8 @@ def convert(problems_path: Path, splits_path: Path, images: Path, formats: Seque
             if i == 0:
                 skipped_by_split[name] = skipped
             path = out / f"llava_{name}_{fmt}.json"
-            path.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8")
+            # json.dump's defaults (ASCII escapes, no final newline), as LLaVA's files: byte-equal for equal entries.
+            path.write_text(json.dumps(entries, indent=2), encoding="utf-8")
             written[str(path)] = len(entries)
             log.info("scienceqa: %s: %d of %d problems", path, len(entries), len(pids))
     skipped = [s for name in names for s in skipped_by_split[name]]
@@ -291,7 +314,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, help="the folder holding <split>/<pid>/<image> (ScienceQA's images/)")
     parser.add_argument("--format", nargs="+", default=["QCM-LEA"], metavar="FORMAT",
                         help="INPUT-OUTPUT prompt format(s), default QCM-LEA (the LLaVA paper's); inputs: "
-                             f"{', '.join(INPUT_FORMATS)}; outputs: {', '.join(OUTPUT_FORMATS)}")
+                             f"{', '.join(INPUT_FORMATS)}; outputs: {', '.join(OUTPUT_FORMATS)}; {EVAL_FORMAT} is LLaVA-1.5's "
+                             "question layout (its eval.zip's llava_test_CQM-A.json), always written for the test split")
     parser.add_argument("--split", nargs="+", default=None, metavar="SPLIT",
                         help="convert only these splits (default: every split of pid_splits.json)")
     parser.add_argument("--out", required=True, help="output folder")

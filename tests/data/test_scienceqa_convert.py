@@ -1,17 +1,22 @@
 """fastllava.data.scienceqa against LLaVA's scripts/convert_sqa_to_llava.py: the expected strings below were
 worked out by hand from LLaVA's create_one_example_chatbot and convert_to_llava (not re-derived with our
-builder), for hand-written ScienceQA-shaped problems; then the malformed problems, the CLI and the files the
-`scienceqa` eval task reads."""
+builder), for hand-written ScienceQA-shaped problems; the CQM-A file against an excerpt of LLaVA-1.5's own
+llava_test_CQM-A.json; then the malformed problems, the CLI and the files the `scienceqa` eval task reads."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fastllava.data.scienceqa import build_example, main
 from fastllava.eval.tasks.scienceqa import SINGLE_PRED_PROMPT, ScienceQA
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+from layout_vqa import make_scienceqa  # noqa: E402
 
 LECTURE = "Properties are what you can observe.\nA property tells how a thing looks."
 IMAGE_PROBLEM = {  # an image problem with a hint, a two-line lecture and a solution
@@ -156,11 +161,130 @@ def test_test_split_gives_the_eval_layout(tmp_path):
         "problems.json", "scienceqa_skipped.json"]
     questions = ScienceQA().load(tmp_path / "eval")
     assert [q.question_id for q in questions] == ["1", "2"]
-    cqm = ("Context: Select the better answer.\nQuestion: Which property do these two objects have in common?\n"
-           "Options: (A) hard (B) soft")
+    cqm = "Context: Select the better answer.\nWhich property do these two objects have in common?\nA. hard\nB. soft"
     assert questions[0].text == cqm + "\n" + SINGLE_PRED_PROMPT and questions[0].record["prompt"].startswith("<image>\n")
     assert questions[0].images == [out / "images" / "test" / "1" / "image.png"] and questions[0].images[0].is_file()
     paper = ScienceQA(question_format="QCM-LEA").load(tmp_path / "eval")
     assert paper[1].text == TEXT_QCM and paper[1].images == []
     assert ScienceQA().score(questions, ["B", "The answer is A."], tmp_path / "scores") == {
         "accuracy": 100.0, "img_accuracy": 100.0}
+
+
+# ScienceQA's test problems 4, 11, 26, 46 and 332 (question, choices, answer, hint, image of problems.json, read
+# from the copy in github.com/Think-ScienceQA/Think-ScienceQA.github.io data/scienceqa/; no lecture or
+# solution, which CQM-A does not show)...
+RELEASE = {
+    "4": ("Which figure of speech is used in this text?\nSing, O goddess, the anger of Achilles son of Peleus, that "
+          "brought countless ills upon the Achaeans.\n\u2014Homer, The Iliad", ["chiasmus", "apostrophe"], 1, "", None),
+    "11": ("What is the name of the colony shown?", ["Maryland", "New Hampshire", "Rhode Island", "Vermont"], 1, "",
+           "image.png"),
+    "26": ("How long does it take to bake lasagna in the oven?", ["33 minutes", "33 hours"], 0,
+           "Select the better estimate.", None),
+    "46": ("Which property do these three objects have in common?", ["shiny", "slippery", "opaque"], 2,
+           "Select the best answer.", "image.png"),
+    "332": ("Which animal is also adapted to be camouflaged in the snow?", ["short-tailed weasel", "common hawk-cuckoo"],
+            0, "Arctic wolves live in the Canadian Arctic and Greenland. The  is adapted to be camouflaged in the snow."
+            "\nFigure: Arctic wolf.", "image.png"),
+}
+# ... and their entries in LLaVA-1.5's llava_test_CQM-A.json (eval.zip; copied byte for byte from the copy at
+# github.com/haotian-liu/LLaVA commit 32cebc3, playground/data/eval/scienceqa/, a fork's commit): a text problem
+# without and with a hint (the hint leads as "Context: ", as for an image problem), an image problem without
+# and with one, and a hint whose double space became one.
+LLAVA15_CQM_A = r"""[
+  {
+    "id": "4",
+    "conversations": [
+      {
+        "from": "human",
+        "value": "Which figure of speech is used in this text?\nSing, O goddess, the anger of Achilles son of Peleus, that brought countless ills upon the Achaeans.\n\u2014Homer, The Iliad\nA. chiasmus\nB. apostrophe"
+      },
+      {
+        "from": "gpt",
+        "value": "B"
+      }
+    ]
+  },
+  {
+    "id": "11",
+    "image": "11/image.png",
+    "conversations": [
+      {
+        "from": "human",
+        "value": "<image>\nWhat is the name of the colony shown?\nA. Maryland\nB. New Hampshire\nC. Rhode Island\nD. Vermont"
+      },
+      {
+        "from": "gpt",
+        "value": "B"
+      }
+    ]
+  },
+  {
+    "id": "26",
+    "conversations": [
+      {
+        "from": "human",
+        "value": "Context: Select the better estimate.\nHow long does it take to bake lasagna in the oven?\nA. 33 minutes\nB. 33 hours"
+      },
+      {
+        "from": "gpt",
+        "value": "A"
+      }
+    ]
+  },
+  {
+    "id": "46",
+    "image": "46/image.png",
+    "conversations": [
+      {
+        "from": "human",
+        "value": "<image>\nContext: Select the best answer.\nWhich property do these three objects have in common?\nA. shiny\nB. slippery\nC. opaque"
+      },
+      {
+        "from": "gpt",
+        "value": "C"
+      }
+    ]
+  },
+  {
+    "id": "332",
+    "image": "332/image.png",
+    "conversations": [
+      {
+        "from": "human",
+        "value": "<image>\nContext: Arctic wolves live in the Canadian Arctic and Greenland. The is adapted to be camouflaged in the snow.\nFigure: Arctic wolf.\nWhich animal is also adapted to be camouflaged in the snow?\nA. short-tailed weasel\nB. common hawk-cuckoo"
+      },
+      {
+        "from": "gpt",
+        "value": "A"
+      }
+    ]
+  }
+]"""
+
+
+def test_cqm_a_file_is_llava15s(tmp_path):
+    problems = {pid: {"question": q, "choices": c, "answer": a, "hint": h, "image": image, "lecture": "",
+                      "solution": "", "split": "test"} for pid, (q, c, a, h, image) in RELEASE.items()}
+    args = _release(tmp_path, problems, {"test": list(RELEASE)}, images=("11", "46", "332"))
+    # CQM-A asked for (it is also written unasked for the test split) names the same file, the same layout.
+    assert main(args + ["--format", "QCM-LEA", "CQM-A", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "llava_test_CQM-A.json").read_bytes() == LLAVA15_CQM_A.encode()
+
+
+def test_eval_task_asks_what_it_asks_from_llava15s_file(tmp_path):
+    """The `scienceqa` task on the converter's output of make_scienceqa's release asks the questions it asks
+    from that layout's stand-in for LLaVA-1.5's file."""
+    fake = make_scienceqa(tmp_path / "fake") / "scienceqa"
+    out = tmp_path / "ours" / "scienceqa"
+    assert main(["--problems", str(fake / "problems.json"), "--splits", str(fake / "pid_splits.json"), "--images",
+                 str(fake / "images"), "--split", "test", "--out", str(out), "--no-progress"]) == 0
+    theirs, ours = ScienceQA().load(fake.parent), ScienceQA().load(out.parent)
+    assert [q.question_id for q in ours] == [q.question_id for q in theirs] == ["4", "5", "11", "15"]
+    # The stand-in writes a text problem's hint after its question ("4"); LLaVA-1.5's file puts it in front as
+    # "Context: " whether or not the problem has an image (its problems 26, 51, 93): see test_cqm_a_file_is_llava15s.
+    problem_4 = json.loads((fake / "problems.json").read_text())["4"]
+    assert ours[0].text == (f"Context: {problem_4['hint']}\n{problem_4['question']}\nA. chiasmus\nB. apostrophe\n"
+                            f"{SINGLE_PRED_PROMPT}")
+    for q, t in zip(ours[1:], theirs[1:]):
+        assert (q.text, q.record) == (t.text, t.record)
+        assert [i.relative_to(out) for i in q.images] == [i.relative_to(fake) for i in t.images]
