@@ -1,12 +1,14 @@
 """Check a data layout before a run: every image every entry references exists and decodes.
 
     python -m fastllava.data.check DATA.json [DATA2.json ...] --image-folder DIR [--workers N]
-                                   [--mode pad|square] [--repair] [--usable OUT.json] [--broken OUT.jsonl]
+                                   [--mode pad|square|anyres] [--repair] [--usable OUT.json] [--broken OUT.jsonl]
 
 Each distinct image is decoded in a pool of processes with images.py's own decode (`pil_decode`: a
 truncated file, an unidentifiable one and a decompression bomb are refused as the loader would refuse
-them) and counted per source folder (the first two folders of its path, e.g. coco/train2017,
-ocr_vqa/images) as one of
+them; --mode says which preprocessing's pixel limit applies: an AnyRes run's, "anyres", holds no square
+canvas nor resized copy, so it takes a 1 x 10000 strip that "pad" and "square" refuse; it also checks the
+size read from the header, as an AnyRes run counts visual tokens) and counted per source folder (the first
+two folders of its path, e.g. coco/train2017, ocr_vqa/images) as one of
   present    the file decodes;
   missing    no file at the path, nor under another extension;
   corrupt    a file that does not decode (zero bytes, truncated, not an image, a bomb), at the path or,
@@ -36,6 +38,7 @@ from typing import Sequence
 from PIL import Image
 
 from ..progress import progress
+from .anyres_images import image_size
 from .files import RejectLog, image_list, load_records
 from .images import ImageError, pil_decode
 
@@ -58,12 +61,18 @@ def source_of(image: str) -> str:
 
 
 def _decodes(path: str, mode: str) -> str | None:
-    """None when `path` decodes as the loader would decode it, else why not."""
+    """None when `path` decodes as the loader would decode it, else why not. In mode "anyres" the size its
+    header gives (anyres_images.image_size, from which the run counts the image's visual tokens before any
+    decode) must also be the decoded size, or the tiles would not match the count."""
     try:
-        pil_decode(path, mode)
-        return None
+        header = image_size(path) if mode == "anyres" else None
+        img = pil_decode(path, mode)
     except ImageError as e:
         return str(e)
+    if header is not None and header != (img.height, img.width):
+        return (f"{path}: its header gives {header[1]}x{header[0]} (width x height) but it decodes to "
+                f"{img.width}x{img.height}: its visual-token count would not match its tiles")
+    return None
 
 
 def _rewrite(src: str, dst: str, mode: str) -> None:
@@ -202,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-folder", required=True, help="the folder the entries' image paths are relative to")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes decoding images (default: one per CPU; 1 decodes in this process)")
-    p.add_argument("--mode", choices=("pad", "square"), default="pad",
+    p.add_argument("--mode", choices=("pad", "square", "anyres"), default="pad",
                    help="the preprocessing whose size limits apply (images.MAX_IMAGE_PIXELS): pad (stage 2, "
-                        "default, the stricter) or square (stage 1)")
+                        "default, the stricter), square (stage 1) or anyres (LLaVA-NeXT's tiles: only the decoded "
+                        "image's own size; its header size must also be the decoded one)")
     p.add_argument("--repair", action="store_true",
                    help="write a JPEG at each named X.jpg that exists only as X.gif / X.png / ...")
     p.add_argument("--usable", metavar="OUT.json", help="write the entries whose images are all good here")

@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from fastllava.data import check
+from fastllava.data.anyres_images import AnyRes, load_anyres
+from fastllava.data.images import ImageError, Preprocess, load_image
 
 STATUSES = check.STATUSES
 
@@ -194,6 +196,42 @@ def test_decompression_bomb_counts_as_corrupt(tmp_path, monkeypatch):
     status, detail = check.check_image(str(path))
     assert status == "corrupt" and "decompression bomb" in detail
 
+
+
+def test_anyres_mode_checks_as_the_anyres_loader_decodes(tmp_path, capsys):
+    """A 1 x 10000 strip: pad's 10000 x 10000 canvas and square's 336 x 3,360,000 resize are above
+    MAX_IMAGE_PIXELS, so those loaders refuse it, while AnyRes tiles it: only --mode anyres counts it present."""
+    root = tmp_path / "images"
+    strip = _photo(root / "coco/strip.png", "PNG", size=(10000, 1))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([_entry("s", "coco/strip.png")]))
+    with pytest.raises(ImageError):
+        load_image(strip, mode="pad")
+    assert load_anyres(strip, AnyRes(Preprocess())).shape[1:] == (3, 336, 336)
+    for mode, want in (("pad", "corrupt"), ("square", "corrupt"), ("anyres", "present")):
+        status, out = _run(capsys, data, "--image-folder", root, "--workers", 1, "--mode", mode)
+        assert _counts(out)["total"] == {want: 1} and status == (want != "present"), (mode, out)
+
+
+def test_anyres_mode_finds_what_the_other_modes_find(layout, capsys):
+    data, root, _ = layout
+    status, out = _run(capsys, data, "--image-folder", root, "--workers", 1, "--mode", "anyres")
+    counts = _counts(out)
+    assert counts.pop("total") == {"present": 3, "missing": 1, "corrupt": 2, "other_ext": 2} and status == 1
+    assert counts == BROKEN
+
+
+def test_anyres_mode_compares_the_header_size_with_the_decoded_one(tmp_path, monkeypatch):
+    """A JPEG turned by its EXIF orientation is the same size both ways (AnyRes counts its tokens from the
+    header); a header that disagreed with the decode would give a count that does not match the tiles."""
+    path = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # a quarter turn: 40x30 stored, 30x40 shown
+    Image.open(_photo(tmp_path / "src.png", "PNG", size=(40, 30))).save(path, "JPEG", exif=exif)
+    assert check.check_image(str(path), "anyres") == ("present", "")
+    monkeypatch.setattr(check, "image_size", lambda p: (30, 40))  # the stored size, not the decoded one
+    status, detail = check.check_image(str(path), "anyres")
+    assert status == "corrupt" and "header gives 40x30" in detail and "decodes to 30x40" in detail
 
 def test_source_of():
     assert check.source_of("coco/train2017/1.jpg") == "coco/train2017"
