@@ -240,14 +240,13 @@ def make_scienceqa(root: Path) -> Path:
     for pid in ("4", "5", "11", "15"):
         question, choices, answer, hint, _ = problems[pid]
         options = "\n".join(f"{'ABCDE'[i]}. {c}" for i, c in enumerate(choices))
-        if pid in image_ids:  # LLaVA's image entries: "<image>\nContext: ...\nquestion\noptions"
+        # LLaVA-1.5's file: "<image>\n" for an image problem, a "Context: hint" line when the hint is not empty,
+        # the question, the options (fastllava/data/scienceqa.py eval_question writes the same)
+        body = (f"Context: {hint}\n" if hint else "") + f"{question}\n{options}"
+        entry = {"id": pid, "conversations": [{"from": "human", "value": body}, {"from": "gpt", "value": "ABCDE"[answer]}]}
+        if pid in image_ids:
             entry = {"id": pid, "image": f"{pid}/image.png",
-                     "conversations": [{"from": "human", "value": f"<image>\nContext: {hint}\n{question}\n{options}"},
-                                       {"from": "gpt", "value": "ABCDE"[answer]}]}
-        else:  # text entries: "question\ncontext\noptions" (no context line when the hint is empty)
-            body = f"{question}\n{hint}\n{options}" if hint else f"{question}\n{options}"
-            entry = {"id": pid, "conversations": [{"from": "human", "value": body},
-                                                  {"from": "gpt", "value": "ABCDE"[answer]}]}
+                     "conversations": [{"from": "human", "value": f"<image>\n{body}"}, entry["conversations"][1]]}
         entries.append(entry)
     _json(d / "llava_test_CQM-A.json", entries)
     _json(d / "problems.json", {

@@ -395,8 +395,8 @@ def test_scienceqa_load(tmp_path):
     data = make_scienceqa(tmp_path)
     qs = ScienceQA().load(data)
     assert [q.question_id for q in qs] == ["4", "5", "11", "15"]
-    text4 = ("Which figure of speech is used in this text?\nSing, O goddess, the anger of Achilles son of Peleus.\n"
-             f"\u2014Homer, The Iliad\nA. chiasmus\nB. apostrophe\n{SQA_HINT}")
+    text4 = ("Context: Sing, O goddess, the anger of Achilles son of Peleus.\n\u2014Homer, The Iliad\n"
+             f"Which figure of speech is used in this text?\nA. chiasmus\nB. apostrophe\n{SQA_HINT}")
     assert qs[0].text == text4 and qs[0].images == [] and qs[0].record == {"prompt": text4}
     text5 = ("Context: Gordon tested a parachute in a wind tunnel.\nWhich of the following could Gordon's test show?\n"
              "A. if the spacecraft was damaged\nB. how steady a parachute was\nC. whether it would swing\n" + SQA_HINT)
