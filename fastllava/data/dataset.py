@@ -13,6 +13,11 @@ Each reject is appended to the rejects file (JSONL: file, index, line, id, reaso
 lengths() is what the packing planner plans with: tokens after image expansion and truncation, exactly
 the length __getitem__ produces. A sample rejected at tokenization keeps a placeholder length of 1 (the
 planner needs every index; __getitem__ returns None for it); `valid()` tells them apart.
+
+With image_mode "anyres" (LLaVA-NeXT) every image has its own count, which depends only on its size:
+lengths() reads each image's (height, width) from its file header (anyres_images.image_size, no pixel
+decoded) and counts with the model's grid; an unreadable header rejects the sample there, reason "image".
+The cache key then holds the grid too.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..batch import AnyResGrid
 from ..cache_dir import cache_dir as default_cache_dir
 from ..progress import progress
 from .files import RejectLog, SampleError, default_rejects_path, image_list, load_records
@@ -36,7 +43,7 @@ from .tokenize import (OVERLONG_POLICIES, Fit, encode_sample, load_tokenizer, pr
                        tokenizer_fingerprint)
 
 _LENGTHS_CACHE_VERSION = 1
-IMAGE_MODES = ("pad", "square")
+IMAGE_MODES = ("pad", "square", "anyres")
 
 
 class LlavaDataset(Dataset):
@@ -45,10 +52,13 @@ class LlavaDataset(Dataset):
     data_path: a JSON/JSONL file or a list of them. image_folder: root of the "image" paths (None for
     text-only data). tokenizer: a fast tokenizer or a local directory; `<image>` and a pad token are
     added to it in place (prepare_tokenizer). template: "plain" (stage 1), "vicuna_v1" (stage 2) or a
-    Template. image_mode: "pad" (LLaVA-1.5's pad-to-square) or "square" (resize).
-    num_image_tokens: positions one image occupies after expansion (576 for CLIP ViT-L/14 at 336 px).
+    Template. image_mode: "pad" (LLaVA-1.5's pad-to-square), "square" (resize) or "anyres" (LLaVA-NeXT's
+    tiles at the grid `anyres`, the model's LlavaConfig.anyres; required with it and only with it).
+    num_image_tokens: positions one image occupies after expansion (576 for CLIP ViT-L/14 at 336 px); AnyRes:
+    features per tile (each image's count is anyres.num_tokens(its size)).
     overlong: "truncate" (cut at model_max_length, never inside an image) or "reject".
     image_loader: callable(path, mode=, size=) -> (3, S, S) tensor; default fastllava.data.images.load_image.
+    AnyRes: -> (n_tiles, 3, S, S), the base image and the tiles (anyres_loader; the default is CLIP's processor).
     cache_dir: where lengths() caches per-file results (default: fastllava.cache_dir.cache_dir(), i.e.
     $FASTLLAVA_CACHE or ~/.cache/fastllava; None disables). Processes sharing it compute a file's lengths
     one at a time, so the first computes and the others read its cache (data/lengths.py).
@@ -56,7 +66,9 @@ class LlavaDataset(Dataset):
     process's cores; without a cache, divided among the LOCAL_WORLD_SIZE ranks that all compute).
 
     dataset[i] -> {"input_ids": (L,) int64 with one image token per image, "labels": (L,) int64,
-                   "pixel_values": (n_images, 3, S, S) float or None, "id": str}  or None if rejected.
+                   "pixel_values": (n_images, 3, S, S) float or None, "id": str}  or None if rejected;
+                   AnyRes: pixel_values (n_tiles, 3, S, S), each image's tiles in turn, and "image_sizes",
+                   [(height, width), ...] per image (PackedBatch.from_samples(..., anyres=)).
     """
 
     def __init__(self, data_path, image_folder, tokenizer, template, *, image_mode: str = "pad",
@@ -64,9 +76,12 @@ class LlavaDataset(Dataset):
                  overlong: str = "truncate", strict: bool = False, rejects_path=None,
                  image_loader: Callable | None = None, check_images: bool = False,
                  cache_dir: str | os.PathLike | None | bool = True, verbose: bool = True,
-                 length_workers: int | None = None):
+                 length_workers: int | None = None, anyres: AnyResGrid | None = None):
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+        if (image_mode == "anyres") != (anyres is not None):
+            raise ValueError(f"image_mode {image_mode!r} with anyres={anyres}: image_mode 'anyres' needs the model's "
+                             "AnyRes grid (LlavaConfig.anyres), and the grid needs image_mode 'anyres'")
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
         if num_image_tokens < 1 or model_max_length < 1 or image_size < 1:
@@ -81,7 +96,7 @@ class LlavaDataset(Dataset):
         self.image_token_id = self.ids.image_token_id
         self.template = get_template(template)
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
-        self.image_mode, self.image_size = image_mode, image_size
+        self.image_mode, self.image_size, self.anyres = image_mode, image_size, anyres
         self.num_image_tokens, self.model_max_length, self.overlong = num_image_tokens, model_max_length, overlong
         self.fit = Fit(self.image_token_id, num_image_tokens, model_max_length, overlong)
         self.image_loader = image_loader
@@ -141,9 +156,13 @@ class LlavaDataset(Dataset):
         if self.cache_dir is None:
             return None
         st = os.stat(path)
-        key = json.dumps([_LENGTHS_CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
-                          tokenizer_fingerprint(self.tokenizer), self.template.name, self.num_image_tokens,
-                          self.model_max_length, self.overlong])
+        fields = [_LENGTHS_CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
+                  tokenizer_fingerprint(self.tokenizer), self.template.name, self.num_image_tokens,
+                  self.model_max_length, self.overlong]
+        if self.anyres is not None:  # appended, so that a fixed-resolution run keeps its key and its cache
+            a = self.anyres
+            fields.append(["anyres", [list(p) for p in a.pinpoints], a.tile, a.side, self.image_folder])
+        key = json.dumps(fields)
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
         return os.path.join(self.cache_dir, "lengths", f"{os.path.basename(path)}.{digest}.npz")
 
@@ -174,9 +193,10 @@ class LlavaDataset(Dataset):
             workers = max(1, workers // int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1))
         bar = progress(len(rows), desc=f"lengths of {os.path.basename(path)}", unit="sample", file=sys.stderr,
                        enabled=self.verbose and len(rows) > 20000)
+        image_tokens = None if self.anyres is None else (lambda k: self._header_tokens(int(rows[k]))[1])
         lens, cuts, errs = pooled_lengths(len(rows), lambda k: self.records[int(rows[k])]["conversations"],
-                                          self.tokenizer, self.template, self.fit, workers=workers,
-                                          on_chunk=bar.update)
+                                          self.tokenizer, self.template, self.fit, get_image_tokens=image_tokens,
+                                          workers=workers, on_chunk=bar.update)
         bar.close()
         per_entry[entries], cut[entries] = lens, cuts
         errors = {int(entries[k]): (e.reason, e.detail) for k, e in errs.items()}
@@ -205,31 +225,71 @@ class LlavaDataset(Dataset):
         if self.image_loader is None:
             from .images import load_image  # lazy: Pillow/DALI only when images are read
 
-            self.image_loader = load_image
+            self.image_loader = load_image if self.anyres is None else anyres_loader(None, self.anyres)
         return self.image_loader(path, mode=self.image_mode, size=self.image_size)
+
+    def _image_paths(self, i: int) -> list[str]:
+        paths = image_list(self.records[i])
+        if paths and self.image_folder is None:
+            raise ValueError(f"sample {self.records.ids[i]!r} has images but the dataset has image_folder=None")
+        return [os.path.join(self.image_folder, p) for p in paths]
+
+    def _header_tokens(self, i: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """AnyRes: ((height, width) of each image of sample i from its header, its placeholder count).
+        SampleError "image" naming the file when a header cannot be read."""
+        from .anyres_images import image_size  # lazy, as _load_image
+
+        sizes = []
+        for full in self._image_paths(i):
+            try:
+                sizes.append(image_size(full))
+            except Exception as e:  # any unreadable header is this sample's problem, as a failed decode
+                raise SampleError("image", f"image {full!r}: {type(e).__name__}: {e}") from None
+        return sizes, [self.anyres.num_tokens(hw) for hw in sizes]
 
     def __getitem__(self, i: int) -> dict | None:
         if self._valid is not None and not self._valid[i]:
             return None  # rejected while computing lengths, already logged
         record = self.records[i]
+        sizes = None
         try:
-            enc = encode_sample(record["conversations"], self.tokenizer, self.template, self.fit)
+            counts = None
+            if self.anyres is not None:
+                sizes, counts = self._header_tokens(i)  # the header sizes lengths() counted with
+            enc = encode_sample(record["conversations"], self.tokenizer, self.template, self.fit, counts)
         except SampleError as e:
             self._reject(i, e.reason, e.detail)
             return None
         pixel_values = None
-        paths = image_list(record)[: enc.num_images]  # truncation may have cut trailing images
+        paths = self._image_paths(i)[: enc.num_images]  # truncation may have cut trailing images
         if paths:
-            if self.image_folder is None:
-                raise ValueError(f"sample {self.records.ids[i]!r} has images but the dataset has image_folder=None")
             images = []
-            for p in paths:
-                full = os.path.join(self.image_folder, p)
+            for full in paths:
                 try:
                     images.append(self._load_image(full))
                 except Exception as e:  # any decode failure is this sample's problem, not the run's
                     self._reject(i, "image", f"image {full!r}: {type(e).__name__}: {e}")
                     return None
-            pixel_values = torch.stack(images)
-        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixel_values,
-                "id": self.records.ids[i]}
+            pixel_values = torch.cat(images) if sizes is not None else torch.stack(images)
+        sample = {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixel_values,
+                  "id": self.records.ids[i]}
+        if sizes is not None:
+            sample["image_sizes"] = sizes[: enc.num_images]
+        return sample
+
+
+def anyres_loader(processor, grid: AnyResGrid) -> Callable:
+    """The dataset's image_loader for image_mode "anyres": path -> (n_tiles, 3, S, S), the base image and the
+    tiles at `grid`'s pinpoints, through the tower's per-tile `processor` (data.images.Preprocess; None: CLIP's
+    at grid.tile), on DALI when installed as images.load_image (anyres_images.load_anyres_images)."""
+    from .anyres_images import AnyRes
+    from .images import Preprocess
+
+    spec = AnyRes(processor or Preprocess(grid.tile, grid.tile), grid.pinpoints)
+    return partial(_load_tiles, spec=spec)
+
+
+def _load_tiles(path, mode: str = "anyres", size: int | None = None, *, spec) -> torch.Tensor:
+    from .anyres_images import load_anyres_images
+
+    return load_anyres_images([path], spec)[0]

@@ -35,7 +35,7 @@ from .tokenize import Fit, batch_lengths
 WORKERS_ENV = "FASTLLAVA_LENGTH_WORKERS"
 CHUNK = 2048  # conversations per batched tokenizer call and per task of the pool
 
-_job = None  # (get_turns, tokenizer, template, fit) in a pool worker, inherited through fork
+_job = None  # (get_turns, tokenizer, template, fit, get_image_tokens) in a pool worker, inherited through fork
 
 
 def length_workers(requested: int | None = None) -> int:
@@ -62,9 +62,21 @@ def _init_worker(job) -> None:
 
 
 def _run_chunk(job, bounds: tuple[int, int]):
-    get_turns, tokenizer, template, fit = job
+    get_turns, tokenizer, template, fit, get_image_tokens = job
     lo, hi = bounds
-    lens, cuts, errors = batch_lengths([get_turns(i) for i in range(lo, hi)], tokenizer, template, fit)
+    counts, unreadable = None, {}
+    if get_image_tokens is not None:  # AnyRes: each image's count from its header, read here, in the pool
+        counts = []
+        for i in range(lo, hi):
+            try:
+                counts.append(get_image_tokens(i))
+            except SampleError as e:
+                counts.append(())  # its length is not used: the sample is rejected below
+                unreadable[i - lo] = e
+    turns = [[] if i - lo in unreadable else get_turns(i) for i in range(lo, hi)]
+    lens, cuts, errors = batch_lengths(turns, tokenizer, template, fit, counts)
+    for k, e in unreadable.items():
+        lens[k], cuts[k], errors[k] = 0, False, e
     return lo, lens, cuts, {k: (e.reason, e.detail) for k, e in errors.items()}  # SampleError does not pickle
 
 
@@ -73,11 +85,14 @@ def _pool_chunk(bounds: tuple[int, int]):
 
 
 def pooled_lengths(n: int, get_turns: Callable[[int], Sequence[dict]], tokenizer, template: Template, fit: Fit,
-                   *, workers: int = 1, chunk: int = CHUNK, on_chunk: Callable[[int], None] | None = None
+                   *, get_image_tokens: Callable[[int], Sequence[int]] | None = None, workers: int = 1,
+                   chunk: int = CHUNK, on_chunk: Callable[[int], None] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
     """batch_lengths of the conversations get_turns(0), ..., get_turns(n - 1), in chunks of `chunk`, over
     `workers` forked processes (in this process when one worker suffices, or where fork is unavailable
     or this is a daemonic process, such as a DataLoader worker, which may not have children).
+    get_image_tokens(i): the placeholder count of each image of conversation i (AnyRes: from the image
+    headers, so the pool reads them too), or SampleError to reject it; None: fit.num_image_tokens each.
 
     Returns lengths (n,) int64 (0 where rejected), truncated (n,) bool and {position: SampleError}, exactly
     what batch_lengths over all n gives. on_chunk(count) is called as each chunk finishes (progress).
@@ -88,7 +103,7 @@ def pooled_lengths(n: int, get_turns: Callable[[int], Sequence[dict]], tokenizer
     bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     workers = min(workers, len(bounds))
     pooled = workers > 1 and "fork" in mp.get_all_start_methods() and not mp.current_process().daemon
-    job = (get_turns, tokenizer, template, fit)
+    job = (get_turns, tokenizer, template, fit, get_image_tokens)
     with contextlib.ExitStack() as stack:
         if pooled:
             pool = stack.enter_context(mp.get_context("fork").Pool(workers, _init_worker, (job,)))

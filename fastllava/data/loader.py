@@ -8,7 +8,8 @@ PackedBatch, so the main process only moves ready packs to the device.
 Every rank must take part in every micro-step's collectives (FSDP2 all-gathers, reduce-scatters), and
 with the same modules: a pack that would skip the vision tower (text-only samples) or be empty (a
 short last step, rejected samples) gets a filler sample: one zero image behind one image token (or one
-pad token), all labels ignored. It adds no loss and no label tokens, so the gradient is unchanged.
+pad token), all labels ignored; for an AnyRes model the zero image is tile x tile pixels, tiled at its grid.
+It adds no loss and no label tokens, so the gradient is unchanged.
 
 A worker that dies (killed by a signal, e.g. the OOM killer, or a crash inside an image decoder) is
 reported as WorkerCrashed naming the pack it was loading and its samples, instead of torch's bare
@@ -77,8 +78,8 @@ class _BinDataset(Dataset):
     item k, k = -1 between items (what a dead worker held, see WorkerCrashed)."""
 
     def __init__(self, source, keys, image_token_id, num_image_tokens, filler_image, pad_token_id,
-                 loading: torch.Tensor | None = None):
-        self.source, self.keys = source, keys
+                 loading: torch.Tensor | None = None, anyres=None):
+        self.source, self.keys, self.anyres = source, keys, anyres
         self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
         self.filler_image, self.pad_token_id = filler_image, pad_token_id
         self.loading = loading
@@ -98,19 +99,24 @@ class _BinDataset(Dataset):
     def _load(self, k: int) -> MicroBatch:
         step, micro, num_micro, indices = self.keys[k]
         samples = [self.source[i] for i in indices]
-        batch, rejected = collate_pack(samples, self.image_token_id, self.num_image_tokens)
+        batch, rejected = collate_pack(samples, self.image_token_id, self.num_image_tokens, self.anyres)
         filler = False
         if batch is None or (self.filler_image is not None and batch.num_images == 0):
             kept = [s for s in samples if s is not None]
             batch = PackedBatch.from_samples(kept + [self._filler()], image_token_id=self.image_token_id,
-                                             num_image_tokens=self.num_image_tokens)
+                                             num_image_tokens=self.num_image_tokens, anyres=self.anyres)
             filler = True
         return MicroBatch(step, micro, num_micro, batch, rejected, filler)
 
     def _filler(self) -> dict:
         if self.filler_image is not None:
-            return {"input_ids": torch.tensor([self.image_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
-                    "pixel_values": self.filler_image.unsqueeze(0)}
+            sample = {"input_ids": torch.tensor([self.image_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
+                      "pixel_values": self.filler_image.unsqueeze(0)}
+            if self.anyres is not None:  # zeros in, zeros out: its tiles are the same zero image
+                size = tuple(self.filler_image.shape[-2:])
+                sample["pixel_values"] = sample["pixel_values"].expand(self.anyres.num_tiles(size), -1, -1, -1)
+                sample["image_sizes"] = [size]
+            return sample
         return {"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
                 "pixel_values": None}
 
@@ -189,13 +195,14 @@ class StepLoader:
 
     source: a SampleSource. global_batch: samples per optimizer step over all ranks (the paper's 256 /
     128). max_tokens: token budget of one pack. filler_image: (3, H, W) zeros when the model has a
-    vision tower and more than one rank runs (see module docstring), else None.
+    vision tower and more than one rank runs (see module docstring), else None. anyres: the model's
+    AnyResGrid (LlavaConfig.anyres) when it is LLaVA-NeXT's: samples then carry tiles and image_sizes.
     """
 
     def __init__(self, source: SampleSource, *, global_batch: int, max_tokens: int, rank: int, world_size: int,
                  epochs: int, seed: int, image_token_id: int, num_image_tokens: int,
                  filler_image: torch.Tensor | None = None, pad_token_id: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, anyres=None):
         if global_batch < world_size:
             raise ValueError(f"global batch {global_batch} is smaller than the {world_size} ranks; every rank needs samples")
         self.source = source
@@ -205,7 +212,7 @@ class StepLoader:
         self.planner = PackingPlanner(lengths, max_tokens, num_ranks=world_size, seed=seed, global_batch=global_batch)
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
         self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
-        self.filler_image, self.pad_token_id = filler_image, pad_token_id
+        self.filler_image, self.pad_token_id, self.anyres = filler_image, pad_token_id, anyres
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.steps_per_epoch = [len(self.planner.plan_epoch(e)) for e in range(epochs)]
         self.next_step = 0  # global step the next iteration starts from: the run's one position
@@ -252,7 +259,7 @@ class StepLoader:
         if self.num_workers:
             loading = torch.full((self.num_workers, 2), -1, dtype=torch.int64).share_memory_()
         data = _BinDataset(self.source, self._keys(start, stop), self.image_token_id,
-                           self.num_image_tokens, self.filler_image, self.pad_token_id, loading)
+                           self.num_image_tokens, self.filler_image, self.pad_token_id, loading, self.anyres)
         # A generator of its own: DataLoader draws its workers' base seed from it when iteration starts,
         # which would otherwise advance the global torch RNG (dropout's) at a different point of a resumed
         # run than of the uninterrupted one. Nothing the workers do is random.

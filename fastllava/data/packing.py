@@ -289,16 +289,17 @@ class PackingPlanner:
 
 
 def collate_pack(
-    samples: Sequence[dict | None], image_token_id: int, num_image_tokens: int
+    samples: Sequence[dict | None], image_token_id: int, num_image_tokens: int, anyres=None
 ) -> tuple[PackedBatch | None, int]:
     """Pack one bin's samples. None entries are samples the dataset rejected; they are skipped and
     counted. Returns (batch, num_rejected); batch is None when nothing is left (the rank must still
-    join the micro-step's collectives)."""
+    join the micro-step's collectives). anyres: the model's AnyResGrid (PackedBatch.from_samples)."""
     kept = [s for s in samples if s is not None]
     rejected = len(samples) - len(kept)
     if not kept:
         return None, rejected
-    return PackedBatch.from_samples(kept, image_token_id=image_token_id, num_image_tokens=num_image_tokens), rejected
+    return PackedBatch.from_samples(kept, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                                    anyres=anyres), rejected
 
 
 def plan_stats(steps: Sequence[StepPlan]) -> dict:

@@ -300,15 +300,33 @@ def tokenize_prompt(turns: Sequence[dict], tokenizer, template: str | Template) 
 # -------------------------------------------------------------------------------------------- truncation
 
 
-def expanded_length(ids_L: np.ndarray, img_id: int, num_image_tokens: int) -> int:
-    """Tokens the model processes: each image token becomes num_image_tokens positions."""
-    return len(ids_L) + int((ids_L == img_id).sum()) * (num_image_tokens - 1)
+def image_costs(ids_L: np.ndarray, img_id: int, image_tokens) -> np.ndarray:
+    """(L,) int64 positions each token becomes: 1 for text; an image token its image's placeholders.
+    image_tokens: an int (every image the same: fixed resolution) or the count of each image in order (AnyRes:
+    each image's own, from its size); a prefix of a sample's ids uses the first counts."""
+    is_image = ids_L == img_id
+    cost_L = np.ones(len(ids_L), dtype=np.int64)
+    if np.ndim(image_tokens) == 0:
+        cost_L[is_image] = int(image_tokens)
+        return cost_L
+    counts = np.asarray(image_tokens, dtype=np.int64)
+    n = int(is_image.sum())
+    if n > len(counts):
+        raise ValueError(f"{n} image tokens but token counts for {len(counts)} images")
+    cost_L[is_image] = counts[:n]
+    return cost_L
 
 
-def truncation_point(ids_L: np.ndarray, img_id: int, num_image_tokens: int, max_length: int) -> int:
+def expanded_length(ids_L: np.ndarray, img_id: int, num_image_tokens) -> int:
+    """Tokens the model processes: each image token becomes its image's placeholders (num_image_tokens: an
+    int, or one count per image: image_costs)."""
+    return int(image_costs(ids_L, img_id, num_image_tokens).sum())
+
+
+def truncation_point(ids_L: np.ndarray, img_id: int, num_image_tokens, max_length: int) -> int:
     """Largest k with expanded_length(ids_L[:k]) <= max_length; an image is all or nothing, so a cut
     that would split an image's positions falls just before its token."""
-    cost_L = np.where(ids_L == img_id, num_image_tokens, 1)
+    cost_L = image_costs(ids_L, img_id, num_image_tokens)
     return int(np.searchsorted(np.cumsum(cost_L), max_length, side="right"))
 
 
@@ -334,19 +352,21 @@ class Fit:
     overlong: str = "truncate"
 
 
-def encode_sample(turns: Sequence[dict], tokenizer, template: Template, fit: Fit) -> Encoded:
-    """Render, tokenize, mask and fit one (validated) conversation into fit.model_max_length.
+def encode_sample(turns: Sequence[dict], tokenizer, template: Template, fit: Fit, image_tokens=None) -> Encoded:
+    """Render, tokenize, mask and fit one (validated) conversation into fit.model_max_length. image_tokens:
+    each image's placeholder count (AnyRes), None for fit.num_image_tokens each.
 
     Raises SampleError: "template" (cannot render), "overlong" (too long and overlong="reject"),
     "no_labels" (nothing left to train on after truncation).
     """
-    return fit_sample(*tokenize_rendered(template.render(turns), tokenizer, fit.img_id), fit)
+    return fit_sample(*tokenize_rendered(template.render(turns), tokenizer, fit.img_id), fit, image_tokens)
 
 
-def fit_sample(ids_L: np.ndarray, labels_L: np.ndarray, fit: Fit) -> Encoded:
+def fit_sample(ids_L: np.ndarray, labels_L: np.ndarray, fit: Fit, image_tokens=None) -> Encoded:
     """The second half of encode_sample: truncate ids and labels to fit.model_max_length (or reject), and
     reject a sample left without a label token. Raises SampleError ("overlong", "no_labels")."""
-    img_id, num_image_tokens, model_max_length = fit.img_id, fit.num_image_tokens, fit.model_max_length
+    img_id, model_max_length = fit.img_id, fit.model_max_length
+    num_image_tokens = fit.num_image_tokens if image_tokens is None else image_tokens
     length = expanded_length(ids_L, img_id, num_image_tokens)
     truncated = length > model_max_length
     if truncated:
@@ -389,10 +409,12 @@ def _first_labels(rendered: Sequence[Rendered], ids: Sequence[np.ndarray], token
     return out
 
 
-def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Template,
-                  fit: Fit) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
+def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Template, fit: Fit,
+                  image_tokens: Sequence[Sequence[int]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[int, SampleError]]:
     """Lengths after image expansion and truncation of many conversations, as encode_sample would give,
-    from one batched tokenizer call without offsets over every conversation.
+    from one batched tokenizer call without offsets over every conversation. image_tokens: for each
+    conversation, its images' placeholder counts (AnyRes); None for fit.num_image_tokens per image.
 
     An over-long sample's truncated length comes from the same ids; whether a label survives its cut is
     decided from the position of its first label token (_first_label: a tokenization of the text up to the
@@ -409,9 +431,10 @@ def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Tem
             where.append(i)
         except SampleError as e:
             errors[i] = e
+    counts = [fit.num_image_tokens if image_tokens is None else image_tokens[i] for i in where]
     overlong: list[tuple[int, np.ndarray]] = []
     for k, (ids_L, _) in enumerate(tokenize_texts([r.text for r in rendered], tokenizer, fit.img_id)):
-        length = expanded_length(ids_L, fit.img_id, fit.num_image_tokens)
+        length = expanded_length(ids_L, fit.img_id, counts[k])
         if length <= fit.model_max_length:
             lengths[where[k]] = length
             continue
@@ -424,18 +447,18 @@ def batch_lengths(turns_list: Sequence[Sequence[dict]], tokenizer, template: Tem
     undecided = []
     firsts = _first_labels([rendered[k] for k, _ in overlong], [ids_L for _, ids_L in overlong], tokenizer, fit.img_id)
     for (k, ids_L), first in zip(overlong, firsts):
-        cut = truncation_point(ids_L, fit.img_id, fit.num_image_tokens, fit.model_max_length)
+        cut = truncation_point(ids_L, fit.img_id, counts[k], fit.model_max_length)
         if first is None:
             undecided.append(k)
         elif first < cut:
-            lengths[where[k]] = expanded_length(ids_L[:cut], fit.img_id, fit.num_image_tokens)
+            lengths[where[k]] = expanded_length(ids_L[:cut], fit.img_id, counts[k])
         else:
             errors[where[k]] = _no_labels(fit, truncated=True)
     if undecided:
         for k, (ids_L, labels_L) in zip(undecided, tokenize_rendered_many([rendered[k] for k in undecided],
                                                                          tokenizer, fit.img_id)):
             try:
-                lengths[where[k]] = fit_sample(ids_L, labels_L, fit).length
+                lengths[where[k]] = fit_sample(ids_L, labels_L, fit, counts[k]).length
             except SampleError as e:
                 errors[where[k]] = e
     return lengths, truncated, errors
