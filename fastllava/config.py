@@ -27,7 +27,12 @@ from .model.config import Backends, LlavaConfig
 from .model.hub import check_ref, is_hub_id
 
 # The LlavaConfig fields that neither a tower nor a decoder checkpoint holds: how the two connect.
-CONNECTOR_FIELDS = ("projector_type", "vision_feature_layer", "vision_feature_select")
+CONNECTOR_FIELDS = ("projector_type", "vision_feature_layer", "vision_feature_select", "image_grid_pinpoints")
+
+
+def _connector(fields: dict) -> dict:
+    """The connector fields a run sets: image_grid_pinpoints only for an AnyRes model (set), not as None."""
+    return {k: v for k, v in fields.items() if k != "image_grid_pinpoints" or v is not None}
 
 
 @dataclass
@@ -39,7 +44,8 @@ class ModelConfig:
                   model/families/) + a new projector seeded by
                   `init_seed` (stage 1) or the stage-1 projector `projector_weights` (stage 2). From
                   `architecture` only the connector fields are read (projector_type, vision_feature_layer,
-                  vision_feature_select; default LLaVA-1.5's): vision and text come from the checkpoints.
+                  vision_feature_select, image_grid_pinpoints: LLaVA-NeXT's AnyRes when set, with a seeded
+                  image_newline; default LLaVA-1.5's): vision and text come from the checkpoints.
       pretrained  a llava-hf or original-LLaVA directory `pretrained_path` (e.g. to continue a finetune);
                   the checkpoint fixes the architecture.
       scratch     every weight random (model/init.py, `init_seed`) from the whole `architecture`.
@@ -83,9 +89,10 @@ class ModelConfig:
                                  f"{', '.join(CONNECTOR_FIELDS)} may be set")
 
     def connector(self) -> dict:
-        """The connector fields for `Llava.from_components` (LLaVA-1.5's unless `architecture` sets them)."""
+        """The connector fields for `Llava.from_components` (LLaVA-1.5's unless `architecture` sets them);
+        image_grid_pinpoints only when set (an AnyRes model)."""
         arch = self.architecture or LlavaConfig()
-        return {name: getattr(arch, name) for name in CONNECTOR_FIELDS}
+        return _connector({name: getattr(arch, name) for name in CONNECTOR_FIELDS})
 
 
 @dataclass
@@ -95,7 +102,8 @@ class DataConfig:
     data_path: Optional[str] = None  # LLaVA-format JSON or JSONL
     image_folder: Optional[str] = None  # root of the entries' "image" paths; None for text-only data
     template: str = "plain"  # a conversation template of fastllava.data.templates: plain (stage 1), vicuna_v1, llama3, qwen, mistral, v0
-    image_mode: Literal["square", "pad"] = "square"
+    # "anyres": LLaVA-NeXT's tiles, for a model with image_grid_pinpoints (and only for one: train/build.py checks)
+    image_mode: Literal["square", "pad", "anyres"] = "square"
     # How images become the tower's pixels (data/images.py Preprocess): None takes the preprocessor_config.json of
     # model.vision_path / model.pretrained_path, else the tower family's processor (CLIP's or SigLIP's) at its
     # image_size; or a preprocessor_config.json file, a directory holding one, or a Hub id org/name[@revision].
@@ -428,7 +436,7 @@ def usage(tree: DictConfig | dict | None = None, source: str = "defaults") -> st
     shown = tree if isinstance(tree, dict) else OmegaConf.to_container(tree or OmegaConf.structured(Config))
     model = shown["model"]
     if model["source"] == "components" and model["architecture"] is not None:
-        model["architecture"] = {k: model["architecture"][k] for k in CONNECTOR_FIELDS}
+        model["architecture"] = _connector({k: model["architecture"][k] for k in CONNECTOR_FIELDS})
     return (f"usage: [--config FILE.yaml] [section.key=value ...]\n\nkeys and their values ({source}):\n"
             + OmegaConf.to_yaml(shown))
 

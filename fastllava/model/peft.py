@@ -1,4 +1,5 @@
-"""LoRA adapters in PEFT's on-disk format, for transformers' LlavaForConditionalGeneration.
+"""LoRA adapters in PEFT's on-disk format, for transformers' LlavaForConditionalGeneration (and
+LlavaNextForConditionalGeneration, whose modules have the same names).
 
 `adapter_config.json` + `adapter_model.safetensors` as `peft.PeftModel.save_pretrained` writes them for a
 LlavaForConditionalGeneration (transformers 5 module names), so
@@ -11,6 +12,9 @@ adapted layer, and the projector, trained in full, in `modules_to_save` as
 `base_model.model.model.multi_modal_projector.linear_{1,2}.{weight,bias}`; a vision tower trained in full
 beside the adapters (train.unfreeze_vision) is there too, whole, as `base_model.model.model.vision_tower.*`
 (PEFT's own way to carry fully trained modules; LLaVA-NeXT writes the same weights to non_lora_trainables.bin).
+An AnyRes model's image_newline, which trains with the projector, is a bare parameter that modules_to_save
+cannot name: it is stored under its own key, `base_model.model.model.image_newline`, which PEFT's
+set_peft_model_state_dict loads into the model as it loads every key that is not an adapter's.
 Only the mlp2x_gelu projector has a place in LlavaForConditionalGeneration; other projectors get the merged
 export alone.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .keys import LLM, VISION, to_checkpoint_key
+from .keys import LLM, NEWLINE, VISION, to_checkpoint_key
 from .stacked import stack_adapters
 
 _PREFIX = "base_model.model."
@@ -42,7 +46,7 @@ def _transformers_name(key: str) -> str:
         return "model.language_model." + key[len(LLM):]
     if key.startswith(VISION):  # transformers 5's towers leave out the files' `vision_model.` (families/clip.py)
         return f"model.{_TOWER}." + key[len(VISION):]
-    if key.startswith(_PROJECTOR + "."):
+    if key.startswith(_PROJECTOR + ".") or key == NEWLINE:
         return "model." + key
     return key
 
@@ -62,11 +66,11 @@ def save_peft_adapter(config, path: Path, trained: dict[str, torch.Tensor], lora
         if name.endswith((".lora_a", ".lora_b")):
             module, kind = name.rsplit(".", 1)
             adapters.setdefault(to_checkpoint_key(module + ".weight", config), [None, None])[kind == "lora_b"] = t
-        elif name.startswith(("projector.", _TOWER + ".")):
+        elif name.startswith(("projector.", _TOWER + ".")) or name == NEWLINE:
             tensors[_PREFIX + transformers_module_name(name, config)] = t
         else:
-            raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter, the projector nor the "
-                             "vision tower")
+            raise ValueError(f"{name}: trainable in a LoRA run but neither an adapter, the projector, "
+                             "image_newline nor the vision tower")
     if any(n.startswith(_TOWER + ".") for n in trained):
         for key, t in (carried or {}).items():
             if key.startswith(VISION):

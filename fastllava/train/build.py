@@ -10,6 +10,7 @@ built whole: its seeded initialization draws every tensor in full.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.dataset import LlavaDataset
+from ..data.dataset import LlavaDataset, anyres_loader
 from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image
 from ..data.tokenize import TokenizerIds, load_tokenizer, prepare_tokenizer
 from ..model import Llava
@@ -77,7 +78,8 @@ def build_image_processor(cfg: Config, model: Llava) -> Preprocess:
     """How the tower's images are preprocessed: the preprocessor_config.json that data.image_processor names (the
     file, a directory holding it, or a Hub id: that file alone is fetched), else the one in the tower's
     directory (model.vision_path) or the checkpoint's (model.pretrained_path), else the tower family's processor
-    (model/families/) at its image_size."""
+    (model/families/) at its image_size. For an AnyRes model this is the per-tile processor: a
+    LlavaNextImageProcessor file gives its own, and its pinpoints must be the model's."""
     m, size = cfg.model, model.config.vision.image_size
     tower, _ = families_of(model.config)
     if cfg.data.image_processor is not None:
@@ -85,11 +87,34 @@ def build_image_processor(cfg: Config, model: Llava) -> Preprocess:
         file = path / PREPROCESSOR_FILE if path.is_dir() else path
         if not file.is_file():
             raise ValueError(f"data.image_processor {cfg.data.image_processor}: {path} holds no {PREPROCESSOR_FILE}")
-        return Preprocess.from_file(file, size)
+        return _tile_processor(file, model) or Preprocess.from_file(file, size)
     key = {"components": "vision_path", "pretrained": "pretrained_path"}.get(m.source)
     if key is None:
         return Preprocess.default(tower.image_processor, size)
-    return Preprocess.from_dir(resolve(getattr(m, key), f"model.{key}"), tower.image_processor, size)
+    directory = resolve(getattr(m, key), f"model.{key}")
+    return (_tile_processor(directory / PREPROCESSOR_FILE, model)
+            or Preprocess.from_dir(directory, tower.image_processor, size))
+
+
+def _tile_processor(file: Path, model: Llava) -> Preprocess | None:
+    """The per-tile processor of a LlavaNextImageProcessor file (a llava-hf LLaVA-NeXT directory's), None for
+    any other file or none. ValueError when its pinpoints are not the model's: the tiles would not match the
+    model's visual-token counts."""
+    from ..data.anyres_images import AnyRes
+
+    try:
+        raw = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read it as JSON ({e})") from None
+    if "LlavaNext" not in str(raw.get("image_processor_type")):
+        return None
+    spec = AnyRes.from_hf(raw, model.config.vision.image_size, str(file))
+    grid = model.config.anyres
+    if grid is None or spec.pinpoints != grid.pinpoints:
+        raise ValueError(f"{file}: a LlavaNextImageProcessor at image_grid_pinpoints "
+                         f"{[list(p) for p in spec.pinpoints]}, but the model's are {model.config.image_grid_pinpoints} (model.architecture."
+                         "image_grid_pinpoints / config.json): the tiles would not match its visual tokens")
+    return spec.processor
 
 
 def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:
@@ -99,8 +124,15 @@ def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:
         raise ValueError("data.data_path is not set: give a LLaVA-format JSON/JSONL file (and data.image_folder)")
     # Before any data is read: a window shorter than the longest sample would stop the run at its first long pack.
     model.config.text.check_length(d.model_max_length, "data.model_max_length (the longest sample)")
+    grid = model.config.anyres
+    if (d.image_mode == "anyres") != (grid is not None):
+        raise ValueError(f"data.image_mode={d.image_mode!r} but the model's image_grid_pinpoints are "
+                         f"{model.config.image_grid_pinpoints} (model.architecture.image_grid_pinpoints, or the "
+                         "checkpoint's config.json): an AnyRes model (pinpoints set) needs data.image_mode=anyres, "
+                         "and data.image_mode=anyres needs one")
+    processor = build_image_processor(cfg, model)
+    loader = (partial(load_image, processor=processor) if grid is None else anyres_loader(processor, grid))
     return LlavaDataset(d.data_path, d.image_folder, tokenizer, d.template, image_mode=d.image_mode,
                         image_size=model.config.vision.image_size, num_image_tokens=model.num_image_tokens,
                         model_max_length=d.model_max_length, overlong=d.overlong, strict=d.strict,
-                        rejects_path=d.rejects_path,
-                        image_loader=partial(load_image, processor=build_image_processor(cfg, model)))
+                        rejects_path=d.rejects_path, image_loader=loader, anyres=grid)

@@ -4,7 +4,9 @@ Stage 1 writes `<output_dir>/projector.safetensors` (LLaVA's `mm_projector` key 
 own tools read it). Stage 2 writes `<output_dir>/final/` (Llava.save_pretrained: a llava-hf directory for
 the mlp2x_gelu projector, which transformers' `LlavaForConditionalGeneration.from_pretrained` loads, the
 original LLaVA layout for others) with the tokenizer, the run's image processor as the
-`preprocessor_config.json` of the transformers processor that does the same, and `fastllava.json`, the
+`preprocessor_config.json` of the transformers processor that does the same (an AnyRes model's: a
+LlavaNextImageProcessor at its grid pinpoints, with the processor_config.json of the LlavaNextProcessor that
+transformers' AutoProcessor builds around it), and `fastllava.json`, the
 conversation template the run trained on (chat and eval prompt and preprocess as the run did unless told
 otherwise: generate/inputs.py); after LoRA fine-tuning
 `final/` holds the merged weights and `<output_dir>/adapter/` the adapters alone in PEFT's format
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from ..data.files import IMAGE_TAG
 from ..data.images import PREPROCESSOR_FILE
 from ..layers.lora import is_adapter, lora_modules
 from ..model import Llava
@@ -67,6 +70,7 @@ def gathered_parameters(model, keep: bool) -> Iterator[tuple[str, torch.Tensor]]
 # The export's record of how the model is prompted; generate/inputs.py RUN_FILE reads it (the same name: generate/
 # does not import train/, tests/train/test_model_template.py writes one and reads it back).
 RUN_FILE = "fastllava.json"
+PROCESSOR_FILE = "processor_config.json"  # transformers' ProcessorMixin settings file
 
 
 class ExportWriteError(RuntimeError):
@@ -132,6 +136,22 @@ def _save_final(model, path: Path, parameters, tokenizer, template: str | None, 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     if processor is not None:
-        (path / PREPROCESSOR_FILE).write_text(json.dumps(processor.to_hf(), indent=2) + "\n")
+        for name, content in processor_files(processor, model.config).items():
+            (path / name).write_text(json.dumps(content, indent=2) + "\n")
     if template is not None:
         (path / RUN_FILE).write_text(json.dumps({"template": template}, indent=2) + "\n")
+
+
+def processor_files(processor, config) -> dict[str, dict]:
+    """{file name: JSON} of the transformers processor that preprocesses as `processor` (data.images.Preprocess,
+    the tower's) for a model of LlavaConfig `config`. AnyRes: LlavaNextImageProcessor around the per-tile steps
+    at the model's pinpoints, and the LlavaNextProcessor's own settings (transformers counts each image's
+    tokens with them: patch size, the CLS that the "default" feature select drops)."""
+    hf = processor.to_hf()
+    if config.anyres is None:
+        return {PREPROCESSOR_FILE: hf}
+    return {PREPROCESSOR_FILE: {**hf, "image_processor_type": "LlavaNextImageProcessor", "do_pad": True,
+                                "image_grid_pinpoints": [list(p) for p in config.anyres.pinpoints]},
+            PROCESSOR_FILE: {"processor_class": "LlavaNextProcessor", "image_token": IMAGE_TAG,
+                             "patch_size": config.vision.patch_size, "vision_feature_select_strategy": "default",
+                             "num_additional_image_tokens": int(config.vision.model_type == "clip_vision_model")}}

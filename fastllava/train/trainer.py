@@ -136,7 +136,8 @@ class Trainer:
                           rank=env.rank, world_size=env.world_size, epochs=cfg.train.epochs, seed=cfg.train.seed,
                           image_token_id=config.image_token_id, num_image_tokens=config.num_image_tokens,
                           filler_image=filler, pad_token_id=config.pad_token_id or 0,
-                          num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+                          num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda",
+                          anyres=config.anyres)
 
     def _resume(self) -> tuple[Path | None, int]:
         """(the checkpoint resumed from, the step it ends) or (None, 0)."""
