@@ -2,13 +2,15 @@
 and gradients of the samples alone (packed = unpacked, and one pack = several micro-steps), a resumed run equals
 the uninterrupted one, 1 process = 2 processes (gloo), the stage-2 export (tower trained at optim.vision_lr) is a
 llava-hf LlavaNext directory that transformers loads with the same logits and whose image processor tiles as ours,
-and a LoRA run's PEFT adapter (with the trained image_newline) gives transformers the merged export's logits.
+a LoRA run's PEFT adapter (with the trained image_newline) gives transformers the merged export's logits, and the
+llava_next_7b_finetune recipe trains a tiny stand-in from LLaVA's JSON and image files through `train()`.
 
 The tiny tower sees 28 px tiles as 2 x 2 patches; the pinpoints are LLaVA-NeXT's scaled by 1/12, and the image
 sizes fall on every grid. Run as a script under torchrun, this file is the 2-process worker.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -324,3 +326,49 @@ if __name__ == "__main__":  # the 2-process worker of test_one_and_two_processes
     if dist.get_rank() == 0:
         torch.save(results, Path(sys.argv[1]) / "results.pt")
     dist.destroy_process_group()
+
+
+def test_the_finetune_recipe_trains_on_image_files_and_exports(tmp_path):
+    """What a user runs, on a tiny stand-in: `train()` of llava_next_7b_finetune.yaml with its data as LLaVA's
+    JSON and image files of several aspect ratios (the dataset's header lengths, the tiles, the tower at its
+    own lr), then transformers' AutoProcessor and LlavaNextForConditionalGeneration on the export."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from fastllava.anyres import DEFAULT_PINPOINTS
+    from fastllava.testing import write_llama_tokenizer
+    from fastllava.train import train
+
+    vision = dataclasses.replace(ARCHITECTURE.vision, image_size=336, patch_size=168)
+    text = dataclasses.replace(ARCHITECTURE.text, max_position_embeddings=1024)
+    _tiny_model(dataclasses.replace(ARCHITECTURE, vision=vision, text=text)).save_components(
+        tmp_path / "vision", tmp_path / "llm")
+    write_llama_tokenizer(tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    records = []
+    for k, (h, w) in enumerate([(200, 500), (500, 200), (400, 380), (1, 700), (300, 300), (90, 900)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{k}.png")
+        records.append({"id": str(k), "image": f"{k}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": f"thing {k}"}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hello?"},
+                                                     {"from": "gpt", "value": "Hi there."}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = load_config(HERE.parents[1] / "recipes" / "configs" / "llava_next_7b_finetune.yaml", [
+        f"model.vision_path={tmp_path / 'vision'}", f"model.llm_path={tmp_path / 'llm'}",
+        f"model.tokenizer_path={tmp_path / 'tok'}", "model.projector_weights=null",
+        "model.architecture.vision_feature_layer=-1", f"data.data_path={tmp_path / 'data.json'}",
+        f"data.image_folder={tmp_path / 'images'}", "data.model_max_length=1024", "data.max_tokens_per_pack=1024",
+        "data.num_workers=0", "train.global_batch_size=4", "train.max_steps=2", "train.device=cpu",
+        f"train.output_dir={tmp_path / 'run'}", "parallel.activation_checkpointing=none", "logging.progress=false",
+        "checkpoint.every_steps=0"])
+    r = train(cfg)
+    assert sorted(r.losses) == [1, 2] and all(np.isfinite(list(r.losses.values())))
+    processor = AutoProcessor.from_pretrained(r.export)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(r.export).eval()
+    image = Image.open(tmp_path / "images" / "0.png")
+    inputs = processor(text="USER: <image>\nWhat is in the picture? ASSISTANT:", images=image, return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    grid = dataclasses.replace(GRID, pinpoints=DEFAULT_PINPOINTS, tile=336)  # the recipe's, on 2 x 2 patches
+    assert int((inputs["input_ids"] == image_id).sum()) == grid.num_tokens((200, 500))
+    with torch.no_grad():
+        assert torch.isfinite(hf(**inputs).logits).all()
