@@ -107,6 +107,7 @@ class DataConfig:
     # How images become the tower's pixels (data/images.py Preprocess): None takes the preprocessor_config.json of
     # model.vision_path / model.pretrained_path, else the tower family's processor (CLIP's or SigLIP's) at its
     # image_size; or a preprocessor_config.json file, a directory holding one, or a Hub id org/name[@revision].
+    # An AnyRes model tiles with a tower's processor, or a LlavaNextImageProcessor's at the model's own pinpoints.
     image_processor: Optional[str] = None
     model_max_length: int = 2048
     overlong: Literal["truncate", "reject"] = "truncate"  # samples over model_max_length

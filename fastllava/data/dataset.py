@@ -257,6 +257,11 @@ class LlavaDataset(Dataset):
             if self.anyres is not None:
                 sizes, counts = self._header_tokens(i)  # the header sizes lengths() counted with
             enc = encode_sample(record["conversations"], self.tokenizer, self.template, self.fit, counts)
+            if counts is not None and self._lengths is not None and enc.length != self._lengths[i]:
+                # the planner packed it at its cached length: an image replaced by one of another size since
+                raise SampleError("image", f"images {self._image_paths(i)} now give {enc.length} tokens, the lengths "
+                                           f"cache {self._lengths[i]}: an image changed size since the lengths "
+                                           f"were computed (delete {os.path.join(self.cache_dir or '', 'lengths')})")
         except SampleError as e:
             self._reject(i, e.reason, e.detail)
             return None

@@ -160,3 +160,20 @@ def test_image_mode_and_grid_go_together(layout, llama_tok):
     with pytest.raises(ValueError, match="the grid needs image_mode 'anyres'"):
         LlavaDataset(layout / "data.json", layout / "images", llama_tok, "vicuna_v1", image_mode="pad",
                      anyres=GRID, verbose=False, cache_dir=False)
+
+
+def test_an_image_resized_after_its_length_was_cached_is_rejected_by_name(layout, llama_tok):
+    """The cache key holds the data file, not every image: an image replaced by one of another size is caught
+    when its sample is loaded (its pack was planned at the cached length), naming the images and the cache."""
+    _dataset(layout, llama_tok).lengths()
+    Image.new("RGB", (40, 400)).save(layout / "images" / "im0.png")  # 400 x 40 (height x width), was 30 x 130
+    dataset = _dataset(layout, llama_tok)
+    dataset.lengths()
+    assert dataset.lengths_computed == 0  # the stale cache
+    first = [i for i in range(len(dataset)) if image_list(dataset.records[i]) == ["im0.png"]][0]
+    assert dataset[first] is None
+    assert dataset.rejects.counts.get("image") == 1
+    strict = _dataset(layout, llama_tok, strict=True)
+    strict.lengths()
+    with pytest.raises(ValueError, match=r"im0.png.*changed size since the lengths were computed"):
+        strict[first]
