@@ -90,20 +90,23 @@ def test_packed_equals_unpacked_loss_and_grads():
     samples = [data[i] for i in range(8)]
     assert any(s["pixel_values"] is None for s in samples) and any(len(s["image_sizes"]) == 2 for s in samples)
     model = tiny_model()
-    packed = model(_pack(samples))
-    packed.loss_sum.backward()
-    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert packed_grads["image_newline"].abs().sum() > 0
+    packed = _loss_and_grads(model, [_pack(samples)])
+    assert packed[2]["image_newline"].abs().sum() > 0
+    alone = _loss_and_grads(model, [_pack([s]) for s in samples])
+    assert packed[0] == pytest.approx(alone[0], rel=1e-6) and packed[1] == alone[1]
+    for n, grad in alone[2].items():
+        torch.testing.assert_close(packed[2][n], grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _loss_and_grads(model, packs) -> tuple[float, int, dict]:
+    """(summed loss, label tokens, gradients) of the packs' forwards and backwards."""
     model.zero_grad()
-    total, count = 0.0, 0
-    for s in samples:
-        out = model(_pack([s]))
+    loss, count = 0.0, 0
+    for batch in packs:
+        out = model(batch)
         out.loss_sum.backward()
-        total, count = total + out.loss_sum.item(), count + int(out.num_label_tokens)
-    assert packed.loss_sum.item() == pytest.approx(total, rel=1e-6)
-    assert int(packed.num_label_tokens) == count
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, packed_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+        loss, count = loss + out.loss_sum.item(), count + int(out.num_label_tokens)
+    return loss, count, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def test_step_independent_of_pack_budget(tmp_path):
