@@ -40,6 +40,15 @@ a turn opening with its tag, or with several, keeps them where they stand.
   mistral    conv_mistral_instruct (SeparatorStyle.LLAMA_2, empty system, sep "", sep2 "</s>") + preprocess_llama_2:
              "[INST] " + q1 + " [/INST]" + " " + a1 + " " + "</s>" + "[INST] " + q2 + ...; BOS by the tokenizer.
              Loss on " " + each answer + " </s>" (the spaces as conv_mistral_instruct writes them).
+  mistral_instruct  the same template under LLaVA's name for it (conv_templates["mistral_instruct"], the
+             template of LLaVA-1.6-Mistral-7B): an alias, one Template.
+  chatml_direct  conv_chatml_direct (LLaVA-1.6-34B on Nous-Hermes-2-Yi-34B; SeparatorStyle.MPT, sep "<|im_end|>",
+             roles "<|im_start|>user\n" / "<|im_start|>assistant\n"): "<|im_start|>system\n" + CHATML_DIRECT_SYSTEM +
+             "<|im_end|>" + "<|im_start|>user\n" + q1 + "<|im_end|>" + "<|im_start|>assistant\n" + a1 + "<|im_end|>" +
+             "<|im_start|>user\n" ...: ChatML with nothing after each "<|im_end|>" (qwen writes "\n"). BOS by the
+             tokenizer. Loss on each answer + its "<|im_end|>", as qwen: LLaVA's preprocess_mpt, the mask its
+             version "mpt" selects, counts lengths without each answer's "<|im_end|>" and so masks every sample
+             whole (docs/data.md, "The LLaVA-NeXT templates"); LLaVA-1.6-34B's training code is not public.
   LLaVA-NeXT's own masks train more than these (role headers, every end token, "\n"s): docs/data.md,
   "The LLaVA-NeXT templates".
 
@@ -59,16 +68,18 @@ conv.get_prompt() with the last assistant message None:
              with add_generation_prompt=True, conv_llava_llama_3.get_prompt()
   qwen       ... + "<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\n", conv_qwen.get_prompt()
   mistral    "[INST] <image>\nQ1 [/INST] A1 </s>[INST] Q2 [/INST]", conv_mistral_instruct.get_prompt()
+  chatml_direct  "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|>"
+             + "<|im_start|>assistant\n", conv_chatml_direct.get_prompt() (llava-hf's llava-v1.6-34b-hf model card
+             prompt)
 
 Where an answer ends: every template's loss span closes with its `stop_str` (vicuna_v1 "</s>", v0 "###",
-plain "\n", llama3 "<|eot_id|>", qwen "<|im_end|>", mistral "</s>"), the marker the model is trained to emit
-after an answer. `Template.stop_ids(tokenizer)` gives
-the token-id sequences of that marker as the training text tokenizes it after an answer, plus EOS, and
-every generating path (eval, chat, the demo's scoring) hands them to the generator's `stop=`: one rule,
-in token ids, so that a model trained on v0 stops at "###" everywhere (LLaVA's KeywordsStoppingCriteria
-stops on the same string). The ids are read from the training text, not from tokenizing the marker
-alone, because context changes them: SentencePiece gives "###" alone a dummy-prefix "▁###", which the
-model never saw after "\n".
+plain "\n", llama3 "<|eot_id|>", qwen and chatml_direct "<|im_end|>", mistral "</s>"), the marker the model is
+trained to emit after an answer. `Template.stop_ids(tokenizer)` gives the token-id sequences of that marker as
+the training text tokenizes it after an answer, plus EOS, and every generating path (eval, chat, the demo's
+scoring) hands them to the generator's `stop=`: one rule, in token ids, so that a model trained on v0 stops at
+"###" everywhere (LLaVA's KeywordsStoppingCriteria stops on the same string). The ids are read from the training
+text, not from tokenizing the marker alone, because context changes them: SentencePiece gives "###" alone a
+dummy-prefix "▁###", which the model never saw after "\n".
 """
 
 from __future__ import annotations
@@ -98,6 +109,9 @@ LLAMA3_SYSTEM = (
 # preprocess_qwen's system_message (conv_qwen's too; conv_qwen_2_5's "You are Qwen, created by Alibaba Cloud. ..."
 # reaches only LLaVA-NeXT's inference: its training always writes this one)
 QWEN_SYSTEM = "You are a helpful assistant."
+
+# conv_chatml_direct.system after its "<|im_start|>system\n" (LLaVA's and LLaVA-NeXT's conversation.py alike)
+CHATML_DIRECT_SYSTEM = "Answer the questions."
 
 
 @dataclass(frozen=True)
@@ -224,6 +238,16 @@ def _render_mistral(turns: Sequence[dict]) -> Rendered:
     return _render_rounds(turns, "", lambda q: "[INST] " + q + " [/INST]", lambda a: (" " + a + " </s>", ""))
 
 
+def _render_chatml_direct(turns: Sequence[dict]) -> Rendered:
+    # conv_chatml_direct.get_prompt() (SeparatorStyle.MPT): system + sep, then role + message + sep per message,
+    # role alone for the answer to come; sep "<|im_end|>" and no "\n" after it. The assistant role ends with
+    # "\n", which the answer's first token cannot merge with (a special token precedes it: a fresh piece).
+    return _render_rounds(
+        turns, "<|im_start|>system\n" + CHATML_DIRECT_SYSTEM + "<|im_end|>",
+        lambda q: "<|im_start|>user\n" + q + "<|im_end|>" + "<|im_start|>assistant\n",
+        lambda a: (a + "<|im_end|>", ""))
+
+
 def _render_plain(turns: Sequence[dict]) -> Rendered:
     if len(turns) != 2:
         raise SampleError(
@@ -286,7 +310,36 @@ TEMPLATES: dict[str, Template] = {
                        required_tokens=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")),
     "qwen": Template("qwen", _render_qwen, stop_str="<|im_end|>", required_tokens=("<|im_end|>", "<|im_start|>")),
     "mistral": Template("mistral", _render_mistral, stop_str="</s>", required_tokens=("</s>",)),
+    "chatml_direct": Template("chatml_direct", _render_chatml_direct, stop_str="<|im_end|>",
+                              required_tokens=("<|im_end|>", "<|im_start|>")),
 }
+# LLaVA's name for conv_mistral_instruct, which `mistral` already renders: the same Template, not a copy.
+TEMPLATES["mistral_instruct"] = TEMPLATES["mistral"]
+
+
+# How a model directory that records no template (a llava-hf release) says which one it was trained in: the chat
+# template it ships (llava-hf's chat_template.json, its tokenizer's chat_template) writes the turns of one of ours.
+# (what the Jinja text holds, our template, the format it names and the releases that use it)
+CHAT_TEMPLATE_MARKERS = (
+    ("[INST]", "mistral_instruct", "[INST] turns (LLaVA-1.6-Mistral-7B)"),
+    ("<|start_header_id|>", "llama3", "Llama-3 headers (LLaVA-NeXT-8B on Llama-3)"),
+    ("<|im_start|>", "chatml_direct", "ChatML turns (LLaVA-1.6-34B)"),
+    ("ASSISTANT:", "vicuna_v1", "USER: / ASSISTANT: turns (LLaVA-1.5, LLaVA-1.6-Vicuna)"),
+)
+
+
+def template_of_chat_template(jinja: str, decoder: str | None = None) -> tuple[str | None, str]:
+    """(our template, what the text writes) for a model whose chat template is the Jinja text `jinja` and whose
+    decoder's model_type is `decoder`; (None, ...) where no marker, or more than one, is in the text. ChatML is
+    chatml_direct's, but qwen's on a Qwen decoder (LLaVA-NeXT trains its Qwen models in conv_qwen)."""
+    found = [(name, what) for marker, name, what in CHAT_TEMPLATE_MARKERS if marker in jinja]
+    if len(found) != 1:
+        return None, ("writes none of " + ", ".join(repr(m) for m, _, _ in CHAT_TEMPLATE_MARKERS) if not found
+                      else "writes " + " and ".join(what for _, what in found))
+    name, what = found[0]
+    if name == "chatml_direct" and "qwen" in (decoder or ""):
+        return "qwen", f"writes ChatML turns and the decoder is {decoder} (LLaVA-NeXT's Qwen models)"
+    return name, f"writes {what}"
 
 
 def get_template(template: str | Template) -> Template:

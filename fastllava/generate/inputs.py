@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..data.anyres_images import AnyRes as AnyResImages
-from ..data.anyres_images import preprocess_anyres
+from ..data.anyres_images import llava_next_processor, preprocess_anyres
 from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image, pil_decode, preprocess_pil
 from ..data.tokenize import load_tokenizer, prepare_tokenizer, tokenize_prompt
 from ..model.hub import resolve
@@ -25,29 +25,84 @@ RUN_FILE = "fastllava.json"
 DEFAULT_TEMPLATE = "vicuna_v1"
 
 
+# Where a model directory may hold its chat template, in the order read: a processor's (llava-hf's chat_template.json,
+# chat_template.jinja as transformers 5 saves it, older processor_config.json), then its tokenizer's.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+
+
 def model_template(path: str | Path, template: str | None = None) -> str:
     """The conversation template to prompt the model at `path` in: `template` when given, else the one its
-    export records, else DEFAULT_TEMPLATE with a note on stderr (a model trained in another template, a Qwen
-    model in `qwen`, would answer garbled prompts). ValueError naming the file if it is unreadable."""
-    from ..data.templates import get_template
+    export records (RUN_FILE), else, with a note on stderr that says which and why, the one the chat template it
+    ships writes (data/templates.py template_of_chat_template: llava-hf's LLaVA-1.5 and LLaVA-NeXT releases), else
+    the one LLaVA's llava/serve/cli.py picks by the model's name for LLaVA-NeXT's Mistral and 34B releases, else
+    DEFAULT_TEMPLATE (a model trained in another template answers garbled prompts). ValueError naming the file if
+    one is unreadable."""
+    from ..data.templates import get_template, template_of_chat_template
 
     if template is not None:
         return template
     try:
-        record = resolve(path, "--model") / RUN_FILE
+        directory = resolve(path, "--model")
     except ValueError:  # no model there: load_model says so, with no note on a template nothing will use
         return DEFAULT_TEMPLATE
-    if not record.is_file():
-        print(f"note: {record} does not name the model's conversation template; prompting in {DEFAULT_TEMPLATE} "
-              "(LLaVA-1.5's): pass --template to choose another", file=sys.stderr)
-        return DEFAULT_TEMPLATE
-    try:
-        template = json.loads(record.read_text())["template"]
-        get_template(template)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{record}: expected {{\"template\": <a template of fastllava.data.templates>}}, "
-                         f"got {record.read_text()[:200]!r} ({e})") from None
+    record = directory / RUN_FILE
+    if record.is_file():
+        try:
+            template = json.loads(record.read_text())["template"]
+            get_template(template)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{record}: expected {{\"template\": <a template of fastllava.data.templates>}}, "
+                             f"got {record.read_text()[:200]!r} ({e})") from None
+        return template
+    found = _chat_template(directory)
+    if found is None:
+        template, why = None, "it ships no chat template"
+    else:
+        template, why = template_of_chat_template(found[1], _decoder_type(directory))
+        why = f"the chat template in {found[0].name} {why}"
+    if template is None:
+        # LLaVA's own rule (llava/serve/cli.py, on get_model_name_from_path) for the original layout's releases
+        parts = str(path).partition("@")[0].strip("/").split("/")
+        name = ("_".join(parts[-2:]) if parts[-1].startswith("checkpoint-") else parts[-1]).lower()
+        for part, by_name in (("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct")):
+            if part in name:
+                template = by_name
+                why = f"{why}, and its name {name!r} holds {part!r} (LLaVA's llava/serve/cli.py rule)"
+                break
+    if template is None:
+        template, why = DEFAULT_TEMPLATE, f"{why}; LLaVA-1.5's is the default"
+    print(f"note: {record} does not name the model's conversation template; prompting in {template}: {why}; pass "
+          "--template to choose another", file=sys.stderr)
     return template
+
+
+def _chat_template(directory: Path) -> tuple[Path, str] | None:
+    """(file, Jinja text) of the first chat template in CHAT_TEMPLATE_FILES under `directory`, or None."""
+    for file in (directory / name for name in CHAT_TEMPLATE_FILES):
+        if not file.is_file():
+            continue
+        if file.suffix == ".jinja":
+            return file, file.read_text()
+        try:
+            value = json.loads(file.read_text()).get("chat_template")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{file}: cannot read it as a JSON object ({e})") from None
+        if isinstance(value, list):  # a tokenizer's named templates: [{"name": "default", "template": ...}, ...]
+            value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(value, str) and value:
+            return file, value
+    return None
+
+
+def _decoder_type(directory: Path) -> str | None:
+    """The decoder's model_type in `directory`/config.json (llava-hf's text_config, else the top level)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):  # load_model names a missing or broken config.json
+        return None
+    text = raw.get("text_config") if isinstance(raw, dict) else None
+    return (text.get("model_type") if isinstance(text, dict) else None) or (
+        raw.get("model_type") if isinstance(raw, dict) else None)
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | torch.device = "auto"):
@@ -101,17 +156,8 @@ def image_processor(config, path: str | Path | None = None) -> Preprocess | AnyR
     file = None if directory is None else directory / PREPROCESSOR_FILE
     if file is None or not file.is_file():
         return AnyResImages(Preprocess.default(tower.image_processor, size), config.anyres.pinpoints)
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: cannot read it as JSON ({e})") from None
-    if "LlavaNext" not in str(raw.get("image_processor_type")):  # a tower's own processor, tiled at the model's grid
-        return AnyResImages(Preprocess.from_file(file, size), config.anyres.pinpoints)
-    spec = AnyResImages.from_hf(raw, size, str(file))
-    if spec.pinpoints != config.anyres.pinpoints:
-        raise ValueError(f"{file}: image_grid_pinpoints {[list(p) for p in spec.pinpoints]} differ from the model's "
-                         f"{config.image_grid_pinpoints} (config.json): the tiles would not match its visual tokens")
-    return spec
+    spec = llava_next_processor(file, size, config.anyres.pinpoints, "config.json")
+    return spec or AnyResImages(Preprocess.from_file(file, size), config.anyres.pinpoints)  # a tower's, tiled
 
 
 def load_pixels(images: Sequence[str | Path | Image.Image], size: int,

@@ -32,8 +32,8 @@ BASE = ["model.source=scratch", "model.architecture={}"]
     (["optim.warmup_ratio=1.5"], "optim.warmup_ratio must be in [0, 1)"),
     (["train.stage=align", "train.unfreeze_vision=true"], "unfreeze_vision=true is a stage-2 option"),
     (["data.max_tokens_per_pack=100"], "must be >= data.model_max_length"),
-    (["data.template=v9"], "data.template: unknown conversation template 'v9'; known: ['llama3', 'mistral', 'plain', "
-                                   "'qwen', 'v0', 'vicuna_v1']"),
+    (["data.template=v9"], "data.template: unknown conversation template 'v9'; known: ['chatml_direct', 'llama3', "
+                                   "'mistral', 'mistral_instruct', 'plain', 'qwen', 'v0', 'vicuna_v1']"),
     (["model.backends.attention=cudnn"], "attention backend 'cudnn' is not supported; choose one of 'auto'"),
     (["model.architecture.projector_type=mlp0x_gelu"], "projector_type must be 'linear' or 'mlpNx_gelu'"),
     (["lr"], "expected section.key=value"),
