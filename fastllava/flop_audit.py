@@ -20,6 +20,11 @@ counted it until 2026-12-06) adds on top.
 
 Decoder layers are identical, so every count is exactly affine in the layer count: the audit runs 1 and
 2 layers and extrapolates (exact, and 16-20x cheaper than the full depth).
+
+AnyRes (an AnyRes config, LLaVA-NeXT): the samples carry images of the profile's sizes, each its own token
+count and tiles; the reference is LLaVA-NeXT's step (fastllava/reference.py: per-device batches of 4,
+LlavaNext), and with `unfreeze_vision` both paths train the tower (its backward is counted, and the
+reference's gradient checkpointing recomputes it as transformers checkpoints every encoder layer).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import torch
 
 from .batch import PackedBatch
 from .data.profile import STAGE_PROFILES
+from .flops import ATTENTION_BACKWARD_FACTOR
 from .model import Backends, Llava, LlavaConfig
-from .reference import build_reference, make_samples, pad_batch, reference_loss, step_batches
+from .reference import build_reference, device_batch, make_samples, pad_batch, reference_loss, step_batches
 
 GLOBAL_BATCH = {"align": 256, "finetune": 128}  # LLaVA-1.5's samples per optimizer step (scripts/v1_5)
 # The reference variants counted; each differs from "executed" in one choice.
@@ -60,16 +66,25 @@ def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs)
     return sdpa_backward_flop_count(grad_out, q, k, v)
 
 
-def _count(fn) -> dict[str, int]:
+def _sdpa_cpu_backward_convention(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return ATTENTION_BACKWARD_FACTOR * sdpa_flop_count(q, k, v)
+
+
+def _count(fn, torch_backward: bool = False) -> dict[str, int]:
     """FlopCounterMode's counts for fn(): {"total": ..., "lm_head": ...}. torch has no formula for the CPU
     flash-attention op that SDPA picks on this planning device (the vision towers' attention, and the
-    reference's in the "sdpa_square" variant); it is counted with torch's own SDPA formulas (full
-    s_q x s_k, backward 2.5x), which is how a padded, masked batch executes on a GPU."""
+    reference's in the "sdpa_square" variant); its forward is counted with torch's SDPA formula (full
+    s_q x s_k, as a padded, masked batch executes on a GPU), its backward (a trained tower's) by the one
+    convention (ATTENTION_BACKWARD_FACTOR x the forward), or with `torch_backward` by torch's (2.5x: the
+    "sdpa_square" variant)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
+    backward = _sdpa_cpu_backward_flops if torch_backward else _sdpa_cpu_backward_convention
     mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     head = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith(".lm_head"))
@@ -114,7 +129,7 @@ def _register_fa2(current: list[_Unpadded]) -> None:
     AttentionInterface.register(FA2_AS_COUNTED, attend)
 
 
-def _reference_counts(config, stage, samples, batches, variant: str) -> dict[str, int]:
+def _reference_counts(config, stage, samples, batches, variant: str, unfreeze_vision: bool) -> dict[str, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     current: list[_Unpadded] = []
@@ -127,16 +142,17 @@ def _reference_counts(config, stage, samples, batches, variant: str) -> dict[str
     unpadded = [_Unpadded(p.lengths, p.input_ids.shape[1]) for p in padded]
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = build_reference(config, stage, checkpointing=variant not in ("no_recompute", "unpadded"),
-                                attn_implementation={"": "sdpa", "text_config": llm, "vision_config": "sdpa"})
+                                attn_implementation={"": "sdpa", "text_config": llm, "vision_config": "sdpa"},
+                                unfreeze_vision=unfreeze_vision)
 
         def step():
             for batch, rows in zip(padded, unpadded):
                 current[:] = [rows]
                 (reference_loss(model, config, batch) / len(padded)).backward()
-        return _count(step)
+        return _count(step, torch_backward=variant == "sdpa_square")
 
 
-def _fastllava_counts(config, stage, packs, checkpointing) -> dict[str, int]:
+def _fastllava_counts(config, stage, packs, checkpointing, unfreeze_vision: bool) -> dict[str, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .train.distributed import apply_activation_checkpointing
@@ -145,11 +161,11 @@ def _fastllava_counts(config, stage, packs, checkpointing) -> dict[str, int]:
     labels = max(sum(p.num_label_tokens() for p in packs), 1)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = Llava(config, Backends(attention="torch", projector="torch", merge="torch", loss="torch"))
-        set_trainable(model, stage)
-        if checkpointing != "none":
-            layers = model.language_model.layers
-            for i, block in enumerate(layers):
-                layers[i] = apply_activation_checkpointing(block, checkpointing)
+        set_trainable(model, stage, unfreeze_vision)
+        if checkpointing != "none":  # as parallelize does: the decoder, and the tower when it trains
+            for layers in [model.language_model.layers] + ([model.vision_tower.layers] if unfreeze_vision else []):
+                for i, block in enumerate(layers):
+                    layers[i] = apply_activation_checkpointing(block, checkpointing)
 
         def step():
             for pack in packs:
@@ -163,7 +179,7 @@ class FlopAudit:
     useful: float  # FlopModel's FLOPs of the step's samples
     fastllava: float  # executed, FlopCounterMode
     reference: float  # executed as LLaVA trains (FlashAttention-2)
-    images: int = 0  # images in the step
+    images: int = 0  # images the tower encodes in the step (AnyRes: every base image and tile)
     breakdown: dict[str, float] = field(default_factory=dict)  # BREAKDOWN keys -> fraction of useful
 
     def ratios(self) -> tuple[float, float]:
@@ -182,38 +198,38 @@ def _breakdown(useful: float, counts: dict[str, dict[str, float]]) -> dict[str, 
 
 def audit_flops(config: LlavaConfig, stage: str, *, world: int = 8, max_tokens: int = 8192,
                 checkpointing: str = "none", global_batch: int | None = None, seed: int = 0,
-                depths: tuple[int, int] = (1, 2)) -> FlopAudit:
+                depths: tuple[int, int] = (1, 2), unfreeze_vision: bool = False) -> FlopAudit:
     """Executed FLOPs of one optimizer step (all ranks) of both paths on the same samples, the useful
     FLOPs, and the reference's breakdown; counts at two decoder depths a < b extrapolated exactly to the
-    config's depth (affine in L)."""
+    config's depth (affine in L). unfreeze_vision: the tower trains in both paths (stage finetune)."""
     from .data.packing import plan_steps
     from .flops import FlopModel
 
     n = global_batch or GLOBAL_BATCH[stage]
     samples = make_samples(config, STAGE_PROFILES[stage], n, seed)
     lengths = np.array([s["length"] for s in samples])
-    has_image = np.array([s["pixel_values"] is not None for s in samples])
+    tiles = np.array([0 if s["pixel_values"] is None else s["pixel_values"].shape[0] for s in samples])
     plan = plan_steps(lengths, n, max_tokens, num_ranks=world, seed=seed)[0]
     packs = [PackedBatch.from_samples([samples[i] for i in b], image_token_id=config.image_token_id,
-                                      num_image_tokens=config.num_image_tokens)
+                                      num_image_tokens=config.num_image_tokens, anyres=config.anyres)
              for r in range(world) for b in plan.rank(r) if b]
-    batches = step_batches(samples, world, seed)
+    batches = step_batches(samples, world, seed, batch_size=device_batch(config))
     assert set(np.concatenate(batches).tolist()) == set(range(n)), "the reference's step must hold the same samples"
     L = config.text.num_hidden_layers
     at_depth = []
     for d in (depths if L > depths[1] else (L,)):
         c = replace(config, text=replace(config.text, num_hidden_layers=d))
-        counts = {v: _reference_counts(c, stage, samples, batches, v) for v in VARIANTS}
-        counts["fastllava"] = _fastllava_counts(c, stage, packs, checkpointing)
+        counts = {v: _reference_counts(c, stage, samples, batches, v, unfreeze_vision) for v in VARIANTS}
+        counts["fastllava"] = _fastllava_counts(c, stage, packs, checkpointing, unfreeze_vision)
         at_depth.append(counts)
     if len(at_depth) == 2:
         f = (L - depths[0]) / (depths[1] - depths[0])
         at_depth = [{k: {m: at_depth[0][k][m] + f * (at_depth[1][k][m] - at_depth[0][k][m]) for m in at_depth[0][k]}
                      for k in at_depth[0]}]
     counts, = at_depth
-    useful = FlopModel.build(config, stage).flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()),
-                                                  int(has_image.sum()))
-    return FlopAudit(stage, useful, counts["fastllava"]["total"], counts["executed"]["total"], int(has_image.sum()),
+    useful = FlopModel.build(config, stage, unfreeze_vision).flops(
+        int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()), int(tiles.sum()))
+    return FlopAudit(stage, useful, counts["fastllava"]["total"], counts["executed"]["total"], int(tiles.sum()),
                      _breakdown(useful, counts))
 
 

@@ -16,9 +16,11 @@ tensors: for the fused loss, the (T, D) input gradient and the fp32 (V, D) weigh
 logits; tests/plan/test_memplan.py holds them to the tracker's figure on the kernels run in Triton's
 interpreter). Its fake backward scales the fp32 weight gradient out of place, one (V, D) fp32 buffer more
 than the kernel (2.0 GiB at Qwen2.5-7B's 152,064 x 3584), about what the kernel's per-chunk workspace inside
-the op (a (C, V) logits chunk and a (V, D) product, ~1.7 GB there) adds and the fake leaves out. Not
-modelled: the CUDA caching allocator's fragmentation and the CUDA context / NCCL buffers (~1-3 GiB), hence
-the margin.
+the op (a (C, V) logits chunk and a (V, D) product, ~1.7 GB there) adds and the fake leaves out.
+AnyRes models (LLaVA-NeXT) run the same step on a pack of the profile's image sizes, each image its own
+tiles and tokens (full_pack); with the tower trained (`unfreeze_vision`, LLaVA-NeXT's stage 2) its
+gradients, AdamW state and activations count too. Not modelled: the CUDA caching allocator's
+fragmentation and the CUDA context / NCCL buffers (~1-3 GiB), hence the margin.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .batch import PackedBatch
-from .data.profile import STAGE_PROFILES, sample_lengths
+from .data.profile import STAGE_PROFILES, sample_profile
 from .model import Backends, Llava, LlavaConfig
-from .reference import make_sample
+from .reference import MAX_LENGTH, make_sample
 from .testing import TORCH_BACKENDS
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -75,20 +77,28 @@ class MemEstimate:
 
 def full_pack(config: LlavaConfig, profile: str, max_tokens: int, seed: int = 0) -> PackedBatch:
     """A pack of exactly `max_tokens` tokens: samples drawn from `profile` in order while they fit, the
-    remainder closed by one text sample (a full pack is the worst case a rank sees). Host-side tensors."""
+    remainder closed by one text sample (a full pack is the worst case a rank sees). An AnyRes config's
+    images have the profile's sizes (their own token and tile counts). Host-side tensors."""
     n_img = config.num_image_tokens
-    lengths, has_image = sample_lengths(profile, n=max(64, 4 * max_tokens // 256), seed=seed,
-                                        num_image_tokens=n_img, model_max_length=min(2048, max_tokens))
+    drawn = sample_profile(profile, n=max(64, 4 * max_tokens // 256), seed=seed, num_image_tokens=n_img,
+                           model_max_length=min(MAX_LENGTH[config.anyres is not None], max_tokens),
+                           anyres=config.anyres)
     chosen, total = [], 0
-    for length, image in zip(lengths.tolist(), has_image.tolist()):
+    for length, image, size in zip(*(drawn[k].tolist() for k in ("lengths", "has_image", "image_size"))):
+        size = tuple(size) if image and config.anyres else None
+        # make_sample keeps a whole image (and a token of text) even where the profile truncated the sample:
+        # an AnyRes image alone can outgrow a small pack
+        tokens = 0 if not image else n_img if size is None else config.anyres.num_tokens(size)
+        length = max(length, tokens + 2) if image else length
         if total + length <= max_tokens:
-            chosen.append((length, image))
+            chosen.append((length, image, size))
             total += length
     if max_tokens - total >= 2:
-        chosen.append((max_tokens - total, False))
+        chosen.append((max_tokens - total, False, None))
     g = torch.Generator().manual_seed(seed)
-    samples = [make_sample(config, length, image, g) for length, image in chosen]
-    return PackedBatch.from_samples(samples, image_token_id=config.image_token_id, num_image_tokens=n_img)
+    samples = [make_sample(config, length, image, g, size) for length, image, size in chosen]
+    return PackedBatch.from_samples(samples, image_token_id=config.image_token_id, num_image_tokens=n_img,
+                                    anyres=config.anyres)
 
 
 @contextmanager
@@ -168,14 +178,17 @@ def _peak(tracker) -> tuple[int, dict[str, int]]:
 
 def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpointing: str, *, world: int = 8,
                     replicate: int = 1, fake: bool = True, pack_fn=None, backends: Backends | None = None,
-                    max_grad_norm: float = 1.0, device: str = "cpu", lora_rank: int = 0) -> list[MemEstimate]:
+                    max_grad_norm: float = 1.0, device: str = "cpu", lora_rank: int = 0,
+                    unfreeze_vision: bool = False) -> list[MemEstimate]:
     """Peak bytes per rank of `stage` with `checkpointing`, one estimate per pack size in `max_tokens_list`.
     Needs the default process group (fake_process_group). `backends`: GPU_BACKENDS when fake, TORCH_BACKENDS
     on real tensors, unless given. `fake=False` runs real tensors on `device`:
     the tests on the CPU; on a GPU (benchmarks/bench_memory.py) each estimate also gets the phase's
     torch.cuda.max_memory_allocated. With the fake process group the collectives move no data, so the
     values are garbage but every allocation is the real one of a rank of `world`. lora_rank > 0: LoRA
-    fine-tuning (adapters with dropout 0.05 on every decoder linear layer, the frozen base stored in bf16)."""
+    fine-tuning (adapters with dropout 0.05 on every decoder linear layer, the frozen base stored in bf16).
+    unfreeze_vision: the tower trains too (stage finetune; its fp32 gradients and AdamW state, its activations
+    kept, and checkpointed as parallelize checkpoints it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .config import OptimConfig, ParallelConfig
@@ -201,7 +214,7 @@ def estimate_memory(config: LlavaConfig, stage: str, max_tokens_list, checkpoint
             model = Llava(config, backends or (GPU_BACKENDS if fake else TORCH_BACKENDS))
         if lora_rank:  # LLaVA's alpha = 2 r and dropout 0.05 (dropout keeps its masks and outputs for backward)
             apply_lora(model, lora_rank, 2.0 * lora_rank, dropout=0.05)
-        set_trainable(model, stage)
+        set_trainable(model, stage, unfreeze_vision)
         parallelize(model, pcfg, device, stage=stage, mesh=mesh)
         optimizer = build_optimizer(model, OptimConfig())
         for i, t in enumerate(max_tokens_list):
@@ -258,11 +271,11 @@ def format_memory_table(estimates: list[MemEstimate], memory_gib: float, margin:
 
 def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: float = 0.10,
                 stages=("align", "finetune"), pack_tokens=PACK_TOKENS, checkpointing=CHECKPOINTING,
-                replicate: int = 1, full_depth: bool = False, lora_rank: int = 0,
+                replicate: int = 1, full_depth: bool = False, lora_rank: int = 0, unfreeze_vision=(),
                 others: dict[str, float] | None = None) -> tuple[str, dict[str, MemEstimate | None]]:
     """Every candidate of every stage; returns the report (tables + choices) and the choice per stage.
     `others` ({name: GiB}): further devices to name a choice for from the same estimates (the peak per
-    rank depends on the world size, not on the device)."""
+    rank depends on the world size, not on the device). unfreeze_vision: the stages whose tower trains."""
     lines, chosen = [], {}
     run = estimate_memory if full_depth else estimate_memory_scaled
 
@@ -275,11 +288,12 @@ def memory_plan(config: LlavaConfig, *, world: int, memory_gib: float, margin: f
             start = time.perf_counter()
             estimates = [e for mode in checkpointing
                          for e in run(config, stage, list(pack_tokens), mode, world=world, replicate=replicate,
-                                      lora_rank=lora_rank)]
+                                      lora_rank=lora_rank, unfreeze_vision=stage in unfreeze_vision)]
             best = chosen[stage] = choose(estimates, memory_gib, margin)
             lines += [f"stage {stage}: peak GiB per rank, {world} ranks"
                       + (f" (HSDP, {replicate} replicas)" if replicate > 1 else "")
                       + (f", LoRA rank {lora_rank}" if lora_rank else "")
+                      + (", vision tower trained" if stage in unfreeze_vision else "")
                       + f", {time.perf_counter() - start:.0f} s", "", format_memory_table(estimates, memory_gib, margin), "",
                       f"fastest that fits {memory_gib:g} GiB with a {100 * margin:.0f}% margin: {named(best)}"]
             for name, gib in (others or {}).items():

@@ -1,4 +1,4 @@
-"""Projected wall clock of a LLaVA-1.5 recipe: model FLOPs of each stage over its dataset profile,
+"""Projected wall clock of a LLaVA-1.5 or LLaVA-NeXT recipe: model FLOPs of each stage over its dataset profile,
 divided by what the GPUs deliver at a measured or assumed MFU, beside the paper's numbers.
 
     python -m fastllava.plan --recipe llava-1.5-7b --gpus 8 --gpu A100-80G [--mfu 0.45] [--measured e2e.json]
@@ -8,7 +8,11 @@ divided by what the GPUs deliver at a measured or assumed MFU, beside the paper'
 
 Recipes (RECIPES, one per pair of recipes/configs/ files): llava-1.5-7b and llava-1.5-13b (CLIP-336 and
 Vicuna-1.5, the paper's), llava-1.5-qwen2.5-7b-siglip (siglip-so400m-patch14-384 and Qwen2.5-7B-Instruct),
-llava-1.5-llama3.1-8b (CLIP-336 and Llama-3.1-8B-Instruct), all on LLaVA-1.5's data and schedule.
+llava-1.5-llama3.1-8b (CLIP-336 and Llama-3.1-8B-Instruct), all on LLaVA-1.5's data and schedule; and
+(ANYRES_RECIPES) llava-next-7b: LLaVA-NeXT's (LLaVA-1.6) CLIP-336 + Vicuna-7B-v1.5, stage 1 as LLaVA-1.5's,
+stage 2 with AnyRes at llava-v1.6's grid and the vision tower trained, on the 665K mix with each image of a
+modelled size (fastllava.data.profile.IMAGE_SIZES), model_max_length 4096; its reference is LLaVA-NeXT's step
+(fastllava/reference.py: padded per-device batches of 4, gradient checkpointing).
 
 --flops counts the FLOPs one optimizer step executes (FlopCounterMode under fake tensors,
 fastllava/flop_audit.py) for fastllava and for the reference as LLaVA trains (FlashAttention-2, padded
@@ -32,12 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.profile import STAGE_PROFILES, sample_lengths
+from .anyres import DEFAULT_PINPOINTS
+from .data.profile import STAGE_PROFILES, sample_profile
 from .data.reference_sampler import padding_efficiency, reference_batches
 from .flops import FlopModel
 from .hardware import BY_NAME, GPUS
 from .hardware import gpu as gpu_spec
 from .model.config import LlavaConfig
+from .reference import MAX_LENGTH, device_batch
 
 # The checkpoints' config.json fields that shape the model (what loading reads from the directories the
 # recipes' model.vision_path / model.llm_path name), read by the families as loading reads them.
@@ -76,17 +82,27 @@ class Recipe:
     tokenizer_size: int  # len(tokenizer) with the tokens train/build.py adds
     pack: dict  # data.max_tokens_per_pack per stage in the recipe's YAML files (what --flops audits)
     paper_hours: tuple | None = None  # (stage 1, stage 2) hours on 8x A100 where a paper reports them
+    pinpoints: tuple | None = None  # AnyRes grid (height, width) of stage finetune (LLaVA-NeXT); None: fixed
+    unfreeze_vision: tuple = ()  # the stages that train the vision tower (train.unfreeze_vision)
+    checkpointing: dict | None = None  # parallel.activation_checkpointing per stage in the YAML files (default none)
 
-    def config(self) -> LlavaConfig:
-        """The recipe's architecture: LLaVA-1.5's connector (mlp2x_gelu, the second-to-last layer's patches)."""
+    def config(self, stage: str = "finetune") -> LlavaConfig:
+        """The recipe's architecture in `stage`: LLaVA-1.5's connector (mlp2x_gelu, the second-to-last layer's
+        patches), with AnyRes at `pinpoints` in stage finetune (stage align is LLaVA-1.5's, as LLaVA-NeXT's)."""
         from .model.families import find
 
         vision = find("tower", self.vision["model_type"], "the recipe's tower").read_config(self.vision)
         text = find("decoder", self.llm["model_type"], "the recipe's decoder").read_config(self.llm)
         rows = -(-self.tokenizer_size // 64) * 64
         text = replace(text, vocab_size=max(text.vocab_size, rows))
+        pinpoints = [list(p) for p in self.pinpoints] if self.pinpoints and stage == "finetune" else None
         return LlavaConfig(vision=vision, text=text, projector_type="mlp2x_gelu", vision_feature_layer=-2,
-                           image_token_id=self.image_token_id, pad_token_id=self.pad_token_id)
+                           image_token_id=self.image_token_id, pad_token_id=self.pad_token_id,
+                           image_grid_pinpoints=pinpoints)
+
+    def checkpointing_of(self, stage: str) -> str:
+        """The YAML file's parallel.activation_checkpointing of `stage`."""
+        return (self.checkpointing or {}).get(stage, "none")
 
 
 # LLaVA-1.5 paper (Improved Baselines), 8x A100: stage 1 + stage 2 hours. data.max_tokens_per_pack of the
@@ -98,16 +114,26 @@ RECIPES = {
                                           {"align": 8192, "finetune": 4096}),
     "llava-1.5-llama3.1-8b": Recipe(CLIP_L_336, LLAMA31_8B, 128256, 128257, 128258, {"align": 8192, "finetune": 4096}),
 }
+# LLaVA-NeXT: recipes/configs/llava_next_7b_{pretrain,finetune}.yaml (stage 1 is llava15_7b_pretrain.yaml's; stage
+# 2 AnyRes at llava-v1.6's pinpoints, tower trained at optim.vision_lr, full activation checkpointing). Its own
+# table: train/faults.py names the plan nearest a decoder's shape, and this decoder is llava-1.5-7b's.
+ANYRES_RECIPES = {
+    "llava-next-7b": Recipe(CLIP_L_336, VICUNA_7B, 32000, 0, 32001, {"align": 8192, "finetune": 8192},
+                            pinpoints=DEFAULT_PINPOINTS, unfreeze_vision=("finetune",),
+                            checkpointing={"finetune": "full"}),
+}
+ALL_RECIPES = {**RECIPES, **ANYRES_RECIPES}
 STAGES = tuple(STAGE_PROFILES.items())  # (stage, its data profile), in training order
 # Assumed MFU when nothing was measured: a placeholder until benchmarks/e2e.py runs on the target GPU.
 DEFAULT_MFU = 0.40
 
 
-def recipe_config(recipe: str) -> LlavaConfig:
-    """The architecture of a recipe (RECIPES: tower, mlp2x_gelu, decoder with the added tokens)."""
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    return RECIPES[recipe].config()
+def recipe_config(recipe: str, stage: str = "finetune") -> LlavaConfig:
+    """The architecture of a recipe in `stage` (ALL_RECIPES: tower, mlp2x_gelu, decoder with the added tokens,
+    AnyRes in an AnyRes recipe's stage finetune)."""
+    if recipe not in ALL_RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(ALL_RECIPES)}")
+    return ALL_RECIPES[recipe].config(stage)
 
 
 @dataclass
@@ -118,7 +144,7 @@ class StagePlan:
     samples: int
     tokens: int
     pflops: float  # useful model FLOPs of the whole stage, 1e15
-    padded_fraction: float  # extra tokens the reference's padded batches of 16 would compute
+    padded_fraction: float  # extra tokens the reference's padded batches (16; LLaVA-NeXT: 4) would compute
     mfu: float
     hours: float
     paper_hours: float | None  # None: no paper reports this recipe
@@ -127,17 +153,28 @@ class StagePlan:
 def plan(recipe: str, gpus: int, gpu: str, mfu: dict[str, float]) -> list[StagePlan]:
     """Both stages of `recipe` on `gpus` x `gpu` at the given MFU per stage ("align", "finetune")."""
     peak = gpu_spec(gpu).bf16_tflops
-    config = recipe_config(recipe)
+    spec = ALL_RECIPES[recipe]
     out = []
-    for (stage, profile), paper in zip(STAGES, RECIPES[recipe].paper_hours or (None, None)):
-        lengths, has_image = sample_lengths(profile, num_image_tokens=config.num_image_tokens)
-        flop_model = FlopModel.build(config, stage)
-        total = flop_model.flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()), int(has_image.sum()))
+    for (stage, profile), paper in zip(STAGES, spec.paper_hours or (None, None)):
+        config = spec.config(stage)
+        lengths, has_image, tiles, visual = stage_profile(config, profile)
+        flop_model = FlopModel.build(config, stage, unfreeze_vision=stage in spec.unfreeze_vision)
+        total = flop_model.flops(int(lengths.sum()), int((lengths.astype(np.float64) ** 2).sum()), int(tiles.sum()))
         seconds = total / (gpus * peak * 1e12 * mfu[stage])
+        batches = reference_batches(lengths, has_image, batch_size=device_batch(config), world_size=gpus,
+                                    group_lengths=lengths - visual)
         out.append(StagePlan(stage, len(lengths), int(lengths.sum()), total / 1e15,
-                             1 - padding_efficiency(lengths, reference_batches(lengths, has_image, world_size=gpus)),
-                             mfu[stage], seconds / 3600, paper))
+                             1 - padding_efficiency(lengths, batches), mfu[stage], seconds / 3600, paper))
     return out
+
+
+def stage_profile(config: LlavaConfig, profile: str) -> tuple[np.ndarray, ...]:
+    """(lengths, has_image, tiles, image_tokens) of the whole modelled data set of a stage, as `config` sees
+    it: AnyRes images of the profile's sizes and their own token and tile counts, truncated at the reference's
+    model_max_length (reference.MAX_LENGTH: 2048, AnyRes 4096)."""
+    drawn = sample_profile(profile, num_image_tokens=config.num_image_tokens, anyres=config.anyres,
+                           model_max_length=MAX_LENGTH[config.anyres is not None])
+    return drawn["lengths"], drawn["has_image"], drawn["tiles"], drawn["image_tokens"]
 
 
 def measured_mfu(path: Path) -> dict[str, float]:
@@ -170,7 +207,7 @@ def format_table(recipe: str, gpus: int, gpu: str, stages: list[StagePlan], sour
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m fastllava.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="llava-1.5-7b", choices=sorted(RECIPES))
+    parser.add_argument("--recipe", default="llava-1.5-7b", choices=sorted(ALL_RECIPES))
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu", default="A100-80G", choices=list(BY_NAME))
     parser.add_argument("--mfu", type=float, default=None, help=f"assumed MFU for both stages (default {DEFAULT_MFU})")
@@ -211,19 +248,27 @@ def _flops(parser, args) -> None:
     if args.gpus < 1 or args.mfu is not None and not 0 < args.mfu <= 1:
         parser.error(f"--gpus must be >= 1 and --mfu in (0, 1]; got {args.gpus} and {args.mfu}")
     mfu = args.mfu or DEFAULT_MFU
-    mode = (args.checkpointing or ["none"])[0]
-    config = recipe_config(args.recipe)
+    spec = ALL_RECIPES[args.recipe]
+    modes = {stage: args.checkpointing[0] if args.checkpointing else spec.checkpointing_of(stage)
+             for stage in args.stages}
+    named = (modes[args.stages[0]] if len(set(modes.values())) == 1
+             else ", ".join(f"{m} ({s})" for s, m in modes.items()))
+    trained = [s for s in args.stages if s in spec.unfreeze_vision]
     stages = {s.stage: s for s in plan(args.recipe, args.gpus, args.gpu, {st: mfu for st, _ in STAGES})}
     print(f"{args.recipe} on {args.gpus}x {args.gpu}: one optimizer step under FlopCounterMode (fake tensors), "
-          f"fastllava with activation checkpointing {mode}, the reference as LLaVA trains (FlashAttention-2, "
-          f"gradient checkpointing); wall clock = executed FLOPs / (GPUs x peak x {mfu:.2f})\n")
+          f"fastllava with activation checkpointing {named}, the reference as "
+          f"{'LLaVA-NeXT' if spec.pinpoints else 'LLaVA'} trains (FlashAttention-2, gradient checkpointing"
+          f"{', padded batches of 4' if spec.pinpoints else ''})"
+          f"{'; the vision tower trained in ' + ', '.join(trained) if trained else ''}; "
+          f"wall clock = executed FLOPs / (GPUs x peak x {mfu:.2f})\n")
     print("| stage | useful TFLOP/step | fastllava executed / useful | reference executed / useful "
           "| fastllava projected | reference projected |")
     print("|---|---|---|---|---|---|")
     audits = []
     for stage in args.stages:
-        pack = (args.pack_tokens or [RECIPES[args.recipe].pack[stage]])[0]
-        audit = audit_flops(config, stage, world=args.gpus, max_tokens=pack, checkpointing=mode)
+        pack = (args.pack_tokens or [spec.pack[stage]])[0]
+        audit = audit_flops(spec.config(stage), stage, world=args.gpus, max_tokens=pack, checkpointing=modes[stage],
+                            unfreeze_vision=stage in spec.unfreeze_vision)
         audits.append(audit)
         fast, ref = audit.ratios()
         hours = stages[stage].hours  # useful FLOPs at the MFU; executed = useful x ratio at the same rate
@@ -249,12 +294,16 @@ def _memory(parser, args) -> None:
         stages = ["finetune"]
     memory = gpu_spec(args.gpu).memory_gib
     print(f"{args.recipe} on {args.gpus}x {args.gpu} ({memory:g} GiB), fake tensors (fastllava/memplan.py)\n")
-    report, _ = memplan.memory_plan(recipe_config(args.recipe), world=args.gpus, memory_gib=memory, margin=args.margin,
-                                    stages=stages, pack_tokens=packs, lora_rank=args.lora,
-                                    checkpointing=args.checkpointing or memplan.CHECKPOINTING,
-                                    replicate=args.replicate, full_depth=args.full_depth,
-                                    others={g.name: g.memory_gib for g in GPUS if g.name != args.gpu})
-    print(report)
+    spec = ALL_RECIPES[args.recipe]
+    # One plan per stage: an AnyRes recipe's stages differ in architecture (stage align is fixed-resolution).
+    for stage in stages:
+        report, _ = memplan.memory_plan(spec.config(stage), world=args.gpus, memory_gib=memory, margin=args.margin,
+                                        stages=[stage], pack_tokens=packs, lora_rank=args.lora,
+                                        checkpointing=args.checkpointing or memplan.CHECKPOINTING,
+                                        replicate=args.replicate, full_depth=args.full_depth,
+                                        unfreeze_vision=spec.unfreeze_vision,
+                                        others={g.name: g.memory_gib for g in GPUS if g.name != args.gpu})
+        print(report, flush=True)
 
 
 if __name__ == "__main__":

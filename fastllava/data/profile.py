@@ -9,6 +9,12 @@ A sample's length is what the model processes: BOS + system prompt + per round (
 template overhead) + num_image_tokens + 1 ("<image>\n") per image, then truncated to model_max_length
 as the dataset does. Real datasets: measure with `python -m fastllava.data.stats --data FILE`.
 Everything is drawn from numpy's PCG64 with a fixed seed: same arguments, same arrays.
+
+AnyRes (LLaVA-NeXT): an image's token count depends on its size, so with `anyres` (the model's grid,
+batch.AnyResGrid) every image also draws a (height, width) from its source's IMAGE_SIZES and counts
+anyres.num_tokens(size) tokens instead of num_image_tokens. The sizes are a documented approximation
+(IMAGE_SIZES), not measurements; they are drawn from their own streams, so the text lengths are the same
+with and without AnyRes.
 """
 
 from __future__ import annotations
@@ -75,6 +81,25 @@ PRETRAIN558K = (
     Source("lcs558k", 558_128, True, 1.0, 1, 0, 13, 0.35),
 )
 
+# Image sizes (height, width) in pixels per image collection, with their shares: an APPROXIMATION written from
+# what the collections publish about their images, not a measurement of the files (none were at hand):
+# - COCO (LLaVA-Instruct, VQAv2, OK-VQA, A-OKVQA, RefCOCO): Flickr photos scaled to 640 px on the long side
+#   (COCO's release); mostly 4:3 and 3:2, landscape about three times as often as portrait.
+# - Visual Genome (GQA, VG): YFCC/COCO photos, mostly 800 x 600 and 500 x 375 / 500 x 333 (VG's image_data.json
+#   gives per-image widths and heights; the shares here are assumed).
+# - OCR-VQA: Amazon book-cover thumbnails, portrait about 2:3, about 500 px tall, some small ones.
+# - TextCaps: OpenImages, scaled to 1024 px on the long side, mostly 4:3 and 3:2 landscape.
+COCO_SIZES = (((480, 640), 0.45), ((427, 640), 0.20), ((640, 480), 0.15), ((640, 427), 0.10), ((360, 640), 0.05),
+              ((640, 640), 0.05))
+VG_SIZES = (((600, 800), 0.35), ((375, 500), 0.25), ((333, 500), 0.15), ((800, 600), 0.10), ((500, 375), 0.10),
+            ((500, 500), 0.05))
+OCR_SIZES = (((500, 331), 0.50), ((500, 400), 0.20), ((160, 107), 0.30))
+OPENIMAGES_SIZES = (((768, 1024), 0.45), ((683, 1024), 0.30), ((1024, 768), 0.15), ((1024, 683), 0.10))
+IMAGE_SIZES = {"llava_instruct_conv": COCO_SIZES, "llava_instruct_detail": COCO_SIZES,
+               "llava_instruct_complex": COCO_SIZES, "vqav2": COCO_SIZES, "gqa": VG_SIZES, "okvqa": COCO_SIZES,
+               "ocrvqa": OCR_SIZES, "aokvqa": COCO_SIZES, "textcaps": OPENIMAGES_SIZES, "refcoco": COCO_SIZES,
+               "vg": VG_SIZES}
+
 PROFILES = {"mix665k": (MIX665K, SYSTEM_TOKENS, ROUND_OVERHEAD), "pretrain558k": (PRETRAIN558K, 1, 1)}
 # The data each LLaVA-1.5 training stage runs on: stage 1 (align) the 558K captions, stage 2 (finetune) the
 # 665K instruction mix. The planner, the memory and FLOP plans and benchmarks/e2e.py read it from here.
@@ -99,11 +124,27 @@ def _lognormal_sums(rng: np.random.Generator, rounds: np.ndarray, median: float,
     return np.bincount(owner, weights=draws, minlength=len(rounds)).astype(np.int64)
 
 
+def _image_sizes(rng: np.random.Generator, source: str, count: int, anyres) -> tuple[np.ndarray, ...]:
+    """(count, 2) sizes drawn from IMAGE_SIZES[source], and each one's tokens and tiles at the `anyres` grid."""
+    if source not in IMAGE_SIZES:
+        raise ValueError(f"source {source!r} has no image-size model (IMAGE_SIZES: {sorted(IMAGE_SIZES)}); "
+                         "AnyRes needs one for every source with images")
+    sizes, shares = zip(*IMAGE_SIZES[source])
+    pick = rng.choice(len(sizes), size=count, p=np.array(shares) / sum(shares))
+    tokens = np.array([anyres.num_tokens(hw) for hw in sizes], dtype=np.int64)
+    tiles = np.array([anyres.num_tiles(hw) for hw in sizes], dtype=np.int64)
+    return np.array(sizes, dtype=np.int64)[pick], tokens[pick], tiles[pick]
+
+
 def sample_profile(profile: str = "mix665k", n: int | None = None, seed: int = 0, num_image_tokens: int = 576,
-                   model_max_length: int | None = 2048) -> dict:
+                   model_max_length: int | None = 2048, anyres=None) -> dict:
     """Like sample_lengths, also returning the source of each sample.
 
-    Returns {"lengths": (n,) int64, "has_image": (n,) bool, "source": (n,) int16, "names": [source names]}.
+    anyres: the model's AnyRes grid (batch.AnyResGrid: num_tokens and num_tiles of a (height, width)), or None
+    at fixed resolution. Returns {"lengths": (n,) int64, "has_image": (n,) bool, "source": (n,) int16,
+    "names": [source names], "image_size": (n, 2) int64 (height, width; 0 without an image or without
+    anyres), "tiles": (n,) int64 (images the tower encodes: 1 per image at fixed resolution), "image_tokens":
+    (n,) int64 (the sample's visual tokens, included in its length)}.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
@@ -113,15 +154,22 @@ def sample_profile(profile: str = "mix665k", n: int | None = None, seed: int = 0
         if n < 0:
             raise ValueError(f"n must be >= 0 or None, got {n}")
         counts = _proportional_counts(counts, n)
-    lengths, has_image, source = [], [], []
+    lengths, has_image, source, sizes, tiles, visual = [], [], [], [], [], []
     for k, (src, count) in enumerate(zip(sources, counts.tolist())):
         # one stream per source, so a source's samples do not depend on the others' draws
         rng = np.random.Generator(np.random.PCG64([seed, k]))
         rounds = np.minimum(1 + rng.poisson(src.rounds_mean - 1.0, size=count), src.rounds_max)
         text = (base + rounds * overhead + _lognormal_sums(rng, rounds, src.question_median, src.sigma)
                 + _lognormal_sums(rng, rounds, src.answer_median, src.sigma))
+        size, tokens, tile = np.zeros((count, 2), dtype=np.int64), np.full(count, num_image_tokens), np.ones(count)
+        if src.has_image and anyres is not None:  # a stream of its own: the text draws above do not change
+            size, tokens, tile = _image_sizes(np.random.Generator(np.random.PCG64([seed, k, 1])), src.name, count,
+                                              anyres)
         if src.has_image:
-            text = text + num_image_tokens + (1 if profile == "mix665k" else 0)  # "<image>\n" vs "<image>"
+            text = text + tokens + (1 if profile == "mix665k" else 0)  # "<image>\n" vs "<image>"
+        sizes.append(size)
+        tiles.append(tile.astype(np.int64) * src.has_image)
+        visual.append(tokens * src.has_image)
         lengths.append(text)
         has_image.append(np.full(count, src.has_image))
         source.append(np.full(count, k, dtype=np.int16))
@@ -130,7 +178,9 @@ def sample_profile(profile: str = "mix665k", n: int | None = None, seed: int = 0
         lengths_n = np.minimum(lengths_n, model_max_length)
     order = np.random.Generator(np.random.PCG64([seed, len(sources)])).permutation(len(lengths_n))
     return {"lengths": lengths_n[order], "has_image": np.concatenate(has_image)[order],
-            "source": np.concatenate(source)[order], "names": [s.name for s in sources]}
+            "source": np.concatenate(source)[order], "names": [s.name for s in sources],
+            "image_size": np.concatenate(sizes)[order], "tiles": np.concatenate(tiles)[order],
+            "image_tokens": np.concatenate(visual).astype(np.int64)[order]}
 
 
 def sample_lengths(profile: str = "mix665k", n: int | None = None, seed: int = 0, num_image_tokens: int = 576,
