@@ -32,7 +32,8 @@ from urllib.parse import unquote
 
 # config.json, tokenizer.json / tokenizer_config.json / special_tokens_map.json, preprocessor_config.json,
 # generation_config.json, the shards' index, fastllava.json, chat_template.jinja (chat and eval read the
-# template there); `*` also matches "/", so an original-LLaVA export's vision_tower/ comes too. tokenizer.model: SentencePiece (Vicuna); vocab.json + merges.txt: BPE (CLIP).
+# template there); `*` also matches "/", so an original-LLaVA export's vision_tower/ comes too.
+# tokenizer.model: SentencePiece (Vicuna); vocab.json + merges.txt: BPE (CLIP).
 WANTED = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model", "merges.txt", "*.tiktoken"]
 # Only for a repository without safetensors: the pickled weights (never training_args.bin and the like).
 PICKLED = ["pytorch_model*.bin"]
