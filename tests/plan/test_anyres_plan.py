@@ -14,7 +14,7 @@ from fastllava.flop_audit import audit_flops
 from fastllava.flops import FlopModel
 from fastllava.memplan import estimate_memory, fake_process_group, full_pack
 from fastllava.plan import main, recipe_config
-from fastllava.reference import make_sample, make_samples, pad_batch, step_batches
+from fastllava.reference import build_reference, make_sample, make_samples, pad_batch, reference_loss, step_batches
 from fastllava.testing import TORCH_BACKENDS, tiny_config
 
 TILE = 56
@@ -149,3 +149,27 @@ def test_plan_models_what_the_recipe_files_run():
         assert cfg.train.unfreeze_vision == (stage in spec.unfreeze_vision)
         pinpoints = spec.config(stage).image_grid_pinpoints
         assert cfg.model.connector().get("image_grid_pinpoints") == pinpoints
+
+
+def test_reference_step_is_transformers_llava_next():
+    """The reference's AnyRes loss (its own tower call over every tile of the batch, the features written through
+    the pack's feature_index) equals transformers' LlavaNext forward from pixel_values and image_sizes, float64,
+    on a padded batch of images of five grids and a text-only sample."""
+    cfg = next_config(layers=2)
+    g = torch.Generator().manual_seed(0)
+    layout = [((30, 130), 20), (None, 50), ((130, 30), 10), ((100, 90), 5), ((3, 200), 12)]
+    samples = [make_sample(cfg, (cfg.anyres.num_tokens(s) if s else 0) + t, s is not None, g, s) for s, t in layout]
+    batch = pad_batch(cfg, samples).to("cpu", torch.float64)
+    model = build_reference(cfg, "finetune", checkpointing=False, attn_implementation="eager", dtype=torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():  # transformers' init leaves norms at 1 and biases at 0, which would hide mistakes in them
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    sizes = [hw for s in samples for hw in s["image_sizes"]]
+    tiles = [image_size_to_num_patches(list(hw), PINPOINTS, TILE) for hw in sizes]
+    pixels = torch.zeros(len(sizes), max(tiles), 3, TILE, TILE, dtype=torch.float64)  # per image, padded
+    for k, image in enumerate(torch.split(batch.pixel_values, tiles)):
+        pixels[k, : len(image)] = image
+    expected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels,
+                     image_sizes=torch.tensor(sizes), labels=batch.labels, use_cache=False).loss
+    assert reference_loss(model, cfg, batch).item() == pytest.approx(expected.item(), rel=1e-12)
