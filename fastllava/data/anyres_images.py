@@ -22,6 +22,7 @@ no crop: every LLaVA-NeXT checkpoint's); DALI's cubic resize differs from Pillow
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import warnings
@@ -74,6 +75,28 @@ class AnyRes:
     def num_tiles(self, size_hw) -> int:
         """Images the tower encodes for an image of size_hw (height, width): the base image and the tiles."""
         return anyres.num_tiles(size_hw, self.pinpoints, self.processor.size)
+
+
+def llava_next_processor(file: Path, size: int, pinpoints, where: str) -> AnyRes | None:
+    """The AnyRes of a LlavaNextImageProcessor's preprocessor_config.json `file` (a llava-hf LLaVA-NeXT
+    directory's), None when there is no such file or it is another processor's. size: the tower's image_size;
+    pinpoints: the model's, (height, width) pairs, None for a fixed-resolution model; where: where the model's
+    come from, for the message. ValueError naming the file when it is not JSON or its pinpoints are not the
+    model's: its tiles would not match the model's visual tokens."""
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read it as JSON ({e})") from None
+    if "LlavaNext" not in str(raw.get("image_processor_type")):
+        return None
+    spec = AnyRes.from_hf(raw, size, str(file))
+    if pinpoints is None or spec.pinpoints != tuple(map(tuple, pinpoints)):
+        theirs, model = [list(p) for p in spec.pinpoints], None if pinpoints is None else [list(p) for p in pinpoints]
+        raise ValueError(f"{file}: a LlavaNextImageProcessor at image_grid_pinpoints {theirs}, but the model's are "
+                         f"{model} ({where}): the tiles would not match its visual tokens")
+    return spec
 
 
 def tiles_pil(img: Image.Image, spec: AnyRes) -> list[Image.Image]:
