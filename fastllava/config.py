@@ -76,6 +76,11 @@ class ModelConfig:
         for key in ("vision_path", "llm_path", "pretrained_path", "tokenizer_path", "projector_weights"):
             if getattr(self, key) is not None:
                 check_ref(getattr(self, key), f"model.{key}", file=key == "projector_weights")
+        if self.source == "scratch":  # its pinpoints against its tower (components: the checkpoint's, when read)
+            try:
+                self.architecture.anyres
+            except ValueError as e:
+                raise ValueError(f"model.architecture.{e}") from None
         if self.source == "pretrained" and self.architecture is not None:
             raise ValueError("model.architecture: the checkpoint at model.pretrained_path defines the architecture; "
                              "remove model.architecture")

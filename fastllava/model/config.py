@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from ..anyres import DEFAULT_PINPOINTS
+from ..anyres import DEFAULT_PINPOINTS, check_pinpoints
 from ..batch import AnyResGrid
 
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
@@ -238,12 +238,16 @@ class LlavaConfig:
                 # transformers' LlavaNext lays each tile's features out as a side x side map: no room for a CLS
                 raise ValueError("image_grid_pinpoints (AnyRes) needs vision_feature_select 'patch': a tile's "
                                  "features form a square map of patches, without the CLS token")
-            self.image_grid_pinpoints = [list(p) for p in self.anyres.pinpoints]  # validated there
+            # Their form here; that each is a whole number of tiles, where the tower is known (`anyres`, which
+            # every model build reads): a run's model.architecture with model.source=components holds only the
+            # connector fields, beside a stand-in 336 px tower that the checkpoint's replaces (model/hf.py
+            # plan_components), so a SigLIP-384 LLaVA-NeXT's pinpoints cannot be checked against it.
+            self.image_grid_pinpoints = [list(p) for p in check_pinpoints(self.image_grid_pinpoints, 1)]
 
     @property
     def anyres(self) -> Optional[AnyResGrid]:
         """The AnyRes grid (tiles, tokens and feature placement of an image: batch.AnyResGrid), None at fixed
-        resolution."""
+        resolution. ValueError unless every pinpoint is a whole number of the tower's image_size tiles."""
         if self.image_grid_pinpoints is None:
             return None
         return AnyResGrid(tuple(map(tuple, self.image_grid_pinpoints)), self.vision.image_size,

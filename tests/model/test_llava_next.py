@@ -329,6 +329,30 @@ def test_image_newline_trains_with_the_projector():
     set_trainable(tiny_model(), "finetune")  # a fixed-resolution model has none
 
 
+@pytest.mark.parametrize("meta", [False, True])
+def test_components_config_checks_pinpoints_against_its_checkpoints_tower(tmp_path, meta):
+    """A run's model.architecture with model.source=components holds only the connector fields, beside a
+    stand-in 336 px tower: its pinpoints are checked against the tower the checkpoint holds, as a SigLIP-384
+    LLaVA-NeXT's multiples of 384 need (scaled down here: a 48 px tower)."""
+    from fastllava.config import load_config
+    from fastllava.data.tokenize import TokenizerIds
+    from fastllava.train.build import build_model
+
+    tiny_model(tiny_config(vision={"image_size": 48})).save_components(tmp_path / "tower", tmp_path / "llm")
+
+    def build(pinpoints):
+        cfg = load_config(None, ["model.source=components", f"model.vision_path={tmp_path / 'tower'}",
+                                 f"model.llm_path={tmp_path / 'llm'}",
+                                 f"model.architecture={{image_grid_pinpoints: {pinpoints}}}"])
+        return build_model(cfg, TokenizerIds(IMAGE_TOKEN, 0, 128), meta=meta)
+
+    pinpoints = [[48, 96], [96, 48], [96, 96]]
+    grid = build(pinpoints).config.anyres
+    assert (grid.tile, grid.pinpoints) == (48, tuple(map(tuple, pinpoints)))
+    with pytest.raises(ValueError, match=r"\[\(56, 112\)\] are not positive multiples of the tower's image_size 48"):
+        build([[48, 96], [56, 112]])
+
+
 def test_components_start_with_a_new_seeded_newline(tmp_path):
     """Stage 2 from a tower, an LLM and a stage-1 projector: the newline is drawn from the seed, everything else
     is the checkpoints'."""
@@ -414,4 +438,4 @@ def test_cls_features_are_refused_with_anyres():
     with pytest.raises(ValueError, match="vision_feature_select 'patch'"):
         next_config(vision_feature_select="cls_patch")
     with pytest.raises(ValueError, match="multiples of the tower's image_size"):
-        next_config(image_grid_pinpoints=[[56, 100]])
+        tiny_model(next_config(image_grid_pinpoints=[[56, 100]]))
