@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from functools import partial
 from typing import Callable
 
@@ -134,6 +135,7 @@ class LlavaDataset(Dataset):
             lengths = np.ones(len(self), dtype=np.int64)
             valid = np.ones(len(self), dtype=bool)
             truncated = 0
+            rejected: Counter[str] = Counter()  # the files' summary was printed before these were known
             for f_i, path in enumerate(self.records.files):
                 rows = np.flatnonzero(self.records.file_ix == f_i)
                 per_entry, cut, errors = self._file_lengths(path, rows)
@@ -145,12 +147,29 @@ class LlavaDataset(Dataset):
                         valid[row] = False
                         reason, detail = errors[entry]
                         self.rejects.add(self.records.reject(row, reason, detail))
+                        rejected[reason] += 1
             self.num_truncated = truncated
             if self.verbose and truncated:
                 print(f"data: {truncated} samples truncated to model_max_length={self.model_max_length}",
                       file=sys.stderr)
+            if self.verbose and rejected:
+                print(f"data: {rejected.total()} more rejected while computing lengths ({_by_reason(rejected)}), "
+                      f"{int(valid.sum())} of {len(self)} samples left\n  rejects written to {self.rejects.path}",
+                      file=sys.stderr)
             self._lengths, self._valid = lengths, valid
         return self._lengths
+
+    def describe_rejects(self) -> str:
+        """The rejects so far, for a message: how many of the entries read, by reason (the commonest first), one
+        of the commonest reason's in full, and the rejects file that lists them all."""
+        counts, files = self.rejects.counts, ", ".join(self.records.files)
+        if not counts:
+            return f"none of the {self.records.summary.entries} entries of {files} was rejected"
+        top = counts.most_common(1)[0][0]
+        example = next((r for r in self.rejects.examples if r.reason == top), self.rejects.examples[0])
+        where = f"; the rejects file {self.rejects.path} lists each" if self.rejects.path else ""
+        return (f"{counts.total()} of the {self.records.summary.entries} entries of {files} rejected "
+                f"({_by_reason(counts)}), e.g. {example.describe()}{where}")
 
     def _cache_path(self, path: str) -> str | None:
         if self.cache_dir is None:
@@ -281,6 +300,10 @@ class LlavaDataset(Dataset):
         if sizes is not None:
             sample["image_sizes"] = sizes[: enc.num_images]
         return sample
+
+
+def _by_reason(counts: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
 
 
 def anyres_loader(processor, grid: AnyResGrid) -> Callable:

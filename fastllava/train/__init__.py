@@ -16,9 +16,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ..config import Config, load_config, merge_config, split_args, usage
 from ..extras import MissingExtra
 from ..ops.varlen_attention import require_backend
+from .build import resolve_references
 from .distributed import destroy_distributed
 from .metrics import writer_modules
-from .trainer import Trainer, TrainResult, train
+from .trainer import NoSamples, Trainer, TrainResult, train
 
 __all__ = ["Trainer", "TrainResult", "check_stage", "main", "train"]
 
@@ -45,8 +46,9 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
          without_config_help=None) -> TrainResult | None:
     """`[--config FILE] [section.key=value ...]`: load and check the configuration, train, tear the process
     group down. Without --config, `without_config(overrides, stage)` supplies the configuration and what to
-    do with the result, `(cfg, after)` (the recipes' default without a file). A configuration mistake, or a
-    missing package that it asks for, exits with its message (no traceback) and status 2.
+    do with the result, `(cfg, after)` (the recipes' default without a file). A configuration mistake, a
+    model it names that cannot be found (train/build.py resolve_references), or a missing package that it asks
+    for, exits with its message (no traceback) and status 2, as does data with no sample left to train on.
 
     --help prints every key with the value this command line would run: the file's and the overrides' over
     the defaults, or without --config `without_config_help(overrides, stage)`."""
@@ -65,6 +67,7 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
             raise ValueError("no --config FILE given")
         check_stage(cfg, stage)
         require_extras(cfg)
+        resolve_references(cfg)  # a model that cannot be found is the configuration's mistake too
     except (ValueError, MissingExtra) as e:
         config_error(str(e))
     try:
@@ -72,6 +75,8 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
         if after is not None:
             after(result)
         return result
+    except NoSamples as e:
+        config_error(str(e))
     finally:
         destroy_distributed()
 

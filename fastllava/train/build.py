@@ -10,7 +10,6 @@ built whole: its seeded initialization draws every tensor in full.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -18,12 +17,30 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..data.anyres_images import llava_next_processor
 from ..data.dataset import LlavaDataset, anyres_loader
 from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image
 from ..data.tokenize import TokenizerIds, load_tokenizer, prepare_tokenizer
 from ..model import Llava
 from ..model.families import of as families_of
-from ..model.hub import resolve
+from ..model.hub import resolve, resolve_projector
+
+
+def resolve_references(cfg: Config) -> None:
+    """Resolve every model reference `cfg` names (model/hub.py; a Hub id is downloaded now, or read from the
+    cache), so that one that cannot be resolved, neither a path nor in the cache offline nor on the Hub, is a
+    configuration error (ValueError naming its key) before anything is built; the builders then find each
+    resolved in hub.py's per-process table. A pretrained original-LLaVA directory's own mm_vision_tower is
+    resolved when the model is read (model/hf.py)."""
+    m = cfg.model
+    tokenizer = next((k for k in ("tokenizer_path", "llm_path", "pretrained_path") if getattr(m, k)), None)
+    keys = {"scratch": (), "components": ("vision_path", "llm_path"), "pretrained": ("pretrained_path",)}[m.source]
+    for key in dict.fromkeys((tokenizer, *keys) if tokenizer else keys):
+        resolve(getattr(m, key), f"model.{key}")
+    if m.projector_weights is not None and m.source != "scratch":
+        resolve_projector(m.projector_weights)
+    if cfg.data.image_processor is not None:
+        resolve(cfg.data.image_processor, "data.image_processor", files=(PREPROCESSOR_FILE,))
 
 
 def build_tokenizer(cfg: Config):
@@ -97,24 +114,11 @@ def build_image_processor(cfg: Config, model: Llava) -> Preprocess:
 
 
 def _tile_processor(file: Path, model: Llava) -> Preprocess | None:
-    """The per-tile processor of a LlavaNextImageProcessor file (a llava-hf LLaVA-NeXT directory's), None for
-    any other file or none. ValueError when its pinpoints are not the model's: the tiles would not match the
-    model's visual-token counts."""
-    from ..data.anyres_images import AnyRes
-
-    try:
-        raw = json.loads(file.read_text()) if file.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: cannot read it as JSON ({e})") from None
-    if "LlavaNext" not in str(raw.get("image_processor_type")):
-        return None
-    spec = AnyRes.from_hf(raw, model.config.vision.image_size, str(file))
+    """The per-tile processor of a LlavaNextImageProcessor file (anyres_images.llava_next_processor), else None."""
     grid = model.config.anyres
-    if grid is None or spec.pinpoints != grid.pinpoints:
-        raise ValueError(f"{file}: a LlavaNextImageProcessor at image_grid_pinpoints "
-                         f"{[list(p) for p in spec.pinpoints]}, but the model's are {model.config.image_grid_pinpoints} (model.architecture."
-                         "image_grid_pinpoints / config.json): the tiles would not match its visual tokens")
-    return spec.processor
+    spec = llava_next_processor(file, model.config.vision.image_size, None if grid is None else grid.pinpoints,
+                                "model.architecture.image_grid_pinpoints / config.json")
+    return None if spec is None else spec.processor
 
 
 def build_dataset(cfg: Config, tokenizer, model: Llava) -> LlavaDataset:

@@ -66,6 +66,22 @@ class TrainResult:
     tokenizer: object = field(default=None, repr=False)
 
 
+class NoSamples(ValueError):
+    """The data left no sample to train on (every one rejected): the data's or the configuration's mistake,
+    which the recipes report as one line (train.main)."""
+
+
+def check_samples(dataset) -> None:
+    """NoSamples naming the rejects by reason and their file when every sample of `dataset` was rejected by
+    the time its lengths are known (a run would train on fillers alone and export an untrained model). A
+    LlavaDataset says so (valid()); other sources have no rejects. Fewer samples than train.global_batch_size
+    is a run of one short step per epoch, as an epoch's last step may be: its loss is still the mean over its
+    label tokens."""
+    valid = getattr(dataset, "valid", None)
+    if valid is not None and not valid().any():
+        raise NoSamples(f"no sample to train on: {dataset.describe_rejects()}")
+
+
 class StopSignal:
     """SIGTERM/SIGINT set a flag that the loop checks after each optimizer step (all ranks agree through
     the step's all-reduce), then it saves and returns. A second signal interrupts at once."""
@@ -115,6 +131,7 @@ class Trainer:
         if cfg.lora.enabled:  # before FSDP wraps the blocks: adapters shard with their block
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         self.counts = set_trainable(model, cfg.train.stage, cfg.train.unfreeze_vision)
+        check_samples(dataset)  # every rank alike: the lengths, and so the rejects found with them, are the same
         self.loader = self._loader(model.config, dataset)
         self.run_steps = min(self.loader.total_steps, cfg.train.max_steps or self.loader.total_steps)
         self.loader.stop_step = self.run_steps

@@ -153,3 +153,21 @@ def test_default_image_loader_reads_real_files(tmp_path, llama_tok_dir):
     ds = make(tmp_path, llama_tok_dir, data=data, image_loader=None)
     assert ds[0]["pixel_values"].shape == (1, 3, S, S)
     assert ds[1] is None and ds.rejects.counts == {"image": 1}
+
+
+def test_rejects_found_with_the_lengths_are_counted_on_the_console(tmp_path, llama_tok_dir, capsys):
+    """The files' summary is printed before any sample is tokenized; the rejects found then get their own line,
+    with the rejects file, and describe_rejects() names them all for an error."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(entries()))
+    ds = LlavaDataset(path, tmp_path / "images", str(llama_tok_dir), "vicuna_v1", image_size=S, num_image_tokens=20,
+                      model_max_length=200, overlong="reject", cache_dir=None)
+    summary = capsys.readouterr().err
+    assert "data: 4 samples from 5 entries" in summary and "1 rejected" in summary  # the structural one only
+    ds.lengths()
+    err = capsys.readouterr().err
+    assert (f"data: 1 more rejected while computing lengths (1 overlong), 3 of 4 samples left\n"
+            f"  rejects written to {ds.rejects.path}") in err
+    assert ds.describe_rejects().startswith(f"2 of the 5 entries of {path} rejected (1 roles, 1 overlong), e.g. "
+                                            f"{path} entry 3, id 'bad': roles: ")
+    assert ds.describe_rejects().endswith(f"the rejects file {ds.rejects.path} lists each")

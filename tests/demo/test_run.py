@@ -145,3 +145,31 @@ def test_components_are_made_once_per_setting(tmp_path, monkeypatch):
     other = components.make_components(settings, world, **kw)
     assert other != first and len(calls) == 2
     assert not [p for p in world.root.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def _offline_recipe(tmp_path, *launcher) -> subprocess.CompletedProcess:
+    """The shipped 7B finetune recipe, whose models are Hub ids, run offline on an empty Hub cache."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    return subprocess.run([sys.executable, *launcher, "recipes/finetune.py", "--config",
+                           "recipes/configs/llava15_7b_finetune.yaml", "train.device=cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+# What hub.resolve says of an id that neither a path, the cache (offline) nor the Hub holds.
+UNRESOLVED = ("error: model.llm_path lmsys/vicuna-7b-v1.5: no local path of that name, and lmsys/vicuna-7b-v1.5 "
+              "is not in the Hub cache")
+
+
+def test_a_model_that_cannot_be_found_is_a_config_error(tmp_path):
+    run = _offline_recipe(tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith(UNRESOLVED) and "HF_HUB_OFFLINE is set" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_model_that_cannot_be_found_is_the_last_thing_shown(tmp_path):
+    run = _offline_recipe(tmp_path, "-m", "torch.distributed.run", "--nproc_per_node=1")
+    assert run.returncode != 0 and "[rank0]" not in run.stderr, run.stderr[-2000:]
+    last = [line.strip() for line in run.stderr.strip().splitlines()[-3:]]
+    assert any(line.startswith(f"traceback : {UNRESOLVED}") for line in last), run.stderr[-2000:]

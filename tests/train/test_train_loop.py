@@ -2,6 +2,7 @@
 on how the samples are packed; the FLOP model matches torch's own FLOP counter."""
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -138,3 +139,50 @@ def test_activation_checkpointing_modes_agree(tmp_path):
                 tiny_model(), ToyDataset(16))
         runs[mode] = (r.losses, r.grad_norms)
     assert runs["full"] == runs["none"] and runs["selective"] == runs["none"]
+
+
+def _no_label_run(tmp_path, *overrides):
+    """A recipe's command line on 8 samples whose question fills data.model_max_length=64: every sample is
+    rejected for no_labels when its length is computed (the files' summary, before that, counts 0 rejects)."""
+    import yaml
+
+    from fastllava.testing import TINY_TEXT, TINY_VISION, write_llama_tokenizer
+
+    conv = [{"from": "human", "value": "Describe the sea. " * 20}, {"from": "gpt", "value": "Blue."}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": str(i), "conversations": conv} for i in range(8)]))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"source": "scratch", "tokenizer_path": str(write_llama_tokenizer(tmp_path / "tok")),
+                  "architecture": {"vision": TINY_VISION, "text": TINY_TEXT, "vision_feature_layer": -1}},
+        "data": {"data_path": str(data), "template": "vicuna_v1", "model_max_length": 64, "max_tokens_per_pack": 64,
+                 "num_workers": 0},
+        "train": {"stage": "finetune", "global_batch_size": 8, "device": "cpu", "output_dir": str(tmp_path / "out")},
+        "logging": {"progress": False}}))
+    from fastllava.train import main
+
+    return main(["--config", str(config), *overrides], "finetune"), data
+
+
+# train.main's @record enables faulthandler on stderr, which pytest's capture has no file descriptor for.
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+def test_a_run_with_every_sample_rejected_stops_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as stop:
+        _no_label_run(tmp_path)
+    data = tmp_path / "data.json"
+    rejects = f"{data}.rejects.jsonl"
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    with open(rejects) as f:
+        assert [json.loads(line)["reason"] for line in f] == ["no_labels"] * 8
+    assert (f"data: 8 more rejected while computing lengths (8 no_labels), 0 of 8 samples left\n"
+            f"  rejects written to {rejects}") in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: no sample to train on: 8 of the 8 entries of {data} rejected (8 no_labels), e.g. {data} entry 0, "
+        f"id '0': no_labels: no token carries a loss after truncation to 64 tokens; the rejects file {rejects} "
+        "lists each")
+    assert not (tmp_path / "out").exists()  # nothing trained, checkpointed or exported
+    # data.strict stops at the first of them, as at a structural reject (the lengths are cached by now: the same)
+    with pytest.raises(ValueError, match=r"reject \(strict mode\): .*data\.json entry 0, id '0': no_labels"):
+        _no_label_run(tmp_path, "data.strict=true")
