@@ -115,12 +115,11 @@ RECIPES = {
     "llava-1.5-llama3.1-8b": Recipe(CLIP_L_336, LLAMA31_8B, 128256, 128257, 128258, {"align": 8192, "finetune": 4096}),
 }
 # LLaVA-NeXT: recipes/configs/llava_next_7b_{pretrain,finetune}.yaml (stage 1 is llava15_7b_pretrain.yaml's; stage
-# 2 AnyRes at llava-v1.6's pinpoints, tower trained at optim.vision_lr, full activation checkpointing). Its own
+# 2 AnyRes at llava-v1.6's pinpoints, tower trained at optim.vision_lr, no activation checkpointing). Its own
 # table: train/faults.py names the plan nearest a decoder's shape, and this decoder is llava-1.5-7b's.
 ANYRES_RECIPES = {
     "llava-next-7b": Recipe(CLIP_L_336, VICUNA_7B, 32000, 0, 32001, {"align": 8192, "finetune": 8192},
-                            pinpoints=DEFAULT_PINPOINTS, unfreeze_vision=("finetune",),
-                            checkpointing={"finetune": "full"}),
+                            pinpoints=DEFAULT_PINPOINTS, unfreeze_vision=("finetune",)),
 }
 ALL_RECIPES = {**RECIPES, **ANYRES_RECIPES}
 STAGES = tuple(STAGE_PROFILES.items())  # (stage, its data profile), in training order
