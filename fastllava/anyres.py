@@ -42,6 +42,9 @@ def check_pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {pinpoints!r}") from None
     if not pairs:
         raise ValueError("image_grid_pinpoints is empty: give at least one [height, width] resolution")
+    bad = [p for p in pairs if min(p) < 1]
+    if bad:
+        raise ValueError(f"image_grid_pinpoints {bad}: every height and width must be positive")
     bad = [p for p in pairs if min(p) < tile or p[0] % tile or p[1] % tile]
     if bad:
         raise ValueError(f"image_grid_pinpoints {bad} are not positive multiples of the tower's image_size {tile} "

@@ -105,7 +105,7 @@ def test_strips_keep_no_padded_rows():
     assert anyres.num_image_tokens((1, 5000), anyres.DEFAULT_PINPOINTS, 336, 24) == 576
 
 
-@pytest.mark.parametrize("pins, match", [([], "empty"), ([[336, 500]], "multiples"), ([[0, 336]], "multiples"),
+@pytest.mark.parametrize("pins, match", [([], "empty"), ([[336, 500]], "multiples"), ([[0, 336]], "must be positive"),
                                          ([[336]], "pairs"), ("336x672", "pairs")])
 def test_bad_pinpoints(pins, match):
     with pytest.raises(ValueError, match=match):
