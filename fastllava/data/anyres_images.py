@@ -16,8 +16,9 @@ S is the tower's image_size; the same resampling filter (bicubic) everywhere, as
 load_anyres_images takes NVIDIA DALI when it is installed, as images.load_images does and for the same files
 (images._dali_ready): DALI decodes, makes the canvas of step 2 and the base image, and normalizes; the host
 cuts the canvas into tiles (a view). Only for processors whose tiles need no resize (shortest_edge = size, or
-no crop: every LLaVA-NeXT checkpoint's); DALI's cubic resize differs from Pillow's by a few uint8 levels
-(tests/data/test_anyres.py). Images carry a different number of tiles each: a batch is a list.
+no crop: every LLaVA-NeXT checkpoint's). DALI resizes as Pillow does (images.dali_resize): within 2 uint8
+levels inside the resized image, more at its borders (docs/data.md, tests/data/test_anyres.py). Images carry a
+different number of tiles each: a batch is a list.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from PIL import ExifTags, Image
 from .. import anyres
 from .images import Preprocess, pil_decode, preprocess_pil
 # the DALI path shares images.py's checks and routing (which files DALI decodes exactly as Pillow does)
-from .images import _check_args, _dali_device, _dali_ready, _DALI_FILTERS, _open, _use_dali
+from .images import _check_args, _dali_device, _dali_ready, _DALI_FILTERS, _open, _use_dali, dali_resize, pillow_passes
 
 _DEFAULT = Preprocess()  # _open's processor: unused in mode "anyres", whose limit is the decoded pixels'
 _pipelines: dict = {}  # (batch size, device, threads, processor) -> a built DALI pipeline, as images.py's
+_RESIZES = ("resize_1", "resize_2", "base_1", "base_2")  # the DALI pipeline's resize sizes, in pillow_passes' order
 
 # Orientations 5-8 turn the image a quarter: its (height, width) swap (ImageOps.exif_transpose's table)
 _QUARTER_TURNS = {5, 6, 7, 8}
@@ -161,14 +163,15 @@ def _dali_pipeline(batch_size: int, device: str, num_threads: int, processor: Pr
                   prefetch_queue_depth=1, exec_dynamic=True)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
-        resize_hw = fn.external_source(name="resize", batch=True)  # (2,) float32 h, w: inside the pinpoint
+        # (2,) float32 each: pillow_passes' sizes of the resize into the pinpoint, and of the base image's
+        resize_1, resize_2, base_1, base_2 = (fn.external_source(name=n, batch=True) for n in _RESIZES)
         pad_start = fn.external_source(name="pad_start", batch=True)  # (2,) int32 -top, -left
         pad_shape = fn.external_source(name="pad_shape", batch=True)  # (2,) int32 the pinpoint's h, w
         img = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
-        grid = fn.resize(img, size=resize_hw, interp_type=interp, antialias=True)
+        grid = dali_resize(img, resize_1, resize_2, interp)
         grid = fn.slice(grid, start=pad_start, shape=pad_shape, axis_names="HW", out_of_bounds_policy="pad",
                         fill_values=[0, 0, 0])
-        base = fn.resize(img, size=[side, side], interp_type=interp, antialias=True)
+        base = dali_resize(img, base_1, base_2, interp)
         return tuple(fn.crop_mirror_normalize(x, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
                      for x in (base, grid))
 
@@ -184,13 +187,15 @@ def _load_dali(paths: Sequence, spec: AnyRes, out: list, num_threads: int) -> No
     ready = {i: r for i, path in enumerate(paths) if (r := _dali_ready(path, "anyres", p)) is not None}
     if not ready:
         return
-    feeds = {k: [] for k in ("encoded", "resize", "pad_start", "pad_shape")}
+    feeds = {k: [] for k in ("encoded", "pad_start", "pad_shape", *_RESIZES)}
     for data, (w, h) in ready.values():
         target = anyres.select_best_resolution((h, w), spec.pinpoints)
         resized = anyres.resized_shape((h, w), target)
         top, left = anyres.pad_offsets(resized, target)
         feeds["encoded"].append(np.frombuffer(data, dtype=np.uint8))
-        feeds["resize"].append(np.array(resized, np.float32))
+        passes = pillow_passes((h, w), resized) + pillow_passes((h, w), (side, side))
+        for name, size in zip(_RESIZES, passes):
+            feeds[name].append(size)
         feeds["pad_start"].append(np.array([-top, -left], np.int32))
         feeds["pad_shape"].append(np.array(target, np.int32))
     device = _dali_device()

@@ -379,6 +379,32 @@ def _dali_device() -> str:
     return "mixed" if torch.cuda.is_available() else "cpu"
 
 
+def pillow_passes(in_hw, out_hw) -> tuple[np.ndarray, np.ndarray]:
+    """dali_resize's two one-axis sizes for an in_hw -> out_hw (height, width) resize, in the order Pillow 13.0
+    resamples in: (h, 0) and (0, w) float32, a 0 keeping the input's extent. Pillow goes height first when the
+    height shrinks and the width grows, width first otherwise; in two passes whose intermediate is uint8, the
+    order shows on high-contrast images (up to 26 levels apart on noise). Checked (2026-12-06) on 350 random
+    resizes of noise images and 450 of LLaVA's geometries: Pillow's order every time but for images shrunk
+    along both axes, 26% of which (of 300) Pillow takes height first by a rule not found here."""
+    (in_h, in_w), (h, w) = in_hw, out_hw
+    width, height = np.array([0, w], np.float32), np.array([h, 0], np.float32)
+    return (height, width) if h < in_h and w > in_w else (width, height)
+
+
+def dali_resize(img, first, second, interp):
+    """DALI's antialiased resize of `img` (a DALI HWC uint8 node) as Pillow resizes: one axis, its result
+    rounded and clipped to uint8, then the other; first, second: pillow_passes' sizes ((2,) float32 nodes or
+    lists). A single fn.resize keeps its intermediate in float, so where Pillow clips the cubic's overshoot
+    between its passes (high contrast: noise, sharp edges) the two differed by up to 22 uint8 levels inside
+    the image, and by 0.2 of a level on average on smooth images (under 0.05 in two passes). What is left is at the
+    image's borders: Pillow renormalizes the kernel that the edge cuts, DALI repeats the edge pixel."""
+    from nvidia.dali import fn
+
+    for size in (first, second):  # mode "stretch": a 0 extent keeps the input's
+        img = fn.resize(img, size=size, mode="stretch", interp_type=interp, antialias=True)
+    return img
+
+
 def _dali_pipeline(batch_size: int, device: str, num_threads: int, processor: Preprocess):
     key = (batch_size, device, num_threads, processor)
     if key in _pipelines:
@@ -396,13 +422,14 @@ def _dali_pipeline(batch_size: int, device: str, num_threads: int, processor: Pr
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
         pad_start = fn.external_source(name="pad_start", batch=True)  # (2,) int32 y, x
         pad_shape = fn.external_source(name="pad_shape", batch=True)  # (2,) int32 h, w
-        resize_hw = fn.external_source(name="resize", batch=True)  # (2,) float32 h, w
+        resize_1 = fn.external_source(name="resize_1", batch=True)  # (2,) float32: pillow_passes' sizes
+        resize_2 = fn.external_source(name="resize_2", batch=True)
         crop_start = fn.external_source(name="crop_start", batch=True)  # (2,) int32 y, x
         crop_shape = fn.external_source(name="crop_shape", batch=True)  # (2,) int32 size, size
         img = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
         img = fn.slice(img, start=pad_start, shape=pad_shape, axis_names="HW",
                        out_of_bounds_policy="pad", fill_values=list(processor.pad_color))
-        img = fn.resize(img, size=resize_hw, interp_type=interp, antialias=True)
+        img = dali_resize(img, resize_1, resize_2, interp)
         img = fn.slice(img, start=crop_start, shape=crop_shape, axis_names="HW")
         return fn.crop_mirror_normalize(img, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
 
@@ -449,14 +476,15 @@ def _load_dali(paths: Sequence, mode: str, processor: Preprocess, out: list, num
     if not ready:
         return
     idx = list(ready)
-    feeds = {k: [] for k in ("encoded", "pad_start", "pad_shape", "resize", "crop_start", "crop_shape")}
+    feeds = {k: [] for k in ("encoded", "pad_start", "pad_shape", "resize_1", "resize_2", "crop_start", "crop_shape")}
     for i in idx:
         data, (w, h) = ready[i]
         (x0, y0, side_w, side_h), (new_w, new_h), (left, top) = resize_geometry(w, h, mode, size, processor)
         feeds["encoded"].append(np.frombuffer(data, dtype=np.uint8))
         feeds["pad_start"].append(np.array([y0, x0], np.int32))
         feeds["pad_shape"].append(np.array([side_h, side_w], np.int32))
-        feeds["resize"].append(np.array([new_h, new_w], np.float32))
+        feeds["resize_1"].append((passes := pillow_passes((side_h, side_w), (new_h, new_w)))[0])
+        feeds["resize_2"].append(passes[1])
         feeds["crop_start"].append(np.array([top, left], np.int32))
         feeds["crop_shape"].append(np.array([size, size], np.int32))
     device = _dali_device()
