@@ -130,8 +130,9 @@ def load_anyres(path, spec: AnyRes) -> torch.Tensor:
 def load_anyres_images(paths: Sequence, spec: AnyRes, backend: str = "auto",
                        num_threads: int | None = None) -> list[torch.Tensor]:
     """load_anyres of each path, a list since every image has its own number of tiles. backend as
-    images.load_images: "auto" takes DALI when it is installed and matches the processor (its filter, and
-    tiles that the processor does not resize: shortest_edge = size, or no crop), Pillow otherwise."""
+    images.load_images: "auto" takes DALI when it is installed, CUDA is available and DALI matches the
+    processor (its filter, and tiles that the processor does not resize: shortest_edge = size, or no crop),
+    Pillow otherwise."""
     p = spec.processor
     _check_args("square", p.size, backend, p)  # the backend's name, DALI installed, its filter
     if backend == "dali" and p.shortest_edge not in (None, p.size):
