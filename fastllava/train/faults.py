@@ -82,25 +82,31 @@ def check_finite(model, env: DistEnv) -> None:
 
 # The memory plan's recipes (fastllava/plan.py RECIPES, which train/ does not import) by their decoder's
 # (embedding rows, hidden size): the LM head and the width set most of a step's memory, so the recipe nearest
-# the model's in both is the plan to run. tests/train/test_oom_recipe.py holds the table equal to RECIPES.
+# the model's in both is the plan to run. ANYRES_PLAN_RECIPES (plan.ANYRES_RECIPES) stand in for the
+# fixed-resolution recipe of the same decoder when the run is AnyRes: its tiles multiply a sample's image
+# tokens and the plan of that recipe models them. tests/train/test_oom_recipe.py holds both tables equal to plan's.
 PLAN_RECIPES = {"llava-1.5-7b": (32064, 4096), "llava-1.5-13b": (32064, 5120),
                 "llava-1.5-qwen2.5-7b-siglip": (152064, 3584), "llava-1.5-llama3.1-8b": (128320, 4096)}
+ANYRES_PLAN_RECIPES = {"llava-next-7b": (32064, 4096)}
 
 
-def nearest_recipe(vocab_size: int, hidden_size: int) -> str:
-    """The PLAN_RECIPES name nearest a decoder of `vocab_size` rows and `hidden_size` width (log distance)."""
+def nearest_recipe(vocab_size: int, hidden_size: int, anyres: bool = False) -> str:
+    """The PLAN_RECIPES name nearest a decoder of `vocab_size` rows and `hidden_size` width (log distance); for
+    an AnyRes model (`anyres`), the ANYRES_PLAN_RECIPES one of that recipe's decoder where there is one."""
     def distance(name):
         rows, width = PLAN_RECIPES[name]
         return abs(math.log(vocab_size / rows)) + abs(math.log(hidden_size / width))
 
-    return min(PLAN_RECIPES, key=distance)
+    nearest = min(PLAN_RECIPES, key=distance)
+    twins = [name for name, shape in ANYRES_PLAN_RECIPES.items() if shape == PLAN_RECIPES[nearest]]
+    return twins[0] if anyres and twins else nearest
 
 
-def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, text=None) -> str:
+def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, config=None) -> str:
     """What an out-of-memory error in `where` says: the pack (a PackedBatch, if one was running) and the
     configuration, the peak on a GPU, what to change, and the memory plan's command (fastllava/plan.py)
-    that measures which configuration fits. text: the model's TextConfig, which picks the plan's nearest
-    recipe (nearest_recipe; LLaVA-1.5-7B's without one)."""
+    that measures which configuration fits. config: the model's LlavaConfig, whose decoder and AnyRes grid
+    pick the plan's nearest recipe (nearest_recipe; LLaVA-1.5-7B's without one)."""
     pack = f"a pack of {batch.num_tokens:,} tokens and {batch.num_images} image(s), " if batch is not None else ""
     peak = ""
     if env.device.type == "cuda":
@@ -114,7 +120,8 @@ def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, text=None) ->
     fixes += [f"parallel.activation_checkpointing={more_recompute}"] if more_recompute else []
     fixes = " or ".join(fixes) or "more GPUs (FSDP shards weights, gradients and optimizer state over them), or LoRA"
     gpu = detect(env.device)
-    recipe = "llava-1.5-7b" if text is None else nearest_recipe(text.vocab_size, text.hidden_size)
+    recipe = ("llava-1.5-7b" if config is None else
+              nearest_recipe(config.text.vocab_size, config.text.hidden_size, config.image_grid_pinpoints is not None))
     packs = " ".join(str(n) for n in sorted({smaller, d.max_tokens_per_pack}))
     command = (f"python -m fastllava.plan --memory --recipe {recipe} --gpus {env.world_size} "
                f"--gpu {gpu.name if gpu else '<GPU>'} --stages {cfg.train.stage} --pack-tokens {packs}"
@@ -127,10 +134,10 @@ def oom_message(cfg: Config, env: DistEnv, where: str, batch=None, text=None) ->
 
 
 @contextmanager
-def explain_oom(cfg: Config, env: DistEnv, where: str, batch=None, text=None):
+def explain_oom(cfg: Config, env: DistEnv, where: str, batch=None, config=None):
     """Re-raise torch.OutOfMemoryError inside the block as one with oom_message's account (the original
     chained as its cause)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(oom_message(cfg, env, where, batch, text)) from e
+        raise torch.OutOfMemoryError(oom_message(cfg, env, where, batch, config)) from e

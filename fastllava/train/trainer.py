@@ -221,7 +221,7 @@ class Trainer:
 
     def _explain_oom(self, where: str, batch=None):
         """A context in which torch.OutOfMemoryError is re-raised with oom_message's account of it."""
-        return explain_oom(self.cfg, self.env, where, batch, text=self.model.config.text)
+        return explain_oom(self.cfg, self.env, where, batch, config=self.model.config)
 
     def save(self, step: int, log=print) -> Path | None:
         """A resumable checkpoint of `step` (collective); returns its directory. One that cannot be written
