@@ -72,6 +72,11 @@ class SampleError(ValueError):
         self.detail = detail
 
 
+class StrictReject(ValueError):
+    """The first reject of a strict run (RejectLog(strict=True)): the data's mistake, which the recipes
+    report as one line (train.main). The message is `reject (strict mode): ` and the reject's description."""
+
+
 class RejectLog:
     """Counts rejects by reason and appends them to a JSONL file, created when the first reject comes.
 
@@ -94,7 +99,7 @@ class RejectLog:
     def add(self, reject: Reject) -> None:
         """Count and record `reject` (raise it, in strict mode); a sample already recorded is skipped."""
         if self.strict:
-            raise ValueError(f"reject (strict mode): {reject.describe()}")
+            raise StrictReject(f"reject (strict mode): {reject.describe()}")
         key = (reject.file, reject.index)
         if reject.index >= 0 and key in self._seen:
             return

@@ -14,6 +14,7 @@ from typing import NoReturn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ..config import Config, load_config, merge_config, split_args, usage
+from ..data.files import StrictReject
 from ..extras import MissingExtra
 from ..ops.varlen_attention import require_backend
 from .build import resolve_references
@@ -48,7 +49,8 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
     group down. Without --config, `without_config(overrides, stage)` supplies the configuration and what to
     do with the result, `(cfg, after)` (the recipes' default without a file). A configuration mistake, a
     model it names that cannot be found (train/build.py resolve_references), or a missing package that it asks
-    for, exits with its message (no traceback) and status 2, as does data with no sample left to train on.
+    for, exits with its message (no traceback) and status 2, as does data with no sample left to train on
+    and a strict run's first reject (data.strict: file, entry, id and reason).
 
     --help prints every key with the value this command line would run: the file's and the overrides' over
     the defaults, or without --config `without_config_help(overrides, stage)`."""
@@ -77,6 +79,8 @@ def main(argv: list[str], stage: str, *, description: str = "", without_config=N
         return result
     except NoSamples as e:
         config_error(str(e))
+    except StrictReject as e:
+        config_error(reject_line(e))
     finally:
         destroy_distributed()
 
@@ -90,6 +94,13 @@ def _help(description: str, config_path, overrides, stage: str, without_config_h
     else:
         body = usage()
     return "\n\n".join(t for t in (description.strip(), body) if t)
+
+
+def reject_line(e: StrictReject) -> str:
+    """A strict reject's own message. One raised in a DataLoader worker comes back re-raised with the worker's
+    traceback in its message (torch's ExceptionWrapper), whose last line is `...StrictReject: <message>`."""
+    text = str(e)
+    return text[max(text.rfind("reject (strict mode): "), 0):].strip()
 
 
 def config_error(message: str) -> NoReturn:

@@ -3,6 +3,7 @@ on how the samples are packed; the FLOP model matches torch's own FLOP counter."
 
 import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -141,27 +142,32 @@ def test_activation_checkpointing_modes_agree(tmp_path):
     assert runs["full"] == runs["none"] and runs["selective"] == runs["none"]
 
 
-def _no_label_run(tmp_path, *overrides):
-    """A recipe's command line on 8 samples whose question fills data.model_max_length=64: every sample is
-    rejected for no_labels when its length is computed (the files' summary, before that, counts 0 rejects)."""
+def _recipe_run(tmp_path, records, *overrides, data_config=None):
+    """A recipe's command line (stage finetune, a tiny scratch model) on `records` written to data.json."""
     import yaml
 
     from fastllava.testing import TINY_TEXT, TINY_VISION, write_llama_tokenizer
 
-    conv = [{"from": "human", "value": "Describe the sea. " * 20}, {"from": "gpt", "value": "Blue."}]
     data = tmp_path / "data.json"
-    data.write_text(json.dumps([{"id": str(i), "conversations": conv} for i in range(8)]))
+    data.write_text(json.dumps(records))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"source": "scratch", "tokenizer_path": str(write_llama_tokenizer(tmp_path / "tok")),
                   "architecture": {"vision": TINY_VISION, "text": TINY_TEXT, "vision_feature_layer": -1}},
         "data": {"data_path": str(data), "template": "vicuna_v1", "model_max_length": 64, "max_tokens_per_pack": 64,
-                 "num_workers": 0},
+                 "num_workers": 0, **(data_config or {})},
         "train": {"stage": "finetune", "global_batch_size": 8, "device": "cpu", "output_dir": str(tmp_path / "out")},
         "logging": {"progress": False}}))
     from fastllava.train import main
 
     return main(["--config", str(config), *overrides], "finetune"), data
+
+
+def _no_label_run(tmp_path, *overrides):
+    """8 samples whose question fills data.model_max_length=64: every sample is rejected for no_labels when
+    its length is computed (the files' summary, before that, counts 0 rejects)."""
+    conv = [{"from": "human", "value": "Describe the sea. " * 20}, {"from": "gpt", "value": "Blue."}]
+    return _recipe_run(tmp_path, [{"id": str(i), "conversations": conv} for i in range(8)], *overrides)
 
 
 # train.main's @record enables faulthandler on stderr, which pytest's capture has no file descriptor for.
@@ -184,5 +190,34 @@ def test_a_run_with_every_sample_rejected_stops_before_training(tmp_path, monkey
         "lists each")
     assert not (tmp_path / "out").exists()  # nothing trained, checkpointed or exported
     # data.strict stops at the first of them, as at a structural reject (the lengths are cached by now: the same)
-    with pytest.raises(ValueError, match=r"reject \(strict mode\): .*data\.json entry 0, id '0': no_labels"):
+    with pytest.raises(SystemExit) as stop:
         _no_label_run(tmp_path, "data.strict=true")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: reject (strict mode): {data} entry 0, id '0': no_labels: no token carries a loss after truncation "
+        "to 64 tokens")
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_strict_reject_while_training_is_one_line(tmp_path, monkeypatch, capsys, workers):
+    """data.strict=true and an image that is not there: the reject comes when the sample is loaded (in a
+    DataLoader worker with workers=1, which re-raises it with the worker's traceback in its message); the
+    recipe's main() ends it as the configuration errors are, one `error:` line naming the file, entry, id,
+    reason and image, exit status 2, nothing exported."""
+    from PIL import Image
+
+    monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "images" / "red.png")
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    records = [{"id": f"s{i}", "image": "gone.png" if i == 5 else "red.png", "conversations": conv} for i in range(8)]
+    with pytest.raises(SystemExit) as stop:
+        _recipe_run(tmp_path, records, "data.strict=true", "train.max_steps=1",
+                    data_config={"image_folder": str(tmp_path / "images"), "num_workers": workers,
+                                 "model_max_length": 256, "max_tokens_per_pack": 256})
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: reject \(strict mode\): {re.escape(str(tmp_path / 'data.json'))} entry 5, id 's5': "
+                        rf"image: .*{re.escape(str(tmp_path / 'images' / 'gone.png'))}.*", last), last
+    assert not (tmp_path / "out" / "final").exists()
