@@ -188,7 +188,6 @@ def _plan_original(path, raw, vision_tower, overrides) -> LoadPlan:
             f"{raw.get('model_type')!r}); fastllava reads the original layout only with a LLaMA decoder "
             f"({_ORIGINAL_LLAMA[0]}). Convert it to the llava-hf layout (LlavaForConditionalGeneration), whose "
             "text_config names the decoder's family, or load the tower and the decoder as components")
-    vision_dir = Path(vision_tower or raw.get("mm_vision_tower") or "")
     config_args = dict(
         text=families.find("decoder", "llama", str(path)).read_config({k: v for k, v in raw.items()
                                                                           if k != "model_type"}),
@@ -199,24 +198,34 @@ def _plan_original(path, raw, vision_tower, overrides) -> LoadPlan:
         pad_token_id=raw.get("pad_token_id"),
         **LlavaConfig.original_anyres_fields(raw, f"{path}/config.json"),
     )
-    has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k in checkpoint_keys(path))
-    if not has_vision and not vision_dir.is_dir() and is_hub_id(str(vision_dir)):
-        # LLaVA's own configs name their tower by Hub id (mm_vision_tower: openai/clip-vit-large-patch14-336).
-        try:
-            vision_dir = resolve(vision_dir, f"{path}/config.json mm_vision_tower")
-        except ValueError as e:
-            raise ValueError(f"{e}; or pass vision_tower=CLIP_DIR") from None
-    if not has_vision and not vision_dir.is_dir():
-        raise ValueError(
-            f"{path}: the checkpoint holds no vision tower and mm_vision_tower {str(vision_dir)!r} is not a local "
-            "directory; pass vision_tower=CLIP_DIR"
-        )
+    vision_dir, has_vision = original_vision_tower(path, raw, vision_tower)
     tower, vision_cfg, _ = _read_part(vision_dir, "tower") if vision_dir.is_dir() else (None, VisionConfig(), None)
     config = LlavaConfig(vision=vision_cfg, **{**config_args, **overrides})
     plan = LoadPlan(config, str(path), [(lambda lazy: iter_tensors(path, lazy), lambda k: original_llava_key(k, config))])
     if not has_vision:
         plan.sources.append((lambda lazy: family_tensors(vision_dir, tower, lazy), _same))
     return plan
+
+
+def original_vision_tower(path: Path, raw: dict, vision_tower=None, fix: str = "pass vision_tower=CLIP_DIR"):
+    """(tower directory, whether the checkpoint holds the tower's weights) of the original-LLaVA directory
+    `path` whose config.json is `raw`: `vision_tower`, else mm_vision_tower, a Hub id resolved (hub.py) when the
+    checkpoint has no tower of its own. ValueError naming mm_vision_tower, ending with `fix`, when the
+    checkpoint needs that tower and it is neither a local directory nor resolvable."""
+    vision_dir = Path(vision_tower or raw.get("mm_vision_tower") or "")
+    has_vision = any(k.startswith("model.vision_tower.vision_tower.") for k in checkpoint_keys(path))
+    if not has_vision and not vision_dir.is_dir() and is_hub_id(str(vision_dir)):
+        # LLaVA's own configs name their tower by Hub id (mm_vision_tower: openai/clip-vit-large-patch14-336).
+        try:
+            vision_dir = resolve(vision_dir, f"{path}/config.json mm_vision_tower")
+        except ValueError as e:
+            raise ValueError(f"{e}; or {fix}") from None
+    if not has_vision and not vision_dir.is_dir():
+        raise ValueError(
+            f"{path}: the checkpoint holds no vision tower and mm_vision_tower {str(vision_dir)!r} is not a local "
+            f"directory; {fix}"
+        )
+    return vision_dir, has_vision
 
 
 def _same(key: str) -> str:

@@ -23,20 +23,27 @@ from ..data.images import PREPROCESSOR_FILE, Preprocess, load_image
 from ..data.tokenize import TokenizerIds, load_tokenizer, prepare_tokenizer
 from ..model import Llava
 from ..model.families import of as families_of
+from ..model.hf import original_vision_tower
 from ..model.hub import resolve, resolve_projector
+from ..model.safetensors_io import read_config
 
 
 def resolve_references(cfg: Config) -> None:
     """Resolve every model reference `cfg` names (model/hub.py; a Hub id is downloaded now, or read from the
     cache), so that one that cannot be resolved, neither a path nor in the cache offline nor on the Hub, is a
     configuration error (ValueError naming its key) before anything is built; the builders then find each
-    resolved in hub.py's per-process table. A pretrained original-LLaVA directory's own mm_vision_tower is
-    resolved when the model is read (model/hf.py)."""
+    resolved in hub.py's per-process table. So is a pretrained original-LLaVA directory's own tower (its
+    config.json's mm_vision_tower, where the checkpoint holds no tower: model/hf.py original_vision_tower)."""
     m = cfg.model
     tokenizer = next((k for k in ("tokenizer_path", "llm_path", "pretrained_path") if getattr(m, k)), None)
     keys = {"scratch": (), "components": ("vision_path", "llm_path"), "pretrained": ("pretrained_path",)}[m.source]
     for key in dict.fromkeys((tokenizer, *keys) if tokenizer else keys):
         resolve(getattr(m, key), f"model.{key}")
+    if m.source == "pretrained":
+        path = resolve(m.pretrained_path, "model.pretrained_path")
+        raw = read_config(path)
+        if "mm_vision_tower" in raw:
+            original_vision_tower(path, raw, fix=f"set mm_vision_tower in {path}/config.json to a local CLIP directory")
     if m.projector_weights is not None and m.source != "scratch":
         resolve_projector(m.projector_weights)
     if cfg.data.image_processor is not None:
