@@ -53,3 +53,11 @@ def hub_cache(cache, repo, files, commit="0123456789abcdef0123456789abcdef012345
         path = base / "snapshots" / commit / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def offline_cache(monkeypatch, cache):
+    """huggingface_hub reads `cache` only, offline (its constants are read at import, so set there too)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from hub_parquet import IMAGE, hub_cache, same_questions, score_both, write_shards
+from hub_parquet import IMAGE, hub_cache, offline_cache, same_questions, score_both, write_shards
 from layout_bench import make_mmbench, make_mmbench_cn, make_seed
 from layout_vqa import make_scienceqa
 from PIL import Image
@@ -129,10 +129,7 @@ def test_mmbench_cn_offline_from_the_hub_cache(tmp_path, monkeypatch):
     hub = mmbench_parquet(layout / "mmbench_cn" / f"{MMBenchCN.split}.tsv", tmp_path / "hub", MMBENCH_CN_SCHEMA)
     cache = tmp_path / "hf"
     hub_cache(cache, "lmms-lab/MMBench_CN", {f"data/{p.name}": p.read_bytes() for p in (hub / "data").iterdir()})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_cache(monkeypatch, cache)
     answers = answers_of(tmp_path, "layout", MMBenchCN().load(layout), ["C", "B", "A"])
     by_layout, by_hub = score_both(tmp_path, "mmbench_cn", layout, "hub", answers)
     assert by_hub == by_layout == {"circular_accuracy": 100.0}

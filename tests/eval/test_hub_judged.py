@@ -14,7 +14,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hub_parquet import IMAGE, hub_cache, same_questions, write_shards
+from hub_parquet import IMAGE, hub_cache, offline_cache, same_questions, write_shards
 from layout_bench import make_llava_bench, make_mmvet
 
 from fastllava.eval.hub import read_rows
@@ -142,10 +142,7 @@ def test_data_hub_offline_and_reviews_read_capabilities_from_the_rows(tmp_path, 
     hub_cache(cache, "lmms-lab/llava-bench-in-the-wild", {"data/train-00000-of-00001.parquet":
                                                           (lb / "data" / "train-00000-of-00001.parquet").read_bytes()})
     hub_cache(cache, "lmms-lab/MMVet", {f"data/{p.name}": p.read_bytes() for p in (mv / "data").iterdir()})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_cache(monkeypatch, cache)
     assert [q.question_id for q in load_questions(LLaVABench(), "hub")] == [0, 1, 2]
     assert [q.question_id for q in load_questions(MMVet(), "hub")] == [0, 1, 2]
 

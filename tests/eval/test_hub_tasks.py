@@ -17,7 +17,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hub_parquet import IMAGE, hub_cache, same_questions, score_both, write_shards
+from hub_parquet import IMAGE, hub_cache, offline_cache, same_questions, score_both, write_shards
 from layout_bench import MME_ITEMS, make_mme
 from layout_vqa import POPE_ITEMS, make_pope
 
@@ -105,10 +105,7 @@ def test_data_hub_reads_the_cache_offline_through_huggingface_hub(tmp_path, monk
     hub = pope_parquet(layout, tmp_path / "POPE")
     cache = tmp_path / "hf"
     hub_cache(cache, "lmms-lab/POPE", {f"data/{p.name}": p.read_bytes() for p in (hub / "data").iterdir()})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_cache(monkeypatch, cache)
     write_answers(tmp_path / "a.jsonl", POPE().load(layout), ["yes", "no", "no", "no", "yes", "yes"], "m")
     by_layout, by_hub = score_both(tmp_path, "pope", layout, "hub", tmp_path / "a.jsonl")
     assert by_hub == by_layout and by_hub["f1"] > 0

@@ -15,7 +15,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hub_parquet import IMAGE, hub_cache, same_questions, score_both, write_shards
+from hub_parquet import IMAGE, hub_cache, offline_cache, same_questions, score_both, write_shards
 from layout_vqa import (VIZWIZ_VAL, VQAV2_VAL, make_gqa, make_textvqa, make_vizwiz,
                         make_vizwiz_val, make_vqav2, make_vqav2_val)
 
@@ -133,10 +133,7 @@ def test_data_hub_reads_both_gqa_configs_offline_through_huggingface_hub(tmp_pat
     hub = gqa_parquet(layout, tmp_path / "GQA")
     cache = tmp_path / "hf"
     hub_cache(cache, "lmms-lab/GQA", {str(p.relative_to(hub)): p.read_bytes() for p in hub.rglob("*.parquet")})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_cache(monkeypatch, cache)
     same_questions(load_questions(GQA(), "hub"), GQA().load(layout))
     write_answers(tmp_path / "a.jsonl", GQA().load(layout), ["no", "man", "no", "blue"], "m")
     by_layout, by_hub = score_both(tmp_path, "gqa", layout, "hub", tmp_path / "a.jsonl")
